@@ -1,0 +1,294 @@
+"""The only code that reads or writes checkpoints and saved states. Safetensors and JSON only; nothing is pickled.
+
+A checkpoint is a self-contained folder::
+
+    step-00000500/
+      model.safetensors        weights (the tied output head is stored once); metadata: config JSON, version
+      config.json              the full effective config (model, data, train)
+      tokenizer.json           the tokenizer, loadable by Hugging Face ``tokenizers``
+      trainer_state.safetensors  optimizer moments, lane states, RNG state      (for resuming; optional)
+      trainer_state.json         step, tokens seen, data cursor, param groups   (for resuming; optional)
+
+Folders are written under a temporary name in the same parent and renamed into place, so a crash never leaves a
+half-written checkpoint where a resume would find it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from longctx import __version__
+from longctx.config import Config
+from longctx.decoders import State
+from longctx.errors import CheckpointError, ConfigError
+from longctx.model import LongContextLM, build_model
+from longctx.tokenizer import Tokenizer
+
+MODEL_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+TOKENIZER_FILE = "tokenizer.json"
+TRAINER_TENSORS = "trainer_state.safetensors"
+TRAINER_META = "trainer_state.json"
+STEP_DIR = re.compile(r"^step-(\d{8})$")
+TIED = "head.weight"  # same tensor as embed.weight; stored once
+
+
+def step_dir_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# writing
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_json(path: Path, data: Any) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _save_tensors(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str]) -> None:
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path), metadata=metadata)
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+@dataclass
+class TrainerState:
+    """What resuming needs beyond the weights. ``tensors`` are flat (safetensors); ``meta`` is JSON."""
+
+    tensors: dict[str, Tensor] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def save_checkpoint(path: Path, model: LongContextLM, config: Config, tokenizer: Tokenizer,
+                    trainer_state: TrainerState | None = None) -> Path:
+    """Write a checkpoint folder atomically (temporary folder + rename). Returns ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".tmp-{path.name}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    weights = {k: v for k, v in model.state_dict().items() if k != TIED}
+    metadata = {"format": "pt", "longctx_version": __version__, "decoder": config.model.decoder,
+                "config": json.dumps(config.to_dict())}
+    _save_tensors(tmp / MODEL_FILE, weights, metadata)
+    _write_json(tmp / CONFIG_FILE, config.to_dict())
+    (tmp / TOKENIZER_FILE).write_text(tokenizer.to_str(), encoding="utf-8")
+    if trainer_state is not None:
+        _save_tensors(tmp / TRAINER_TENSORS, trainer_state.tensors, {"longctx_version": __version__})
+        _write_json(tmp / TRAINER_META, trainer_state.meta)
+    _fsync_dir(tmp)
+    if path.exists():  # re-saving the same step: move the old one aside first, delete it after
+        old = path.parent / f".old-{path.name}-{os.getpid()}"
+        os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, path)
+    _fsync_dir(path.parent)
+    return path
+
+
+def optimizer_to_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, Tensor], list[dict[str, Any]]]:
+    """Flatten an optimizer's state dict: tensors ``optimizer.<param>.<name>`` plus JSON param groups."""
+    sd = optimizer.state_dict()
+    tensors = {}
+    for idx, state in sd["state"].items():
+        for name, value in state.items():
+            tensors[f"optimizer.{idx}.{name}"] = value if torch.is_tensor(value) else torch.tensor(value)
+    return tensors, sd["param_groups"]
+
+
+def optimizer_from_tensors(optimizer: torch.optim.Optimizer, tensors: dict[str, Tensor],
+                           param_groups: list[dict[str, Any]]) -> None:
+    state: dict[int, dict[str, Tensor]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optimizer."):
+            _, idx, name = key.split(".", 2)
+            state.setdefault(int(idx), {})[name] = value
+    groups = [{**g, "betas": tuple(g["betas"])} if "betas" in g else g for g in param_groups]
+    try:
+        optimizer.load_state_dict({"state": state, "param_groups": groups})
+    except (ValueError, KeyError) as e:
+        raise CheckpointError(f"the optimizer state does not fit this model ({e}); resume with the same config "
+                              "or start from the weights only with --init-from") from None
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# reading
+
+
+def find_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoint folders of a run, oldest first (temporary folders are ignored)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    found = [p for p in run_dir.iterdir() if p.is_dir() and STEP_DIR.match(p.name) and (p / MODEL_FILE).is_file()]
+    return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))  # type: ignore[union-attr]
+
+
+def find_latest_checkpoint(root: Path = Path("runs")) -> Path | None:
+    """The most recently written checkpoint under ``root`` (any run), or None."""
+    root = Path(root)
+    if not root.is_dir():
+        return None
+    candidates = [p for p in root.glob("*/step-*") if STEP_DIR.match(p.name) and (p / MODEL_FILE).is_file()]
+    candidates += [p for p in root.glob("step-*") if STEP_DIR.match(p.name) and (p / MODEL_FILE).is_file()]
+    return max(candidates, key=lambda p: (p / MODEL_FILE).stat().st_mtime_ns, default=None)
+
+
+def resolve_checkpoint(path: Path) -> Path:
+    """A checkpoint folder, or a run folder (its newest checkpoint). Raises CheckpointError with the fix."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist; give a folder written by longctx train")
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint {str(path)!r} is not a folder; give the checkpoint folder "
+                              f"(the one holding {MODEL_FILE})")
+    if not (path / MODEL_FILE).exists() and (ckpts := find_checkpoints(path)):
+        return ckpts[-1]
+    missing = [f for f in (MODEL_FILE, CONFIG_FILE, TOKENIZER_FILE) if not (path / f).is_file()]
+    if missing:
+        raise CheckpointError(f"checkpoint {str(path)!r} is missing {', '.join(missing)}; "
+                              "give a complete folder written by longctx train")
+    return path
+
+
+def read_config(path: Path) -> Config:
+    try:
+        data = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path / CONFIG_FILE} is not valid JSON ({e}); the checkpoint is damaged") from None
+    try:
+        return Config.from_dict(data, where=str(path / CONFIG_FILE))
+    except ConfigError as e:
+        raise CheckpointError(f"{path / CONFIG_FILE}: {e}; the checkpoint was not written by this version "
+                              "of longctx or was edited") from None
+
+
+def _read_weights(file: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            metadata = f.metadata() or {}
+        return load_file(str(file)), metadata
+    except Exception as e:  # safetensors raises its own error types for truncated or foreign files
+        raise CheckpointError(f"{file} is not a readable safetensors file ({str(e).splitlines()[0][:100]}); "
+                              "the checkpoint is truncated or damaged; use another checkpoint") from None
+
+
+def load_weights(model: LongContextLM, file: Path) -> dict[str, str]:
+    """Load ``file`` into ``model`` after checking names, shapes and dtypes; returns the file's metadata."""
+    tensors, metadata = _read_weights(file)
+    expected = {k: v for k, v in model.state_dict().items() if k != TIED}
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        detail = "; ".join(filter(None, [missing and f"missing {', '.join(missing[:4])}",
+                                         unexpected and f"unexpected {', '.join(unexpected[:4])}"]))
+        raise CheckpointError(f"{file} does not match its config.json ({detail}); the files come from "
+                              "different models")
+    for name, tensor in tensors.items():
+        want = expected[name]
+        if tensor.shape != want.shape or tensor.dtype != want.dtype:
+            raise CheckpointError(f"{file}: tensor {name} is {tuple(tensor.shape)} {tensor.dtype}, the config needs "
+                                  f"{tuple(want.shape)} {want.dtype}; the files come from different models")
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise CheckpointError(f"{file}: tensor {name} holds NaN or inf values; use an earlier checkpoint")
+    model.load_state_dict(tensors, strict=False)
+    return metadata
+
+
+def load_checkpoint(path: str | Path) -> tuple[LongContextLM, Tokenizer, Config]:
+    """(model in eval mode on the CPU, tokenizer, config) from a checkpoint folder (or a run folder's newest)."""
+    path = resolve_checkpoint(Path(path))
+    config = read_config(path)
+    tokenizer = Tokenizer.from_file(str(path / TOKENIZER_FILE))
+    if tokenizer.vocab_size != config.model.vocab_size:
+        raise CheckpointError(f"{path / TOKENIZER_FILE} has {tokenizer.vocab_size} tokens but the model has "
+                              f"{config.model.vocab_size}; the tokenizer belongs to another model")
+    model = build_model(config.model)
+    load_weights(model, path / MODEL_FILE)
+    return model.eval(), tokenizer, config
+
+
+def load_trainer_state(path: Path) -> TrainerState:
+    tensors_file, meta_file = path / TRAINER_TENSORS, path / TRAINER_META
+    if not tensors_file.is_file() or not meta_file.is_file():
+        raise CheckpointError(f"checkpoint {str(path)!r} has no trainer state (it holds weights only); "
+                              "continue from its weights with --init-from instead of --resume")
+    tensors, _ = _read_weights(tensors_file)
+    try:
+        meta = json.loads(meta_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{meta_file} is not valid JSON ({e}); the checkpoint is damaged") from None
+    return TrainerState(tensors=tensors, meta=meta)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# saved decoder states (generate --save-state / --load-state)
+
+
+@dataclass(frozen=True)
+class SavedState:
+    state: State
+    tokens: int  # tokens read into the state
+    last_token: int  # the last token read, whose logits the next sample needs (not yet fed to the model)
+
+
+def save_state(path: Path, saved: SavedState, config: Config, tokenizer: Tokenizer) -> None:
+    """Write a decoder state with the model config and tokenizer it belongs to (safetensors + JSON metadata)."""
+    path = Path(path)
+    metadata = {"format": "longctx-state", "longctx_version": __version__, "state_class": type(saved.state).__name__,
+                "model_config": json.dumps(config.to_dict()["model"], sort_keys=True),
+                "tokenizer_sha256": tokenizer.sha256, "tokens": str(saved.tokens), "last_token": str(saved.last_token)}
+    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
+    _save_tensors(tmp, saved.state.to_tensors(), metadata)
+    os.replace(tmp, path)
+
+
+def load_state(path: Path, model: LongContextLM, config: Config, tokenizer: Tokenizer) -> SavedState:
+    """Read a state written by :func:`save_state`; refuse one made for another model or tokenizer."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"state file {str(path)!r} does not exist; write one with --save-state")
+    tensors, meta = _read_weights(path)
+    if meta.get("format") != "longctx-state":
+        raise CheckpointError(f"{path} is not a state saved by longctx generate --save-state")
+    if meta.get("model_config") != json.dumps(config.to_dict()["model"], sort_keys=True):
+        raise CheckpointError(f"{path} was saved with a different model; use it with the checkpoint that wrote it")
+    if meta.get("tokenizer_sha256") != tokenizer.sha256:
+        raise CheckpointError(f"{path} was saved with a different tokenizer; use it with the checkpoint that wrote it")
+    template = model.init_state(1, device="cpu")
+    try:
+        state = type(template).from_tensors(tensors)
+        for name, t in state.tensors().items():
+            want = template.tensors()[name]
+            if t.shape[1:] != want.shape[1:] or t.dtype != want.dtype:
+                raise ValueError(name)
+        return SavedState(state=state, tokens=int(meta["tokens"]), last_token=int(meta["last_token"]))
+    except (KeyError, ValueError) as e:
+        raise CheckpointError(f"{path}: state tensor {e} does not fit this model; the state belongs to another "
+                              "model") from None
+

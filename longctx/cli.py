@@ -1,0 +1,397 @@
+"""The ``longctx`` command line: train, eval, generate, info.
+
+Each command parses its flags, then calls one library function. User mistakes end with one line on stderr
+(``error: ...``) and a non-zero exit code; ``--debug`` anywhere on the line shows the traceback instead.
+Long flags also accept underscores (``--out_dir``), as LitGPT and nanoGPT users type them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+import stat
+import sys
+import time
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import click
+import typer
+
+from longctx.config import DEFAULT_PRESET, Config, load_config, parse_set_args
+from longctx.errors import ConfigError, DataError, LongctxError
+
+log = logging.getLogger("longctx")
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
+                  help="Train, evaluate and sample long-context language models with bounded memory.")
+
+RUNS_ROOT = Path("runs")
+DATA_FLAGS = ("--data",)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# shared helpers
+
+
+class _Formatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        message = record.getMessage()
+        return f"warning: {message}" if record.levelno >= logging.WARNING else message
+
+
+def setup_logging(quiet: bool = False) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_Formatter())
+    log.handlers[:] = [handler]
+    log.setLevel(logging.WARNING if quiet else logging.INFO)
+    log.propagate = False
+
+
+def build_config(preset: str, flags: dict[str, Any], sets: list[str] | None) -> tuple[Config, dict[str, Any]]:
+    """Preset + flag values + ``--set`` items -> config; each override is echoed once on stderr."""
+    overrides: dict[str, Any] = {k: v for k, v in flags.items() if v is not None}
+    overrides.update(parse_set_args(sets or []))
+    config = load_config(preset, overrides)
+    for key in overrides:
+        value = config.to_dict()
+        for part in key.split("."):
+            value = value[part]
+        log.info("override: %s = %s", key, json.dumps(value))
+    return config, overrides
+
+
+def pick_checkpoint(model: Path | None) -> Path:
+    """``--model`` or, without it, the most recently written checkpoint under ./runs (said on stderr)."""
+    from longctx.checkpoint import find_latest_checkpoint
+
+    if model is not None:
+        return model
+    found = find_latest_checkpoint(RUNS_ROOT)
+    if found is None:
+        raise LongctxError(f"no --model given and no checkpoint under {RUNS_ROOT}/; train one with `longctx train` "
+                           "or pass --model PATH")
+    log.info("using the most recent checkpoint: %s", found)
+    return found
+
+
+def load_for_inference(model_path: Path | None, device_name: str, threads: int) -> tuple[Any, Any, Config, Any]:
+    from longctx.checkpoint import load_checkpoint
+    from longctx.train import resolve_device
+
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    path = pick_checkpoint(model_path)
+    model, tokenizer, config = load_checkpoint(path)
+    device = resolve_device(device_name)
+    return model.to(device), tokenizer, config, device
+
+
+def open_input(path: str, what: str) -> tuple[str, BinaryIO]:
+    """(name, binary stream) for a path or ``-`` (stdin); one-line errors for what cannot be read."""
+    if path == "-":
+        return "<stdin>", sys.stdin.buffer
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise DataError(f"{what} {path!r} does not exist")
+    if p.is_dir():
+        raise DataError(f"{what} {path!r} is a folder; give a file")
+    try:
+        f = open(p, "rb")
+    except OSError as e:
+        raise DataError(f"cannot read {what} {path!r}: {e.strerror}") from None
+    mode = os.fstat(f.fileno()).st_mode
+    if stat.S_ISREG(mode) and os.fstat(f.fileno()).st_size == 0:
+        f.close()
+        raise DataError(f"{what} {path!r} is empty (0 bytes)")
+    return str(p), f
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# train
+
+
+@app.command()
+def train(
+    data: list[str] = typer.Option(None, "--data", help="Text files, folders or globs (each file is one document). "
+                                   "Default: the bundled Shakespeare corpus."),
+    preset: str = typer.Option(DEFAULT_PRESET, "--preset", help="Preset name (models/NAME.toml) or TOML path."),
+    set_: list[str] = typer.Option(None, "--set", help="Override a config key: --set train.lr=3e-4 (repeatable)."),
+    out_dir: Path = typer.Option(None, "--out-dir", help="Run folder. Default: runs/<preset>."),
+    resume: str = typer.Option(None, "--resume", help="'auto' (newest checkpoint in --out-dir, if any) or a "
+                               "checkpoint folder."),
+    init_from: Path = typer.Option(None, "--init-from", help="Start a new run from this checkpoint's weights."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace what a non-empty --out-dir holds."),
+    print_config: bool = typer.Option(False, "--print-config", help="Print the effective config as JSON and exit."),
+    max_steps: int = typer.Option(None, "--max-steps", min=1, help="Optimizer steps (train.max_steps)."),
+    max_tokens: int = typer.Option(None, "--max-tokens", min=0, help="Token budget; 0 = none."),
+    max_time: float = typer.Option(None, "--max-time", min=0, help="Time budget in seconds; 0 = none."),
+    seq_len: int = typer.Option(None, "--seq-len", min=1, help="Tokens per segment and lane."),
+    batch_size: int = typer.Option(None, "--batch-size", min=1, help="Lanes per optimizer step."),
+    micro_batch_size: int = typer.Option(None, "--micro-batch-size", min=1, help="Lanes per forward/backward."),
+    lr: float = typer.Option(None, "--lr", min=0, help="Peak learning rate."),
+    warmup_steps: int = typer.Option(None, "--warmup-steps", min=0),
+    precision: str = typer.Option(None, "--precision", help="fp32 or bf16 (autocast)."),
+    threads: int = typer.Option(None, "--threads", min=0, help="Torch threads; 0 = default."),
+    seed: int = typer.Option(None, "--seed"),
+    device: str = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N or mps."),
+    log_interval: int = typer.Option(None, "--log-interval", min=1),
+    eval_interval: int = typer.Option(None, "--eval-interval", min=1),
+    save_interval: int = typer.Option(None, "--save-interval", min=1),
+    keep_last: int = typer.Option(None, "--keep-last", min=1, help="Checkpoints to keep."),
+    tokenizer: str = typer.Option(None, "--tokenizer", help="byte (default) or bpe (trained on the corpus)."),
+    vocab_size: int = typer.Option(None, "--vocab-size", min=1, help="BPE vocabulary size."),
+    progress: bool = typer.Option(None, "--progress/--no-progress", help="Progress bar (default: on a terminal)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Only warnings and errors on stderr."),
+) -> None:
+    """Train a model (default: the default preset on the bundled corpus). Resumable; checkpoints in safetensors."""
+    from longctx.train import RunOptions
+    from longctx.train import train as run_training
+
+    setup_logging(quiet)
+    flags = {"train.max_steps": max_steps, "train.max_tokens": max_tokens, "train.max_time": max_time,
+             "train.seq_len": seq_len, "train.batch_size": batch_size, "train.micro_batch_size": micro_batch_size,
+             "train.lr": lr, "train.warmup_steps": warmup_steps, "train.precision": precision,
+             "train.threads": threads, "train.seed": seed, "train.device": device,
+             "train.log_interval": log_interval, "train.eval_interval": eval_interval,
+             "train.save_interval": save_interval, "train.keep_last": keep_last, "data.tokenizer": tokenizer,
+             "data.vocab_size": vocab_size, "data.paths": list(data) if data else None}
+    if batch_size is not None and micro_batch_size is None:  # --batch-size alone: no accumulation
+        flags["train.micro_batch_size"] = batch_size
+    config, overrides = build_config(preset, flags, set_)
+    if print_config:
+        typer.echo(config.to_json())
+        return
+    name = Path(preset).stem if preset.endswith(".toml") else preset
+    run = RunOptions(out_dir=out_dir or RUNS_ROOT / name, resume=resume, init_from=str(init_from) if init_from
+                     else None, overwrite=overwrite, progress=progress)
+    run_training(config, run, overrides)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# eval
+
+
+def eval_documents(files: list[str], config: Config) -> list[Any]:
+    from longctx.data import Document, discover, split_documents
+
+    if not files:
+        _, held_out = split_documents(discover(config.data.paths), config.data.val_docs)
+        if not held_out:
+            raise DataError("the checkpoint's training data has no held-out documents; give FILE arguments")
+        log.info("evaluating the %d held-out documents of the training data", len(held_out))
+        return held_out
+    docs = []
+    for f in files:
+        if f == "-":
+            data = sys.stdin.buffer
+            docs.append(Document("<stdin>", 0, 0, lambda d=data: contextlib.nullcontext(d)))
+            continue
+        p = Path(f).expanduser()
+        if p.exists() and not p.is_dir() and not p.is_file():
+            name, stream = open_input(f, "file")  # a FIFO or device: read it once, as a stream
+            docs.append(Document(name, 0, 0, lambda s=stream: s))
+            continue
+        docs.extend(discover([f]))
+    return docs
+
+
+@app.command("eval")
+def eval_(
+    files: list[str] = typer.Argument(None, help="Files to evaluate ('-' = stdin). Default: the held-out documents "
+                                      "of the checkpoint's training data."),
+    ppl: bool = typer.Option(True, "--ppl", help="Measure loss, perplexity and bits per byte (the default task)."),
+    model: Path = typer.Option(None, "--model", "-m", help="Checkpoint folder. Default: newest under runs/."),
+    mode: str = typer.Option("carry", "--mode", help="carry (memory carried through each file) or sliding."),
+    seq_len: int = typer.Option(None, "--seq-len", min=1, help="carry: tokens per forward call. Default: training "
+                                "seq_len."),
+    window: int = typer.Option(None, "--window", "--ctx-size", "-c", min=1, help="sliding: tokens per window."),
+    stride: int = typer.Option(None, "--stride", min=1, help="sliding: step between windows (default window/2)."),
+    max_tokens: int = typer.Option(0, "--max-tokens", min=0, help="Stop after this many tokens (0 = all)."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
+    output: Path = typer.Option(None, "--output", "-o", help="Also write the JSON result to this file."),
+    per_position: Path = typer.Option(None, "--per-position", help="Write mean NLL per position bucket (CSV)."),
+    precision: str = typer.Option("fp32", "--precision", help="fp32 or bf16."),
+    device: str = typer.Option("auto", "--device"),
+    threads: int = typer.Option(0, "--threads", min=0),
+    progress: bool = typer.Option(None, "--progress/--no-progress"),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+) -> None:
+    """Evaluate loss, perplexity and bits per byte on files of any length, in bounded memory."""
+    from longctx.evaluate import EvalOptions, evaluate_documents, format_report, write_per_position_csv
+
+    setup_logging(quiet)
+    if mode not in ("carry", "sliding"):
+        raise ConfigError(f"--mode must be carry or sliding, got {mode!r}")
+    if precision not in ("fp32", "bf16"):
+        raise ConfigError(f"--precision must be fp32 or bf16, got {precision!r}")
+    net, tokenizer, config, _ = load_for_inference(model, device, threads)
+    docs = eval_documents(list(files or []), config)
+    win = window or config.train.seq_len
+    opts = EvalOptions(mode=mode, seq_len=seq_len or config.train.seq_len, window=win, stride=stride or max(1, win // 2),
+                       max_tokens=max_tokens, per_position_buckets=per_position is not None,
+                       progress=sys.stderr.isatty() if progress is None else progress, precision=precision)
+    result = evaluate_documents(net, tokenizer, docs, opts)
+    result["checkpoint"] = str(pick_checkpoint(model)) if model else result.get("checkpoint")
+    if output is not None:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(json.dumps(result, indent=2))
+    if per_position is not None:
+        write_per_position_csv(result, per_position)
+    if json_out:
+        typer.echo(json.dumps(result))
+    else:
+        typer.echo(format_report(result))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# generate
+
+
+def prompt_chunks(prompt: str | None, prompt_file: str | None, tokenizer: Any) -> tuple[Any, str]:
+    """Token chunks of the prompt, read incrementally from a file or stdin."""
+    if prompt is not None and prompt_file is not None:
+        raise ConfigError("give either --prompt or --prompt-file, not both")
+    if prompt_file is not None:
+        name, stream = open_input(prompt_file, "--prompt-file")
+    else:
+        name, stream = "--prompt", io.BytesIO((prompt or "").encode("utf-8"))
+    return (ids for ids, _ in tokenizer.iter_encode(stream, where=name)), name
+
+
+@app.command()
+def generate(
+    prompt_file: str = typer.Option(None, "--prompt-file", "-f", help="Prompt of any length ('-' = stdin)."),
+    prompt: str = typer.Option(None, "--prompt", "-p", help="Prompt text."),
+    model: Path = typer.Option(None, "--model", "-m", help="Checkpoint folder. Default: newest under runs/."),
+    max_new_tokens: int = typer.Option(200, "--max-new-tokens", "-n", "--n-predict", min=0),
+    temperature: float = typer.Option(0.8, "--temperature", "--temp", help="0 = greedy."),
+    top_k: int = typer.Option(50, "--top-k", help="0 = off."),
+    top_p: float = typer.Option(1.0, "--top-p", help="1 = off."),
+    min_p: float = typer.Option(0.0, "--min-p", help="0 = off."),
+    repetition_penalty: float = typer.Option(1.0, "--repetition-penalty", "--repeat-penalty", help="1 = off."),
+    seed: int = typer.Option(None, "--seed", help="Default: random (printed)."),
+    stop: list[str] = typer.Option(None, "--stop", help="Stop when this text appears (repeatable)."),
+    num_samples: int = typer.Option(1, "--num-samples", min=1),
+    stream: bool = typer.Option(True, "--stream/--no-stream", help="Print text as it is generated."),
+    ignore_eos: bool = typer.Option(False, "--ignore-eos", help="Keep going after the end-of-document token."),
+    save_state: Path = typer.Option(None, "--save-state", help="Save the memory after the prompt (safetensors)."),
+    load_state: Path = typer.Option(None, "--load-state", help="Start from a memory saved with --save-state."),
+    seq_len: int = typer.Option(None, "--seq-len", min=1, help="Prompt tokens per forward call."),
+    precision: str = typer.Option("fp32", "--precision", help="fp32 or bf16."),
+    device: str = typer.Option("auto", "--device"),
+    threads: int = typer.Option(0, "--threads", min=0),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+) -> None:
+    """Read a prompt of any length into the memory, then sample text (streamed to stdout; statistics to stderr)."""
+    import random
+
+    from longctx.checkpoint import load_state as read_state
+    from longctx.checkpoint import save_state as write_state
+    from longctx.generate import SamplingOptions, read_prompt, sample
+
+    setup_logging(quiet)
+    seed = random.randrange(2**31) if seed is None else seed
+    opts = SamplingOptions(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                           min_p=min_p, repetition_penalty=repetition_penalty, seed=seed, stop=list(stop or []),
+                           ignore_eos=ignore_eos)
+    net, tokenizer, config, _ = load_for_inference(model, device, threads)
+    start = read_state(load_state, net, config, tokenizer) if load_state is not None else None
+    chunks, name = prompt_chunks(prompt, prompt_file, tokenizer)
+    result = read_prompt(net, tokenizer, chunks, seq_len or config.train.seq_len, start=start, precision=precision)
+    rate = result.prompt_tokens / max(result.elapsed_s, 1e-9)
+    log.info("prompt: %s tokens from %s in %.2f s (%s tok/s); state %s bytes; seed %d; temperature %g, top-k %d, "
+             "top-p %g, min-p %g, repetition penalty %g", f"{result.prompt_tokens:,}", name, result.elapsed_s,
+             f"{rate:,.0f}", f"{result.saved.state.nbytes():,}", seed, temperature, top_k, top_p, min_p,
+             repetition_penalty)
+    if save_state is not None:
+        write_state(save_state, result.saved, config, tokenizer)
+        log.info("state after %s tokens saved to %s", f"{result.saved.tokens:,}", save_state)
+    for i in range(num_samples):
+        if num_samples > 1:
+            log.info("--- sample %d/%d", i + 1, num_samples)
+        started = time.perf_counter()
+        on_text = (lambda piece: (sys.stdout.write(piece), sys.stdout.flush())) if stream else None
+        out = sample(net, tokenizer, result, opts, sample_index=i, on_text=on_text, precision=precision)
+        if not stream:
+            sys.stdout.write(out.text)
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        elapsed = time.perf_counter() - started
+        log.info("generated %d tokens in %.2f s (%.1f tok/s); stopped by %s", len(out.tokens), elapsed,
+                 len(out.tokens) / max(elapsed, 1e-9), out.stop_reason)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# info
+
+
+@app.command()
+def info(checkpoint: Path = typer.Argument(None, help="Checkpoint folder. Default: newest under runs/.")) -> None:
+    """Print a checkpoint's config, parameter count, state size and learned quantities."""
+    from longctx.checkpoint import load_checkpoint
+
+    setup_logging()
+    path = pick_checkpoint(checkpoint)
+    model, tokenizer, config = load_checkpoint(path)
+    summary = {"checkpoint": str(path), "decoder": config.model.decoder, "parameters": model.num_parameters(),
+               "state_bytes_per_stream": model.init_state(1).nbytes(), "tokenizer": tokenizer.kind,
+               "vocab_size": tokenizer.vocab_size, **model.decoder.describe(), "config": config.to_dict()}
+    typer.echo(json.dumps(summary, indent=2))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# entry point
+
+
+def normalize_argv(argv: list[str]) -> list[str]:
+    """``--out_dir`` -> ``--out-dir``; ``--data a b c`` (e.g. a shell glob) -> ``--data a --data b --data c``."""
+    out: list[str] = []
+    in_data = False
+    for arg in argv:
+        if arg.startswith("--") and not arg.startswith("---"):
+            name, sep, value = arg.partition("=")
+            arg = name.replace("_", "-") + sep + value
+            in_data = arg in DATA_FLAGS
+            out.append(arg)
+        elif in_data and out[-1] not in DATA_FLAGS and not arg.startswith("-"):
+            out.extend(["--data", arg])
+        else:
+            if arg.startswith("-"):
+                in_data = False
+            out.append(arg)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = normalize_argv(list(sys.argv[1:] if argv is None else argv))
+    debug = "--debug" in args
+    args = [a for a in args if a != "--debug"]
+    command = typer.main.get_command(app)
+    try:
+        code = command.main(args=args, prog_name="longctx", standalone_mode=False)
+        sys.exit(code if isinstance(code, int) else 0)
+    except click.exceptions.UsageError as e:
+        if debug:
+            raise
+        where = f"longctx {e.ctx.info_name} --help" if e.ctx is not None and e.ctx.parent is not None else \
+            "longctx --help"
+        print(f"error: {e.format_message()} (see {where})", file=sys.stderr)
+        sys.exit(2)
+    except click.exceptions.Abort:
+        sys.exit(130)
+    except LongctxError as e:
+        if debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    except BrokenPipeError:  # e.g. `longctx generate ... | head`
+        sys.stderr.close()
+        sys.exit(0)

@@ -1,0 +1,367 @@
+"""Typed, validated configuration.
+
+A :class:`Config` has three parts: ``model`` (the architecture, with one sub-config per decoder), ``data`` (corpus,
+tokenizer, split) and ``train`` (optimisation and budgets). Presets are TOML files in ``models/`` that set any subset
+of the keys; ``--set a.b=c`` overrides one key. Every value is type-checked, every unknown key is an error that
+suggests the closest valid key, and each dataclass validates its ranges in ``__post_init__``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib.resources
+import json
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin, get_type_hints
+
+from longctx.errors import ConfigError
+
+DEFAULT_PRESET = "transformer-small"
+
+
+def _check(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"invalid config: {key} {message}")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# model
+
+
+@dataclass
+class TransformerConfig:
+    """Baseline decoder: causal attention over a sliding window with rotary positions (RoPE, Su et al. 2021)."""
+
+    window: int = 256  # each query sees itself and the previous window - 1 tokens
+    rope_base: float = 10000.0
+
+    def __post_init__(self) -> None:
+        _check(self.window >= 1, "model.transformer.window", f"must be >= 1, got {self.window}")
+        _check(self.rope_base > 1.0, "model.transformer.rope_base", f"must be > 1, got {self.rope_base}")
+
+
+DecoderName = Literal["transformer"]
+
+
+@dataclass
+class ModelConfig:
+    """Architecture shared by all decoders, plus one sub-config per decoder (only the selected one is used)."""
+
+    decoder: DecoderName = "transformer"
+    vocab_size: int = 257  # set from the tokenizer when training
+    n_layer: int = 6
+    n_head: int = 4
+    d_model: int = 256
+    d_ff: int = 1024
+    dropout: float = 0.0
+    norm_eps: float = 1e-5
+    init_std: float = 0.02
+    transformer: TransformerConfig = field(default_factory=TransformerConfig)
+
+    def __post_init__(self) -> None:
+        for key in ("vocab_size", "n_layer", "n_head", "d_model", "d_ff"):
+            _check(getattr(self, key) >= 1, f"model.{key}", f"must be >= 1, got {getattr(self, key)}")
+        _check(self.d_model % self.n_head == 0, "model.d_model",
+               f"({self.d_model}) must be divisible by model.n_head ({self.n_head})")
+        _check((self.d_model // self.n_head) % 2 == 0, "model.d_model",
+               f"/ model.n_head must be even for rotary positions, got {self.d_model // self.n_head}")
+        _check(0.0 <= self.dropout < 1.0, "model.dropout", f"must be in [0, 1), got {self.dropout}")
+        _check(self.norm_eps > 0, "model.norm_eps", f"must be > 0, got {self.norm_eps}")
+        _check(self.init_std > 0, "model.init_std", f"must be > 0, got {self.init_std}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
+
+    def decoder_config(self) -> Any:
+        """The sub-config of the selected decoder."""
+        return getattr(self, self.decoder)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# data
+
+
+@dataclass
+class DataConfig:
+    """Where the text comes from and how it becomes tokens."""
+
+    paths: list[str] = field(default_factory=list)  # files, folders or globs; empty = the bundled corpus
+    tokenizer: Literal["byte", "bpe"] = "byte"
+    vocab_size: int = 4096  # BPE only: size of the trained vocabulary, specials included
+    val_docs: int = 3  # the last val_docs documents (sorted by name) are held out for validation
+    cache_dir: str = ""  # token cache; empty = $LONGCTX_CACHE or ~/.cache/longctx
+
+    def __post_init__(self) -> None:
+        _check(all(isinstance(p, str) and p for p in self.paths), "data.paths", "must be a list of non-empty strings")
+        _check(self.vocab_size >= 300, "data.vocab_size", f"must be >= 300 for BPE, got {self.vocab_size}")
+        _check(self.vocab_size <= 2**31, "data.vocab_size", f"must be < 2**31, got {self.vocab_size}")
+        _check(self.val_docs >= 0, "data.val_docs", f"must be >= 0, got {self.val_docs}")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# training
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, budgets and cadence. A step is one optimizer update over ``batch_size`` lanes x ``seq_len``."""
+
+    seq_len: int = 256  # tokens per training segment and lane
+    batch_size: int = 8  # lanes per optimizer step (global batch)
+    micro_batch_size: int = 8  # lanes per forward/backward; batch_size / micro_batch_size = accumulation steps
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
+    max_steps: int = 5000
+    max_tokens: int = 0  # 0 = no token budget
+    max_time: float = 0.0  # seconds; 0 = no time budget
+    lr_decay_steps: int = 0  # cosine decay length; 0 = max_steps
+    log_interval: int = 10
+    eval_interval: int = 250
+    eval_tokens: int = 65536  # validation tokens per evaluation (0 = all held-out tokens)
+    save_interval: int = 500
+    keep_last: int = 3
+    seed: int = 1337
+    precision: Literal["fp32", "bf16"] = "fp32"
+    threads: int = 0  # torch intra-op threads; 0 = torch's default
+    device: str = "auto"
+    max_bad_steps: int = 5  # consecutive non-finite losses before training stops
+
+    def __post_init__(self) -> None:
+        for key in ("seq_len", "batch_size", "micro_batch_size", "max_steps", "log_interval",
+                    "eval_interval", "save_interval", "keep_last", "max_bad_steps"):
+            _check(getattr(self, key) >= 1, f"train.{key}", f"must be >= 1, got {getattr(self, key)}")
+        for key in ("max_tokens", "max_time", "warmup_steps", "lr_decay_steps", "eval_tokens", "threads",
+                    "weight_decay", "grad_clip", "min_lr"):
+            _check(getattr(self, key) >= 0, f"train.{key}", f"must be >= 0, got {getattr(self, key)}")
+        _check(self.lr > 0, "train.lr", f"must be > 0, got {self.lr}")
+        _check(self.min_lr <= self.lr, "train.min_lr", f"({self.min_lr}) must be <= train.lr ({self.lr})")
+        _check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "train.beta1/beta2", "must be in [0, 1)")
+        _check(self.batch_size % self.micro_batch_size == 0, "train.batch_size",
+               f"({self.batch_size}) must be a multiple of train.micro_batch_size ({self.micro_batch_size})")
+        _check(self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda", "mps"), "train.device",
+               f"must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
+
+    @property
+    def grad_accum(self) -> int:
+        return self.batch_size // self.micro_batch_size
+
+
+@dataclass
+class Config:
+    """Everything a run needs; written as ``config.json`` into the run folder and every checkpoint."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    preset: str = ""  # name or path of the preset this config came from (informational)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=False)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = "config") -> Config:
+        return _build(cls, data, prefix="", where=where)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# building dataclasses from dicts, with type checks
+
+
+def _is_dataclass_type(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _type_name(tp: Any) -> str:
+    if get_origin(tp) is Literal:
+        return " | ".join(repr(a) for a in get_args(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` (ints are accepted for floats); raise ConfigError otherwise."""
+    origin = get_origin(tp)
+    if origin is Literal:
+        if value not in get_args(tp):
+            raise ConfigError(f"invalid config: {key} must be one of {_type_name(tp)}, got {value!r}")
+        return value
+    if origin in (list, tuple):
+        (item_tp, *_) = get_args(tp) or (Any,)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"invalid config: {key} must be a list, got {value!r}")
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        for option in get_args(tp):
+            try:
+                return _coerce(value, option, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"invalid config: {key} has the wrong type: {value!r}")
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"invalid config: {key} must be a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"invalid config: {key} must be an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"invalid config: {key} must be true or false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"invalid config: {key} must be a string, got {value!r}")
+        return value
+    if tp is type(None):
+        if value is not None:
+            raise ConfigError(f"invalid config: {key} must be null, got {value!r}")
+        return None
+    return value
+
+
+def _unknown_key(key: str, valid: list[str], prefix: str) -> ConfigError:
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    hint = f"; did you mean {prefix}{close[0]}?" if close else f"; valid keys: {', '.join(prefix + v for v in valid)}"
+    return ConfigError(f"unknown config key {prefix}{key}{hint}")
+
+
+def _build(cls: type, data: Any, prefix: str, where: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"invalid config in {where}: {prefix.rstrip('.') or 'the top level'} must be a table")
+    hints = get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        if key not in hints or key not in names:
+            raise _unknown_key(key, names, prefix)
+        tp = hints[key]
+        if _is_dataclass_type(tp):
+            kwargs[key] = _build(tp, value, f"{prefix}{key}.", where)
+        else:
+            kwargs[key] = _coerce(value, tp, prefix + key)
+    return cls(**kwargs)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# presets and overrides
+
+
+def preset_dir() -> Path:
+    """The folder of the bundled presets (``models/`` in the source tree, ``longctx/presets`` when installed)."""
+    source_tree = Path(__file__).resolve().parent.parent / "models"
+    if source_tree.is_dir():
+        return source_tree
+    return Path(str(importlib.resources.files("longctx") / "presets"))
+
+
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in preset_dir().glob("*.toml"))
+
+
+def resolve_preset(preset: str) -> Path:
+    """A preset name (``transformer-small``) or a path to a TOML file."""
+    path = Path(preset).expanduser()
+    if path.suffix == ".toml" or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"preset file {preset!r} does not exist; give a TOML file or one of: "
+                              f"{', '.join(list_presets())}")
+        return path
+    candidate = preset_dir() / f"{preset}.toml"
+    if candidate.is_file():
+        return candidate
+    names = list_presets()
+    close = difflib.get_close_matches(preset, names, n=1, cutoff=0.4)
+    hint = f"did you mean {close[0]}? " if close else ""
+    raise ConfigError(f"unknown preset {preset!r}; {hint}available presets: {', '.join(names)}")
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"preset {str(path)!r} is not valid TOML: {e}") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read preset {str(path)!r}: {e.strerror}") from None
+
+
+def parse_value(text: str) -> Any:
+    """Parse a ``--set`` value: TOML syntax (numbers, true/false, ["lists"]), else the plain string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def _field_type(cls: type, dotted: str) -> Any:
+    """The annotation of a dotted key, or a ConfigError that suggests the closest key."""
+    tp: Any = cls
+    parts = dotted.split(".")
+    for i, part in enumerate(parts):
+        prefix = ".".join(parts[:i]) + ("." if i else "")
+        if not _is_dataclass_type(tp):
+            raise ConfigError(f"unknown config key {dotted}: {prefix.rstrip('.')} has no sub-keys")
+        hints = get_type_hints(tp)
+        names = [f.name for f in dataclasses.fields(tp)]
+        if part not in names:
+            raise _unknown_key(part, names, prefix)
+        tp = hints[part]
+    return tp
+
+
+def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set ``data[a][b][c] = value`` for ``dotted = "a.b.c"``, after checking the key and the value's type."""
+    tp = _field_type(Config, dotted)
+    if _is_dataclass_type(tp):
+        raise ConfigError(f"config key {dotted} is a table; set one of its keys, e.g. {dotted}.<key>=...")
+    if isinstance(value, str) and tp is not str and get_origin(tp) is not Literal:
+        value = parse_value(value)
+    if isinstance(value, str) and get_origin(tp) in (list, tuple):
+        value = [v for v in value.split(",") if v]
+    value = _coerce(value, tp, dotted)
+    node = data
+    *parents, last = dotted.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[last] = value
+
+
+def load_config(preset_or_path: str | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """Read a preset (name or TOML path; default ``transformer-small``) and apply dotted overrides.
+
+    ``overrides`` maps dotted keys (``"train.lr"``) to values; strings are parsed with TOML syntax when the key is not
+    a string key. Raises :class:`ConfigError` for unknown keys, wrong types and out-of-range values.
+    """
+    name = preset_or_path or DEFAULT_PRESET
+    path = resolve_preset(name)
+    data = _read_toml(path)
+    data.pop("preset", None)
+    for dotted, value in (overrides or {}).items():
+        set_dotted(data, dotted, value)
+    data["preset"] = name
+    return Config.from_dict(data, where=str(path))
+
+
+def parse_set_args(items: list[str]) -> dict[str, str]:
+    """``["train.lr=3e-4", ...]`` -> ``{"train.lr": "3e-4"}``."""
+    out: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set expects KEY=VALUE (e.g. --set train.lr=3e-4), got {item!r}")
+        out[key.strip()] = value.strip()
+    return out

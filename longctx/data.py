@@ -1,0 +1,231 @@
+"""Corpus discovery, the token cache and the lanes that training reads.
+
+- Documents: every file is one document. ``--data`` takes files, folders (searched recursively, hidden entries
+  skipped) and globs; without it, the bundled Shakespeare corpus (``longctx/corpora/shakespeare.tar.xz``) is used.
+- Split: the last ``data.val_docs`` documents in sorted name order are held out for validation (at most a quarter of
+  the documents, and none when there is only one).
+- Token cache: each split becomes one stream ``SEP doc1 SEP doc2 ...`` of uint16 (or uint32) ids in a flat file that
+  is memory-mapped. The file name is a hash of the documents (names, sizes, mtimes) and the tokenizer, so a change to
+  either builds a new cache; a cache is written to a temporary file and renamed, so a half-written one is never used.
+- Lanes (Transformer-XL style): the stream is cut into B contiguous lanes; step i reads segment i of every lane, so
+  each lane's decoder state is carried from one segment to the next.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import io
+import json
+import os
+import tarfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+import torch
+
+from longctx.config import DataConfig
+from longctx.errors import DataError
+from longctx.tokenizer import Tokenizer
+
+BUNDLED = "shakespeare"
+CACHE_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class Document:
+    """One input file: a name for messages, its size and mtime for the cache key, and how to open it."""
+
+    name: str
+    size: int
+    mtime_ns: int
+    opener: Callable[[], BinaryIO]
+
+    def open(self) -> BinaryIO:
+        return self.opener()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# discovery
+
+
+@lru_cache(maxsize=1)
+def _bundled_members() -> tuple[tuple[str, bytes, int], ...]:
+    """(name, bytes, mtime) of every text in the bundled archive, read once (about 5 MB)."""
+    archive = resources.files("longctx.corpora") / f"{BUNDLED}.tar.xz"
+    with archive.open("rb") as raw, tarfile.open(fileobj=raw, mode="r:xz") as tar:
+        members = []
+        for member in sorted(tar.getmembers(), key=lambda m: m.name):
+            if member.isfile():
+                f = tar.extractfile(member)
+                assert f is not None
+                members.append((member.name, f.read(), int(member.mtime)))
+    return tuple(members)
+
+
+def bundled_documents() -> list[Document]:
+    """The bundled corpus: 42 public-domain works of Shakespeare, one document each."""
+    docs = []
+    for name, data, mtime in _bundled_members():
+        docs.append(Document(f"{BUNDLED}/{name}", len(data), mtime, lambda d=data: io.BytesIO(d)))
+    return docs
+
+
+def _file_document(path: Path) -> Document:
+    st = path.stat()
+    return Document(str(path), st.st_size, st.st_mtime_ns, lambda p=path: open(p, "rb"))
+
+
+def _expand(pattern: str) -> list[Path]:
+    path = Path(pattern).expanduser()
+    if path.is_dir():
+        return sorted(p for p in path.rglob("*") if p.is_file() and not any(
+            part.startswith(".") for part in p.relative_to(path).parts))
+    if path.exists():
+        if not path.is_file():
+            raise DataError(f"data path {pattern!r} is not a regular file or folder; give text files or folders")
+        return [path]
+    matches = sorted(Path(p) for p in glob.glob(str(path), recursive=True))
+    files = [p for p in matches if p.is_file()]
+    if not matches:
+        raise DataError(f"data path {pattern!r} does not exist; give existing files, folders or a glob")
+    if not files:
+        raise DataError(f"data pattern {pattern!r} matches no files")
+    return files
+
+
+def discover(paths: list[str]) -> list[Document]:
+    """Documents for ``--data`` paths (the bundled corpus when ``paths`` is empty), sorted by name, no duplicates.
+
+    A file named explicitly must not be empty; empty files found in folders or by globs are skipped.
+    """
+    if not paths:
+        return bundled_documents()
+    seen: dict[str, Document] = {}
+    for pattern in paths:
+        named = Path(pattern).expanduser()
+        if named.is_file() and named.stat().st_size == 0:
+            raise DataError(f"{pattern!r} is empty (0 bytes); give a file with text")
+        for path in _expand(pattern):
+            key = str(path.resolve())
+            if key not in seen:
+                seen[key] = _file_document(path)
+    docs = sorted(seen.values(), key=lambda d: d.name)
+    for doc in docs:
+        if not os.access(doc.name, os.R_OK):
+            raise DataError(f"cannot read data file {doc.name!r}: permission denied")
+    docs = [d for d in docs if d.size > 0]
+    if not docs:
+        raise DataError(f"no data: {' '.join(paths)} holds only empty files; give files with text")
+    return docs
+
+
+def split_documents(docs: list[Document], val_docs: int) -> tuple[list[Document], list[Document]]:
+    """(train, validation): the last ``val_docs`` documents are held out, at most a quarter of them."""
+    n_val = min(val_docs, len(docs) // 4) if len(docs) >= 2 else 0
+    if val_docs and len(docs) >= 2:
+        n_val = max(n_val, 1)
+    return docs[: len(docs) - n_val], docs[len(docs) - n_val:]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# token cache
+
+
+def cache_root(cfg: DataConfig) -> Path:
+    if cfg.cache_dir:
+        return Path(cfg.cache_dir).expanduser()
+    if os.environ.get("LONGCTX_CACHE"):
+        return Path(os.environ["LONGCTX_CACHE"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "longctx" / "tokens"
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
+
+
+def _cache_key(docs: list[Document], tokenizer: Tokenizer) -> str:
+    h = hashlib.sha256(f"format={CACHE_FORMAT};tokenizer={tokenizer.sha256}".encode())
+    for d in docs:
+        h.update(f"\n{d.name}\t{d.size}\t{d.mtime_ns}".encode())
+    return h.hexdigest()[:24]
+
+
+def iter_document_tokens(doc: Document, tokenizer: Tokenizer) -> Iterator[tuple[np.ndarray, int]]:
+    """(ids, bytes) chunks of one document, read incrementally."""
+    try:
+        with doc.open() as f:
+            yield from tokenizer.iter_encode(f, where=doc.name)
+    except OSError as e:
+        raise DataError(f"cannot read {doc.name!r}: {e.strerror or e}") from None
+
+
+def build_token_cache(docs: list[Document], tokenizer: Tokenizer, root: Path) -> np.ndarray:
+    """The memory-mapped token stream ``SEP doc1 SEP doc2 ...`` of ``docs``, built once and reused."""
+    dtype = token_dtype(tokenizer.vocab_size)
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / f"{_cache_key(docs, tokenizer)}.bin"
+    if not path.exists():
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        n_tokens = 0
+        with open(tmp, "wb") as out:
+            for doc in docs:
+                out.write(np.array([tokenizer.sep_id], dtype=dtype).tobytes())
+                n_tokens += 1
+                for ids, _ in iter_document_tokens(doc, tokenizer):
+                    out.write(ids.astype(dtype).tobytes())
+                    n_tokens += len(ids)
+        meta = {"documents": [d.name for d in docs], "tokens": n_tokens, "dtype": dtype.name,
+                "tokenizer_sha256": tokenizer.sha256}
+        path.with_suffix(".json").write_text(json.dumps(meta, indent=1))
+        os.replace(tmp, path)
+    if path.stat().st_size == 0:
+        return np.zeros(0, dtype=dtype)
+    return np.memmap(path, dtype=dtype, mode="r")
+
+
+def read_texts(docs: list[Document]) -> Iterator[str]:
+    """Document texts in pieces of about 1 MB for tokenizer training (invalid UTF-8 replaced)."""
+    for doc in docs:
+        with doc.open() as f:
+            while block := f.read(1 << 20):
+                yield block.decode("utf-8", errors="replace")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# lanes
+
+
+class Lanes:
+    """B contiguous lanes over a token stream, read one segment of ``seq_len`` tokens per step.
+
+    Segment ``index`` of lane b holds inputs ``stream[b*L + s*T : b*L + s*T + T]`` and the targets shifted by one,
+    where ``s = index mod segments_per_epoch`` and L the lane length. At the start of each epoch the lanes begin
+    again, and the trainer resets their states.
+    """
+
+    def __init__(self, tokens: np.ndarray, n_lanes: int, seq_len: int) -> None:
+        self.tokens, self.n_lanes, self.seq_len = tokens, n_lanes, seq_len
+        self.lane_len = len(tokens) // n_lanes
+        self.segments_per_epoch = (self.lane_len - 1) // seq_len
+        if self.segments_per_epoch < 1:
+            need = n_lanes * (seq_len + 1)
+            raise DataError(f"the training data has {len(tokens):,} tokens, fewer than one segment per lane "
+                            f"({n_lanes} lanes x {seq_len + 1} = {need:,}); give more data or lower "
+                            "--batch-size / --seq-len")
+
+    def is_epoch_start(self, index: int) -> bool:
+        return index % self.segments_per_epoch == 0
+
+    def batch(self, index: int, lanes: range) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs and targets (len(lanes), T) int64 for segment ``index`` of the given lanes."""
+        start = (index % self.segments_per_epoch) * self.seq_len
+        rows = [self.tokens[lane * self.lane_len + start: lane * self.lane_len + start + self.seq_len + 1]
+                for lane in lanes]
+        block = torch.from_numpy(np.stack(rows).astype(np.int64))  # (b, T + 1)
+        return block[:, :-1], block[:, 1:]

@@ -1,0 +1,105 @@
+"""The decoder contract (see DESIGN.md, "The decoder contract").
+
+A decoder maps hidden states ``x`` (B, T, D) and a :class:`State` to new hidden states and the next state. The state
+is a value: a frozen dataclass of tensors, passed in and returned, never stored on the module. Three properties hold
+for every decoder and are tested for each entry of ``DECODERS``:
+
+1. bounded memory: ``state.nbytes()`` depends on the configuration only;
+2. chunking invariance: one call, any chunking, or token by token give the same outputs;
+3. causality: token t never changes the outputs before t.
+
+Shape legend: B batch (lanes), T tokens in the segment, D model width, H heads, Dh head width, L layers,
+M memory length.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import torch
+from torch import Tensor, nn
+
+S = TypeVar("S", bound="State")
+
+
+@dataclass(frozen=True)
+class State:
+    """Base class of decoder states: a frozen dataclass whose fields are tensors with the batch on dim 0.
+
+    Subclasses only declare their fields. The generic methods below treat every tensor field alike; a subclass whose
+    "empty memory" is not all zeros overrides :meth:`reset`.
+    """
+
+    def tensors(self) -> dict[str, Tensor]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def detach(self: S) -> S:
+        """The same values without autograd history (truncated backprop through time)."""
+        return dataclasses.replace(self, **{k: v.detach() for k, v in self.tensors().items()})
+
+    def reset(self: S, mask: Tensor) -> S:
+        """Rows where ``mask`` (B,) is true become empty memory (all zeros); the other rows are unchanged."""
+        out = {}
+        for name, t in self.tensors().items():
+            keep = (~mask.to(torch.bool)).view(-1, *([1] * (t.dim() - 1)))
+            out[name] = t * keep.to(t.dtype) if t.is_floating_point() else torch.where(keep, t, torch.zeros_like(t))
+        return dataclasses.replace(self, **out)
+
+    def select(self: S, index: Tensor) -> S:
+        """The rows ``index`` of the batch (e.g. the lanes of one micro-batch)."""
+        return dataclasses.replace(self, **{k: v[index] for k, v in self.tensors().items()})
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+
+    def to(self: S, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> S:
+        """Move to ``device``; floating-point fields also take ``dtype`` when given."""
+        out = {}
+        for name, t in self.tensors().items():
+            out[name] = t.to(device=device, dtype=dtype if (dtype is not None and t.is_floating_point()) else None)
+        return dataclasses.replace(self, **out)
+
+    def to_tensors(self, prefix: str = "") -> dict[str, Tensor]:
+        """A flat ``{name: tensor}`` dict (contiguous, on the CPU) for safetensors."""
+        return {prefix + k: v.detach().contiguous().cpu() for k, v in self.tensors().items()}
+
+    @classmethod
+    def from_tensors(cls: type[S], tensors: dict[str, Tensor], prefix: str = "") -> S:
+        """Rebuild a state from :meth:`to_tensors` output; raises KeyError if a field is missing."""
+        return cls(**{f.name: tensors[prefix + f.name] for f in dataclasses.fields(cls)})
+
+    @classmethod
+    def concat(cls: type[S], states: list[S]) -> S:
+        """Stack the rows of several states of the same kind along the batch."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        return cls(**{n: torch.cat([getattr(s, n) for s in states], dim=0) for n in names})
+
+
+@dataclass(frozen=True)
+class DecoderOutput:
+    hidden: Tensor  # (B, T, D)
+    state: State  # the next state
+    aux_loss: Tensor  # scalar; zeros(()) when unused
+    stats: dict[str, float]  # e.g. mean span per layer
+
+
+class Decoder(nn.Module, abc.ABC):
+    """Interface every decoder implements. Constructors take the :class:`~longctx.config.ModelConfig` only."""
+
+    @abc.abstractmethod
+    def init_state(self, batch_size: int, device: torch.device | str | None, dtype: torch.dtype) -> State:
+        """The empty memory for ``batch_size`` independent streams."""
+
+    @abc.abstractmethod
+    def forward(self, x: Tensor, state: State) -> DecoderOutput:  # x (B, T, D); never mutates `state`
+        """Read ``x`` after the memory in ``state``; return the hidden states and the next state."""
+
+    def after_optimizer_step(self) -> None:
+        """Called by the trainer after each optimizer step (adaptive span clamps its parameters here)."""
+
+    def describe(self) -> dict[str, Any]:
+        """Learned quantities worth reporting (e.g. spans); empty by default."""
+        return {}

@@ -1,0 +1,121 @@
+"""The baseline decoder: pre-norm Transformer blocks with sliding-window causal attention and rotary positions.
+
+Each query at absolute position p attends to the keys at positions ``(p - window, p]``: itself and the previous
+``window - 1`` tokens. The window is defined per query, so the result does not depend on how the stream is cut into
+segments. The state is what the next segment needs and nothing more: the rotated keys and the values of the last
+``window - 1`` tokens of every layer. It is the memory every other decoder is compared with.
+
+Block (pre-norm, GPT-2 style)::
+
+    x ──┬─ LayerNorm ─ Q,K,V ─ RoPE ─ attention over [cache ; segment] ─ proj ─(+)──┬─ LayerNorm ─ MLP ─(+)── x'
+        └──────────────────────────────────────────────────────────────────────────┘└──────────────────┘
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from longctx.config import ModelConfig
+from longctx.decoders.base import Decoder, DecoderOutput, State
+from longctx.layers import MLP, RotaryEmbedding, apply_rotary, init_linear, window_mask
+
+
+@dataclass(frozen=True)
+class TransformerState(State):
+    keys: Tensor  # (B, L, H, M, Dh) rotated keys of the last M = window - 1 tokens, oldest first
+    values: Tensor  # (B, L, H, M, Dh)
+    length: Tensor  # (B,) int64: how many of the newest cache slots hold real tokens (<= M)
+    position: Tensor  # (B,) int64: tokens read so far = absolute position of the next token
+
+
+class WindowAttention(nn.Module):
+    """Multi-head causal attention of a segment over ``[cache ; segment]`` under a window mask."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_head, self.head_dim = cfg.n_head, cfg.head_dim
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
+        self.out_proj = nn.Linear(cfg.d_model, cfg.d_model)
+        self.dropout = nn.Dropout(cfg.dropout)
+        init_linear(self.qkv, cfg.init_std)
+        init_linear(self.out_proj, cfg.init_std / math.sqrt(2 * cfg.n_layer))
+
+    def forward(
+        self, x: Tensor, cache_k: Tensor, cache_v: Tensor, cos: Tensor, sin: Tensor, mask: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """x (B, T, D), cache_k/v (B, H, M, Dh) -> output (B, T, D), keys and values (B, H, M + T, Dh)."""
+        B, T, D = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, Dh)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        keys = torch.cat([cache_k.to(k.dtype), k], dim=2)  # (B, H, M + T, Dh)
+        values = torch.cat([cache_v.to(v.dtype), v], dim=2)
+        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # (B, H, T, Dh)
+        y = y.transpose(1, 2).reshape(B, T, D)
+        return self.dropout(self.out_proj(y)), keys, values
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.norm_attn = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.attn = WindowAttention(cfg)
+        self.norm_mlp = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.mlp = MLP(cfg.d_model, cfg.d_ff, cfg.dropout, cfg.init_std, cfg.n_layer)
+
+    def forward(self, x: Tensor, cache_k: Tensor, cache_v: Tensor, cos: Tensor, sin: Tensor,
+                mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        a, keys, values = self.attn(self.norm_attn(x), cache_k, cache_v, cos, sin, mask)
+        x = x + a
+        x = x + self.mlp(self.norm_mlp(x))
+        return x, keys, values
+
+
+class TransformerDecoder(Decoder):
+    """Sliding-window attention baseline; state = K/V of the last ``window - 1`` tokens per layer."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.window = cfg.transformer.window
+        self.cache_len = self.window - 1
+        self.rotary = RotaryEmbedding(cfg.head_dim, cfg.transformer.rope_base)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+
+    def init_state(self, batch_size: int, device: torch.device | str | None, dtype: torch.dtype) -> TransformerState:
+        cfg = self.cfg
+        shape = (batch_size, cfg.n_layer, cfg.n_head, self.cache_len, cfg.head_dim)
+        zeros_long = torch.zeros(batch_size, dtype=torch.int64, device=device)
+        return TransformerState(
+            keys=torch.zeros(shape, dtype=dtype, device=device),
+            values=torch.zeros(shape, dtype=dtype, device=device),
+            length=zeros_long,
+            position=zeros_long.clone(),
+        )
+
+    def forward(self, x: Tensor, state: TransformerState) -> DecoderOutput:  # type: ignore[override]
+        B, T, _ = x.shape
+        M = self.cache_len
+        positions = state.position[:, None] + torch.arange(T, device=x.device)  # (B, T)
+        cos, sin = self.rotary(positions, x.dtype)  # (B, 1, T, Dh/2)
+        slots = torch.arange(M, device=x.device)[None, :]  # (1, M)
+        cache_valid = slots >= (M - state.length[:, None])  # (B, M): the newest `length` slots are real
+        mask = window_mask(T, M, self.window, cache_valid)  # (B, 1, T, M + T)
+
+        new_keys, new_values = [], []
+        for layer, block in enumerate(self.blocks):
+            x, keys, values = block(x, state.keys[:, layer], state.values[:, layer], cos, sin, mask)
+            new_keys.append(keys[:, :, keys.shape[2] - M:].to(state.keys.dtype))  # (B, H, M, Dh)
+            new_values.append(values[:, :, values.shape[2] - M:].to(state.values.dtype))
+
+        next_state = TransformerState(
+            keys=torch.stack(new_keys, dim=1),  # (B, L, H, M, Dh)
+            values=torch.stack(new_values, dim=1),
+            length=torch.clamp(state.length + T, max=M),
+            position=state.position + T,
+        )
+        return DecoderOutput(hidden=x, state=next_state, aux_loss=x.new_zeros(()), stats={})

@@ -1,0 +1,226 @@
+"""Tokenizers (Hugging Face ``tokenizers``): byte-level by default, byte-level BPE trained from the corpus as an option.
+
+Both kinds are stored as one ``tokenizer.json``. Every token maps to an exact byte string (the byte-level alphabet of
+GPT-2 maps each byte to one printable character), so decoding is "concatenate the bytes, then decode UTF-8
+incrementally", which never splits a character in streamed output and works for text that is not valid UTF-8.
+
+The byte tokenizer has ids 0..255 for the bytes and 256 for the document separator; encoding reads bytes directly
+(no text decoding), so any file, valid UTF-8 or not, round-trips exactly.
+"""
+
+from __future__ import annotations
+
+import codecs
+import hashlib
+import json
+import logging
+from collections.abc import Iterable, Iterator
+from functools import cached_property
+from typing import BinaryIO, Literal
+
+import numpy as np
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from longctx.errors import CheckpointError
+
+SEPARATOR = "<|endoftext|>"  # joins documents in the training stream; starts every evaluated stream
+CHUNK_BYTES = 1 << 20  # incremental encoding reads this many bytes at a time
+log = logging.getLogger("longctx")
+
+
+def byte_alphabet() -> list[str]:
+    """The printable character that stands for each byte 0..255 (the GPT-2 byte-level mapping).
+
+    Printable Latin-1 bytes stand for themselves; the other 68 bytes are shifted to code points 256 and above.
+    """
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars = {}
+    shift = 0
+    for b in range(256):
+        if b in printable:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + shift)
+            shift += 1
+    return [chars[b] for b in range(256)]
+
+
+def _utf8_cut(data: bytes) -> int:
+    """Where to cut ``data``: after the last line end that is followed by a non-space byte (so BPE pre-tokenization
+    sees the same pieces as in one call), else at a UTF-8 character boundary."""
+    newline = data.rfind(b"\n", 0, len(data) - 1)
+    while newline >= 0 and data[newline + 1 : newline + 2].isspace():
+        newline = data.rfind(b"\n", 0, newline)
+    if newline >= 0:
+        return newline + 1
+    cut = len(data)
+    while cut > 0 and len(data) - cut < 4 and (data[cut - 1] & 0xC0) == 0x80:
+        cut -= 1  # back over continuation bytes
+    if cut > 0 and data[cut - 1] >= 0xC0:
+        cut -= 1  # a lead byte whose continuation is in the next chunk
+    return cut if cut > 0 else len(data)
+
+
+class Tokenizer:
+    """A ``tokenizers.Tokenizer`` plus the byte table that makes decoding and byte counting exact."""
+
+    def __init__(self, hf: HFTokenizer, kind: Literal["byte", "bpe"]) -> None:
+        self.hf = hf
+        self.kind = kind
+        sep = hf.token_to_id(SEPARATOR)
+        if sep is None:
+            raise CheckpointError(f"tokenizer has no {SEPARATOR} token; it was not made by longctx")
+        self.sep_id: int = sep
+        self.vocab_size: int = hf.get_vocab_size(with_added_tokens=True)
+
+    # ---------------------------------------------------------------------------------------------------- building
+
+    @classmethod
+    def byte_level(cls) -> Tokenizer:
+        """256 byte tokens + the separator; needs no training."""
+        alphabet = byte_alphabet()
+        hf = HFTokenizer(models.BPE(vocab={ch: b for b, ch in enumerate(alphabet)}, merges=[]))
+        hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        hf.decoder = decoders.ByteLevel()
+        hf.add_special_tokens([SEPARATOR])
+        return cls(hf, "byte")
+
+    @classmethod
+    def train_bpe(cls, texts: Iterable[str], vocab_size: int) -> Tokenizer:
+        """Byte-level BPE trained on ``texts``; ``vocab_size`` counts the 256 bytes and the separator."""
+        hf = HFTokenizer(models.BPE())
+        hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        hf.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size, special_tokens=[SEPARATOR], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        )
+        hf.train_from_iterator(texts, trainer=trainer)
+        return cls(hf, "bpe")
+
+    @classmethod
+    def from_str(cls, text: str, where: str = "tokenizer.json") -> Tokenizer:
+        try:
+            hf = HFTokenizer.from_str(text)
+            merges = json.loads(text).get("model", {}).get("merges")
+        except Exception as e:  # tokenizers raises plain Exception subclasses for any parse problem
+            raise CheckpointError(f"{where} is not a valid tokenizer file ({str(e).splitlines()[0][:120]}); "
+                                  "use the tokenizer.json written by longctx train") from None
+        # the byte tokenizer is a BPE model without merges over the 256 byte symbols
+        kind = "byte" if not merges and hf.get_vocab_size(with_added_tokens=False) <= 257 else "bpe"
+        return cls(hf, kind)
+
+    @classmethod
+    def from_file(cls, path: str) -> Tokenizer:
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"cannot read tokenizer {path!r}: {e}") from None
+        return cls.from_str(text, where=path)
+
+    def to_str(self) -> str:
+        return self.hf.to_str()
+
+    def save(self, path: str) -> None:
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(self.to_str())
+
+    @cached_property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.hf.to_str().encode()).hexdigest()
+
+    # ---------------------------------------------------------------------------------------------------- bytes
+
+    @cached_property
+    def token_bytes(self) -> list[bytes]:
+        """The exact bytes of every token id (special tokens: empty)."""
+        inverse = {ch: b for b, ch in enumerate(byte_alphabet())}
+        table = [b""] * self.vocab_size
+        specials = {t.content for t in self.hf.get_added_tokens_decoder().values()}
+        for token, idx in self.hf.get_vocab(with_added_tokens=True).items():
+            if token in specials:
+                continue
+            table[idx] = bytes(inverse[ch] for ch in token if ch in inverse)
+        return table
+
+    @cached_property
+    def token_lengths(self) -> np.ndarray:
+        """Bytes per token id, (V,) int64: sums over targets give the byte counts of bits_per_byte."""
+        return np.array([len(b) for b in self.token_bytes], dtype=np.int64)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        table = self.token_bytes
+        return b"".join(table[i] for i in ids).decode("utf-8", errors="replace")
+
+    def stream_decoder(self) -> StreamDecoder:
+        return StreamDecoder(self)
+
+    # ---------------------------------------------------------------------------------------------------- encoding
+
+    def encode_text(self, text: str) -> np.ndarray:
+        return self.encode_bytes(text.encode("utf-8"))
+
+    def encode_bytes(self, data: bytes, where: str = "<input>", offset: int = 0) -> np.ndarray:
+        """Token ids (int64) of a byte string. BPE replaces invalid UTF-8 and warns, naming ``where`` and the offset."""
+        if self.kind == "byte":
+            return np.frombuffer(data, dtype=np.uint8).astype(np.int64)
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            log.warning("%s: invalid UTF-8 at byte %d; replaced with U+FFFD", where, offset + e.start)
+            text = data.decode("utf-8", errors="replace")
+        return np.asarray(self.hf.encode(text, add_special_tokens=False).ids, dtype=np.int64)
+
+    def iter_encode(self, stream: BinaryIO, where: str = "<input>", chunk_bytes: int = CHUNK_BYTES
+                    ) -> Iterator[tuple[np.ndarray, int]]:
+        """Encode a binary stream in chunks: yields (ids, bytes read) with memory bounded by ``chunk_bytes``.
+
+        Chunks are cut after a line end (else at a character boundary) so BPE sees whole lines; invalid UTF-8 is
+        reported once per stream.
+        """
+        pending = b""
+        offset = 0
+        warned = False
+        while True:
+            block = stream.read(chunk_bytes)
+            eof = not block
+            data = pending + block
+            if not data:
+                return
+            cut = len(data) if (eof or self.kind == "byte") else _utf8_cut(data)
+            piece, pending = data[:cut], data[cut:]
+            if warned:  # BPE only: report the first invalid sequence of a stream, replace the others silently
+                text = piece.decode("utf-8", errors="replace")
+                ids = np.asarray(self.hf.encode(text, add_special_tokens=False).ids, dtype=np.int64)
+            else:
+                ids = self.encode_bytes(piece, where, offset)
+                warned = self.kind == "bpe" and not _valid_utf8(piece)
+            offset += len(piece)
+            yield ids, len(piece)
+            if eof:
+                return
+
+
+def _valid_utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+        return True
+    except UnicodeDecodeError:
+        return False
+
+
+class StreamDecoder:
+    """Turns token ids into text as they come, holding back incomplete UTF-8 characters."""
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.table = tokenizer.token_bytes
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def push(self, token: int) -> str:
+        return self.decoder.decode(self.table[token])
+
+    def flush(self) -> str:
+        return self.decoder.decode(b"", final=True)
+

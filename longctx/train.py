@@ -1,0 +1,527 @@
+"""Training: lanes of the token stream, carried decoder states, AdamW, checkpoints, exact resume.
+
+One optimizer step reads segment ``i`` of every lane (``train.batch_size`` lanes of ``train.seq_len`` tokens), in
+micro-batches of ``train.micro_batch_size`` lanes whose gradients are accumulated. Each lane's decoder state is
+carried from one segment to the next and detached after every step (truncated backprop through time, as in
+Transformer-XL); at the start of every epoch the states are reset because the lanes start again.
+
+Resuming restores the weights, the optimizer moments, the step, the tokens seen, the data cursor, the lane states and
+the RNG state, so a run of N + M steps equals a run of N steps resumed for M more.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import json
+import logging
+import math
+import os
+import shutil
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from longctx import __version__
+from longctx.checkpoint import (
+    CONFIG_FILE,
+    TrainerState,
+    find_checkpoints,
+    load_trainer_state,
+    load_weights,
+    optimizer_from_tensors,
+    optimizer_to_tensors,
+    read_config,
+    resolve_checkpoint,
+    save_checkpoint,
+    step_dir_name,
+)
+from longctx.config import Config
+from longctx.data import Lanes, build_token_cache, cache_root, discover, read_texts, split_documents
+from longctx.decoders import State
+from longctx.errors import ConfigError, LongctxError
+from longctx.model import LongContextLM, build_model
+from longctx.tokenizer import Tokenizer
+
+log = logging.getLogger("longctx")
+METRICS_FILE = "metrics.jsonl"
+LOCK_FILE = ".lock"
+STATE_PREFIX = "lane_state."
+
+
+class Interrupted(LongctxError):
+    """Training stopped by SIGINT (exit 130) or SIGTERM (exit 143) after writing a checkpoint."""
+
+
+@dataclass
+class RunOptions:
+    out_dir: Path
+    resume: str | None = None  # None, "auto" or a checkpoint path
+    init_from: str | None = None  # checkpoint whose weights start a new run
+    overwrite: bool = False
+    progress: bool | None = None  # None = a bar when stderr is a terminal
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    tokens: int
+    elapsed_s: float
+    last_checkpoint: Path | None
+    final_loss: float | None
+    val: dict[str, float] | None
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# environment
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks cuda, then mps, then cpu."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: CUDA is not available on this machine; use --device cpu or auto")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"--device {name}: MPS is not available on this machine; use --device cpu or auto")
+    return device
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def lr_at(step: int, cfg: Any) -> float:
+    """Linear warm-up for ``warmup_steps``, then cosine decay from ``lr`` to ``min_lr`` over ``lr_decay_steps``."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    decay_steps = cfg.lr_decay_steps or cfg.max_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, decay_steps - cfg.warmup_steps))
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
+
+
+def make_optimizer(model: LongContextLM, cfg: Any) -> torch.optim.AdamW:
+    """AdamW with decoupled weight decay on matrices (dim >= 2) only; biases and norms are not decayed."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), foreach=True)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# run folder
+
+
+@contextlib.contextmanager
+def run_lock(out_dir: Path) -> Iterator[None]:
+    """One training process per folder. The OS drops the lock when the process dies, so it never stays stuck."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(out_dir / LOCK_FILE, os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise LongctxError(f"another longctx train is writing to {out_dir}; wait for it or choose another "
+                               "--out-dir") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        yield
+    finally:
+        os.close(fd)
+
+
+def prepare_out_dir(run: RunOptions) -> None:
+    """Refuse to mix a new run into a folder that holds another one, unless asked to overwrite it."""
+    out = run.out_dir
+    if out.exists() and not out.is_dir():
+        raise LongctxError(f"--out-dir {out} is a file; give a folder")
+    entries = [p for p in out.iterdir() if p.name != LOCK_FILE] if out.is_dir() else []
+    if not entries or run.resume:
+        return
+    if not run.overwrite:
+        raise LongctxError(f"--out-dir {out} is not empty; continue that run with --resume auto, pick another "
+                           "--out-dir, or replace it with --overwrite")
+    for p in entries:
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+
+def resolve_resume(run: RunOptions) -> Path | None:
+    if run.resume is None:
+        return None
+    if run.resume == "auto":
+        found = find_checkpoints(run.out_dir)
+        return found[-1] if found else None
+    return resolve_checkpoint(Path(run.resume))
+
+
+def merge_resumed_config(requested: Config, checkpoint: Config, overrides: dict[str, Any]) -> Config:
+    """Model and data come from the checkpoint; ``train.*`` keys the user set now (e.g. a longer budget) win."""
+    train = dataclasses.asdict(checkpoint.train)
+    for key in overrides:
+        if key.startswith("train."):
+            train[key.split(".", 1)[1]] = getattr(requested.train, key.split(".", 1)[1])
+    return dataclasses.replace(checkpoint, train=type(checkpoint.train)(**train))
+
+
+class MetricsLog:
+    """``metrics.jsonl``: one JSON object per log step, flushed at once."""
+
+    def __init__(self, path: Path, keep_up_to_step: int | None) -> None:
+        self.path = path
+        if keep_up_to_step is not None and path.exists():  # drop lines the interrupted run wrote after its checkpoint
+            kept = [ln for ln in path.read_text().splitlines() if ln.strip() and _step_of(ln) <= keep_up_to_step]
+            path.write_text("".join(ln + "\n" for ln in kept))
+        self.file = open(path, "a", encoding="utf-8")
+
+    def write(self, record: dict[str, Any]) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def _step_of(line: str) -> int:
+    try:
+        return int(json.loads(line).get("step", 0))
+    except (json.JSONDecodeError, AttributeError, ValueError):
+        return 0
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# data and tokenizer
+
+
+def prepare_tokenizer(config: Config, resume_from: Path | None, init_from: Path | None) -> Tokenizer:
+    for source in (resume_from, init_from):
+        if source is not None:
+            return Tokenizer.from_file(str(source / "tokenizer.json"))
+    if config.data.tokenizer == "byte":
+        return Tokenizer.byte_level()
+    train_docs, _ = split_documents(discover(config.data.paths), config.data.val_docs)
+    log.info("training a BPE tokenizer (%d tokens) on %d documents", config.data.vocab_size, len(train_docs))
+    return Tokenizer.train_bpe(read_texts(train_docs), config.data.vocab_size)
+
+
+def prepare_data(config: Config, tokenizer: Tokenizer) -> tuple[np.ndarray, np.ndarray]:
+    """Token streams (memory-mapped) of the training and validation documents."""
+    docs = discover(config.data.paths)
+    train_docs, val_docs = split_documents(docs, config.data.val_docs)
+    root = cache_root(config.data)
+    train_tokens = build_token_cache(train_docs, tokenizer, root)
+    val_tokens = build_token_cache(val_docs, tokenizer, root) if val_docs else np.zeros(0, dtype=train_tokens.dtype)
+    if not val_docs:
+        log.warning("only one document: no validation set (give several files to hold some out)")
+    return train_tokens, val_tokens
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# validation
+
+
+@torch.inference_mode()
+def validate(model: LongContextLM, tokens: np.ndarray, tokenizer: Tokenizer, config: Config, device: torch.device,
+             ) -> dict[str, float] | None:
+    """Loss and bits per byte on the held-out stream, read in carry mode over up to ``batch_size`` lanes."""
+    cfg = config.train
+    budget = cfg.eval_tokens or len(tokens)
+    n_lanes = max(1, min(cfg.batch_size, (min(budget, len(tokens)) - 1) // (cfg.seq_len + 1)))
+    if len(tokens) < cfg.seq_len + 1:
+        return None
+    lanes = Lanes(tokens[: min(len(tokens), budget + n_lanes)], n_lanes, cfg.seq_len)
+    was_training = model.training
+    model.eval()
+    state = model.init_state(n_lanes, device)
+    nll, count, n_bytes = 0.0, 0, 0
+    lengths = torch.from_numpy(tokenizer.token_lengths)
+    for index in range(lanes.segments_per_epoch):
+        x, y = lanes.batch(index, range(n_lanes))
+        with autocast(device, cfg.precision):
+            out = model(x.to(device), state, y.to(device))
+        state = out.state
+        nll += out.loss.item() * y.numel()
+        count += y.numel()
+        n_bytes += int(lengths[y].sum())
+    model.train(was_training)
+    loss = nll / count
+    return {"val_loss": loss, "val_ppl": math.exp(min(loss, 700.0)), "val_bpb": nll / (max(n_bytes, 1) * math.log(2)),
+            "val_tokens": count}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# the trainer
+
+
+class SignalFlag:
+    """SIGINT / SIGTERM set a flag; the loop checks it after each step, saves, and exits 130 / 143."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.previous: dict[int, Any] = {}
+
+    def __enter__(self) -> SignalFlag:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is None:
+            self.signum = signum
+            print(f"\n{signal.Signals(signum).name}: finishing this step, then saving a checkpoint "
+                  "(signals are ignored until it is written)", file=sys.stderr)
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+class Trainer:
+    def __init__(self, config: Config, model: LongContextLM, tokenizer: Tokenizer, train_tokens: np.ndarray,
+                 val_tokens: np.ndarray, device: torch.device, run: RunOptions) -> None:
+        self.config, self.cfg = config, config.train
+        self.model, self.tokenizer, self.device, self.run = model, tokenizer, device, run
+        self.val_tokens = val_tokens
+        self.lanes = Lanes(train_tokens, self.cfg.batch_size, self.cfg.seq_len)
+        self.optimizer = make_optimizer(model, self.cfg)
+        self.step, self.tokens_seen, self.cursor, self.elapsed, self.bad_steps = 0, 0, 0, 0.0, 0
+        self.states = [model.init_state(self.cfg.micro_batch_size, device) for _ in range(self.cfg.grad_accum)]
+        self.last_checkpoint: Path | None = None
+        self.last_val: dict[str, float] | None = None
+
+    # --------------------------------------------------------------------------------------------- state for resume
+
+    def trainer_state(self) -> TrainerState:
+        tensors, groups = optimizer_to_tensors(self.optimizer)
+        state = type(self.states[0]).concat(self.states)
+        tensors.update(state.to_tensors(prefix=STATE_PREFIX))
+        tensors["rng.torch"] = torch.get_rng_state()
+        if self.device.type == "cuda":
+            tensors["rng.cuda"] = torch.cuda.get_rng_state(self.device)
+        meta = {"step": self.step, "tokens_seen": self.tokens_seen, "data_cursor": self.cursor,
+                "elapsed_s": self.elapsed, "param_groups": groups, "longctx_version": __version__,
+                "lanes": self.cfg.batch_size, "val": self.last_val}
+        return TrainerState(tensors=tensors, meta=meta)
+
+    def restore(self, saved: TrainerState) -> None:
+        meta, tensors = saved.meta, saved.tensors
+        optimizer_from_tensors(self.optimizer, tensors, meta["param_groups"])
+        self.step, self.tokens_seen = int(meta["step"]), int(meta["tokens_seen"])
+        self.cursor, self.elapsed = int(meta["data_cursor"]), float(meta["elapsed_s"])
+        self.last_val = meta.get("val")
+        template = self.states[0]
+        try:
+            lanes = type(template).from_tensors(tensors, prefix=STATE_PREFIX).to(self.device)
+        except KeyError:
+            raise LongctxError("the checkpoint holds no lane states for this decoder; resume with the config that "
+                               "wrote it") from None
+        if lanes.tensors()[next(iter(lanes.tensors()))].shape[0] != self.cfg.batch_size:
+            raise ConfigError("train.batch_size differs from the resumed run's; keep it to resume exactly")
+        mb = self.cfg.micro_batch_size
+        self.states = [lanes.select(torch.arange(i * mb, (i + 1) * mb)) for i in range(self.cfg.grad_accum)]
+        torch.set_rng_state(tensors["rng.torch"])
+        if self.device.type == "cuda" and "rng.cuda" in tensors:
+            torch.cuda.set_rng_state(tensors["rng.cuda"], self.device)
+
+    # --------------------------------------------------------------------------------------------- one step
+
+    def train_step(self) -> tuple[float, float, dict[str, float]]:
+        """One optimizer step over all lanes; returns (loss, grad norm, decoder stats). NaN loss = step skipped."""
+        cfg, model = self.cfg, self.model
+        if self.lanes.is_epoch_start(self.cursor) and self.cursor > 0:
+            self.states = [s.reset(torch.ones(cfg.micro_batch_size, dtype=torch.bool, device=self.device))
+                           for s in self.states]
+        lr = lr_at(self.step, cfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        total, stats = 0.0, {}
+        new_states: list[State] = []
+        for i, state in enumerate(self.states):
+            lanes = range(i * cfg.micro_batch_size, (i + 1) * cfg.micro_batch_size)
+            x, y = self.lanes.batch(self.cursor, lanes)
+            with autocast(self.device, cfg.precision):
+                out = model(x.to(self.device), state, y.to(self.device))
+            loss = out.loss + out.aux_loss
+            (loss / cfg.grad_accum).backward()
+            total += out.loss.item() / cfg.grad_accum
+            new_states.append(out.state.detach())
+            stats = out.stats
+        if math.isfinite(total):
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf")).item()
+        else:
+            norm = float("nan")
+        if math.isfinite(total) and math.isfinite(norm):
+            self.optimizer.step()
+            model.decoder.after_optimizer_step()
+            self.states = new_states
+            self.bad_steps = 0
+        else:  # do not apply the step, and start the lanes from empty memory rather than a poisoned one
+            self.bad_steps += 1
+            self.states = [s.reset(torch.ones(cfg.micro_batch_size, dtype=torch.bool, device=self.device))
+                           for s in self.states]
+            log.warning("step %d: non-finite loss or gradient (%s); step skipped (%d in a row)",
+                        self.step + 1, total, self.bad_steps)
+            if self.bad_steps >= cfg.max_bad_steps:
+                raise LongctxError(f"{self.bad_steps} non-finite steps in a row at step {self.step + 1}; stopped. "
+                                   "The last checkpoint is intact; lower --lr or use --precision fp32")
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.cursor += 1
+        self.tokens_seen += cfg.batch_size * cfg.seq_len
+        return total, norm, stats
+
+    # --------------------------------------------------------------------------------------------- loop
+
+    def done(self, started: float) -> bool:
+        cfg = self.cfg
+        return (self.step >= cfg.max_steps or (cfg.max_tokens and self.tokens_seen >= cfg.max_tokens)
+                or (cfg.max_time and time.monotonic() - started >= cfg.max_time))
+
+    def save(self) -> Path:
+        path = self.run.out_dir / step_dir_name(self.step)
+        save_checkpoint(path, self.model, self.config, self.tokenizer, self.trainer_state())
+        for old in find_checkpoints(self.run.out_dir)[: -self.cfg.keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+        self.last_checkpoint = path
+        return path
+
+    def run_validation(self) -> dict[str, float] | None:
+        if len(self.val_tokens) == 0:
+            return None
+        self.last_val = validate(self.model, self.val_tokens, self.tokenizer, self.config, self.device)
+        return self.last_val
+
+    def loop(self, metrics: MetricsLog, progress: bool) -> TrainResult:
+        cfg = self.cfg
+        started, last_log, log_tokens = time.monotonic(), time.monotonic(), 0
+        elapsed0 = self.elapsed
+        bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not progress, unit="step", dynamic_ncols=True,
+                   file=sys.stderr)
+        loss = None
+        with SignalFlag() as flag:
+            while not self.done(started):
+                loss, norm, stats = self.train_step()
+                log_tokens += cfg.batch_size * cfg.seq_len
+                self.elapsed = elapsed0 + time.monotonic() - started
+                bar.update(1)
+                if self.step % cfg.log_interval == 0 or self.step == cfg.max_steps:
+                    now = time.monotonic()
+                    rate = log_tokens / max(now - last_log, 1e-9)
+                    last_log, log_tokens = now, 0
+                    record = {"step": self.step, "tokens": self.tokens_seen, "loss": loss,
+                              "ppl": math.exp(min(loss, 700.0)), "lr": lr_at(self.step - 1, cfg), "grad_norm": norm,
+                              "tokens_per_s": rate, "elapsed_s": self.elapsed, **stats}
+                    metrics.write(record)
+                    bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rate:,.0f}")
+                    if not progress:
+                        log.info("step %d/%d | loss %.4f | ppl %.2f | lr %.2e | %s tok/s", self.step, cfg.max_steps,
+                                 loss, record["ppl"], record["lr"], f"{rate:,.0f}")
+                if self.step % cfg.eval_interval == 0 and (val := self.run_validation()):
+                    metrics.write({"step": self.step, "tokens": self.tokens_seen, **val})
+                    tqdm.write(f"step {self.step}: val loss {val['val_loss']:.4f}, val ppl {val['val_ppl']:.2f}, "
+                               f"val bpb {val['val_bpb']:.4f}", file=sys.stderr)
+                if self.step % cfg.save_interval == 0:
+                    self.save()
+                if flag.signum is not None:
+                    bar.close()
+                    path = self.save()
+                    code = 130 if flag.signum == signal.SIGINT else 143
+                    err = Interrupted(f"interrupted at step {self.step}; checkpoint written to {path}; continue "
+                                      f"with: longctx train --resume auto --out-dir {self.run.out_dir}")
+                    err.exit_code = code
+                    raise err
+            bar.close()
+            if self.step % cfg.eval_interval != 0:
+                self.run_validation()
+            if self.last_checkpoint is None or self.last_checkpoint.name != step_dir_name(self.step):
+                self.save()
+        return TrainResult(steps=self.step, tokens=self.tokens_seen, elapsed_s=self.elapsed,
+                           last_checkpoint=self.last_checkpoint, final_loss=loss, val=self.last_val)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# entry point
+
+
+def train(config: Config, run: RunOptions, overrides: dict[str, Any] | None = None) -> TrainResult:
+    """Train (or resume) a run in ``run.out_dir``. ``overrides`` are the keys the user set on this command line."""
+    run.out_dir = Path(run.out_dir)
+    if run.resume and run.init_from:
+        raise ConfigError("--resume and --init-from exclude each other: resume continues a run, init-from starts a "
+                          "new one from weights")
+    with run_lock(run.out_dir):
+        prepare_out_dir(run)
+        resume_from = resolve_resume(run)
+        if resume_from is not None:
+            config = merge_resumed_config(config, read_config(resume_from), overrides or {})
+        init_from = resolve_checkpoint(Path(run.init_from)) if run.init_from else None
+        device = resolve_device(config.train.device)
+        if config.train.threads:
+            torch.set_num_threads(config.train.threads)
+        torch.manual_seed(config.train.seed)
+        tokenizer = prepare_tokenizer(config, resume_from, init_from)
+        if tokenizer.vocab_size != config.model.vocab_size:
+            config = dataclasses.replace(config, model=dataclasses.replace(config.model,
+                                                                           vocab_size=tokenizer.vocab_size))
+        train_tokens, val_tokens = prepare_data(config, tokenizer)
+        model = build_model(config.model).to(device)
+        for source in (init_from, resume_from):
+            if source is not None:
+                load_weights(model, source / "model.safetensors")
+        model.train()
+        trainer = Trainer(config, model, tokenizer, train_tokens, val_tokens, device, run)
+        if resume_from is not None:
+            trainer.restore(load_trainer_state(resume_from))
+            log.info("resumed from %s (step %d, %s tokens seen)", resume_from, trainer.step,
+                     f"{trainer.tokens_seen:,}")
+        (run.out_dir / CONFIG_FILE).write_text(config.to_json())
+        announce(config, model, train_tokens, val_tokens, device, run)
+        metrics = MetricsLog(run.out_dir / METRICS_FILE, trainer.step if resume_from else None)
+        progress = run.progress if run.progress is not None else sys.stderr.isatty()
+        try:
+            result = trainer.loop(metrics, progress)
+        finally:
+            metrics.close()
+    summarize(result)
+    return result
+
+
+def announce(config: Config, model: LongContextLM, train_tokens: np.ndarray, val_tokens: np.ndarray,
+             device: torch.device, run: RunOptions) -> None:
+    t = config.train
+    log.info("model: %s decoder, %s parameters, state %s bytes per lane", config.model.decoder,
+             f"{model.num_parameters():,}", f"{model.init_state(1, device).nbytes():,}")
+    log.info("data: %s training tokens, %s validation tokens; %d lanes x %d tokens per step, gradient accumulation %d",
+             f"{len(train_tokens):,}", f"{len(val_tokens):,}", t.batch_size, t.seq_len, t.grad_accum)
+    log.info("device %s, precision %s, %d threads, seed %d; writing to %s", device, t.precision,
+             torch.get_num_threads(), t.seed, run.out_dir)
+
+
+def summarize(result: TrainResult) -> None:
+    rate = result.tokens / max(result.elapsed_s, 1e-9)
+    val = result.val or {}
+    parts = [f"{result.steps} steps", f"{result.tokens:,} tokens", f"{result.elapsed_s:.1f} s", f"{rate:,.0f} tok/s"]
+    if result.final_loss is not None:
+        parts.append(f"train loss {result.final_loss:.4f}")
+    if val:
+        parts.append(f"val loss {val['val_loss']:.4f} (bpb {val['val_bpb']:.4f})")
+    log.info("done: %s", " | ".join(parts))
+    if result.last_checkpoint is not None:
+        log.info("checkpoint: %s", result.last_checkpoint)
+
