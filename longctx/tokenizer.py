@@ -46,20 +46,27 @@ def byte_alphabet() -> list[str]:
     return [chars[b] for b in range(256)]
 
 
-def _utf8_cut(data: bytes) -> int:
-    """Where to cut ``data``: after the last line end that is followed by a non-space byte (so BPE pre-tokenization
-    sees the same pieces as in one call), else at a UTF-8 character boundary."""
-    newline = data.rfind(b"\n", 0, len(data) - 1)
-    while newline >= 0 and data[newline + 1 : newline + 2].isspace():
-        newline = data.rfind(b"\n", 0, newline)
-    if newline >= 0:
-        return newline + 1
+def _cut_point(data: bytes, force: bool) -> int:
+    """Where to cut ``data`` so that BPE pre-tokenization of the two parts equals that of the whole.
+
+    Prefers the last line end followed by a non-space byte, then the last space followed by a non-space byte (the
+    space starts the next piece, as GPT-2's pre-tokenizer attaches it to the following word). Returns 0 (read
+    more) when neither exists, unless ``force``, which cuts at a UTF-8 character boundary.
+    """
+    for sep in (b"\n", b" "):
+        pos = data.rfind(sep, 0, len(data) - 1)
+        while pos >= 0 and data[pos + 1: pos + 2].isspace():
+            pos = data.rfind(sep, 0, pos)
+        if pos > 0:
+            return pos + 1 if sep == b"\n" else pos
+    if not force:
+        return 0
     cut = len(data)
-    while cut > 0 and len(data) - cut < 4 and (data[cut - 1] & 0xC0) == 0x80:
+    while cut > len(data) - 4 and cut > 0 and (data[cut - 1] & 0xC0) == 0x80:
         cut -= 1  # back over continuation bytes
     if cut > 0 and data[cut - 1] >= 0xC0:
-        cut -= 1  # a lead byte whose continuation is in the next chunk
-    return cut if cut > 0 else len(data)
+        cut -= 1  # a lead byte whose continuation bytes follow
+    return cut or len(data)
 
 
 class Tokenizer:
@@ -177,8 +184,8 @@ class Tokenizer:
                     ) -> Iterator[tuple[np.ndarray, int]]:
         """Encode a binary stream in chunks: yields (ids, bytes read) with memory bounded by ``chunk_bytes``.
 
-        Chunks are cut after a line end (else at a character boundary) so BPE sees whole lines; invalid UTF-8 is
-        reported once per stream.
+        Chunks are cut where pre-tokenization is unaffected (see :func:`_cut_point`), so the ids equal those of
+        one call; at most about 4 x ``chunk_bytes`` are held. Invalid UTF-8 is reported once per stream.
         """
         pending = b""
         offset = 0
@@ -189,8 +196,10 @@ class Tokenizer:
             data = pending + block
             if not data:
                 return
-            cut = len(data) if (eof or self.kind == "byte") else _utf8_cut(data)
+            cut = len(data) if (eof or self.kind == "byte") else _cut_point(data, len(data) >= 4 * chunk_bytes)
             piece, pending = data[:cut], data[cut:]
+            if not piece:
+                continue
             if warned:  # BPE only: report the first invalid sequence of a stream, replace the others silently
                 text = piece.decode("utf-8", errors="replace")
                 ids = np.asarray(self.hf.encode(text, add_special_tokens=False).ids, dtype=np.int64)

@@ -436,7 +436,7 @@ class Trainer:
                     metrics.write({"step": self.step, "tokens": self.tokens_seen, **val})
                     tqdm.write(f"step {self.step}: val loss {val['val_loss']:.4f}, val ppl {val['val_ppl']:.2f}, "
                                f"val bpb {val['val_bpb']:.4f}", file=sys.stderr)
-                if self.step % cfg.save_interval == 0:
+                if self.step % cfg.save_interval == 0 and self.bad_steps == 0:
                     self.save()
                 if flag.signum is not None:
                     bar.close()

@@ -1,0 +1,130 @@
+"""Training: exact resume, checkpoints, budgets, bad steps, run-folder rules."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from longctx.checkpoint import find_checkpoints, load_checkpoint
+from longctx.config import load_config
+from longctx.data import bundled_documents
+from longctx.errors import LongctxError
+from longctx.train import RunOptions, lr_at, train
+
+
+def tiny_overrides(tmp_path, **extra):
+    text_dir = tmp_path / "data"
+    if not text_dir.exists():
+        text_dir.mkdir()
+        for doc in bundled_documents()[:3]:
+            with doc.open() as f:
+                (text_dir / doc.name.split("/")[-1]).write_bytes(f.read()[:6000])
+    base = {"model.n_layer": 1, "model.d_model": 32, "model.n_head": 2, "model.d_ff": 64,
+            "model.transformer.window": 16, "train.seq_len": 16, "train.batch_size": 4,
+            "train.micro_batch_size": 2, "train.log_interval": 1, "train.eval_interval": 1000,
+            "train.save_interval": 1000, "train.warmup_steps": 2, "train.eval_tokens": 512, "train.threads": 1,
+            "data.paths": [str(text_dir)], "data.cache_dir": str(tmp_path / "cache")}
+    return base | extra
+
+
+def losses(run_dir):
+    lines = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in lines if "loss" in r}
+
+
+def test_resumed_run_equals_uninterrupted_run(tmp_path):
+    # the schedule length is fixed (lr_decay_steps) so that both runs follow the same learning rates
+    full = tmp_path / "full"
+    cfg = load_config("transformer-small", tiny_overrides(tmp_path, **{"train.max_steps": 7, "train.lr_decay_steps": 7}))
+    train(cfg, RunOptions(out_dir=full, progress=False))
+
+    part = tmp_path / "part"
+    cfg4 = load_config("transformer-small", tiny_overrides(tmp_path, **{"train.max_steps": 4,
+                                                                         "train.lr_decay_steps": 7}))
+    train(cfg4, RunOptions(out_dir=part, progress=False))
+    overrides = {"train.max_steps": 7}
+    train(load_config("transformer-small", tiny_overrides(tmp_path, **overrides)),
+          RunOptions(out_dir=part, resume="auto", progress=False), overrides)
+
+    assert losses(part) == losses(full)  # same losses, step by step (CPU, fp32, same seed)
+    a, _, _ = load_checkpoint(find_checkpoints(full)[-1])
+    b, _, _ = load_checkpoint(find_checkpoints(part)[-1])
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
+        assert torch.equal(x, y), name
+
+
+def test_checkpoint_round_trip_gives_identical_logits(tmp_path):
+    cfg = load_config("transformer-small", tiny_overrides(tmp_path, **{"train.max_steps": 2}))
+    result = train(cfg, RunOptions(out_dir=tmp_path / "run", progress=False))
+    model, tokenizer, config = load_checkpoint(result.last_checkpoint)
+    assert config.model == cfg.model and tokenizer.vocab_size == config.model.vocab_size
+    assert set(p.name for p in result.last_checkpoint.iterdir()) == {
+        "model.safetensors", "config.json", "tokenizer.json", "trainer_state.safetensors", "trainer_state.json"}
+    tokens = torch.randint(0, 257, (2, 20))
+    again, _, _ = load_checkpoint(result.last_checkpoint)
+    with torch.no_grad():
+        la = model(tokens, model.init_state(2)).logits
+        lb = again(tokens, again.init_state(2)).logits
+    assert torch.equal(la, lb)
+    assert again.head.weight.data_ptr() == again.embed.weight.data_ptr()  # tying survives loading
+
+
+def test_keep_last_and_final_checkpoint(tmp_path):
+    cfg = load_config("transformer-small", tiny_overrides(
+        tmp_path, **{"train.max_steps": 5, "train.save_interval": 1, "train.keep_last": 2}))
+    train(cfg, RunOptions(out_dir=tmp_path / "run", progress=False))
+    assert [p.name for p in find_checkpoints(tmp_path / "run")] == ["step-00000004", "step-00000005"]
+    assert not list((tmp_path / "run").glob(".tmp-*"))
+
+
+def test_token_budget_stops_training(tmp_path):
+    cfg = load_config("transformer-small", tiny_overrides(tmp_path, **{"train.max_tokens": 200}))
+    result = train(cfg, RunOptions(out_dir=tmp_path / "run", progress=False))
+    assert result.steps == 4 and result.tokens == 4 * 4 * 16  # 64 tokens per step: 4 steps reach 200
+
+
+def test_non_empty_out_dir_is_refused_without_resume_or_overwrite(tmp_path):
+    cfg = load_config("transformer-small", tiny_overrides(tmp_path, **{"train.max_steps": 1}))
+    train(cfg, RunOptions(out_dir=tmp_path / "run", progress=False))
+    with pytest.raises(LongctxError, match="not empty"):
+        train(cfg, RunOptions(out_dir=tmp_path / "run", progress=False))
+    before = find_checkpoints(tmp_path / "run")
+    assert before  # the refused run lost nothing
+    train(cfg, RunOptions(out_dir=tmp_path / "run", overwrite=True, progress=False))
+
+
+def test_non_finite_loss_skips_steps_then_stops(tmp_path, monkeypatch):
+    cfg = load_config("transformer-small", tiny_overrides(
+        tmp_path, **{"train.max_steps": 10, "train.max_bad_steps": 3, "train.save_interval": 2}))
+    import longctx.model as model_module
+
+    real = model_module.LongContextLM.forward
+    calls = {"n": 0}
+
+    def poisoned(self, tokens, state, targets=None):
+        out = real(self, tokens, state, targets)
+        calls["n"] += 1
+        if self.training and calls["n"] > 4:  # after 2 good steps (2 micro-batches each), every loss is NaN
+            return type(out)(out.logits, out.state, out.loss * float("nan"), out.aux_loss, out.stats)
+        return out
+
+    monkeypatch.setattr(model_module.LongContextLM, "forward", poisoned)
+    with pytest.raises(LongctxError, match="3 non-finite steps in a row at step 5"):
+        train(cfg, RunOptions(out_dir=tmp_path / "run", progress=False))
+    ckpts = find_checkpoints(tmp_path / "run")
+    assert [p.name for p in ckpts] == ["step-00000002"]
+    model, _, _ = load_checkpoint(ckpts[-1])
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_lr_schedule_warmup_then_cosine():
+    cfg = load_config("transformer-small", {"train.warmup_steps": 10, "train.max_steps": 110}).train
+    assert lr_at(0, cfg) == pytest.approx(cfg.lr / 10)
+    assert lr_at(9, cfg) == pytest.approx(cfg.lr)
+    assert lr_at(60, cfg) == pytest.approx(cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr))
+    assert lr_at(110, cfg) == pytest.approx(cfg.min_lr)
+    assert all(lr_at(s, cfg) >= lr_at(s + 1, cfg) for s in range(10, 110))
+    assert not math.isnan(lr_at(10_000, cfg))
