@@ -232,7 +232,8 @@ def eval_(
     net, tokenizer, config, _ = load_for_inference(model, device, threads)
     docs = eval_documents(list(files or []), config)
     win = window or config.train.seq_len
-    opts = EvalOptions(mode=mode, seq_len=seq_len or config.train.seq_len, window=win, stride=stride or max(1, win // 2),
+    opts = EvalOptions(mode=mode, seq_len=seq_len or config.train.seq_len, window=win,
+                       stride=stride or max(1, win // 2),
                        max_tokens=max_tokens, per_position_buckets=per_position is not None,
                        progress=sys.stderr.isatty() if progress is None else progress, precision=precision)
     result = evaluate_documents(net, tokenizer, docs, opts)

@@ -38,7 +38,8 @@ def losses(run_dir):
 def test_resumed_run_equals_uninterrupted_run(tmp_path):
     # the schedule length is fixed (lr_decay_steps) so that both runs follow the same learning rates
     full = tmp_path / "full"
-    cfg = load_config("transformer-small", tiny_overrides(tmp_path, **{"train.max_steps": 7, "train.lr_decay_steps": 7}))
+    cfg = load_config("transformer-small", tiny_overrides(tmp_path, **{"train.max_steps": 7,
+                                                                        "train.lr_decay_steps": 7}))
     train(cfg, RunOptions(out_dir=full, progress=False))
 
     part = tmp_path / "part"
