@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import importlib.resources
 import json
+import math
 import tomllib
 import types
 import typing
@@ -100,7 +101,7 @@ class DataConfig:
     def __post_init__(self) -> None:
         _check(all(isinstance(p, str) and p for p in self.paths), "data.paths", "must be a list of non-empty strings")
         _check(self.vocab_size >= 300, "data.vocab_size", f"must be >= 300 for BPE, got {self.vocab_size}")
-        _check(self.vocab_size <= 2**31, "data.vocab_size", f"must be < 2**31, got {self.vocab_size}")
+        _check(self.vocab_size <= 2**31, "data.vocab_size", f"must be <= 2**31, got {self.vocab_size}")
         _check(self.val_docs >= 0, "data.val_docs", f"must be >= 0, got {self.val_docs}")
 
 
@@ -144,7 +145,7 @@ class TrainConfig:
         for key in ("max_tokens", "max_time", "warmup_steps", "lr_decay_steps", "eval_tokens", "threads",
                     "weight_decay", "grad_clip", "min_lr"):
             _check(getattr(self, key) >= 0, f"train.{key}", f"must be >= 0, got {getattr(self, key)}")
-        _check(self.lr > 0, "train.lr", f"must be > 0, got {self.lr}")
+        _check(0 < self.lr < math.inf, "train.lr", f"must be a finite number > 0, got {self.lr}")
         _check(self.min_lr <= self.lr, "train.min_lr", f"({self.min_lr}) must be <= train.lr ({self.lr})")
         _check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "train.beta1/beta2", "must be in [0, 1)")
         _check(self.batch_size % self.micro_batch_size == 0, "train.batch_size",
@@ -328,10 +329,12 @@ def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
     tp = _field_type(Config, dotted)
     if _is_dataclass_type(tp):
         raise ConfigError(f"config key {dotted} is a table; set one of its keys, e.g. {dotted}.<key>=...")
-    if isinstance(value, str) and tp is not str and get_origin(tp) is not Literal:
+    origin = get_origin(tp)
+    if isinstance(value, str) and origin in (list, tuple) and not value.lstrip().startswith("["):
+        item_tp = (get_args(tp) or (str,))[0]
+        value = [v if item_tp is str else parse_value(v) for v in value.split(",") if v]  # a,b,c
+    elif isinstance(value, str) and tp is not str and origin is not Literal:
         value = parse_value(value)
-    if isinstance(value, str) and get_origin(tp) in (list, tuple):
-        value = [v for v in value.split(",") if v]
     value = _coerce(value, tp, dotted)
     node = data
     *parents, last = dotted.split(".")

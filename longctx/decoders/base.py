@@ -44,8 +44,8 @@ class State:
         """Rows where ``mask`` (B,) is true become empty memory (all zeros); the other rows are unchanged."""
         out = {}
         for name, t in self.tensors().items():
-            keep = (~mask.to(torch.bool)).view(-1, *([1] * (t.dim() - 1)))
-            out[name] = t * keep.to(t.dtype) if t.is_floating_point() else torch.where(keep, t, torch.zeros_like(t))
+            keep = (~mask.to(device=t.device, dtype=torch.bool)).view(-1, *([1] * (t.dim() - 1)))
+            out[name] = torch.where(keep, t, torch.zeros_like(t))  # not t * keep: NaN * 0 is NaN
         return dataclasses.replace(self, **out)
 
     def select(self: S, index: Tensor) -> S:

@@ -1,0 +1,344 @@
+"""The decoder contract (DESIGN.md, "The decoder contract"), checked for every entry of ``DECODERS``.
+
+Every test runs a tiny model (``tests/conftest.py``) in eval mode, fp32, on the CPU, through the public
+``LongContextLM.init_state`` / ``forward``: a decoder registered later gets these tests without any change here.
+
+Tolerances. Logits of the tiny models are ~0.1 in magnitude. Computing the same logits through different call
+patterns (one call, segments, token by token) only changes the order of fp32 accumulations (matmul blocking, softmax
+over a different number of masked keys), which moves them by ~1e-7..1e-6 here; ``ATOL = 1e-4`` leaves two orders of
+magnitude of headroom while the smallest real effect a test relies on (a token two layers and a full receptive field
+away) is ~5e-4 and direct effects are ~1e-2. Comparisons of computations that see bitwise-identical inputs through the
+same shapes use ``EXACT_ATOL = 1e-6``; "this changed" means a change larger than ``CHANGED = 1e-5``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+
+import pytest
+import safetensors.torch
+import torch
+from torch import Tensor
+
+from longctx.decoders import State
+from longctx.model import LMOutput, LongContextLM
+
+ATOL = 1e-4  # different call patterns: fp32 accumulation-order differences are ~1e-6 here (see module docstring)
+EXACT_ATOL = 1e-6  # same inputs, same shapes: at most last-bit differences
+CHANGED = 1e-5  # a real influence is >= ~5e-4 here; fp32 noise is <= ~1e-6
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# helpers
+
+
+def _tokens(model: LongContextLM, batch: int, length: int, seed: int = 0) -> Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, model.cfg.vocab_size, (batch, length), generator=g)
+
+
+def _run(model: LongContextLM, tokens: Tensor, state: State, sizes: list[int]) -> tuple[Tensor, State]:
+    """Feed ``tokens`` in consecutive chunks of ``sizes``; return the concatenated logits and the final state."""
+    assert sum(sizes) == tokens.shape[1], (sizes, tokens.shape)
+    logits, start = [], 0
+    for size in sizes:
+        out = model(tokens[:, start:start + size], state)
+        logits.append(out.logits)
+        state, start = out.state, start + size
+    return torch.cat(logits, dim=1), state
+
+
+def _random_partition(length: int, memory: int, seed: int) -> list[int]:
+    """Chunk sizes summing to ``length``: always one chunk of 1 and one longer than ``memory``, the rest random."""
+    rng = random.Random(seed)
+    sizes = [1, memory + 1 + rng.randrange(memory)]
+    remaining = length - sum(sizes)
+    assert remaining >= 0
+    while remaining:
+        size = rng.randint(1, min(remaining, 2 * memory))
+        sizes.append(size)
+        remaining -= size
+    rng.shuffle(sizes)
+    return sizes
+
+
+def _snapshot(state: State) -> dict[str, Tensor]:
+    # clone: to_tensors() may return the very same (contiguous, CPU) tensors, which would hide in-place changes
+    return {k: v.detach().clone() for k, v in state.tensors().items()}
+
+
+def _assert_same_tensors(a: dict[str, Tensor], b: dict[str, Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        assert a[name].dtype == b[name].dtype and a[name].shape == b[name].shape, name
+        assert torch.equal(a[name], b[name]), f"state field {name!r} differs"
+
+
+def _close(actual: Tensor, expected: Tensor, atol: float) -> None:
+    torch.testing.assert_close(actual, expected, atol=atol, rtol=0)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 1. bounded memory
+
+
+def test_state_size_does_not_grow_with_stream_length(tiny_model: LongContextLM, tiny_memory_length: int) -> None:
+    model, mem = tiny_model, tiny_memory_length
+    initial = model.init_state(2)
+    expected = initial.nbytes()
+    assert expected > 0
+    with torch.no_grad():
+        for factor in (2, 20):
+            length = factor * mem
+            tokens = _tokens(model, 2, length, seed=factor)
+            state, start = initial, 0
+            for size in _random_partition(length, mem, seed=factor):
+                state = model(tokens[:, start:start + size], state).state
+                start += size
+                assert state.nbytes() == expected, f"nbytes {state.nbytes()} != {expected} after {start} tokens"
+            assert start == length
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 2. chunking invariance
+
+
+def test_chunking_invariance(tiny_model: LongContextLM, tiny_memory_length: int) -> None:
+    model, mem = tiny_model, tiny_memory_length
+    length = 3 * mem + 5  # more than three memory lengths: the memory fills, wraps and is read across boundaries
+    tokens = _tokens(model, 2, length)
+    with torch.no_grad():
+        whole = model(tokens, model.init_state(2)).logits
+        assert whole.shape == (2, length, model.cfg.vocab_size)
+        one_by_one, _ = _run(model, tokens, model.init_state(2), [1] * length)
+        _close(one_by_one, whole, ATOL)
+        for seed in range(4):
+            sizes = _random_partition(length, mem, seed)
+            chunked, _ = _run(model, tokens, model.init_state(2), sizes)
+            _close(chunked, whole, ATOL)
+        # the final state must also carry the same memory: continue both runs by one more segment
+        more = _tokens(model, 2, mem + 3, seed=99)
+        _, state_whole = _run(model, tokens, model.init_state(2), [length])
+        _, state_tokens = _run(model, tokens, model.init_state(2), [1] * length)
+        _close(model(more, state_tokens).logits, model(more, state_whole).logits, ATOL)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 3. causality
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["one-call", "chunked"])
+def test_causality(tiny_model: LongContextLM, tiny_memory_length: int, chunked: bool) -> None:
+    model, mem = tiny_model, tiny_memory_length
+    length = 2 * mem + 6
+    tokens = _tokens(model, 2, length)
+    sizes = _random_partition(length, mem, seed=7) if chunked else [length]
+    with torch.no_grad():
+        base, _ = _run(model, tokens, model.init_state(2), sizes)
+        for t in (0, mem // 2, mem + 1, length - 1):
+            perturbed = tokens.clone()
+            perturbed[:, t] = (perturbed[:, t] + 1 + torch.arange(2)) % model.cfg.vocab_size
+            logits, _ = _run(model, perturbed, model.init_state(2), sizes)
+            _close(logits[:, :t], base[:, :t], EXACT_ATOL)
+            change_at_t = (logits[:, t] - base[:, t]).abs().amax(dim=-1)  # (B,)
+            assert (change_at_t > CHANGED).all(), f"changing token {t} did not change its own logits: {change_at_t}"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# state is a value
+
+
+def test_forward_never_mutates_its_input_state(tiny_model: LongContextLM, tiny_memory_length: int) -> None:
+    model, mem = tiny_model, tiny_memory_length
+    tokens = _tokens(model, 2, 4 * mem)
+    with torch.no_grad():
+        fresh = model.init_state(2)
+        fresh_before = _snapshot(fresh)
+        warm = model(tokens[:, :mem + 2], fresh).state  # a state holding real memory, not only zeros
+        _assert_same_tensors(_snapshot(fresh), fresh_before)
+
+        warm_before = _snapshot(warm)
+        first = model(tokens[:, mem + 2:2 * mem], warm)
+        # keep going from the output: catches an output state that aliases the input and is then updated in place
+        second = model(tokens[:, 2 * mem:], first.state)
+        model(tokens[:, 2 * mem:2 * mem + 1], second.state)
+        _assert_same_tensors(_snapshot(warm), warm_before)
+
+        # and the same call on the same state gives the same result (no hidden state on the module)
+        again = model(tokens[:, mem + 2:2 * mem], warm)
+        _close(again.logits, first.logits, EXACT_ATOL)
+
+
+def test_reset_rows_behave_like_a_fresh_state(tiny_model: LongContextLM, tiny_memory_length: int) -> None:
+    model, mem = tiny_model, tiny_memory_length
+    batch = 3
+    mask = torch.tensor([True, False, True])
+    history, nxt = _tokens(model, batch, 2 * mem + 3, seed=1), _tokens(model, batch, mem + 2, seed=2)
+    with torch.no_grad():
+        warm = model(history, model.init_state(batch)).state
+        reset = warm.reset(mask)
+        assert type(reset) is type(warm)
+
+        fresh_logits = model(nxt, model.init_state(batch)).logits
+        warm_logits = model(nxt, warm).logits
+        reset_logits = model(nxt, reset).logits
+
+        # the test can fail: the memory of the masked rows does change their logits before the reset
+        assert (warm_logits[mask] - fresh_logits[mask]).abs().amax() > CHANGED
+        _close(reset_logits[mask], fresh_logits[mask], EXACT_ATOL)
+        _close(reset_logits[~mask], warm_logits[~mask], EXACT_ATOL)
+
+        # state level: unmasked rows are untouched; masked rows equal the fresh state's rows
+        fresh_tensors = model.init_state(batch).tensors()
+        for name, t in reset.tensors().items():
+            assert torch.equal(t[~mask], warm.tensors()[name][~mask]), name
+            assert torch.equal(t[mask], fresh_tensors[name][mask]), name
+
+        # an all-false mask is the identity
+        _assert_same_tensors(_snapshot(warm.reset(torch.zeros(batch, dtype=torch.bool))), _snapshot(warm))
+
+
+def test_reset_clears_non_finite_memory(tiny_model: LongContextLM, tiny_memory_length: int) -> None:
+    """Resetting a lane whose memory diverged (NaN/inf) must give a clean, fresh lane."""
+    model, mem = tiny_model, tiny_memory_length
+    tokens = _tokens(model, 2, 2 * mem + 3)
+    mask = torch.tensor([True, False])
+    with torch.no_grad():
+        warm = model(tokens[:, :mem + 1], model.init_state(2)).state
+        poisoned = {}
+        for name, t in warm.tensors().items():
+            t = t.clone()
+            if t.is_floating_point():
+                t[0] = float("nan")
+            poisoned[name] = t
+        reset = dataclasses.replace(warm, **poisoned).reset(mask)
+        logits = model(tokens[:, mem + 1:], reset).logits
+        fresh = model(tokens[:, mem + 1:], model.init_state(2)).logits
+    assert torch.isfinite(logits[0]).all()
+    _close(logits[0], fresh[0], EXACT_ATOL)
+
+
+def test_select_and_concat_split_and_join_lanes(tiny_model: LongContextLM, tiny_memory_length: int) -> None:
+    model, mem = tiny_model, tiny_memory_length
+    tokens = _tokens(model, 3, 2 * mem + 2)
+    with torch.no_grad():
+        state = model(tokens[:, :mem + 1], model.init_state(3)).state
+        expected = model(tokens[:, mem + 1:], state).logits
+        parts = [state.select(torch.tensor([2])), state.select(torch.tensor([0, 1]))]
+        _close(model(tokens[1:2, mem + 1:], parts[1].select(torch.tensor([1]))).logits, expected[1:2], ATOL)
+        joined = type(state).concat(parts)
+        assert joined.nbytes() == state.nbytes()
+        # rows come back in the order they were joined: [2, 0, 1]
+        _close(model(tokens[[2, 0, 1], mem + 1:], joined).logits, expected[[2, 0, 1]], ATOL)
+
+
+def test_detach_cuts_the_graph(tiny_model: LongContextLM, tiny_memory_length: int) -> None:
+    model, mem = tiny_model, tiny_memory_length
+    tokens = _tokens(model, 2, 3 * mem)
+    seg1, seg2 = tokens[:, :mem + 3], tokens[:, mem + 3:]
+
+    old = model(seg1, model.init_state(2)).state  # built with autograd on: depends on the parameters
+    old_grad = {k: v for k, v in old.tensors().items() if v.requires_grad}
+    assert old_grad, "no state tensor depends on the parameters: detach() would have nothing to cut"
+
+    # without detach, a loss on the next segment reaches the old state tensors (so the check below can fail) ...
+    attached = model(seg2, old).logits.square().mean()
+    grads = torch.autograd.grad(attached, list(old_grad.values()), allow_unused=True)
+    assert any(g is not None and g.abs().sum() > 0 for g in grads)
+
+    # ... with detach it does not, and the values are unchanged
+    detached = old.detach()
+    assert type(detached) is type(old)
+    for name, t in detached.tensors().items():
+        assert not t.requires_grad and t.grad_fn is None, name
+        assert torch.equal(t, old.tensors()[name]), name
+    loss = model(seg2, detached).logits.square().mean()
+    assert loss.requires_grad  # the parameters still get gradients from the new segment
+    grads = torch.autograd.grad(loss, list(old_grad.values()), allow_unused=True)
+    assert all(g is None for g in grads)
+
+
+def test_to_tensors_from_tensors_round_trip(tiny_model: LongContextLM, tiny_memory_length: int) -> None:
+    model, mem = tiny_model, tiny_memory_length
+    tokens = _tokens(model, 2, 3 * mem + 1)
+    with torch.no_grad():
+        state = model(tokens[:, :2 * mem + 1], model.init_state(2)).state
+        expected = model(tokens[:, 2 * mem + 1:], state).logits
+
+        flat = state.to_tensors(prefix="lane.")
+        assert all(k.startswith("lane.") and isinstance(v, Tensor) for k, v in flat.items())
+        # what checkpoint.py does: a flat dict through safetensors bytes
+        loaded = safetensors.torch.load(safetensors.torch.save(flat))
+        rebuilt = type(state).from_tensors(loaded, prefix="lane.")
+        assert type(rebuilt) is type(state)
+        _assert_same_tensors(_snapshot(rebuilt), _snapshot(state))
+        _close(model(tokens[:, 2 * mem + 1:], rebuilt).logits, expected, EXACT_ATOL)
+
+        with pytest.raises(KeyError):
+            type(state).from_tensors(dict(list(loaded.items())[1:]), prefix="lane.")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# outputs
+
+
+def test_output_shapes_and_dtypes(tiny_model: LongContextLM) -> None:
+    model = tiny_model
+    B, T, V = 2, 5, model.cfg.vocab_size
+    tokens = _tokens(model, B, T)
+    state = model.init_state(B)
+    assert dataclasses.is_dataclass(state) and isinstance(state, State)
+    for name, t in state.tensors().items():
+        assert isinstance(t, Tensor) and t.shape[0] == B, f"state field {name!r} must have the batch on dim 0"
+
+    with torch.no_grad():
+        out = model(tokens, state, targets=tokens)
+    assert isinstance(out, LMOutput)
+    assert out.logits.shape == (B, T, V) and out.logits.dtype == torch.float32
+    assert torch.isfinite(out.logits).all()
+    assert type(out.state) is type(state)
+    for name, t in out.state.tensors().items():
+        ref = state.tensors()[name]
+        assert t.dtype == ref.dtype and t.shape == ref.shape and t.device == ref.device, name
+    assert isinstance(out.aux_loss, Tensor) and out.aux_loss.dim() == 0 and out.aux_loss.is_floating_point()
+    assert torch.isfinite(out.aux_loss)
+    assert out.loss is not None and out.loss.dim() == 0 and out.loss.dtype == torch.float32
+    manual = torch.nn.functional.cross_entropy(out.logits.flatten(0, 1), tokens.flatten())
+    _close(out.loss, manual, EXACT_ATOL)
+    assert isinstance(out.stats, dict)
+    assert all(isinstance(k, str) and isinstance(v, float) for k, v in out.stats.items())
+
+    with torch.no_grad():
+        assert model(tokens, state).loss is None
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# transformer: the window is a window
+
+
+@pytest.mark.parametrize("n_layer", [1, 2])
+def test_transformer_receptive_field(make_tiny_model, n_layer: int) -> None:
+    """A query at p sees tokens (p - window, p] per layer, so its receptive field is n_layer * (window - 1) back.
+
+    With one layer: the token exactly ``window`` positions back has no influence, the one ``window - 1`` back has.
+    """
+    model = make_tiny_model("transformer", n_layer=n_layer)
+    window = model.cfg.transformer.window
+    reach = n_layer * (window - 1)  # farthest distance at which a token can still influence a query
+    length = reach + window + 6
+    s = 3  # the perturbed token
+    tokens = _tokens(model, 2, length)
+    perturbed = tokens.clone()
+    perturbed[:, s] = (perturbed[:, s] + 1) % model.cfg.vocab_size
+    with torch.no_grad():
+        for sizes in ([length], _random_partition(length, window, seed=3)):
+            base, _ = _run(model, tokens, model.init_state(2), sizes)
+            logits, _ = _run(model, perturbed, model.init_state(2), sizes)
+            change = (logits - base).abs().amax(dim=(0, 2))  # (T,) largest change per position
+            assert (change[:s] <= EXACT_ATOL).all()
+            assert (change[s:s + reach + 1] > CHANGED).all(), change[s:s + reach + 1]
+            assert (change[s + reach + 1:] <= EXACT_ATOL).all(), change[s + reach + 1:]
+            if n_layer == 1:
+                assert change[s + window - 1] > CHANGED  # window - 1 back: seen
+                assert change[s + window] <= EXACT_ATOL  # exactly window back: not seen
