@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 from typing import Any, BinaryIO
 
-import click
 import typer
 
 from longctx.config import DEFAULT_PRESET, Config, load_config, parse_set_args
@@ -29,6 +28,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Train, evaluate and sample long-context language models with bounded memory.")
 
 RUNS_ROOT = Path("runs")
+UsageError = typer.BadParameter.__base__  # typer's (vendored) click UsageError: bad flags, missing values
 DATA_FLAGS = ("--data",)
 
 
@@ -275,6 +275,7 @@ def generate(
     top_p: float = typer.Option(1.0, "--top-p", help="1 = off."),
     min_p: float = typer.Option(0.0, "--min-p", help="0 = off."),
     repetition_penalty: float = typer.Option(1.0, "--repetition-penalty", "--repeat-penalty", help="1 = off."),
+    repeat_last_n: int = typer.Option(64, "--repeat-last-n", help="Tokens the repetition penalty looks back on."),
     seed: int = typer.Option(None, "--seed", help="Default: random (printed)."),
     stop: list[str] = typer.Option(None, "--stop", help="Stop when this text appears (repeatable)."),
     num_samples: int = typer.Option(1, "--num-samples", min=1),
@@ -293,17 +294,18 @@ def generate(
 
     from longctx.checkpoint import load_state as read_state
     from longctx.checkpoint import save_state as write_state
-    from longctx.generate import SamplingOptions, read_prompt, sample
+    from longctx.generate import RECENT_TOKENS, SamplingOptions, read_prompt, sample
 
     setup_logging(quiet)
     seed = random.randrange(2**31) if seed is None else seed
     opts = SamplingOptions(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                           min_p=min_p, repetition_penalty=repetition_penalty, seed=seed, stop=list(stop or []),
-                           ignore_eos=ignore_eos)
+                           min_p=min_p, repetition_penalty=repetition_penalty, repeat_last_n=repeat_last_n,
+                           seed=seed, stop=list(stop or []), ignore_eos=ignore_eos)
     net, tokenizer, config, _ = load_for_inference(model, device, threads)
     start = read_state(load_state, net, config, tokenizer) if load_state is not None else None
     chunks, name = prompt_chunks(prompt, prompt_file, tokenizer)
-    result = read_prompt(net, tokenizer, chunks, seq_len or config.train.seq_len, start=start, precision=precision)
+    result = read_prompt(net, tokenizer, chunks, seq_len or config.train.seq_len, start=start, precision=precision,
+                         keep_recent=max(RECENT_TOKENS, repeat_last_n))
     rate = result.prompt_tokens / max(result.elapsed_s, 1e-9)
     log.info("prompt: %s tokens from %s in %.2f s (%s tok/s); state %s bytes; seed %d; temperature %g, top-k %d, "
              "top-p %g, min-p %g, repetition penalty %g", f"{result.prompt_tokens:,}", name, result.elapsed_s,
@@ -376,14 +378,14 @@ def main(argv: list[str] | None = None) -> None:
     try:
         code = command.main(args=args, prog_name="longctx", standalone_mode=False)
         sys.exit(code if isinstance(code, int) else 0)
-    except click.exceptions.UsageError as e:
+    except UsageError as e:
         if debug:
             raise
         where = f"longctx {e.ctx.info_name} --help" if e.ctx is not None and e.ctx.parent is not None else \
             "longctx --help"
         print(f"error: {e.format_message()} (see {where})", file=sys.stderr)
         sys.exit(2)
-    except click.exceptions.Abort:
+    except typer.Abort:
         sys.exit(130)
     except LongctxError as e:
         if debug:
