@@ -197,7 +197,8 @@ def _windows(opts: EvalOptions) -> Iterator[tuple[int, int, int]]:
 class _Evaluator:
     """Scores documents one after the other, keeping the max_tokens budget, position buckets and the progress bar."""
 
-    def __init__(self, model: LongContextLM, tokenizer: Tokenizer, opts: EvalOptions, total_bytes: int) -> None:
+    def __init__(self, model: LongContextLM, tokenizer: Tokenizer, opts: EvalOptions, total_bytes: int | None
+                 ) -> None:
         self.model, self.tokenizer, self.opts = model, tokenizer, opts
         self.remaining: int | None = opts.max_tokens or None  # None: no limit
         self.pos_sum = np.zeros(N_BUCKETS, dtype=np.float64)  # (N_BUCKETS,) NLL summed per position bucket
@@ -276,9 +277,6 @@ class _Evaluator:
 def _check_inputs(model: LongContextLM, tokenizer: Tokenizer, docs: list[Document]) -> None:
     if not docs:
         raise DataError("no documents to evaluate; give at least one file with text")
-    for doc in docs:
-        if doc.size == 0:
-            raise DataError(f"{doc.name!r} is empty (0 bytes); nothing to evaluate")
     if tokenizer.vocab_size > model.cfg.vocab_size:
         raise CheckpointError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only "
                               f"{model.cfg.vocab_size}; use the tokenizer.json saved with the checkpoint")
@@ -291,10 +289,12 @@ def evaluate_documents(model: LongContextLM, tokenizer: Tokenizer, docs: list[Do
     Totals are sums over the files (``tokens``, ``bytes``, ``nll_sum``), so results can be re-aggregated. ``bytes``
     are the bytes of the file that were read; a file cut short by ``max_tokens`` counts the bytes of its scored
     tokens instead (``tokenizer.token_lengths``), and files after the budget is spent are not listed. Raises
-    :class:`DataError` for an empty document. The model is put in eval mode and its training flag restored after.
+    :class:`DataError` for an empty document (found when it is read: a ``Document`` of size 0 may be a stream of
+    unknown length, such as stdin). The model is put in eval mode and its training flag restored after.
     """
     _check_inputs(model, tokenizer, docs)
-    evaluator = _Evaluator(model, tokenizer, opts, sum(d.size for d in docs))
+    sizes = [d.size for d in docs]  # size 0: a stream of unknown length (stdin, a pipe); emptiness shows when read
+    evaluator = _Evaluator(model, tokenizer, opts, sum(sizes) if all(sizes) else None)
     was_training = model.training
     model.eval()
     start = time.perf_counter()
@@ -352,15 +352,19 @@ def _file_line(f: dict[str, Any], width: int) -> str:
             f"{f['tokens_per_s']:,.0f} tokens/s")
 
 
+def _position_lines(rows: list[dict[str, Any]]) -> list[str]:
+    w = len(f"{rows[-1]['end']:,}")
+    return ["  mean NLL by position in the document (tokens [start, end)):"] + [
+        f"    [{r['start']:>{w},}, {r['end']:>{w},})  {r['mean_nll']:.4f}  ({r['count']:,} tokens)" for r in rows]
+
+
 def format_report(result: dict[str, Any]) -> str:
     """Human-readable report: a header, one line per file, the per-position table if any, and the final line."""
     lines = [_header(result)]
     width = max((len(f["name"]) for f in result["files"]), default=0)
     lines += [_file_line(f, width) for f in result["files"]]
     if result.get("per_position"):
-        lines.append("  mean NLL by position in the document:")
-        lines += [f"    [{r['start']:>{12},}, {r['end']:>{12},})  {r['mean_nll']:.4f}  ({r['count']:,} tokens)"
-                  for r in result["per_position"]]
+        lines += _position_lines(result["per_position"])
     lines.append(
         f"Final estimate: PPL = {result['ppl']:.4f} +/- {result['ppl_stderr']:.4f} | "
         f"loss = {result['loss']:.4f} nats/token | bpb = {result['bits_per_byte']:.4f} | "

@@ -74,6 +74,7 @@ class Tokenizer:
 
     def __init__(self, hf: HFTokenizer, kind: Literal["byte", "bpe"]) -> None:
         self.hf = hf
+        hf.encode_special_tokens = True  # "<|endoftext|>" inside a document is text, not a document boundary
         self.kind = kind
         sep = hf.token_to_id(SEPARATOR)
         if sep is None:

@@ -82,6 +82,8 @@ def test_stream_decoder_never_splits_characters():
 def test_separator_is_special_and_has_no_bytes(bpe):
     assert bpe.token_bytes[bpe.sep_id] == b""
     assert bpe.hf.token_to_id(SEPARATOR) == bpe.sep_id
+    ids = bpe.encode_text(f"a{SEPARATOR}b").tolist()  # the separator's text in a document stays text
+    assert bpe.sep_id not in ids and bpe.decode(ids) == f"a{SEPARATOR}b"
 
 
 def test_garbage_tokenizer_file_is_a_clear_error(tmp_path):
