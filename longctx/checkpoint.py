@@ -264,15 +264,20 @@ def save_state(path: Path, saved: SavedState, config: Config, tokenizer: Tokeniz
                 "model_config": json.dumps(config.to_dict()["model"], sort_keys=True),
                 "tokenizer_sha256": tokenizer.sha256, "tokens": str(saved.tokens), "last_token": str(saved.last_token)}
     tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
-    _save_tensors(tmp, saved.state.to_tensors(), metadata)
-    os.replace(tmp, path)
+    try:
+        _save_tensors(tmp, saved.state.to_tensors(), metadata)
+        os.replace(tmp, path)
+    except Exception as e:  # OSError, or safetensors' own error for an unwritable path
+        tmp.unlink(missing_ok=True)
+        raise CheckpointError(f"cannot write state file {str(path)!r}: {str(e).splitlines()[0][:120]}") from None
 
 
 def load_state(path: Path, model: LongContextLM, config: Config, tokenizer: Tokenizer) -> SavedState:
     """Read a state written by :func:`save_state`; refuse one made for another model or tokenizer."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"state file {str(path)!r} does not exist; write one with --save-state")
+        problem = "is not a file" if path.exists() else "does not exist"
+        raise CheckpointError(f"state file {str(path)!r} {problem}; write one with --save-state")
     tensors, meta = _read_weights(path)
     if meta.get("format") != "longctx-state":
         raise CheckpointError(f"{path} is not a state saved by longctx generate --save-state")

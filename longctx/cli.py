@@ -229,6 +229,7 @@ def eval_(
         raise ConfigError(f"--mode must be carry or sliding, got {mode!r}")
     if precision not in ("fp32", "bf16"):
         raise ConfigError(f"--precision must be fp32 or bf16, got {precision!r}")
+    model = pick_checkpoint(model)  # once: named on stderr and recorded in the result
     net, tokenizer, config, _ = load_for_inference(model, device, threads)
     docs = eval_documents(list(files or []), config)
     win = window or config.train.seq_len
@@ -237,11 +238,15 @@ def eval_(
                        max_tokens=max_tokens, per_position_buckets=per_position is not None,
                        progress=sys.stderr.isatty() if progress is None else progress, precision=precision)
     result = evaluate_documents(net, tokenizer, docs, opts)
-    result["checkpoint"] = str(pick_checkpoint(model)) if model else result.get("checkpoint")
+    result["checkpoint"] = str(model)
     if output is not None:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(json.dumps(result, indent=2))
+        try:
+            output.parent.mkdir(parents=True, exist_ok=True)
+            output.write_text(json.dumps(result, indent=2))
+        except OSError as e:
+            raise LongctxError(f"cannot write --output {str(output)!r}: {e.strerror or e}") from None
     if per_position is not None:
+        per_position.parent.mkdir(parents=True, exist_ok=True)
         write_per_position_csv(result, per_position)
     if json_out:
         typer.echo(json.dumps(result))
@@ -297,6 +302,10 @@ def generate(
     from longctx.generate import RECENT_TOKENS, SamplingOptions, read_prompt, sample
 
     setup_logging(quiet)
+    if save_state is not None and save_state.is_dir():  # checked before a long prompt is read
+        raise ConfigError(f"--save-state {str(save_state)!r} is a folder; give a file name, e.g. state.safetensors")
+    if save_state is not None and not save_state.parent.is_dir():
+        raise ConfigError(f"--save-state {str(save_state)!r}: folder {str(save_state.parent)!r} does not exist")
     seed = random.randrange(2**31) if seed is None else seed
     opts = SamplingOptions(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                            min_p=min_p, repetition_penalty=repetition_penalty, repeat_last_n=repeat_last_n,
@@ -379,6 +388,9 @@ def main(argv: list[str] | None = None) -> None:
         code = command.main(args=args, prog_name="longctx", standalone_mode=False)
         sys.exit(code if isinstance(code, int) else 0)
     except UsageError as e:
+        if type(e).__name__ == "NoArgsIsHelpError":  # bare `longctx`: the help, not an error line
+            e.show()
+            sys.exit(2)
         if debug:
             raise
         where = f"longctx {e.ctx.info_name} --help" if e.ctx is not None and e.ctx.parent is not None else \

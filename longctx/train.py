@@ -470,6 +470,10 @@ def train(config: Config, run: RunOptions, overrides: dict[str, Any] | None = No
         resume_from = resolve_resume(run)
         if resume_from is not None:
             config = merge_resumed_config(config, read_config(resume_from), overrides or {})
+            ignored = [key for key in overrides or {} if not key.startswith("train.")]
+            if ignored:
+                raise ConfigError(f"resuming {resume_from}: the model and data come from the checkpoint, so "
+                                  f"{', '.join(ignored)} cannot change; start a new run with --init-from instead")
         init_from = resolve_checkpoint(Path(run.init_from)) if run.init_from else None
         device = resolve_device(config.train.device)
         if config.train.threads:

@@ -5,6 +5,10 @@ Each query at absolute position p attends to the keys at positions ``(p - window
 segments. The state is what the next segment needs and nothing more: the rotated keys and the values of the last
 ``window - 1`` tokens of every layer. It is the memory every other decoder is compared with.
 
+Speed: the attention pattern is computed once per forward as blocks of queries with the key range their windows
+reach (:func:`~longctx.layers.attention.window_blocks`); on the CPU :func:`~longctx.layers.attention.banded_attention`
+then computes only those scores instead of a dense ``T x (M + T)`` kernel, about 1.6-2x faster per layer.
+
 Block (pre-norm, GPT-2 style)::
 
     x ──┬─ LayerNorm ─ Q,K,V ─ RoPE ─ attention over [cache ; segment] ─ proj ─(+)──┬─ LayerNorm ─ MLP ─(+)── x'
@@ -22,7 +26,16 @@ from torch.nn import functional as F
 
 from longctx.config import ModelConfig
 from longctx.decoders.base import Decoder, DecoderOutput, State
-from longctx.layers import MLP, RotaryEmbedding, apply_rotary, init_linear, window_mask
+from longctx.layers import MLP, RotaryEmbedding, init_linear
+from longctx.layers.attention import (
+    CPU_BLOCK,
+    additive_mask,
+    apply_rotary_full,
+    banded_attention,
+    rotary_tables,
+    sdpa_blocks,
+    window_blocks,
+)
 
 
 @dataclass(frozen=True)
@@ -34,7 +47,12 @@ class TransformerState(State):
 
 
 class WindowAttention(nn.Module):
-    """Multi-head causal attention of a segment over ``[cache ; segment]`` under a window mask."""
+    """Multi-head causal attention of a segment over ``[cache ; segment]`` under a window mask.
+
+    ``cos``/``sin`` are the (B, 1, T, Dh) tables of :func:`~longctx.layers.attention.rotary_tables`; ``mask`` is the
+    list of blocks of :func:`~longctx.layers.attention.window_blocks` (additive float masks on the CPU, boolean
+    elsewhere).
+    """
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -46,15 +64,21 @@ class WindowAttention(nn.Module):
         init_linear(self.out_proj, cfg.init_std / math.sqrt(2 * cfg.n_layer))
 
     def forward(
-        self, x: Tensor, cache_k: Tensor, cache_v: Tensor, cos: Tensor, sin: Tensor, mask: Tensor
+        self, x: Tensor, cache_k: Tensor, cache_v: Tensor, cos: Tensor, sin: Tensor, mask: list | Tensor
     ) -> tuple[Tensor, Tensor, Tensor]:
         """x (B, T, D), cache_k/v (B, H, M, Dh) -> output (B, T, D), keys and values (B, H, M + T, Dh)."""
         B, T, D = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, Dh)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k = apply_rotary_full(q, cos, sin), apply_rotary_full(k, cos, sin)
         keys = torch.cat([cache_k.to(k.dtype), k], dim=2)  # (B, H, M + T, Dh)
         values = torch.cat([cache_v.to(v.dtype), v], dim=2)
-        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # (B, H, T, Dh)
+        if isinstance(mask, Tensor):  # a full boolean mask (B, 1, T, M + T), as window_mask gives
+            y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        elif x.device.type == "cpu":
+            cache_grad = cache_k.requires_grad or cache_v.requires_grad
+            y = banded_attention(q, keys, values, mask, grad_start=0 if cache_grad else cache_k.shape[2])
+        else:
+            y = sdpa_blocks(q, keys, values, mask)  # (B, H, T, Dh)
         y = y.transpose(1, 2).reshape(B, T, D)
         return self.dropout(self.out_proj(y)), keys, values
 
@@ -68,7 +92,7 @@ class Block(nn.Module):
         self.mlp = MLP(cfg.d_model, cfg.d_ff, cfg.dropout, cfg.init_std, cfg.n_layer)
 
     def forward(self, x: Tensor, cache_k: Tensor, cache_v: Tensor, cos: Tensor, sin: Tensor,
-                mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+                mask: list | Tensor) -> tuple[Tensor, Tensor, Tensor]:
         a, keys, values = self.attn(self.norm_attn(x), cache_k, cache_v, cos, sin, mask)
         x = x + a
         x = x + self.mlp(self.norm_mlp(x))
@@ -101,10 +125,13 @@ class TransformerDecoder(Decoder):
         B, T, _ = x.shape
         M = self.cache_len
         positions = state.position[:, None] + torch.arange(T, device=x.device)  # (B, T)
-        cos, sin = self.rotary(positions, x.dtype)  # (B, 1, T, Dh/2)
+        cos, sin = rotary_tables(*self.rotary(positions, x.dtype))  # (B, 1, T, Dh) each
         slots = torch.arange(M, device=x.device)[None, :]  # (1, M)
         cache_valid = slots >= (M - state.length[:, None])  # (B, M): the newest `length` slots are real
-        mask = window_mask(T, M, self.window, cache_valid)  # (B, 1, T, M + T)
+        on_cpu = x.device.type == "cpu"
+        mask = window_blocks(T, M, self.window, cache_valid, CPU_BLOCK if on_cpu else max(T, 1))
+        if on_cpu:
+            mask = [(q0, q1, k0, k1, additive_mask(allowed)) for q0, q1, k0, k1, allowed in mask]
 
         new_keys, new_values = [], []
         for layer, block in enumerate(self.blocks):
