@@ -57,7 +57,7 @@ class Document:
 @lru_cache(maxsize=1)
 def _bundled_members() -> tuple[tuple[str, bytes, int], ...]:
     """(name, bytes, mtime) of every text in the bundled archive, read once (about 5 MB)."""
-    archive = resources.files("longctx.corpora") / f"{BUNDLED}.tar.xz"
+    archive = resources.files("longctx") / "corpora" / f"{BUNDLED}.tar.xz"
     with archive.open("rb") as raw, tarfile.open(fileobj=raw, mode="r:xz") as tar:
         members = []
         for member in sorted(tar.getmembers(), key=lambda m: m.name):
