@@ -90,16 +90,11 @@ def save_checkpoint(path: Path, model: LongContextLM, config: Config, tokenizer:
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    weights = {k: v for k, v in model.state_dict().items() if k != TIED}
-    metadata = {"format": "pt", "longctx_version": __version__, "decoder": config.model.decoder,
-                "config": json.dumps(config.to_dict())}
-    _save_tensors(tmp / MODEL_FILE, weights, metadata)
-    _write_json(tmp / CONFIG_FILE, config.to_dict())
-    (tmp / TOKENIZER_FILE).write_text(tokenizer.to_str(), encoding="utf-8")
-    if trainer_state is not None:
-        _save_tensors(tmp / TRAINER_TENSORS, trainer_state.tensors, {"longctx_version": __version__})
-        _write_json(tmp / TRAINER_META, trainer_state.meta)
-    _fsync_dir(tmp)
+    try:
+        _write_checkpoint_files(tmp, model, config, tokenizer, trainer_state)
+    except BaseException:  # a failed write (disk full, Ctrl-C) leaves no partial folder behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if path.exists():  # re-saving the same step: move the old one aside first, delete it after
         old = path.parent / f".old-{path.name}-{os.getpid()}"
         os.replace(path, old)
@@ -109,6 +104,20 @@ def save_checkpoint(path: Path, model: LongContextLM, config: Config, tokenizer:
         os.replace(tmp, path)
     _fsync_dir(path.parent)
     return path
+
+
+def _write_checkpoint_files(folder: Path, model: LongContextLM, config: Config, tokenizer: Tokenizer,
+                            trainer_state: TrainerState | None) -> None:
+    weights = {k: v for k, v in model.state_dict().items() if k != TIED}
+    metadata = {"format": "pt", "longctx_version": __version__, "decoder": config.model.decoder,
+                "config": json.dumps(config.to_dict())}
+    _save_tensors(folder / MODEL_FILE, weights, metadata)
+    _write_json(folder / CONFIG_FILE, config.to_dict())
+    (folder / TOKENIZER_FILE).write_text(tokenizer.to_str(), encoding="utf-8")
+    if trainer_state is not None:
+        _save_tensors(folder / TRAINER_TENSORS, trainer_state.tensors, {"longctx_version": __version__})
+        _write_json(folder / TRAINER_META, trainer_state.meta)
+    _fsync_dir(folder)
 
 
 def optimizer_to_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, Tensor], list[dict[str, Any]]]:

@@ -17,6 +17,7 @@ import glob
 import hashlib
 import io
 import json
+import logging
 import os
 import tarfile
 from collections.abc import Callable, Iterator
@@ -34,6 +35,7 @@ from longctx.errors import DataError
 from longctx.tokenizer import Tokenizer
 
 BUNDLED = "shakespeare"
+log = logging.getLogger("longctx")
 CACHE_FORMAT = 1
 
 
@@ -165,25 +167,60 @@ def iter_document_tokens(doc: Document, tokenizer: Tokenizer) -> Iterator[tuple[
         raise DataError(f"cannot read {doc.name!r}: {e.strerror or e}") from None
 
 
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _cache_is_intact(path: Path, meta_path: Path) -> bool:
+    """The cache file exists and matches the size and SHA-256 recorded when it was written."""
+    if not path.is_file() or not meta_path.is_file():
+        return False
+    try:
+        meta = json.loads(meta_path.read_text())
+        return path.stat().st_size == meta["bytes"] and _file_sha256(path) == meta["sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def _write_token_cache(docs: list[Document], tokenizer: Tokenizer, path: Path, dtype: np.dtype) -> dict:
+    """Tokenize ``docs`` into ``path`` (through a temporary file); returns the metadata with size and hash."""
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    h, n_tokens = hashlib.sha256(), 0
+    try:
+        with open(tmp, "wb") as out:
+            for doc in docs:
+                for ids in (np.array([tokenizer.sep_id]), *(ids for ids, _ in iter_document_tokens(doc, tokenizer))):
+                    data = ids.astype(dtype).tobytes()
+                    out.write(data)
+                    h.update(data)
+                    n_tokens += len(ids)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return {"documents": [d.name for d in docs], "tokens": n_tokens, "dtype": dtype.name,
+            "tokenizer_sha256": tokenizer.sha256, "bytes": n_tokens * dtype.itemsize, "sha256": h.hexdigest()}
+
+
 def build_token_cache(docs: list[Document], tokenizer: Tokenizer, root: Path) -> np.ndarray:
-    """The memory-mapped token stream ``SEP doc1 SEP doc2 ...`` of ``docs``, built once and reused."""
+    """The memory-mapped token stream ``SEP doc1 SEP doc2 ...`` of ``docs``, built once and reused.
+
+    A cache whose size or SHA-256 differs from what was recorded when it was written (truncated, modified) is
+    rebuilt, never used.
+    """
     dtype = token_dtype(tokenizer.vocab_size)
     root.mkdir(parents=True, exist_ok=True)
     path = root / f"{_cache_key(docs, tokenizer)}.bin"
-    if not path.exists():
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        n_tokens = 0
-        with open(tmp, "wb") as out:
-            for doc in docs:
-                out.write(np.array([tokenizer.sep_id], dtype=dtype).tobytes())
-                n_tokens += 1
-                for ids, _ in iter_document_tokens(doc, tokenizer):
-                    out.write(ids.astype(dtype).tobytes())
-                    n_tokens += len(ids)
-        meta = {"documents": [d.name for d in docs], "tokens": n_tokens, "dtype": dtype.name,
-                "tokenizer_sha256": tokenizer.sha256}
-        path.with_suffix(".json").write_text(json.dumps(meta, indent=1))
-        os.replace(tmp, path)
+    meta_path = path.with_suffix(".json")
+    if not _cache_is_intact(path, meta_path):
+        if path.exists():
+            log.warning("token cache %s is damaged (size or hash differs); rebuilding it", path)
+        meta_path.unlink(missing_ok=True)
+        meta = _write_token_cache(docs, tokenizer, path, dtype)
+        meta_path.write_text(json.dumps(meta, indent=1))
     if path.stat().st_size == 0:
         return np.zeros(0, dtype=dtype)
     return np.memmap(path, dtype=dtype, mode="r")

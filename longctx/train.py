@@ -155,6 +155,8 @@ def prepare_out_dir(run: RunOptions) -> None:
     out = run.out_dir
     if out.exists() and not out.is_dir():
         raise LongctxError(f"--out-dir {out} is a file; give a folder")
+    for stale in out.glob(".tmp-*") if out.is_dir() else []:  # left by a process killed while saving
+        shutil.rmtree(stale, ignore_errors=True)
     entries = [p for p in out.iterdir() if p.name != LOCK_FILE] if out.is_dir() else []
     if not entries or run.resume:
         return
@@ -427,7 +429,11 @@ class Trainer:
         state = self.trainer_state()
         path = self.run.out_dir / step_dir_name(self.step)
         if self.dist.main:
-            save_checkpoint(path, self.model, self.config, self.tokenizer, state)
+            try:
+                save_checkpoint(path, self.model, self.config, self.tokenizer, state)
+            except OSError as e:  # disk full, quota, permissions: the previous checkpoints are untouched
+                raise LongctxError(f"cannot write checkpoint {path}: {e.strerror or e}; the previous checkpoints "
+                                   "are intact; free space and continue with --resume auto") from None
             for old in find_checkpoints(self.run.out_dir)[: -self.cfg.keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
         distrib.barrier(self.dist)

@@ -622,7 +622,8 @@ def test_process_exit_code_and_debug_traceback(tmp_path: Path, debug: bool) -> N
 
 
 @pytest.mark.slow
-def test_ctrl_c_writes_a_checkpoint_and_exits_130(ws: Workspace, tmp_path: Path) -> None:
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signal_writes_a_checkpoint_and_exits(ws: Workspace, tmp_path: Path, signum: int, code: int) -> None:
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "longctx", "train", "--data", str(ws.data), *TINY, "--max-steps", "1000000",
            "--log-interval", "1", "--out-dir", str(run)]
@@ -637,13 +638,13 @@ def test_ctrl_c_writes_a_checkpoint_and_exits_130(ws: Workspace, tmp_path: Path)
             seen.append(line)
             if line.startswith("step "):
                 break
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signum)
         out, rest = proc.communicate(timeout=120)
     finally:
         watchdog.cancel()
         proc.kill()
     err = "".join(seen) + rest
-    assert proc.returncode == 130, err
+    assert proc.returncode == code, err
     assert "Traceback" not in err and out == ""
     last = err.strip().splitlines()[-1]
     match = re.fullmatch(r"error: interrupted at step (\d+); checkpoint written to (\S+); continue with: "

@@ -1,0 +1,125 @@
+"""Reliability: nothing executes what a file contains, failed writes lose nothing, damaged caches are rebuilt,
+one run per folder."""
+
+from __future__ import annotations
+
+import errno
+import pickle
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from test_train import tiny_overrides
+
+import longctx
+import longctx.checkpoint as checkpoint_module
+from longctx.checkpoint import find_checkpoints, load_checkpoint
+from longctx.config import load_config
+from longctx.data import build_token_cache, discover
+from longctx.errors import LongctxError
+from longctx.tokenizer import Tokenizer
+from longctx.train import RunOptions, run_lock, train
+
+PACKAGE = Path(longctx.__file__).parent
+FORBIDDEN = re.compile(r"import pickle|from pickle|\bpickle\.|torch\.load\(|(?<![\w.])eval\(|(?<![\w.])exec\(|"
+                       r"yaml\.load\(|marshal\.loads|shelve\.")
+
+
+def test_package_source_never_deserialises_code():
+    hits = []
+    for path in PACKAGE.rglob("*.py"):
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if FORBIDDEN.search(line) and "weights_only=True" not in line:
+                hits.append(f"{path.relative_to(PACKAGE)}:{number}: {line.strip()}")
+    assert hits == []
+
+
+class Trap:
+    """Unpickling this object creates a file: proof that a pickle was loaded."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_pickles_beside_a_checkpoint_are_never_opened(tmp_path):
+    cfg = load_config("transformer-small", tiny_overrides(tmp_path, **{"train.max_steps": 2}))
+    result = train(cfg, RunOptions(out_dir=tmp_path / "run", progress=False))
+    marker = tmp_path / "pwned"
+    for name in ("pytorch_model.bin", "trainer_state.pt", "optimizer.pt", "rng_state.pth", "model.pt"):
+        (result.last_checkpoint / name).write_bytes(pickle.dumps(Trap(marker)))
+    load_checkpoint(result.last_checkpoint)
+    overrides = {"train.max_steps": 3}
+    train(load_config("transformer-small", tiny_overrides(tmp_path, **overrides)),
+          RunOptions(out_dir=tmp_path / "run", resume="auto", progress=False), overrides)
+    assert not marker.exists()
+
+
+def test_disk_full_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    cfg = load_config("transformer-small", tiny_overrides(tmp_path, **{"train.max_steps": 4,
+                                                                        "train.save_interval": 2}))
+    real = checkpoint_module._save_tensors
+    calls = {"n": 0}
+
+    def full_disk(path, tensors, metadata):
+        calls["n"] += 1
+        if calls["n"] > 2:  # the first checkpoint (weights + trainer state) fits, the second does not
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(path, tensors, metadata)
+
+    monkeypatch.setattr(checkpoint_module, "_save_tensors", full_disk)
+    with pytest.raises(LongctxError, match="No space left on device.*previous checkpoints are intact"):
+        train(cfg, RunOptions(out_dir=tmp_path / "run", progress=False))
+    assert [p.name for p in find_checkpoints(tmp_path / "run")] == ["step-00000002"]
+    assert not list((tmp_path / "run").glob(".tmp-*"))  # no half-written folder left
+    load_checkpoint(tmp_path / "run" / "step-00000002")
+
+
+@pytest.mark.parametrize("damage", ["truncate", "modify"])
+def test_damaged_token_cache_is_rebuilt(tmp_path, damage):
+    doc = tmp_path / "d.txt"
+    doc.write_text("some text to cache\n" * 50)
+    tok, root = Tokenizer.byte_level(), tmp_path / "cache"
+    good = build_token_cache(discover([str(doc)]), tok, root).tolist()
+    (cache,) = root.glob("*.bin")
+    data = bytearray(cache.read_bytes())
+    if damage == "truncate":
+        data = data[: len(data) // 2]
+    else:
+        data[10] ^= 0x01
+    cache.write_bytes(bytes(data))
+    assert build_token_cache(discover([str(doc)]), tok, root).tolist() == good
+
+
+def test_second_run_in_the_same_folder_is_refused(tmp_path):
+    cfg = load_config("transformer-small", tiny_overrides(tmp_path, **{"train.max_steps": 1}))
+    with run_lock(tmp_path / "run"):
+        with pytest.raises(LongctxError, match="another longctx train is writing"):
+            train(cfg, RunOptions(out_dir=tmp_path / "run", progress=False))
+
+
+def test_a_killed_process_does_not_leave_the_lock_stuck(tmp_path):
+    holder = textwrap.dedent(f"""
+        import sys, time
+        from pathlib import Path
+        from longctx.train import run_lock
+        with run_lock(Path({str(tmp_path / 'run')!r})):
+            print("locked", flush=True)
+            time.sleep(60)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", holder], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "locked"
+        with pytest.raises(LongctxError):
+            with run_lock(tmp_path / "run"):
+                pass
+    finally:
+        proc.kill()
+        proc.wait()
+    with run_lock(tmp_path / "run"):  # the OS released the dead process's lock
+        pass
