@@ -110,7 +110,7 @@ def _write_checkpoint_files(folder: Path, model: LongContextLM, config: Config, 
                             trainer_state: TrainerState | None) -> None:
     weights = {k: v for k, v in model.state_dict().items() if k != TIED}
     metadata = {"format": "pt", "longctx_version": __version__, "decoder": config.model.decoder,
-                "config": json.dumps(config.to_dict())}
+                "config": json.dumps(config.to_dict()), "decoder_info": json.dumps(model.decoder.describe())}
     _save_tensors(folder / MODEL_FILE, weights, metadata)
     _write_json(folder / CONFIG_FILE, config.to_dict())
     (folder / TOKENIZER_FILE).write_text(tokenizer.to_str(), encoding="utf-8")

@@ -78,7 +78,7 @@ class AFTConfig:
 
     variant: Literal["simple", "local", "conv", "full"] = "local"
     window: int = 32  # local/conv: learned bias for the current token and the previous window - 1 (enwik8 best: 32)
-    heads: int = 1  # channel groups sharing one bias row (conv: also one key per head); must divide d_model
+    heads: int = 1  # channel groups sharing one bias row (conv: also one key per head; simple: unused); divides d_model
     max_distance: int = 512  # full: learned bias for distances < max_distance (>= train.seq_len recommended)
 
     def __post_init__(self) -> None:
@@ -87,7 +87,52 @@ class AFTConfig:
         _check(self.max_distance >= 1, "model.aft.max_distance", f"must be >= 1, got {self.max_distance}")
 
 
-DecoderName = Literal["transformer", "xl", "aft"]
+@dataclass
+class InfiniteConfig:
+    """∞-former (Martins et al. 2022, arXiv 2109.00301): relative-attention short-term memory plus an unbounded
+    continuous long-term memory (LTM). Defaults of the LTM: the official sorting code (algorithms.md §1.7), whose
+    short-term memory, LTM block and segment have the same length (mem_len = ltm_block = train.seq_len here too: then
+    a training segment reads one LTM version and refits once, the cheapest layout).
+
+    A query at position p sees itself and the tokens from b(p) = ltm_block * floor((p - mem_len) / ltm_block) on
+    (between mem_len and mem_len + ltm_block - 1 previous tokens) exactly, and the LTM fitted on the tokens before
+    b(p) continuously.
+    """
+
+    mem_len: int = 256  # short-term memory: every query sees at least its mem_len previous tokens exactly
+    ltm_block: int = 256  # tokens per LTM update; also the extra short-term reach (mem_len + ltm_block - 1 at most)
+    n_basis: int = 512  # N Gaussian basis functions; a multiple of len(sigmas)
+    sigmas: list[float] = field(default_factory=lambda: [0.01, 0.05])  # basis widths S (every centre once per width)
+    ridge: float = 1.0  # lambda of the ridge regression
+    zero_pad: bool = True  # the official code's zero padding on both sides of [0, 1] in the regression
+    tau: float = 0.75  # the old signal is contracted into [0, tau], a new block fills (tau, 1]
+    n_samples: int = 512  # M: samples of the old signal per update
+    min_var: float = 1e-6  # lower clamp of sigma^2 of the attention density
+    sticky: bool = False  # sticky memories: sample the old signal where the queries attended
+    sticky_bins: int = 128  # D: histogram bins of the attention mass over [0, 1]
+    kl_weight: float = 1e-6  # weight of KL(N(mu, sigma^2) || N(mu_0, sigma_0^2)) in aux_loss (training only)
+    kl_sigma0: float = 0.05  # sigma_0 of the KL prior
+    kl_mu_term: bool = False  # include the (mu - mu_0)^2 term (the official GPT-2 code does, with mu_0 = -1)
+    kl_mu0: float = 0.5  # mu_0 of the KL prior (used with kl_mu_term only)
+    gate: bool = False  # the official input gate: X <- X * sigmoid(Conv1d_k3(X)) before each regression
+    share_bias: bool = True  # one pair of relative-position biases u, v for all layers (Transformer-XL)
+
+    def __post_init__(self) -> None:
+        for key in ("mem_len", "ltm_block", "n_basis", "n_samples", "sticky_bins"):
+            _check(getattr(self, key) >= 1, f"model.infinite.{key}", f"must be >= 1, got {getattr(self, key)}")
+        _check(len(self.sigmas) >= 1 and all(0.0 < s < math.inf for s in self.sigmas), "model.infinite.sigmas",
+               f"must be a non-empty list of numbers > 0, got {self.sigmas}")
+        _check(self.n_basis % max(1, len(self.sigmas)) == 0, "model.infinite.n_basis",
+               f"({self.n_basis}) must be a multiple of the number of model.infinite.sigmas ({len(self.sigmas)})")
+        _check(0.0 < self.ridge < math.inf, "model.infinite.ridge", f"must be a number > 0, got {self.ridge}")
+        _check(0.0 < self.tau < 1.0, "model.infinite.tau", f"must be in (0, 1), got {self.tau}")
+        _check(0.0 < self.min_var < math.inf, "model.infinite.min_var", f"must be a number > 0, got {self.min_var}")
+        _check(0.0 <= self.kl_weight < math.inf, "model.infinite.kl_weight", f"must be >= 0, got {self.kl_weight}")
+        _check(0.0 < self.kl_sigma0 < math.inf, "model.infinite.kl_sigma0", f"must be > 0, got {self.kl_sigma0}")
+        _check(math.isfinite(self.kl_mu0), "model.infinite.kl_mu0", f"must be a finite number, got {self.kl_mu0}")
+
+
+DecoderName = Literal["transformer", "xl", "aft", "infinite"]
 
 
 @dataclass
@@ -106,6 +151,7 @@ class ModelConfig:
     transformer: TransformerConfig = field(default_factory=TransformerConfig)
     xl: XLConfig = field(default_factory=XLConfig)
     aft: AFTConfig = field(default_factory=AFTConfig)
+    infinite: InfiniteConfig = field(default_factory=InfiniteConfig)
 
     def __post_init__(self) -> None:
         for key in ("vocab_size", "n_layer", "n_head", "d_model", "d_ff"):

@@ -37,6 +37,8 @@ def _no_overrides() -> dict[str, Any]:
 # A decoder without an entry uses TINY_BASE and its sub-config's defaults.
 TINY_OVERRIDES: dict[str, Callable[[], dict[str, Any]]] = {
     "transformer": lambda: {"transformer": {"window": 8}},
+    # fixed span here; tests/decoders/test_xl.py runs the same contract checks with adaptive and dynamic spans
+    "xl": lambda: {"xl": {"mem_len": 8}},
 }
 
 
@@ -62,6 +64,7 @@ def tiny_model_config(decoder: str, **overrides: Any) -> ModelConfig:
 # decoder name -> number of past tokens its memory covers (the stream length at which the memory is "full").
 MEMORY_LENGTH: dict[str, Callable[[ModelConfig], int]] = {
     "transformer": lambda cfg: cfg.transformer.window,
+    "xl": lambda cfg: cfg.xl.mem_len,
 }
 
 _GENERIC_MEMORY_FIELDS = ("window", "mem_len")
