@@ -548,12 +548,21 @@ def train(config: Config, run: RunOptions, overrides: dict[str, Any] | None = No
     return result
 
 
+def _dotted(config: Config, key: str) -> Any:
+    value: Any = config
+    for part in key.split("."):
+        value = getattr(value, part)
+    return value
+
+
 def _train(config: Config, run: RunOptions, overrides: dict[str, Any], device: torch.device, dd: Dist) -> TrainResult:
     resume_from = resolve_resume(run)
     if resume_from is not None:
+        requested = config
         config = merge_resumed_config(config, read_config(resume_from), overrides)
-        ignored = [key for key in overrides if not key.startswith("train.")]
-        if ignored:
+        ignored = [key for key in overrides if not key.startswith("train.")
+                   and _dotted(requested, key) != _dotted(config, key)]
+        if ignored:  # the same command line as the interrupted run is fine; a different model or data is not
             raise ConfigError(f"resuming {resume_from}: the model and data come from the checkpoint, so "
                               f"{', '.join(ignored)} cannot change; start a new run with --init-from instead")
     check_world(config, dd)
