@@ -28,6 +28,7 @@ from longctx.config import ModelConfig
 from longctx.decoders.base import Decoder, DecoderOutput, State
 from longctx.layers import MLP, RotaryEmbedding, init_linear
 from longctx.layers.attention import (
+    CPU_ALIGN,
     CPU_BLOCK,
     additive_mask,
     apply_rotary_full,
@@ -126,12 +127,17 @@ class TransformerDecoder(Decoder):
         M = self.cache_len
         positions = state.position[:, None] + torch.arange(T, device=x.device)  # (B, T)
         cos, sin = rotary_tables(*self.rotary(positions, x.dtype))  # (B, 1, T, Dh) each
+        if torch.is_autocast_enabled(x.device.type):  # cast once here rather than in every layer (same values)
+            compute = torch.get_autocast_dtype(x.device.type)
+            cos, sin = cos.to(compute), sin.to(compute)
         slots = torch.arange(M, device=x.device)[None, :]  # (1, M)
         cache_valid = slots >= (M - state.length[:, None])  # (B, M): the newest `length` slots are real
         on_cpu = x.device.type == "cpu"
-        mask = window_blocks(T, M, self.window, cache_valid, CPU_BLOCK if on_cpu else max(T, 1))
-        if on_cpu:
-            mask = [(q0, q1, k0, k1, additive_mask(allowed)) for q0, q1, k0, k1, allowed in mask]
+        if on_cpu:  # blocks of queries, each over the keys its windows reach: no dense T x (M + T) scores
+            blocks = window_blocks(T, M, self.window, cache_valid, CPU_BLOCK, CPU_ALIGN)
+            mask = [(q0, q1, k0, k1, additive_mask(allowed)) for q0, q1, k0, k1, allowed in blocks]
+        else:  # one block with a boolean mask: the fused GPU kernels beat a loop over blocks
+            mask = window_blocks(T, M, self.window, cache_valid, max(T, 1))
 
         new_keys, new_values = [], []
         for layer, block in enumerate(self.blocks):
