@@ -39,6 +39,12 @@ TINY_OVERRIDES: dict[str, Callable[[], dict[str, Any]]] = {
     "transformer": lambda: {"transformer": {"window": 8}},
     # fixed span here; tests/decoders/test_xl.py runs the same contract checks with adaptive and dynamic spans
     "xl": lambda: {"xl": {"mem_len": 8}},
+    # local with its initial (zero) biases; tests/decoders/test_aft.py runs them for every variant with random biases
+    "aft": lambda: {"aft": {"variant": "local", "window": 4, "heads": 2, "max_distance": 6}},
+    # refits every 4 tokens from position 8 on: several LTM versions within every contract stream (and segment);
+    # tests/decoders/test_infinite.py runs the same contract checks with sticky memories and the gate
+    "infinite": lambda: {"infinite": {"mem_len": 4, "ltm_block": 4, "n_basis": 16, "sigmas": [0.05, 0.1],
+                                      "n_samples": 16, "sticky_bins": 8}},
 }
 
 
@@ -65,6 +71,8 @@ def tiny_model_config(decoder: str, **overrides: Any) -> ModelConfig:
 MEMORY_LENGTH: dict[str, Callable[[ModelConfig], int]] = {
     "transformer": lambda cfg: cfg.transformer.window,
     "xl": lambda cfg: cfg.xl.mem_len,
+    "aft": lambda cfg: max(4, {"simple": 1, "full": cfg.aft.max_distance}.get(cfg.aft.variant, cfg.aft.window)),
+    "infinite": lambda cfg: cfg.infinite.mem_len + cfg.infinite.ltm_block,  # the largest exact window (+ itself)
 }
 
 _GENERIC_MEMORY_FIELDS = ("window", "mem_len")

@@ -1,13 +1,17 @@
 """The registry of decoders: ``DECODERS[name](model_config)`` builds one. Contract tests run over every entry."""
 
+from longctx.decoders.aft import AFTDecoder, AFTState
 from longctx.decoders.base import Decoder, DecoderOutput, State
+from longctx.decoders.infinite import InfiniteDecoder, InfiniteState
 from longctx.decoders.transformer import TransformerDecoder, TransformerState
 from longctx.decoders.xl import XLDecoder, XLState
 
 DECODERS: dict[str, type[Decoder]] = {
     "transformer": TransformerDecoder,
     "xl": XLDecoder,
+    "aft": AFTDecoder,
+    "infinite": InfiniteDecoder,
 }
 
-__all__ = ["DECODERS", "Decoder", "DecoderOutput", "State", "TransformerDecoder", "TransformerState", "XLDecoder",
-           "XLState"]
+__all__ = ["AFTDecoder", "AFTState", "DECODERS", "Decoder", "DecoderOutput", "InfiniteDecoder", "InfiniteState",
+           "State", "TransformerDecoder", "TransformerState", "XLDecoder", "XLState"]

@@ -1,0 +1,376 @@
+"""∞-former decoder: relative-position short-term memory plus an unbounded continuous long-term memory.
+
+Paper: Martins, Marinho & Martins 2022, "∞-former: Infinite Memory Transformer" (arXiv 2109.00301): §3.1 (long-term
+memory: RBF signal, ridge regression, continuous attention), §3.2 (unbounded memory), §3.3 (sticky memories); the
+official code's defaults and quirks are in shared/reference/algorithms.md §1. The LTM maths lives in
+:mod:`longctx.layers.continuous`, the Transformer-XL relative attention (Dai et al. 2019, arXiv 1901.02860, §3.3) in
+:mod:`longctx.layers.relative`; this file is the schedule, the wiring and the streaming state.
+
+Schedule (by absolute positions only, so the outputs do not depend on how the stream is cut). With ``m = mem_len``
+and ``L = ltm_block``, a query at position p
+
+* attends exactly (short-term memory, relative attention) to itself and the tokens ``b(p) .. p - 1``, where
+  ``b(p) = max(0, L * floor((p - m) / L))`` is its last refit boundary: between ``m`` and ``m + L - 1`` previous
+  tokens once the stream is long enough;
+* attends continuously to the LTM fitted on the tokens before ``b(p)``: version ``b(p) / L``. Version 1 fits the
+  first block ``[0, L)`` alone on [0, 1]; version k + 1 contracts version k into [0, tau] and places the block
+  ``[kL, (k+1)L)`` in (tau, 1] (paper §3.2). Version 0 is empty: no LTM output.
+
+Every token of the exact window is still in the cache when a block leaves it, so the pending block needs no storage
+of its own: the cache holds, per layer, the keys, values and LTM inputs of the last ``C = m + L - 1`` tokens. A
+training segment crosses several boundaries; per layer the versions are computed in order (version k + 1 needs
+version k and, with sticky memories, the attention of version k's queries) and each group of queries is processed
+with one batched attention over the version it sees. Rows of a batch may sit at different positions (after a
+reset): every row has its own boundaries, a group is the union of the rows' queries with a mask.
+
+The LTM input of a token is the normalised layer input (the text the short-term keys and values are projected from);
+the LTM query is the short-term query ``q`` (before the position biases), as in the official code; the LTM context
+``V^T r`` is added to the short-term attention output per head before the output projection. Old coefficients enter
+each update detached (no gradient into them, §3.2); the newest block keeps its gradient.
+
+Sticky memories (§3.3): the state accumulates, per layer, the attention mass over ``sticky_bins`` bins of [0, 1] of
+every query that read the current version; the update samples the old signal at the quantiles of that histogram
+(deterministic: a function of the stream, not of a random draw). KL regulariser (the official code): ``kl_weight *
+sum over layers of mean KL(N(mu, sigma^2) || N(mu_0, sigma_0^2))``, in ``aux_loss`` in training mode.
+
+State (:class:`InfiniteState`), per layer: keys, values and LTM inputs of the last C tokens, the N x D coefficients
+of the current version, the sticky histogram; plus the position. All fixed-size: ``nbytes()`` never changes.
+
+Block (pre-norm, as the other decoders)::
+
+    x ──┬─ LN ─ h ─┬─ Q,K,V ─ relative attention over [cache ; segment] ──(+)─ proj ─(+)──┬─ LN ─ MLP ─(+)── x'
+        │          │           continuous attention over the LTM version of each query ─┘   │  │               │
+        │          └─ LTM inputs (cache) ─ refit at every boundary                          │  └───────────────┘
+        └──────────────────────────────────────────────────────────────────────────────────┘
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from longctx.config import ModelConfig
+from longctx.decoders.base import Decoder, DecoderOutput, State
+from longctx.layers import MLP, init_linear
+from longctx.layers.continuous import (
+    ContinuousAttention,
+    ContinuousMemory,
+    bin_mass,
+    gaussian_kl,
+    histogram_quantiles,
+)
+from longctx.layers.relative import BLOCK, band_attention, position_scores, sinusoid_table
+
+
+@dataclass(frozen=True)
+class InfiniteState(State):
+    keys: Tensor  # (B, L, H, C, Dh) projected keys of the last C = mem_len + ltm_block - 1 tokens, oldest first
+    values: Tensor  # (B, L, H, C, Dh)
+    inputs: Tensor  # (B, L, C, D) LTM inputs (normalised layer inputs) of the same tokens: the pending blocks
+    coeffs: Tensor  # (B, L, N, D) LTM coefficients fitted on the tokens before b(position); zeros = empty
+    mass: Tensor  # (B, L, bins) sticky: attention mass over [0, 1] of the queries that read `coeffs` so far
+    position: Tensor  # (B,) int64: tokens read so far = absolute position of the next token
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# schedule
+
+
+@dataclass(frozen=True)
+class _Group:
+    """The queries of version k of every row: mask (B, T) and the union range ``t0:t1`` of their indices."""
+
+    t0: int
+    t1: int
+    mask: Tensor  # (B, t1 - t0) bool: queries of this version whose LTM is not empty
+    count: int  # number of true entries of mask
+
+
+@dataclass(frozen=True)
+class _Refit:
+    """Update from version k to k + 1 in the rows that cross a boundary."""
+
+    rows: Tensor  # (B,) bool: the row crosses this boundary
+    first: Tensor  # (B,) bool: the new version is version 1 (fit the block alone)
+    slots: Tensor  # (B, ltm_block) int64: indices of the block in [cache ; segment]
+    any_first: bool
+    any_update: bool
+
+
+@dataclass(frozen=True)
+class _Schedule:
+    valid: Tensor  # (B, 1, T, W) float32: 0 where the key at that distance is in the query's exact window, else -inf
+    groups: list[_Group | None] = field(default_factory=list)  # per version k = 0..K (None: no query reads it)
+    refits: list[_Refit] = field(default_factory=list)  # per boundary k -> k + 1, k = 0..K - 1
+
+
+def _boundary(p: int, mem_len: int, block: int) -> int:
+    """b(p) = max(0, block * floor((p - mem_len) / block)): the tokens before it are in the LTM of query p."""
+    return max(0, block * ((p - mem_len) // block))
+
+
+def make_schedule(positions: list[int], T: int, mem_len: int, block: int, device: torch.device) -> _Schedule:
+    """The windows, query groups and refits of a segment of T tokens for rows starting at ``positions``."""
+    W = mem_len + block
+    pos = torch.tensor(positions, dtype=torch.int64, device=device)[:, None] + torch.arange(T, device=device)  # (B, T)
+    reach = pos - torch.clamp(block * torch.div(pos - mem_len, block, rounding_mode="floor"), min=0)  # p - b(p)
+    distances = torch.arange(W - 1, -1, -1, device=device)  # (W,) band order
+    valid = torch.zeros(pos.shape + (W,), device=device).masked_fill_(distances > reach[..., None], float("-inf"))
+    starts = []  # per row: the index of the first query of each version k = 0..K_i (K_i boundaries crossed)
+    for p in positions:
+        base = _boundary(p, mem_len, block)
+        n_new = max(0, (T + p - mem_len - base) // block)  # boundaries in (p, p + T]: version k starts at p' with
+        starts.append([0] + [base + k * block + mem_len - p for k in range(1, n_new + 1)])  # b(p') = base + k L
+    groups = _groups(positions, starts, T, mem_len, block, device)
+    refits = [_refit(positions, starts, k, T, mem_len, block, device) for k in range(len(groups) - 1)]
+    return _Schedule(valid[:, None], groups, refits)
+
+
+def _groups(positions: list[int], starts: list[list[int]], T: int, mem_len: int, block: int,
+            device: torch.device) -> list[_Group | None]:
+    """Per version k, the queries of every row that read it (None where no query of any row does)."""
+    groups: list[_Group | None] = []
+    for k in range(max(len(row) for row in starts)):
+        mask = torch.zeros(len(positions), T, dtype=torch.bool)  # (B, T)
+        for i, (p, row) in enumerate(zip(positions, starts, strict=True)):
+            if k < len(row) and _boundary(p, mem_len, block) + k * block > 0:  # version k of row i is not empty
+                mask[i, row[k]:row[k + 1] if k + 1 < len(row) else T] = True
+        hit = mask.any(0).nonzero()
+        if hit.numel() == 0:
+            groups.append(None)
+            continue
+        t0, t1 = int(hit[0]), int(hit[-1]) + 1
+        groups.append(_Group(t0, t1, mask[:, t0:t1].to(device), int(mask.sum())))
+    return groups
+
+
+def _refit(positions: list[int], starts: list[list[int]], k: int, T: int, mem_len: int, block: int,
+           device: torch.device) -> _Refit:
+    """The update from version k to k + 1: which rows cross that boundary, and where their block sits."""
+    C = mem_len + block - 1
+    rows, first, slots = [], [], []
+    for p, row in zip(positions, starts, strict=True):
+        end = _boundary(p, mem_len, block) + (k + 1) * block  # the new version covers the tokens before `end`
+        rows.append(k + 1 < len(row))
+        first.append(rows[-1] and end == block)
+        slots.append(min(max(0, end - block - p + C), C + T - block))  # slot of token `end - block`
+    index = torch.tensor(slots, device=device)[:, None] + torch.arange(block, device=device)  # (B, L)
+    return _Refit(torch.tensor(rows, device=device), torch.tensor(first, device=device), index, any(first),
+                  any(r and not f for r, f in zip(rows, first, strict=True)))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# layers
+
+
+@dataclass
+class _LTMOut:
+    """One layer's long-term memory results for a segment."""
+
+    context: Tensor  # (B, H, T, Dh)
+    coeffs: Tensor  # (B, N, D) the version for the next position
+    mass: Tensor  # (B, bins)
+    kl: Tensor  # () mean KL over the layer's (query, head) pairs that read a non-empty LTM (training mode only)
+    mu: Tensor  # () mean mu (detached; training mode only)
+    sigma: Tensor  # () mean sigma (detached; training mode only)
+    count: int  # number of such queries (all rows)
+
+
+class InfiniteAttention(nn.Module):
+    """Relative attention over the exact window plus continuous attention over the LTM version of each query."""
+
+    def __init__(self, cfg: ModelConfig, own_bias: bool) -> None:
+        super().__init__()
+        inf = cfg.infinite
+        self.cfg, self.inf = cfg, inf
+        self.n_head, self.head_dim = cfg.n_head, cfg.head_dim
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
+        self.r_net = nn.Linear(cfg.d_model, cfg.d_model, bias=False)  # W_R
+        self.out_proj = nn.Linear(cfg.d_model, cfg.d_model)
+        self.dropout = nn.Dropout(cfg.dropout)
+        init_linear(self.qkv, cfg.init_std)
+        init_linear(self.r_net, cfg.init_std)
+        init_linear(self.out_proj, cfg.init_std / math.sqrt(2 * cfg.n_layer))
+        self.pos_bias_u = nn.Parameter(torch.randn(cfg.d_model) * cfg.init_std) if own_bias else None
+        self.pos_bias_v = nn.Parameter(torch.randn(cfg.d_model) * cfg.init_std) if own_bias else None
+        self.ltm = ContinuousAttention(cfg.d_model, cfg.n_head, inf.n_basis, inf.min_var)
+        self.gate = nn.Conv1d(cfg.d_model, cfg.d_model, 3, padding=1) if inf.gate else None
+
+    def forward(self, h: Tensor, layer_state: tuple[Tensor, ...], sched: _Schedule, memory: ContinuousMemory,
+                table: Tensor, u: Tensor, v: Tensor) -> tuple[Tensor, tuple[Tensor, ...], _LTMOut]:
+        """h (B, T, D) normalised input; layer_state = cache keys/values (B, H, C, Dh), inputs (B, C, D), coeffs
+        (B, N, D), mass (B, bins). Returns the output (B, T, D), keys/values (B, H, C + T, Dh) and inputs
+        (B, C + T, D) of ``[cache ; segment]``, and the LTM results."""
+        cache_k, cache_v, cache_x, coeffs, mass = layer_state
+        B, T, D = h.shape
+        H, Dh = self.n_head, self.head_dim
+        q, k, val = self.qkv(h).view(B, T, 3, H, Dh).permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, Dh)
+        keys = torch.cat([cache_k.to(k.dtype), k], dim=2)  # (B, H, C + T, Dh)
+        values = torch.cat([cache_v.to(val.dtype), val], dim=2)
+        pos = position_scores(q + v.to(q.dtype).view(H, 1, Dh), self.r_net.weight, table)  # (B, H, T, W)
+        bias = torch.add(sched.valid, pos.float(), alpha=1.0 / math.sqrt(Dh))  # (B, H, T, W) float32
+        block = BLOCK if h.device.type == "cpu" else max(T, 1)
+        cache_grad = cache_k.requires_grad or cache_v.requires_grad
+        y = band_attention(q + u.to(q.dtype).view(H, 1, Dh), keys, values, bias, block,
+                           grad_start=0 if cache_grad else cache_k.shape[2])  # (B, H, T, Dh)
+        inputs = torch.cat([cache_x.to(h.dtype), h], dim=1)  # (B, C + T, D)
+        ltm = self.long_term(q, inputs, coeffs, mass, sched, memory)
+        y = (y + ltm.context.to(y.dtype)).transpose(1, 2).reshape(B, T, D)
+        return self.dropout(self.out_proj(y)), (keys, values, inputs), ltm
+
+    def long_term(self, q: Tensor, inputs: Tensor, coeffs: Tensor, mass: Tensor, sched: _Schedule,
+                  memory: ContinuousMemory) -> _LTMOut:
+        """Continuous attention of every query group over its LTM version, with the refits in between."""
+        B, H, T, Dh = q.shape
+        context = q.new_zeros(B, H, T, Dh)
+        stats = q.new_zeros(3, dtype=torch.float32)  # sums of kl, mu, sigma over (query, head) pairs (training)
+        count = 0
+        for k, group in enumerate(sched.groups):
+            if group is not None:
+                ctx, mu, sigma_sq = self.ltm(q[:, :, group.t0:group.t1], coeffs, memory)  # (B, H, n, Dh), (B, H, n)
+                mask = group.mask[:, None]  # (B, 1, n)
+                if group.count == B * T:  # every query of every row reads this version (e.g. single tokens)
+                    context = ctx
+                else:
+                    index = torch.arange(group.t0, group.t1, device=q.device)
+                    context = context.index_add(2, index, torch.where(mask[..., None], ctx, 0.0))
+                if self.training:
+                    stats = stats + self._masked_sums(mu, sigma_sq, mask)
+                count += group.count * H
+                if self.inf.sticky:
+                    with torch.no_grad():  # the histogram steers sampling only: no gradient
+                        hist = bin_mass(mu, sigma_sq.sqrt(), self.inf.sticky_bins)  # (B, H, n, bins)
+                        mass = mass + torch.where(mask[..., None], hist, 0.0).sum((1, 2)).to(mass.dtype)
+            if k < len(sched.refits):
+                coeffs, mass = self.refit(coeffs, mass, inputs, sched.refits[k], memory)
+        kl, mu_mean, sigma_mean = (stats / max(count, 1)).unbind(0)
+        return _LTMOut(context, coeffs, mass, kl, mu_mean.detach(), sigma_mean.detach(), count)
+
+    def _masked_sums(self, mu: Tensor, sigma_sq: Tensor, mask: Tensor) -> Tensor:
+        """Sums of KL, mu and sigma over the masked (query, head) pairs: (B, H, n) x 2, mask (B, 1, n) -> (3,)."""
+        inf = self.inf
+        kl = gaussian_kl(mu, sigma_sq, inf.kl_sigma0, inf.kl_mu0 if inf.kl_mu_term else None)
+        mask = mask.expand_as(mu)
+        zero = mu.new_zeros(())
+        return torch.stack([torch.where(mask, kl, zero).sum(), torch.where(mask, mu, zero).sum().detach(),
+                            torch.where(mask, sigma_sq.sqrt(), zero).sum().detach()])
+
+    def refit(self, coeffs: Tensor, mass: Tensor, inputs: Tensor, refit: _Refit,
+              memory: ContinuousMemory) -> tuple[Tensor, Tensor]:
+        """The next LTM version in the rows that cross a boundary; their sticky histograms start again."""
+        D = inputs.shape[-1]
+        block = inputs.gather(1, refit.slots[..., None].expand(-1, -1, D))  # (B, L, D): the block leaving the STM
+        if self.gate is not None:  # the official input gate: X * sigmoid(Conv1d_k3(X)) over the block
+            block = block * torch.sigmoid(self.gate(block.transpose(1, 2))).transpose(1, 2)
+        new = coeffs
+        if refit.any_update:
+            samples = histogram_quantiles(mass, memory.n_samples) if self.inf.sticky else None  # (B, M)
+            new = memory.update(coeffs, block, samples).to(coeffs.dtype)
+        if refit.any_first:
+            new = torch.where(refit.first[:, None, None], memory.fit(block).to(coeffs.dtype), new)
+        coeffs = torch.where(refit.rows[:, None, None], new, coeffs)  # (B, N, D)
+        mass = torch.where(refit.rows[:, None], torch.zeros_like(mass), mass)
+        return coeffs, mass
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.norm_attn = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.attn = InfiniteAttention(cfg, own_bias=not cfg.infinite.share_bias)
+        self.norm_mlp = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.mlp = MLP(cfg.d_model, cfg.d_ff, cfg.dropout, cfg.init_std, cfg.n_layer)
+
+    def forward(self, x: Tensor, layer_state: tuple[Tensor, ...], sched: _Schedule, memory: ContinuousMemory,
+                table: Tensor, u: Tensor, v: Tensor) -> tuple[Tensor, tuple[Tensor, ...], _LTMOut]:
+        a, caches, ltm = self.attn(self.norm_attn(x), layer_state, sched, memory, table, u, v)
+        x = x + a
+        x = x + self.mlp(self.norm_mlp(x))
+        return x, caches, ltm
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# decoder
+
+
+class InfiniteDecoder(Decoder):
+    """∞-former: exact relative attention over the last ``mem_len .. mem_len + ltm_block - 1`` tokens plus
+    continuous attention over an unbounded long-term memory refitted every ``ltm_block`` tokens."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        inf = cfg.infinite
+        self.cfg, self.inf = cfg, inf
+        self.cache_len = inf.mem_len + inf.ltm_block - 1  # C
+        self.memory = ContinuousMemory(inf.n_basis, inf.sigmas, inf.ridge, inf.tau, inf.n_samples, inf.ltm_block,
+                                       pad=inf.zero_pad)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        shared = inf.share_bias
+        self.pos_bias_u = nn.Parameter(torch.randn(cfg.d_model) * cfg.init_std) if shared else None
+        self.pos_bias_v = nn.Parameter(torch.randn(cfg.d_model) * cfg.init_std) if shared else None
+        distances = torch.arange(self.cache_len, -1, -1, dtype=torch.float32)  # (W,) band order: oldest first
+        self.register_buffer("table", sinusoid_table(distances, cfg.d_model), persistent=False)  # (W, D)
+
+    def init_state(self, batch_size: int, device: torch.device | str | None, dtype: torch.dtype) -> InfiniteState:
+        cfg, inf = self.cfg, self.inf
+        L, H, C, Dh, D = cfg.n_layer, cfg.n_head, self.cache_len, cfg.head_dim, cfg.d_model
+
+        def zeros(*shape: int) -> Tensor:
+            return torch.zeros((batch_size, *shape), dtype=dtype, device=device)
+
+        return InfiniteState(keys=zeros(L, H, C, Dh), values=zeros(L, H, C, Dh), inputs=zeros(L, C, D),
+                             coeffs=zeros(L, inf.n_basis, D), mass=zeros(L, inf.sticky_bins),
+                             position=torch.zeros(batch_size, dtype=torch.int64, device=device))
+
+    def forward(self, x: Tensor, state: InfiniteState) -> DecoderOutput:  # type: ignore[override]
+        B, T, _ = x.shape
+        C = self.cache_len
+        sched = make_schedule(state.position.tolist(), T, self.inf.mem_len, self.inf.ltm_block, x.device)
+        new: dict[str, list[Tensor]] = {"keys": [], "values": [], "inputs": [], "coeffs": [], "mass": []}
+        ltms = []
+        for layer, block in enumerate(self.blocks):
+            u = self.pos_bias_u if self.pos_bias_u is not None else block.attn.pos_bias_u
+            v = self.pos_bias_v if self.pos_bias_v is not None else block.attn.pos_bias_v
+            layer_state = (state.keys[:, layer], state.values[:, layer], state.inputs[:, layer],
+                           state.coeffs[:, layer], state.mass[:, layer])
+            x, (keys, values, inputs), ltm = block(x, layer_state, sched, self.memory, self.table, u, v)
+            new["keys"].append(keys[:, :, keys.shape[2] - C:])  # (B, H, C, Dh)
+            new["values"].append(values[:, :, values.shape[2] - C:])
+            new["inputs"].append(inputs[:, inputs.shape[1] - C:])  # (B, C, D)
+            new["coeffs"].append(ltm.coeffs)
+            new["mass"].append(ltm.mass)
+            ltms.append(ltm)
+        if not sched.refits:  # no boundary crossed (most single tokens): the coefficients are unchanged, no copy
+            del new["coeffs"]
+        if not self.inf.sticky:  # the histogram stays empty
+            del new["mass"]
+        fields = {name: torch.stack(parts, dim=1).to(getattr(state, name).dtype) for name, parts in new.items()}
+        fields = {"coeffs": state.coeffs, "mass": state.mass, **fields}
+        next_state = InfiniteState(**fields, position=state.position + T)
+        aux, stats = self._kl_and_stats(ltms, x)
+        return DecoderOutput(hidden=x, state=next_state, aux_loss=aux, stats=stats)
+
+    def _kl_and_stats(self, ltms: list[_LTMOut], x: Tensor) -> tuple[Tensor, dict[str, float]]:
+        """KL regulariser (training only) and per-layer mean mu / sigma of the LTM densities (training only)."""
+        aux = x.new_zeros((), dtype=torch.float32)
+        if not self.training or not any(ltm.count for ltm in ltms):
+            return aux, {}
+        if self.inf.kl_weight > 0:
+            aux = aux + self.inf.kl_weight * torch.stack([ltm.kl for ltm in ltms]).sum()
+        values = torch.stack([torch.stack([ltm.mu, ltm.sigma]) for ltm in ltms]).tolist()  # one device sync
+        stats = {}
+        for layer, (mu, sigma) in enumerate(values):
+            stats[f"ltm/layer{layer}_mu"], stats[f"ltm/layer{layer}_sigma"] = float(mu), float(sigma)
+        return aux, stats
+
+    def describe(self) -> dict[str, Any]:
+        """Long-term memory settings and the size of its part of the state."""
+        inf, cfg = self.inf, self.cfg
+        return {"mem_len": inf.mem_len, "ltm_block": inf.ltm_block, "exact_window_max": self.cache_len,
+                "n_basis": inf.n_basis, "sigmas": list(inf.sigmas), "ridge": inf.ridge, "tau": inf.tau,
+                "n_samples": inf.n_samples, "sticky": inf.sticky, "gate": inf.gate, "kl_weight": inf.kl_weight,
+                "ltm_coeff_bytes_per_stream": 4 * cfg.n_layer * inf.n_basis * cfg.d_model}

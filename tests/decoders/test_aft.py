@@ -1,0 +1,397 @@
+"""AFT decoder (longctx/decoders/aft.py) and kernels (longctx/layers/aft.py).
+
+The references are naive O(T^2) loops written straight from eq. (2) of Zhai et al. 2021 in its causal, relative
+reading: ``y_t = Σ_{t' <= t} exp(K_{t'} + b(t - t')) V_{t'} / Σ_{t' <= t} exp(K_{t'} + b(t - t'))`` with ``b`` the
+learned bias below the window and 0 beyond, computed in float64 without any stabilisation (float64 holds exp(±700)).
+The shared contract checks (test_contract.py) run for ``local`` through the registry (biases at their initial 0) and
+here for every variant with random biases.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import pytest
+import test_contract as contract  # the shared contract checks (same folder; pytest puts it on sys.path)
+import torch
+from torch import Tensor
+
+from longctx.config import load_config
+from longctx.decoders.aft import AFTDecoder, AFTMixer, AFTState
+from longctx.errors import ConfigError
+from longctx.layers import aft as aft_layers
+from longctx.layers.aft import (
+    LEVEL_STEP,
+    Memory,
+    _BlockToeplitz,
+    aft_parallel,
+    aft_recurrent,
+    toeplitz_weights,
+)
+from longctx.model import LongContextLM
+
+VARIANTS = ("simple", "local", "conv", "full")
+F64 = torch.float64
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# references and drivers
+
+
+def naive_kernel(k: Tensor, v: Tensor, log_w: Tensor | None) -> Tensor:
+    """Eq. (2), causal, relative bias: k (B, T, H, Dk), v (B, T, H, Dh), log_w (H, s) -> y (B, T, H, Dh), float64."""
+    k, v = k.to(F64), v.to(F64)
+    B, T, H, Dh = v.shape
+    k = k.expand(B, T, H, Dh)  # conv: one key per head, shared by the head's channels
+    y = torch.empty_like(v)
+    for t in range(T):
+        num, den = torch.zeros(B, H, Dh, dtype=F64), torch.zeros(B, H, Dh, dtype=F64)
+        for tp in range(t + 1):
+            delta = t - tp
+            b = log_w[:, delta].to(F64)[:, None] if log_w is not None and delta < log_w.shape[1] else 0.0  # (H, 1)
+            e = torch.exp(k[:, tp] + b)  # (B, H, Dh)
+            num += e * v[:, tp]
+            den += e
+        y[:, t] = num / den
+    return y
+
+
+def run_kernel(k: Tensor, v: Tensor, log_w: Tensor | None, sizes: list[int],
+               parallel_only: bool = False) -> tuple[Tensor, Memory]:
+    """Stream k (B, T, H, Dk), v (B, T, H, Dh) through the kernels in chunks of ``sizes``, threading the memory as
+    the decoder does (single tokens take the recurrent form unless ``parallel_only``). Returns y (B, T, H, Dh)."""
+    B, T, H, Dk = k.shape
+    Dh = v.shape[-1]
+    M = 0 if log_w is None else log_w.shape[1] - 1
+    k, v = k.permute(2, 1, 0, 3), v.permute(2, 1, 0, 3)  # (H, T, B, D*): the kernels' time-major layout
+    memory = Memory(window=v.new_zeros(H, M, B, Dh + Dk), far=v.new_zeros(H, B, Dh + Dk), ref=k.new_zeros(H, B, Dk))
+    outs, start = [], 0
+    for size in sizes:
+        kernel = aft_recurrent if size == 1 and not parallel_only else aft_parallel
+        seg = slice(start, start + size)
+        y, memory = kernel(memory, k[:, seg], v[:, seg], torch.full((B,), start > 0), log_w)
+        outs.append(y.permute(2, 1, 0, 3))
+        start += size
+    assert start == T
+    return torch.cat(outs, dim=1), memory
+
+
+def naive_decoder(decoder: AFTDecoder, x: Tensor) -> Tensor:
+    """The decoder's blocks with the mixer computed by :func:`naive_kernel`: x (B, T, D) -> hidden (B, T, D)."""
+    for block in decoder.blocks:
+        mix: AFTMixer = block.mix
+        h = block.norm_mix(x)
+        B, T, D = h.shape
+        q, k, v = mix.qkv(h).split([D, mix.heads * mix.key_dim, D], dim=-1)
+        y = naive_kernel(k.view(B, T, mix.heads, -1), v.view(B, T, mix.heads, -1), mix.log_bias())
+        x = x + mix.out_proj(torch.sigmoid(q) * y.reshape(B, T, D).to(x.dtype))
+        x = x + block.mlp(block.norm_mlp(x))
+    return x
+
+
+def run_decoder(decoder: AFTDecoder, x: Tensor, sizes: list[int], state: AFTState | None = None) -> Tensor:
+    state = state or decoder.init_state(x.shape[0], x.device, x.dtype)
+    outs, start = [], 0
+    for size in sizes:
+        out = decoder(x[:, start:start + size], state)
+        outs.append(out.hidden)
+        state, start = out.state, start + size
+    return torch.cat(outs, dim=1)
+
+
+def randomise_biases(model: LongContextLM, scale: float = 1.0) -> LongContextLM:
+    """Non-zero position biases (the initial ones are 0, which would make every variant look like simple)."""
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for block in model.decoder.blocks:
+            for name in ("bias", "bias_gain", "bias_shift"):
+                p = getattr(block.mix, name, None)
+                if isinstance(p, torch.nn.Parameter):
+                    p.copy_(scale * torch.randn(p.shape, generator=g))
+    return model
+
+
+def aft_model(make_tiny_model, variant: str, **aft: Any) -> LongContextLM:
+    return randomise_biases(make_tiny_model("aft", aft={"variant": variant, **aft}))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# each variant against the naive loop
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_decoder_matches_naive_loop(make_tiny_model, variant: str) -> None:
+    """Every variant, fp64, one call / chunks / token by token, against eq. (2) computed by a double loop."""
+    model = aft_model(make_tiny_model, variant).double()
+    decoder: AFTDecoder = model.decoder
+    T = 3 * (decoder.cache_len + 1) + 10
+    x = torch.randn(2, T, model.cfg.d_model, dtype=F64)
+    with torch.no_grad():
+        expected = naive_decoder(decoder, x)
+        for sizes in ([T], [1] * T, [2, 5, 1, T - 8]):
+            torch.testing.assert_close(run_decoder(decoder, x, sizes), expected, atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_fp32_decoder_close_to_naive_loop(make_tiny_model, variant: str) -> None:
+    model = aft_model(make_tiny_model, variant)
+    x = torch.randn(2, 20, model.cfg.d_model)
+    with torch.no_grad():
+        expected = naive_decoder(model.double().decoder, x.double())
+        got = run_decoder(model.float().decoder, x, [20])
+    torch.testing.assert_close(got.double(), expected, atol=1e-5, rtol=0)
+
+
+def test_bias_beyond_the_window_is_zero_not_minus_infinity(make_tiny_model) -> None:
+    """AFT-local keeps global connectivity: with one layer, a token far beyond the window still changes the output."""
+    model = aft_model(make_tiny_model, "local", window=3)
+    model.decoder.blocks = model.decoder.blocks[:1]
+    x = torch.randn(1, 12, model.cfg.d_model)
+    x2 = x.clone()
+    x2[:, 0] = torch.randn(model.cfg.d_model)
+    with torch.no_grad():
+        a, b = (run_decoder(model.decoder, inp, [12]) for inp in (x, x2))
+    assert (a[:, -1] - b[:, -1]).abs().max() > 1e-4  # distance 11 > window 3
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# relations between the variants
+
+
+def test_conv_with_zero_gain_and_shift_equals_simple(make_tiny_model) -> None:
+    """γ = β = 0 (the initialisation) makes AFT-conv's bias 0: it is AFT-simple with the head's key on every channel."""
+    conv = make_tiny_model("aft", aft={"variant": "conv", "heads": 4, "window": 5})
+    simple = make_tiny_model("aft", aft={"variant": "simple"})
+    D, H = conv.cfg.d_model, 4
+    with torch.no_grad():
+        for bc, bs in zip(conv.decoder.blocks, simple.decoder.blocks, strict=True):
+            bc.mix.bias.normal_()  # any raw filter: γ = 0 removes it
+            assert torch.equal(bc.mix.log_bias(), torch.zeros(H, 5))
+            wq, wk, wv = bc.mix.qkv.weight.split([D, H, D])
+            bq, bk, bv = bc.mix.qkv.bias.split([D, H, D])
+            bs.mix.qkv.weight.copy_(torch.cat([wq, wk.repeat_interleave(D // H, 0), wv]))
+            bs.mix.qkv.bias.copy_(torch.cat([bq, bk.repeat_interleave(D // H, 0), bv]))
+            bs.mix.out_proj.load_state_dict(bc.mix.out_proj.state_dict())
+            for name in ("norm_mix", "norm_mlp", "mlp"):
+                getattr(bs, name).load_state_dict(getattr(bc, name).state_dict())
+        simple.load_state_dict({k: v for k, v in conv.state_dict().items() if "decoder" not in k}, strict=False)
+        tokens = torch.randint(0, conv.cfg.vocab_size, (2, 17))
+        a = contract._run(conv, tokens, conv.init_state(2), [3, 1, 13])[0]
+        b = contract._run(simple, tokens, simple.init_state(2), [17])[0]
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+def test_local_window_one_and_simple(make_tiny_model) -> None:
+    """Window 1 learns only w(0), the bias of the query itself. With w(0) = 0 it is AFT-simple everywhere; with
+    w(0) != 0 the two still agree on the first token of a stream (a single term: the bias cancels) and differ after."""
+    local = make_tiny_model("aft", aft={"variant": "local", "window": 1, "heads": 1})
+    simple = make_tiny_model("aft", aft={"variant": "simple"})
+    simple.load_state_dict(local.state_dict(), strict=False)  # same weights; simple has no bias parameter
+    tokens = torch.randint(0, local.cfg.vocab_size, (2, 9))
+    with torch.no_grad():
+        same = simple(tokens, simple.init_state(2)).logits
+        torch.testing.assert_close(local(tokens, local.init_state(2)).logits, same, atol=1e-6, rtol=0)
+        for block in local.decoder.blocks:
+            block.mix.bias.fill_(2.0)
+        other = local(tokens, local.init_state(2)).logits
+    torch.testing.assert_close(other[:, 0], same[:, 0], atol=1e-6, rtol=0)
+    assert (other[:, 1:] - same[:, 1:]).abs().amax() > 1e-3
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# kernels: two forms, one result; extreme keys; long streams
+
+
+@pytest.mark.parametrize("window,heads,key_dim", [(1, 1, 3), (4, 2, 3), (5, 2, 1), (9, 1, 3)])
+def test_kernel_forms_match_naive(window: int, heads: int, key_dim: int) -> None:
+    """Parallel (one call, chunks, T > block so the blocked band runs) and recurrent forms against the loop."""
+    g = torch.Generator().manual_seed(window)
+    T, Dh = 75, 3
+    k = 3 * torch.randn(2, T, heads, key_dim, generator=g)
+    v = torch.randn(2, T, heads, Dh, generator=g)
+    log_w = torch.randn(heads, window, generator=g)
+    expected = naive_kernel(k, v, log_w)
+    for sizes, parallel_only in (([T], False), ([1] * T, False), ([1] * 5 + [40, 30], True), ([7, 1, 33, 34], False)):
+        y, _ = run_kernel(k, v, log_w, sizes, parallel_only)
+        torch.testing.assert_close(y.double(), expected, atol=2e-6, rtol=0)
+
+
+@pytest.mark.parametrize("M,T,block", [(0, 70, 32), (3, 100, 32), (31, 70, 32), (40, 33, 32), (5, 1, 32),
+                                       (0, 9, 4), (3, 11, 4), (6, 10, 4)])
+def test_block_toeplitz_equals_dense_product(monkeypatch, M: int, T: int, block: int) -> None:
+    """Blocks of queries (a partial last one included) give the dense product; gradients checked numerically."""
+    monkeypatch.setattr(aft_layers, "BAND_BLOCK", block)
+    g = torch.Generator().manual_seed(M + T)
+    H, N = 2, 5 if block > 4 else 2
+    z = torch.rand(H, M + T, N, generator=g, dtype=F64, requires_grad=True)
+    window_w = torch.rand(H, M + 1, generator=g, dtype=F64, requires_grad=True)
+    far_w, far0 = torch.rand(H, 1, generator=g, dtype=F64), torch.rand(H, N, generator=g, dtype=F64)
+    far0.requires_grad_()
+
+    def block_form(z: Tensor, window_w: Tensor, far0: Tensor) -> Tensor:
+        weights = toeplitz_weights(window_w, far_w, min(aft_layers.BAND_BLOCK, T))
+        return _BlockToeplitz.apply(z, weights, far0, far_w, T)
+
+    dense = toeplitz_weights(window_w, far_w, T)  # (H, T, M + T): the same rule over the whole segment at once
+    expected = torch.matmul(dense, z) + (far_w * far0)[:, None]
+    torch.testing.assert_close(block_form(z, window_w, far0), expected)
+    if block == 4:
+        assert torch.autograd.gradcheck(block_form, (z, window_w, far0))
+
+
+@pytest.mark.parametrize("magnitude", [80.0, 200.0])
+def test_extreme_keys_stay_exact(magnitude: float) -> None:
+    """Keys of ±80 and ±200 (spread up to 600 within a segment) with biases of ±20: no overflow, no 0/0 on the first
+    token, and exact in every form (several levels, each over a prefix of the segment)."""
+    g = torch.Generator().manual_seed(int(magnitude))
+    T = 40
+    signs = torch.where(torch.rand(1, T, 2, 3, generator=g) < 0.5, -1.0, 1.0)
+    k = magnitude * signs * torch.rand(1, T, 2, 3, generator=g).add(0.5)  # |k| in [m/2, 3m/2], random signs
+    k[:, 0] = -magnitude  # the first token far below the rest of its segment
+    k[:, 1] = magnitude
+    v = torch.randn(1, T, 2, 3, generator=g)
+    log_w = 40 * torch.rand(2, 4, generator=g) - 20  # biases within ±20 (a spread of 40: inside the exact range)
+    log_w[:, 0], log_w[:, 1] = -20.0, 20.0
+    expected = naive_kernel(k, v, log_w)
+    for sizes in ([T], [1] * T, [3, 17, 20]):
+        y, memory = run_kernel(k, v, log_w, sizes)
+        assert torch.isfinite(y).all() and all(torch.isfinite(t).all() for t in memory)
+        torch.testing.assert_close(y.double(), expected, atol=1e-5, rtol=0)
+
+
+def test_first_token_of_a_stream_with_huge_key() -> None:
+    for key in (-1e4, 1e4, 0.0):
+        k, v = torch.full((1, 1, 1, 2), key), torch.randn(1, 1, 1, 2)  # (H, T, B, D)
+        for kernel in (aft_parallel, aft_recurrent):
+            memory = Memory(window=torch.zeros(1, 0, 1, 4), far=torch.zeros(1, 1, 4), ref=torch.zeros(1, 1, 2))
+            y, after = kernel(memory, k, v, torch.zeros(1, dtype=torch.bool), None)
+            torch.testing.assert_close(y, v)  # a single term: y = v
+            assert torch.equal(after.ref, k[:, 0])
+            assert torch.equal(after.far, torch.cat([v[:, 0], torch.ones(1, 1, 2)], dim=-1))  # exp(k - ref) = 1
+
+
+def test_gradients_match_naive() -> None:
+    """Backward through the stabilised parallel form (with several levels) equals backward through the loop."""
+    g = torch.Generator().manual_seed(3)
+    T = 12
+    k = (40 * torch.randn(1, T, 2, 2, generator=g, dtype=F64)).requires_grad_()
+    v = torch.randn(1, T, 2, 2, generator=g, dtype=F64, requires_grad=True)
+    log_w = torch.randn(2, 3, generator=g, dtype=F64, requires_grad=True)
+    weights = torch.randn(1, T, 2, 2, generator=g, dtype=F64)
+    for sizes in ([T], [5, 1, 6]):
+        y, _ = run_kernel(k, v, log_w, sizes)
+        got = torch.autograd.grad((y * weights).sum(), [k, v, log_w])
+        expected = torch.autograd.grad((naive_kernel(k, v, log_w) * weights).sum(), [k, v, log_w])
+        for a, b in zip(got, expected, strict=True):
+            assert torch.isfinite(a).all()
+            torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-7)
+
+
+def test_a_million_tokens() -> None:
+    """2^20 tokens through the kernels in big segments, keys drifting up to ~100: finite, and the last query (whose
+    far sums hold ~10^6 tokens) matches a float64 sum over the whole stream."""
+    g = torch.Generator().manual_seed(0)
+    N, seg, window = 2**20, 2**16, 4
+    k = torch.linspace(0, 100, N)[None, :, None, None] + torch.randn(1, N, 1, 2, generator=g)  # (1, N, 1, 2)
+    v = torch.randn(1, N, 1, 2, generator=g)
+    log_w = torch.tensor([[0.5, -1.0, 2.0, 0.0]])
+    y, memory = run_kernel(k, v, log_w, [seg] * (N // seg - 1) + [seg - 1, 1])
+    assert torch.isfinite(y).all() and all(torch.isfinite(t).all() for t in memory)
+    bias = torch.zeros(N, dtype=F64)
+    bias[-window:] = log_w[0].flip(0).double()
+    e = torch.exp(k[0, :, 0].double() + bias[:, None] - 100)  # (N, 2)
+    expected = (e * v[0, :, 0].double()).sum(0) / e.sum(0)
+    torch.testing.assert_close(y[0, -1, 0].double(), expected, atol=1e-5, rtol=0)
+
+
+def test_a_long_stream_through_a_model(make_tiny_model) -> None:
+    """A one-layer model reads 2^18 tokens in segments of 2^16: the state stays finite and does not grow (the kernel
+    test above covers 2^20 tokens)."""
+    model = aft_model(make_tiny_model, "local", window=4)
+    model.decoder.blocks = model.decoder.blocks[:1]
+    model.cfg.n_layer = 1
+    tokens = torch.randint(0, model.cfg.vocab_size, (1, 2**16))
+    state = model.init_state(1)
+    size = state.nbytes()
+    with torch.no_grad():
+        for _ in range(4):
+            out = model(tokens, state)
+            state = out.state
+    assert int(state.position) == 2**18 and state.nbytes() == size
+    assert torch.isfinite(out.logits).all() and all(torch.isfinite(t).all() for t in state.tensors().values())
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# precision, state, config
+
+
+def test_bf16_autocast_keeps_float32_accumulators(make_tiny_model) -> None:
+    model = aft_model(make_tiny_model, "conv", heads=4)
+    tokens = torch.randint(0, model.cfg.vocab_size, (2, 30))
+    with torch.no_grad():
+        ref = model(tokens, model.init_state(2)).logits
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(tokens, model.init_state(2))
+    assert all(t.dtype in (torch.float32, torch.int64) for t in out.state.tensors().values())
+    assert torch.isfinite(out.logits).all()
+    assert (out.logits.float() - ref).abs().max() < 0.05
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_state_layout(make_tiny_model, variant: str) -> None:
+    model = make_tiny_model("aft", aft={"variant": variant, "window": 4, "heads": 2, "max_distance": 6})
+    state = model.init_state(3)
+    L, H = model.cfg.n_layer, 1 if variant == "simple" else 2
+    M = {"simple": 0, "full": 5}.get(variant, 3)
+    Dh, Dk = model.cfg.d_model // H, 1 if variant == "conv" else model.cfg.d_model // H
+    assert state.window.shape == (3, L, H, M, Dh + Dk) and state.far.shape == (3, L, H, Dh + Dk)
+    assert state.ref.shape == (3, L, H, Dk) and state.position.shape == (3,)
+    with torch.no_grad():
+        later = model(torch.randint(0, 61, (3, 50)), state).state
+    assert later.nbytes() == state.nbytes()
+
+
+_CONTRACT_ARGS = {"tiny_model", "tiny_memory_length", "chunked"}
+CONTRACT_CHECKS = {name: fn for name, fn in vars(contract).items()
+                   if name.startswith("test_") and callable(fn)
+                   and set(inspect.signature(fn).parameters) <= _CONTRACT_ARGS}
+
+
+@pytest.mark.parametrize("check", sorted(CONTRACT_CHECKS))
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_contract_for_every_variant(make_tiny_model, variant: str, check: str) -> None:
+    """The shared contract checks with non-zero biases (the registry runs them for ``local`` with its initial ones)."""
+    model = aft_model(make_tiny_model, variant)
+    fn = CONTRACT_CHECKS[check]
+    params = inspect.signature(fn).parameters
+    kwargs: dict[str, Any] = {"tiny_model": model}
+    if "tiny_memory_length" in params:
+        kwargs["tiny_memory_length"] = max(4, model.decoder.cache_len + 1)
+    for chunked in ([False, True] if "chunked" in params else [None]):
+        fn(**kwargs, **({} if chunked is None else {"chunked": chunked}))
+
+
+def test_contract_checks_were_found() -> None:
+    assert {"test_chunking_invariance", "test_causality", "test_state_size_does_not_grow_with_stream_length",
+            "test_reset_rows_behave_like_a_fresh_state"} <= set(CONTRACT_CHECKS)
+
+
+@pytest.mark.parametrize("preset,variant", [("aft-simple-small", "simple"), ("aft-local-small", "local"),
+                                            ("aft-conv-small", "conv"), ("aft-full-small", "full")])
+def test_presets_build(preset: str, variant: str) -> None:
+    config = load_config(preset)
+    assert config.model.decoder == "aft" and config.model.aft.variant == variant
+    assert (config.model.n_layer, config.model.d_model, config.model.d_ff) == (6, 256, 1024)
+    assert config.train.seq_len == 256 and config.train.batch_size == 8
+    assert AFTDecoder(config.model).init_state(1, "cpu", torch.float32).nbytes() < 8 * 2**20
+
+
+def test_config_errors() -> None:
+    with pytest.raises(ConfigError, match="model.aft.heads"):
+        load_config("aft-conv-small", {"model.aft.heads": "3"})
+    with pytest.raises(ConfigError, match="model.aft.variant"):
+        load_config("aft-local-small", {"model.aft.variant": "global"})
+    with pytest.raises(ConfigError, match="model.aft.window"):
+        load_config("aft-local-small", {"model.aft.window": "0"})
+    assert LEVEL_STEP > 0

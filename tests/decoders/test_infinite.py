@@ -1,0 +1,320 @@
+"""Tests of the ∞-former decoder (``infinite``; Martins et al. 2022, arXiv 2109.00301).
+
+The shared contract tests (test_contract.py) run for ``infinite`` through the registry (no sticky memories); here the
+same checks also run with sticky memories and with the input gate. The decoder is compared with a naive reference
+that follows the issue's schedule one query at a time: the exact window after the last refit boundary b(p), and the
+LTM version built by explicit, sequential refits (for sticky memories: from the attention of the queries that read the
+previous version). The LTM maths itself is tested in tests/layers/test_continuous.py.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import test_contract as contract  # the shared contract checks (same folder; pytest puts it on sys.path)
+import torch
+from torch import Tensor
+
+from longctx.config import load_config
+from longctx.decoders.infinite import InfiniteDecoder, InfiniteState, make_schedule
+from longctx.errors import ConfigError
+from longctx.layers.continuous import bin_mass, evaluate_basis, expected_basis, histogram_quantiles
+from longctx.model import LongContextLM, build_model
+
+torch.set_num_threads(1)
+
+ATOL = 1e-5  # the same maths through different kernels and accumulation orders, fp32, hidden states ~1
+
+# tiny LTM settings: exact windows of 3..4 previous tokens, a refit every 2 tokens from position 3 on
+TINY = {"mem_len": 3, "ltm_block": 2, "n_basis": 12, "sigmas": [0.05, 0.1], "n_samples": 10, "sticky_bins": 6}
+VARIANTS: dict[str, dict[str, Any]] = {"sticky": {"sticky": True}, "gate": {"gate": True},
+                                       "sticky-gate-own-bias": {"sticky": True, "gate": True, "share_bias": False}}
+
+
+def _tokens(model: LongContextLM, batch: int, length: int, seed: int = 0) -> Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, model.cfg.vocab_size, (batch, length), generator=g)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# naive reference: one query at a time, LTM versions built in order
+
+
+def _naive_ltm_version(attn: Any, memory: Any, versions: list[Tensor], masses: list[Tensor], h: Tensor,
+                       block: int, sticky: bool) -> Tensor:
+    """The next LTM version from the previous one and the block of inputs that just left the window."""
+    k = len(versions)  # the new version covers the tokens [0, k * block)
+    x = h[:, (k - 1) * block:k * block]  # (B, L, D)
+    if attn.gate is not None:
+        x = x * torch.sigmoid(attn.gate(x.transpose(1, 2))).transpose(1, 2)
+    if k == 1:
+        return memory.fit_block.T @ x
+    M = memory.n_samples
+    samples = histogram_quantiles(masses[k - 1], M).float() if sticky else \
+        (torch.arange(1, M + 1) / M).expand(x.shape[0], -1)
+    old = evaluate_basis(samples, memory.centres, memory.widths) @ versions[k - 1]  # (B, M, D): old signal
+    return memory.fit_old.T @ old + memory.fit_new.T @ x
+
+
+def _naive_layer(block: Any, decoder: InfiniteDecoder, x: Tensor, u: Tensor, v: Tensor) -> Tensor:
+    attn, inf, memory = block.attn, decoder.inf, decoder.memory
+    B, n, D = x.shape
+    H, Dh, N = attn.n_head, attn.head_dim, inf.n_basis
+    h = block.norm_attn(x)
+    q, k, val = attn.qkv(h).view(B, n, 3, H, Dh).unbind(2)  # (B, n, H, Dh)
+    inv_freq = [10000.0 ** (-2 * i / D) for i in range(D // 2)]
+    W = inf.mem_len + inf.ltm_block
+    table = torch.tensor([[math.sin(d * f) for f in inv_freq] + [math.cos(d * f) for f in inv_freq]
+                          for d in range(W)])  # (W, D): R_d
+    rel = attn.r_net(table).view(W, H, Dh)
+    u, v = u.view(H, Dh), v.view(H, Dh)
+    versions, masses = [torch.zeros(B, N, D)], [torch.zeros(B, inf.sticky_bins)]
+    out = torch.zeros(B, n, H, Dh)
+    for p in range(n):
+        b = max(0, inf.ltm_block * ((p - inf.mem_len) // inf.ltm_block))
+        while len(versions) <= b // inf.ltm_block:
+            versions.append(_naive_ltm_version(attn, memory, versions, masses, h, inf.ltm_block, inf.sticky))
+            masses.append(torch.zeros(B, inf.sticky_bins))
+        keys = range(b, p + 1)  # the exact window: itself and the tokens after the boundary
+        assert inf.mem_len <= p - b <= inf.mem_len + inf.ltm_block - 1 or b == 0
+        for head in range(H):
+            s = torch.stack([((q[:, p, head] + u[head]) * k[:, j, head]).sum(-1)
+                             + ((q[:, p, head] + v[head]) * rel[p - j, head]).sum(-1) for j in keys], -1)
+            a = torch.softmax(s / math.sqrt(Dh), -1)  # (B, n_keys)
+            out[:, p, head] = (a[..., None] * torch.stack([val[:, j, head] for j in keys], 1)).sum(1)
+        if b == 0:
+            continue  # empty LTM
+        coeffs = versions[b // inf.ltm_block]  # (B, N, D)
+        K = (coeffs @ attn.ltm.key.weight.T).view(B, N, H, Dh)
+        V = (coeffs @ attn.ltm.value.weight.T).view(B, N, H, Dh)
+        for head in range(H):
+            s = (K[:, :, head] @ q[:, p, head, :, None])[..., 0] / math.sqrt(Dh)  # (B, N)
+            mu = torch.sigmoid(s @ attn.ltm.mu.weight[0])
+            var = torch.nn.functional.softplus(s @ attn.ltm.sigma.weight[0]).clamp_min(inf.min_var)
+            r = expected_basis(mu, var, memory.centres, memory.widths)  # (B, N)
+            out[:, p, head] += (r[:, :, None] * V[:, :, head]).sum(1)
+            masses[b // inf.ltm_block] += bin_mass(mu, var.sqrt(), inf.sticky_bins)
+    return attn.out_proj(out.reshape(B, n, D))
+
+
+def _naive_decoder(decoder: InfiniteDecoder, x: Tensor) -> Tensor:
+    for block in decoder.blocks:
+        u = decoder.pos_bias_u if decoder.pos_bias_u is not None else block.attn.pos_bias_u
+        v = decoder.pos_bias_v if decoder.pos_bias_v is not None else block.attn.pos_bias_v
+        x = x + _naive_layer(block, decoder, x, u, v)
+        x = x + block.mlp(block.norm_mlp(x))
+    return x
+
+
+@pytest.mark.parametrize("variant", ["plain", *VARIANTS])
+def test_decoder_matches_naive_reference(make_tiny_model: Callable[..., LongContextLM], variant: str) -> None:
+    model = make_tiny_model("infinite", infinite={**TINY, **VARIANTS.get(variant, {})})
+    decoder = model.decoder
+    x = torch.randn(2, 17, model.cfg.d_model)
+    with torch.no_grad():
+        expected = _naive_decoder(decoder, x)
+        whole = decoder(x, decoder.init_state(2, None, torch.float32))
+        torch.testing.assert_close(whole.hidden, expected, atol=ATOL, rtol=0)
+        assert whole.state.coeffs.abs().sum() > 0 and int(whole.state.position[0]) == 17
+        state, outs = decoder.init_state(2, None, torch.float32), []
+        for lo, hi in [(0, 1), (1, 8), (8, 9), (9, 10), (10, 17)]:
+            out = decoder(x[:, lo:hi], state)
+            outs.append(out.hidden)
+            state = out.state
+        torch.testing.assert_close(torch.cat(outs, 1), expected, atol=ATOL, rtol=0)
+        torch.testing.assert_close(state.coeffs, whole.state.coeffs, atol=ATOL, rtol=0)
+        torch.testing.assert_close(state.mass, whole.state.mass, atol=ATOL, rtol=0)
+
+
+def test_long_term_memory_changes_the_output(make_tiny_model) -> None:
+    """The same exact windows with and without the LTM's contribution differ: the LTM is read."""
+    model = make_tiny_model("infinite", infinite=TINY)
+    tokens = _tokens(model, 2, 20)
+    with torch.no_grad():
+        base = model(tokens, model.init_state(2)).logits
+        for block in model.decoder.blocks:
+            block.attn.ltm.value.weight.zero_()
+        without = model(tokens, model.init_state(2)).logits
+    change = (base - without).abs().amax(dim=(0, 2))  # (T,)
+    assert (change[:5] == 0).all()  # b(p) = 0 before position 5: no LTM yet
+    assert (change[5:] > 1e-5).all()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# schedule
+
+
+def test_schedule_windows_groups_and_refits() -> None:
+    mem_len, block = 3, 2
+    sched = make_schedule([0, 6], 5, mem_len, block, torch.device("cpu"))
+    # exact window: the query at p sees distances 0 .. p - b(p)
+    for row, start in enumerate((0, 6)):
+        for t in range(5):
+            p = start + t
+            reach = p - max(0, block * ((p - mem_len) // block))
+            allowed = (sched.valid[row, 0, t] == 0).nonzero().flatten().tolist()
+            W = mem_len + block
+            assert allowed == list(range(W - 1 - reach, W)), (p, allowed)
+            assert reach == p or mem_len <= reach <= mem_len + block - 1
+    # row 0 (p = 0..4) reads version 0 (empty) and ends at version 1 (b(5) = 2); row 1 (p = 6..10, b = 2, 4, 4, 6, 6)
+    # reads versions 0, 1, 2 and ends at version 3 (b(11) = 8), which no query of this segment reads
+    assert len(sched.groups) == 4 and len(sched.refits) == 3
+    g0, g1, g2, g3 = sched.groups
+    assert g0 is not None and g0.mask.tolist() == [[False], [True]] and (g0.t0, g0.t1) == (0, 1)
+    assert g1 is not None and (g1.t0, g1.t1) == (1, 3) and g1.mask.tolist() == [[False, False], [True, True]]
+    assert g2 is not None and (g2.t0, g2.t1) == (3, 5) and g2.mask.tolist() == [[False, False], [True, True]]
+    assert g3 is None
+    first, second, third = sched.refits
+    assert first.rows.tolist() == [True, True] and first.first.tolist() == [True, False]
+    # [cache ; segment] has C = 4 cache slots: row 0's tokens 0, 1 sit at slots 4, 5; row 1's cache holds 2 .. 5
+    assert first.slots.tolist() == [[4, 5], [0, 1]]
+    assert second.rows.tolist() == [False, True] and second.slots[1].tolist() == [2, 3]  # tokens 4, 5
+    assert third.rows.tolist() == [False, True] and third.slots[1].tolist() == [4, 5]  # tokens 6, 7
+    # deterministic: the same positions give the same schedule
+    again = make_schedule([0, 6], 5, mem_len, block, torch.device("cpu"))
+    assert torch.equal(again.valid, sched.valid) and len(again.groups) == len(sched.groups)
+
+
+def test_sticky_quantiles_are_deterministic(make_tiny_model) -> None:
+    model = make_tiny_model("infinite", infinite={**TINY, "sticky": True})
+    tokens = _tokens(model, 2, 24)
+    with torch.no_grad():
+        a = model(tokens, model.init_state(2))
+        b = model(tokens, model.init_state(2))
+    assert torch.equal(a.logits, b.logits)
+    assert torch.equal(a.state.coeffs, b.state.coeffs) and torch.equal(a.state.mass, b.state.mass)
+    with torch.no_grad():  # and the sticky samples differ from the uniform ones: the histogram matters
+        plain = make_tiny_model("infinite", infinite=TINY)
+        assert not torch.allclose(plain(tokens, plain.init_state(2)).state.coeffs, a.state.coeffs, atol=1e-4)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# gradients, regulariser, stats
+
+
+def test_gradients_reach_the_ltm_parameters_but_not_old_coefficients(make_tiny_model) -> None:
+    model = make_tiny_model("infinite", n_layer=1, infinite={**TINY, "gate": True}).train()  # one layer: see below
+    tokens = _tokens(model, 2, 30)
+    with torch.no_grad():
+        warm = model(tokens[:, :9], model.init_state(2)).state  # position 9: b = 6, LTM version 3
+    coeffs = warm.coeffs.clone().requires_grad_(True)
+    state = InfiniteState(**{**warm.tensors(), "coeffs": coeffs})
+    out = model(tokens[:, 9:], state, tokens[:, 9:])  # refits at positions 11, 13, ...
+    params = [p for name, p in model.named_parameters() if ".ltm." in name or ".gate." in name]
+    assert len(params) == 6  # W_K, W_V, w_mu, w_sigma, gate weight and bias
+    grads = torch.autograd.grad(out.loss + out.aux_loss, params, retain_graph=True)
+    assert all(g is not None and torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
+    # queries after the first refit (p >= 11, t >= 2) and the next state do not depend on the old coefficients (with
+    # more layers they would, legitimately: a later layer attends exactly to tokens whose first layer read them)
+    for later in (out.logits[:, 2:].square().sum(), out.state.coeffs.sum()):
+        (grad,) = torch.autograd.grad(later, coeffs, allow_unused=True, retain_graph=True)
+        assert grad is None or (grad == 0).all()
+    early = out.logits[:, :2].square().sum()  # ... while the queries before it read them
+    assert torch.autograd.grad(early, coeffs)[0].abs().sum() > 0
+
+
+def test_kl_regulariser_and_stats(make_tiny_model) -> None:
+    model = make_tiny_model("infinite", infinite={**TINY, "kl_weight": 0.5}).train()
+    tokens = _tokens(model, 2, 12)
+    early = model(tokens[:, :4], model.init_state(2), tokens[:, :4])  # no LTM yet: no KL, no stats
+    assert early.aux_loss.item() == 0.0 and early.stats == {}
+    out = model(tokens, model.init_state(2), tokens)
+    assert out.aux_loss.item() > 0 and out.aux_loss.requires_grad
+    assert set(out.stats) == {f"ltm/layer{i}_{k}" for i in range(2) for k in ("mu", "sigma")}
+    assert all(0 < out.stats[f"ltm/layer{i}_mu"] < 1 for i in range(2))
+    assert all(out.stats[f"ltm/layer{i}_sigma"] >= math.sqrt(1e-6) for i in range(2))
+    weight_two = make_tiny_model("infinite", infinite={**TINY, "kl_weight": 1.0}).train()
+    torch.testing.assert_close(weight_two(tokens, weight_two.init_state(2)).aux_loss, 2 * out.aux_loss.detach())
+    model.eval()
+    evaluated = model(tokens, model.init_state(2), tokens)
+    assert evaluated.aux_loss.item() == 0.0 and evaluated.stats == {}
+
+
+def test_no_nan_for_extreme_sigma(make_tiny_model) -> None:
+    model = make_tiny_model("infinite", infinite=TINY).train()
+    tokens = _tokens(model, 2, 20)
+    for scale in (1e4, -1e4):  # sigma^2 = softplus(huge) ~ 1e4+, or clamped at min_var
+        with torch.no_grad():
+            for block in model.decoder.blocks:
+                block.attn.ltm.sigma.weight.fill_(scale)
+        out = model(tokens, model.init_state(2), tokens)
+        assert torch.isfinite(out.logits).all() and torch.isfinite(out.aux_loss)
+        grads = torch.autograd.grad(out.loss + out.aux_loss, [p for p in model.parameters() if p.requires_grad])
+        assert all(torch.isfinite(g).all() for g in grads)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# state: bounded, checked with every variant through the shared contract checks
+
+
+def test_state_size_is_the_same_after_1k_and_100k_tokens(make_tiny_model) -> None:
+    model = make_tiny_model("infinite", n_layer=1, infinite={"mem_len": 16, "ltm_block": 64, "n_basis": 16,
+                                                             "sigmas": [0.05, 0.1], "n_samples": 16,
+                                                             "sticky": True, "sticky_bins": 8})
+    decoder = model.decoder
+    state = decoder.init_state(1, None, torch.float32)
+    expected = state.nbytes()
+    assert expected == 4 * (2 * 2 * 79 * 16 + 79 * 32 + 16 * 32 + 8) + 8  # keys, values, inputs, coeffs, mass, pos
+    sizes = {}
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        while int(state.position[0]) < 100_000:
+            state = decoder(torch.randn(1, 4950 if int(state.position[0]) >= 1000 else 1000, 32, generator=g),
+                            state).state
+            sizes[int(state.position[0])] = state.nbytes()
+    assert sizes[1000] == sizes[100_000] == expected
+    assert torch.isfinite(state.coeffs).all() and state.coeffs.abs().max() < 1e3
+
+
+_CONTRACT_ARGS = {"tiny_model", "tiny_memory_length", "chunked"}
+CONTRACT_CHECKS = {name: fn for name, fn in vars(contract).items()
+                   if name.startswith("test_") and callable(fn)
+                   and set(inspect.signature(fn).parameters) <= _CONTRACT_ARGS}
+
+
+@pytest.mark.parametrize("check", sorted(CONTRACT_CHECKS))
+@pytest.mark.parametrize("variant", ["sticky", "gate"])
+def test_contract_with_variant(make_tiny_model, variant: str, check: str) -> None:
+    """The shared contract checks (bounded memory, chunking invariance, causality, ...) with sticky memories / gate."""
+    model = make_tiny_model("infinite", infinite=VARIANTS[variant])  # on top of the registry's tiny config
+    fn = CONTRACT_CHECKS[check]
+    params = inspect.signature(fn).parameters
+    kwargs: dict[str, Any] = {"tiny_model": model}
+    if "tiny_memory_length" in params:
+        kwargs["tiny_memory_length"] = model.cfg.infinite.mem_len + model.cfg.infinite.ltm_block
+    for chunked in ([False, True] if "chunked" in params else [None]):
+        fn(**kwargs, **({} if chunked is None else {"chunked": chunked}))
+
+
+def test_contract_checks_were_found() -> None:
+    assert {"test_chunking_invariance", "test_causality", "test_state_size_does_not_grow_with_stream_length",
+            "test_reset_rows_behave_like_a_fresh_state"} <= set(CONTRACT_CHECKS)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# presets, config, describe
+
+
+@pytest.mark.parametrize("preset,sticky", [("infinite-small", False), ("infinite-sticky-small", True)])
+def test_presets_build(preset: str, sticky: bool) -> None:
+    config = load_config(preset)
+    assert config.model.decoder == "infinite" and config.model.infinite.sticky == sticky
+    assert (config.model.n_layer, config.model.d_model, config.model.n_head, config.model.d_ff) == (6, 256, 4, 1024)
+    assert config.train.seq_len == 256 and config.train.batch_size == 8
+    model = build_model(config.model)
+    assert isinstance(model.init_state(1), InfiniteState)
+    info = model.decoder.describe()
+    assert info["sticky"] == sticky and info["n_basis"] == config.model.infinite.n_basis
+
+
+@pytest.mark.parametrize("key,value", [("n_basis", 0), ("n_basis", 5), ("sigmas", []), ("sigmas", [0.01, -1.0]),
+                                       ("tau", 1.0), ("tau", 0.0), ("ridge", 0.0), ("min_var", 0.0),
+                                       ("kl_sigma0", 0.0), ("kl_weight", -1.0), ("mem_len", 0), ("ltm_block", 0),
+                                       ("n_samples", 0), ("sticky_bins", 0)])
+def test_config_rejects_bad_values(key: str, value: Any) -> None:
+    with pytest.raises(ConfigError, match=f"model.infinite.{key}"):
+        load_config("transformer-small", {"model.decoder": "infinite", f"model.infinite.{key}": value})
