@@ -1,0 +1,274 @@
+"""Speed of the Transformer-XL decoder (``xl``): training, evaluation and generation, next to the baseline.
+
+What it measures (every figure is a median; models being compared run interleaved, step by step, so that a busy
+shared machine slows them alike -- compare ratios within one run):
+
+* ``train``: tokens/s of full training steps (forward, backward, AdamW as the trainer builds it, carried detached
+  state) for ``--presets`` (default ``xl-small``, ``xl-span-small``) and the ``--baseline`` (``transformer-small``),
+  in fp32 and under bf16 autocast. ``xl-span-small`` runs with its initial spans (``c = span_init``, so each head sees
+  ``z + R`` = 32 tokens) -- the speed a model with learned short spans trains at.
+* ``eval``: tokens/s of carry-mode evaluation (eval mode, no grad, one stream, segments of ``seq_len``, state
+  carried) for ``xl-span-small`` with every span set to a quarter of ``mem_len`` and to the full ``mem_len``.
+* ``generate``: per-token latency (one token in, logits out, state carried; no sampling) after prompts of
+  ``--prompts`` tokens (default 1k, 10k, 100k) read in segments of ``seq_len``, for each preset; the tokens after
+  the different prompt lengths are timed round robin.
+* ``--xtransformers``: also trains x-transformers' Transformer-XL recurrence at the same size (the reference the
+  issue's target is stated against), if the package is importable.
+
+Run::
+
+    python benchmarks/xl_speed.py                       # everything, 1 thread (a few minutes on a busy machine)
+    python benchmarks/xl_speed.py --only train --precision bf16 --steps 20
+    python benchmarks/xl_speed.py --smoke               # tiny models, seconds: checks that the script runs
+
+Prints a JSON report on stdout and writes it to ``--output`` (default ``benchmarks/results/xl_speed.json``;
+``xl_speed_smoke.json`` with ``--smoke``). Progress goes to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from longctx.config import Config, load_config
+from longctx.decoders.xl import XLDecoder
+from longctx.model import LongContextLM, build_model
+from longctx.train import make_optimizer
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SMOKE = {"model.n_layer": 2, "model.d_model": 64, "model.n_head": 2, "model.d_ff": 128, "model.xl.mem_len": 32,
+         "model.transformer.window": 32, "model.xl.span_ramp": 4.0, "model.xl.span_cache_multiple": 8,
+         "train.seq_len": 32, "train.batch_size": 2, "train.micro_batch_size": 2}
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def load(preset: str, smoke: bool) -> Config:
+    return load_config(preset, SMOKE if smoke else None)  # every model config has both sub-configs
+
+
+def set_span_ratio(model: LongContextLM, ratio: float) -> None:
+    """Every adaptive-span head of ``model`` gets the span ``ratio * mem_len``."""
+    with torch.no_grad():
+        for block in model.decoder.blocks:
+            block.attn.span.ratio.fill_(ratio)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# training
+
+
+class TrainRun:
+    """One model, optimizer, carried state and fixed random data; :meth:`step` runs and times one training step."""
+
+    def __init__(self, config: Config, precision: str, seed: int) -> None:
+        torch.manual_seed(seed)
+        self.model = self.build(config)
+        self.optimizer = make_optimizer(self.model, config.train)  # type: ignore[arg-type]
+        self.batch, self.seq_len = config.train.batch_size, config.train.seq_len
+        gen = torch.Generator().manual_seed(seed)
+        self.data = torch.randint(0, config.model.vocab_size, (self.batch, self.seq_len + 1), generator=gen)
+        self.bf16 = precision == "bf16"
+        self.times: list[float] = []
+
+    def build(self, config: Config) -> torch.nn.Module:
+        model = build_model(config.model).train()
+        self.state = model.init_state(config.train.batch_size)
+        return model
+
+    def loss(self) -> torch.Tensor:
+        """Forward with the carried state; keeps the next (detached) state."""
+        out = self.model(self.data[:, :-1], self.state, self.data[:, 1:])
+        self.state = out.state.detach()
+        return out.loss + out.aux_loss
+
+    def step(self, timed: bool) -> None:
+        t0 = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+            loss = self.loss()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.optimizer.step()
+        if isinstance(self.model, LongContextLM):
+            self.model.decoder.after_optimizer_step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if timed:
+            self.times.append(time.perf_counter() - t0)
+
+    def tokens_per_s(self) -> float:
+        return self.batch * self.seq_len / statistics.median(self.times)
+
+
+class XTransformersRun(TrainRun):
+    """The reference of the issue: x-transformers' Transformer-XL recurrence (``TransformerWrapper`` with
+    ``max_mem_len`` and ``return_mems``, relative position bias) at the size of ``config``, memory = ``mem_len``."""
+
+    def build(self, config: Config) -> torch.nn.Module:
+        from x_transformers import Decoder, TransformerWrapper  # optional: pip install x-transformers
+
+        m = config.model
+        self.mems = None
+        return TransformerWrapper(
+            num_tokens=m.vocab_size, max_seq_len=config.train.seq_len, max_mem_len=m.xl.mem_len,
+            attn_layers=Decoder(dim=m.d_model, depth=m.n_layer, heads=m.n_head, ff_mult=m.d_ff // m.d_model,
+                                rel_pos_bias=True)).train()
+
+    def loss(self) -> torch.Tensor:
+        logits, self.mems = self.model(self.data[:, :-1], mems=self.mems, return_mems=True)  # mems: detached
+        return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), self.data[:, 1:].flatten())
+
+
+def bench_train(presets: list[str], precisions: list[str], args: argparse.Namespace) -> list[dict[str, Any]]:
+    out = []
+    for precision in precisions:
+        runs = {p: TrainRun(load(p, args.smoke), precision, args.seed) for p in presets}
+        if args.xtransformers:
+            runs["x-transformers-xl"] = XTransformersRun(load(presets[0], args.smoke), precision, args.seed)
+        for i in range(args.warmup + args.steps):  # round robin: the models share the machine's load alike
+            for run in runs.values():
+                run.step(timed=i >= args.warmup)
+        for preset, run in runs.items():
+            out.append({"preset": preset, "precision": precision, "tokens_per_s": run.tokens_per_s(),
+                        "step_times_s": [round(t, 4) for t in run.times]})
+            log(f"  train {preset:18s} {precision}: {run.tokens_per_s():8.0f} tokens/s")
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# evaluation and generation
+
+
+@torch.no_grad()
+def read(model: LongContextLM, tokens: torch.Tensor, seq_len: int, state: Any) -> Any:
+    for start in range(0, tokens.shape[1], seq_len):
+        state = model(tokens[:, start:start + seq_len], state).state
+    return state
+
+
+def bench_eval(preset: str, ratios: list[float], args: argparse.Namespace) -> list[dict[str, Any]]:
+    config = load(preset, args.smoke)
+    seq_len, mem_len = config.train.seq_len, config.model.xl.mem_len
+    models = {}
+    for ratio in ratios:
+        torch.manual_seed(args.seed)
+        models[ratio] = build_model(config.model).eval()
+        set_span_ratio(models[ratio], ratio)
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, config.model.vocab_size, (1, args.eval_tokens), generator=gen)
+    times: dict[float, list[float]] = {r: [] for r in ratios}
+    for _ in range(args.repeats):
+        for ratio, model in models.items():
+            t0 = time.perf_counter()
+            read(model, tokens, seq_len, model.init_state(1))
+            times[ratio].append(time.perf_counter() - t0)
+    out = []
+    for ratio, model in models.items():
+        decoder = model.decoder
+        assert isinstance(decoder, XLDecoder)
+        rate = args.eval_tokens / statistics.median(times[ratio])
+        out.append({"preset": preset, "span": ratio * mem_len, "span_ratio": ratio, "tokens_per_s": rate,
+                    "cache_slots_per_layer": decoder.state_slots(trim=True),
+                    "state_bytes": model.init_state(1).nbytes()})
+        log(f"  eval {preset} span {ratio * mem_len:.0f}/{mem_len}: {rate:8.0f} tokens/s, "
+            f"state {model.init_state(1).nbytes():,} bytes")
+    return out
+
+
+@torch.no_grad()
+def bench_generate(preset: str, prompts: list[int], args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Read one growing prompt, keep the state after each length, then time single tokens round robin over them."""
+    config = load(preset, args.smoke)
+    torch.manual_seed(args.seed)
+    model = build_model(config.model).eval()
+    gen = torch.Generator().manual_seed(1)
+    states, tokens, state, read_so_far = {}, {}, model.init_state(1), 0
+    for length in sorted(prompts):  # 1k, then 9k more to 10k, ...
+        more = torch.randint(0, config.model.vocab_size, (1, length - read_so_far), generator=gen)
+        state, read_so_far = read(model, more, config.train.seq_len, state), length
+        states[length], tokens[length] = state, more[:, -1:]
+    times: dict[int, list[float]] = {n: [] for n in states}
+    for _ in range(args.gen_tokens):
+        for length in states:
+            t0 = time.perf_counter()
+            result = model(tokens[length], states[length])
+            times[length].append(time.perf_counter() - t0)
+            states[length], tokens[length] = result.state, result.logits[:, -1].argmax(-1, keepdim=True)
+    out = []
+    for length, state in states.items():
+        ms = 1e3 * statistics.median(times[length])
+        out.append({"preset": preset, "prompt_tokens": length, "ms_per_token": ms, "state_bytes": state.nbytes()})
+        log(f"  generate {preset} after {length:>7,} tokens: {ms:6.2f} ms/token, state {state.nbytes():,} bytes")
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# main
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--presets", default="xl-small,xl-span-small", help="comma list of xl presets")
+    p.add_argument("--baseline", default="transformer-small", help="preset trained alongside ('' for none)")
+    p.add_argument("--xtransformers", action="store_true",
+                   help="also train x-transformers' XL recurrence at the size of the first preset (the issue's "
+                        "reference; needs the x-transformers package)")
+    p.add_argument("--only", choices=["train", "eval", "generate"], action="append", help="run only these parts")
+    p.add_argument("--precision", default="fp32,bf16", help="training precisions: fp32, bf16 or both")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: stable on a shared machine)")
+    p.add_argument("--steps", type=int, default=10, help="timed training steps per model")
+    p.add_argument("--warmup", type=int, default=2, help="untimed training steps per model")
+    p.add_argument("--eval-tokens", type=int, default=8192, help="tokens per carry-mode evaluation")
+    p.add_argument("--repeats", type=int, default=3, help="evaluations per span setting")
+    p.add_argument("--span-ratios", default="0.25,1.0", help="adaptive spans (fractions of mem_len) to evaluate")
+    p.add_argument("--prompts", default="1000,10000,100000", help="prompt lengths before timing generation")
+    p.add_argument("--gen-tokens", type=int, default=50, help="timed single-token steps after each prompt")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--smoke", action="store_true", help="tiny models and budgets: checks that the script runs")
+    p.add_argument("--output", type=Path, default=None, help="JSON report (default benchmarks/results/xl_speed.json)")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.steps, args.warmup, args.eval_tokens, args.repeats, args.gen_tokens = 2, 1, 256, 1, 3
+        args.prompts = "100,300"
+    args.output = args.output or RESULTS / ("xl_speed_smoke.json" if args.smoke else "xl_speed.json")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    presets = [p for p in args.presets.split(",") if p]
+    parts = args.only or ["train", "eval", "generate"]
+    report: dict[str, Any] = {"benchmark": "xl_speed", "torch": torch.__version__, "threads": args.threads,
+                              "machine": platform.machine(), "smoke": args.smoke,
+                              "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    if "train" in parts:
+        log("training (round robin over the models)")
+        trained = presets + ([args.baseline] if args.baseline else [])
+        report["train"] = bench_train(trained, [x for x in args.precision.split(",") if x], args)
+    if "eval" in parts:
+        span_presets = [p for p in presets if load(p, args.smoke).model.xl.span_mode == "adaptive"]
+        ratios = [float(r) for r in args.span_ratios.split(",") if r]
+        log("evaluation, carry mode")
+        report["eval"] = [row for p in span_presets for row in bench_eval(p, ratios, args)]
+    if "generate" in parts:
+        prompts = [int(n) for n in args.prompts.split(",") if n]
+        log("generation latency")
+        report["generate"] = [row for p in presets for row in bench_generate(p, prompts, args)]
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(report, indent=2))
+    print(json.dumps(report, indent=2))
+    return report
+
+
+if __name__ == "__main__":
+    main()
