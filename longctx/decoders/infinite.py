@@ -55,7 +55,7 @@ from torch import Tensor, nn
 
 from longctx.config import ModelConfig
 from longctx.decoders.base import Decoder, DecoderOutput, State
-from longctx.layers import MLP, init_linear
+from longctx.layers import MLP
 from longctx.layers.continuous import (
     ContinuousAttention,
     ContinuousMemory,
@@ -63,7 +63,7 @@ from longctx.layers.continuous import (
     gaussian_kl,
     histogram_quantiles,
 )
-from longctx.layers.relative import BLOCK, band_attention, position_scores, sinusoid_table
+from longctx.layers.relative import BLOCK, RelativeProjections, band_attention, position_scores, sinusoid_table
 
 
 @dataclass(frozen=True)
@@ -180,23 +180,13 @@ class _LTMOut:
     count: int  # number of such queries (all rows)
 
 
-class InfiniteAttention(nn.Module):
+class InfiniteAttention(RelativeProjections):
     """Relative attention over the exact window plus continuous attention over the LTM version of each query."""
 
     def __init__(self, cfg: ModelConfig, own_bias: bool) -> None:
-        super().__init__()
+        super().__init__(cfg, own_bias)
         inf = cfg.infinite
         self.cfg, self.inf = cfg, inf
-        self.n_head, self.head_dim = cfg.n_head, cfg.head_dim
-        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
-        self.r_net = nn.Linear(cfg.d_model, cfg.d_model, bias=False)  # W_R
-        self.out_proj = nn.Linear(cfg.d_model, cfg.d_model)
-        self.dropout = nn.Dropout(cfg.dropout)
-        init_linear(self.qkv, cfg.init_std)
-        init_linear(self.r_net, cfg.init_std)
-        init_linear(self.out_proj, cfg.init_std / math.sqrt(2 * cfg.n_layer))
-        self.pos_bias_u = nn.Parameter(torch.randn(cfg.d_model) * cfg.init_std) if own_bias else None
-        self.pos_bias_v = nn.Parameter(torch.randn(cfg.d_model) * cfg.init_std) if own_bias else None
         self.ltm = ContinuousAttention(cfg.d_model, cfg.n_head, inf.n_basis, inf.min_var)
         self.gate = nn.Conv1d(cfg.d_model, cfg.d_model, 3, padding=1) if inf.gate else None
 

@@ -51,9 +51,9 @@ from torch.nn import functional as F
 
 from longctx.config import ModelConfig
 from longctx.decoders.base import Decoder, DecoderOutput, State
-from longctx.layers import MLP, init_linear
+from longctx.layers import MLP
 from longctx.layers.adaptive_span import AdaptiveSpan, DynamicSpan, round_up, span_reach
-from longctx.layers.relative import BLOCK, band_attention, position_scores, sinusoid_table
+from longctx.layers.relative import BLOCK, RelativeProjections, band_attention, position_scores, sinusoid_table
 
 WINDOW_MULTIPLE = 8  # a trimmed compute window is rounded up to this (fewer distinct shapes, aligned matmuls)
 
@@ -89,22 +89,12 @@ class _Window:
     distances: Tensor  # (W,) float32: W - 1 .. 0
 
 
-class XLAttention(nn.Module):
+class XLAttention(RelativeProjections):
     """Multi-head relative attention of a segment over ``[cache ; segment]`` with an optional span mask."""
 
     def __init__(self, cfg: ModelConfig, own_bias: bool) -> None:
-        super().__init__()
+        super().__init__(cfg, own_bias)
         xl = cfg.xl
-        self.n_head, self.head_dim = cfg.n_head, cfg.head_dim
-        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
-        self.r_net = nn.Linear(cfg.d_model, cfg.d_model, bias=False)  # W_R
-        self.out_proj = nn.Linear(cfg.d_model, cfg.d_model)
-        self.dropout = nn.Dropout(cfg.dropout)
-        init_linear(self.qkv, cfg.init_std)
-        init_linear(self.r_net, cfg.init_std)
-        init_linear(self.out_proj, cfg.init_std / math.sqrt(2 * cfg.n_layer))
-        self.pos_bias_u = nn.Parameter(torch.randn(cfg.d_model) * cfg.init_std) if own_bias else None
-        self.pos_bias_v = nn.Parameter(torch.randn(cfg.d_model) * cfg.init_std) if own_bias else None
         self.span: AdaptiveSpan | DynamicSpan | None = None
         if xl.span_mode == "adaptive":
             self.span = AdaptiveSpan(cfg.n_head, xl.mem_len, xl.span_ramp, xl.span_init, xl.span_loss)

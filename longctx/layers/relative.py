@@ -24,8 +24,11 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.nn import functional as F
+
+from longctx.config import ModelConfig
+from longctx.layers.mlp import init_linear
 
 BLOCK = 64  # queries per block of band_attention on the CPU: the dense scores cover block + W - 1 keys, not T + W - 1
 
@@ -169,3 +172,22 @@ def band_attention(q: Tensor, keys: Tensor, values: Tensor, bias: Tensor, block:
         return q.new_zeros(q.shape)
     wide = torch.promote_types(q.dtype, torch.float32)
     return _BandAttention.apply(q, keys, values, bias.to(wide), block, grad_start)
+
+
+class RelativeProjections(nn.Module):
+    """The parameters of Transformer-XL attention (Dai et al. 2019, §3.3): Q/K/V, ``W_R`` for the sinusoidal
+    positions, the output projection, and the biases ``u``, ``v`` when a layer owns them (``own_bias``; otherwise
+    the decoder shares one pair across layers). GPT-2 initialisation, output scaled by 1/sqrt(2 n_layer)."""
+
+    def __init__(self, cfg: ModelConfig, own_bias: bool) -> None:
+        super().__init__()
+        self.n_head, self.head_dim = cfg.n_head, cfg.head_dim
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
+        self.r_net = nn.Linear(cfg.d_model, cfg.d_model, bias=False)  # W_R
+        self.out_proj = nn.Linear(cfg.d_model, cfg.d_model)
+        self.dropout = nn.Dropout(cfg.dropout)
+        init_linear(self.qkv, cfg.init_std)
+        init_linear(self.r_net, cfg.init_std)
+        init_linear(self.out_proj, cfg.init_std / math.sqrt(2 * cfg.n_layer))
+        self.pos_bias_u = nn.Parameter(torch.randn(cfg.d_model) * cfg.init_std) if own_bias else None
+        self.pos_bias_v = nn.Parameter(torch.randn(cfg.d_model) * cfg.init_std) if own_bias else None
