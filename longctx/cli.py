@@ -140,6 +140,7 @@ def train(
     threads: int = typer.Option(None, "--threads", min=0, help="Torch threads; 0 = default."),
     seed: int = typer.Option(None, "--seed"),
     device: str = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N or mps."),
+    compile_: bool = typer.Option(None, "--compile/--no-compile", help="torch.compile the model (default off)."),
     log_interval: int = typer.Option(None, "--log-interval", min=1),
     eval_interval: int = typer.Option(None, "--eval-interval", min=1),
     save_interval: int = typer.Option(None, "--save-interval", min=1),
@@ -157,7 +158,7 @@ def train(
     flags = {"train.max_steps": max_steps, "train.max_tokens": max_tokens, "train.max_time": max_time,
              "train.seq_len": seq_len, "train.batch_size": batch_size, "train.micro_batch_size": micro_batch_size,
              "train.lr": lr, "train.warmup_steps": warmup_steps, "train.precision": precision,
-             "train.threads": threads, "train.seed": seed, "train.device": device,
+             "train.threads": threads, "train.seed": seed, "train.device": device, "train.compile": compile_,
              "train.log_interval": log_interval, "train.eval_interval": eval_interval,
              "train.save_interval": save_interval, "train.keep_last": keep_last, "data.tokenizer": tokenizer,
              "data.vocab_size": vocab_size, "data.paths": list(data) if data else None}

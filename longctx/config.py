@@ -227,6 +227,7 @@ class TrainConfig:
     precision: Literal["fp32", "bf16"] = "fp32"
     threads: int = 0  # torch intra-op threads; 0 = torch's default
     device: str = "auto"
+    compile: bool = False  # torch.compile the model for training (opt-in; the first steps pay for compilation)
     max_bad_steps: int = 5  # consecutive non-finite losses before training stops
 
     def __post_init__(self) -> None:

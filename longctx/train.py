@@ -317,7 +317,8 @@ class Trainer:
         self.micro = self.cfg.micro_batch_size or per_rank  # lanes per forward/backward
         self.accum = per_rank // self.micro  # micro-batches per rank and step
         self.first_lane = dd.rank * per_rank
-        self.net = DistributedDataParallel(model) if dd.enabled else model
+        net = torch.compile(model) if self.cfg.compile else model  # checkpoints always save `model` itself
+        self.net = DistributedDataParallel(net) if dd.enabled else net
         self.optimizer = make_optimizer(model, self.cfg)
         self.step, self.tokens_seen, self.cursor, self.elapsed, self.bad_steps = 0, 0, 0, 0.0, 0
         self.states = [model.init_state(self.micro, device) for _ in range(self.accum)]
