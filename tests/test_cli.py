@@ -26,6 +26,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -686,3 +688,88 @@ def test_resume_says_that_model_and_data_overrides_are_ignored(cli: Callable[...
     res = cli("train", "--resume", "auto", "--out-dir", run, "--max-steps", "4", "--set", "model.d_model=64",
               "--threads", "1")
     assert any(line.startswith(("warning:", "error:")) and "model.d_model" in line for line in res.err.splitlines())
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# hostile inputs: any bytes, FIFOs, huge single lines
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.binary(min_size=1, max_size=400))
+def test_eval_and_generate_take_any_bytes(cli: Callable[..., Result], ws: Workspace, tmp_path: Path,
+                                          data: bytes) -> None:
+    """Random bytes, NUL bytes, invalid UTF-8: scored exactly (byte tokenizer) and usable as a prompt."""
+    path = tmp_path / "hostile.bin"
+    path.write_bytes(data)
+    res = cli("eval", path, "--model", ws.ckpt, "--json")
+    assert res.code == 0, res.err
+    result = json.loads(res.out)
+    assert result["tokens"] == result["bytes"] == len(data)
+    gen = cli("generate", "--prompt-file", path, "--model", ws.ckpt, "-n", "3", "--seed", "1")
+    assert gen.code == 0 and "Traceback" not in gen.err
+
+
+def test_bpe_checkpoint_reads_invalid_utf8_with_one_warning(cli: Callable[..., Result], bpe_ckpt: Path,
+                                                             tmp_path: Path) -> None:
+    path = tmp_path / "bad.txt"
+    path.write_bytes(b"fair is foul\n" + b"\xff\xfe\x00 and foul is fair\n" * 20)
+    res = cli("eval", path, "--model", bpe_ckpt, "--json")
+    assert res.code == 0, res.err
+    warnings = [ln for ln in res.err.splitlines() if ln.startswith("warning:")]
+    assert len(warnings) == 1 and "bad.txt" in warnings[0] and "byte 13" in warnings[0]
+
+
+@pytest.mark.parametrize("command", ["eval", "generate"])
+def test_fifo_input_is_read_as_a_stream(ws: Workspace, tmp_path: Path, command: str) -> None:
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    text = ws.eval_file.read_bytes()
+
+    def feed() -> None:
+        with open(fifo, "wb") as f:
+            f.write(text)
+
+    writer = threading.Thread(target=feed)
+    writer.start()
+    args = ["eval", fifo, "--json"] if command == "eval" else ["generate", "--prompt-file", fifo, "-n", "2"]
+    res = run_inprocess(ws.root, *args, "--model", ws.ckpt)
+    writer.join(timeout=60)
+    assert res.code == 0, res.err
+    if command == "eval":
+        assert json.loads(res.out)["tokens"] == len(text)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["byte", "bpe"])
+def test_huge_single_line_is_encoded_in_bounded_memory(bpe_ckpt: Path, kind: str) -> None:
+    """A single line of 200 MB (byte tokenizer) or 4.5 MB (BPE, slower to encode) never held whole: the peak of
+    Python allocations stays a small multiple of the 1 MB read chunk."""
+    import tracemalloc
+
+    from longctx.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.byte_level() if kind == "byte" else Tokenizer.from_file(str(bpe_ckpt / "tokenizer.json"))
+    total = 200_000_000 if kind == "byte" else 4_500_000
+
+    class Endless(io.RawIOBase):  # "word word word ..." without a newline, generated as it is read
+        def __init__(self) -> None:
+            self.left = total
+
+        def readable(self) -> bool:
+            return True
+
+        def readinto(self, buffer) -> int:  # type: ignore[no-untyped-def]
+            n = min(len(buffer), self.left)
+            buffer[:n] = (b"fair foul " * (n // 10 + 1))[:n]
+            self.left -= n
+            return n
+
+    tracemalloc.start()
+    tokens = read = 0
+    for ids, n in tokenizer.iter_encode(io.BufferedReader(Endless(), 1 << 20), where="huge"):
+        tokens += len(ids)
+        read += n
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert read == total and tokens > 0
+    assert peak < 64 * 2**20, peak  # 200 MB read; at most 4 chunks of text and their ids are ever alive
