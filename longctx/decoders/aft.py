@@ -51,8 +51,9 @@ from torch import Tensor, nn
 
 from longctx.config import ModelConfig
 from longctx.decoders.base import Decoder, DecoderOutput, State
-from longctx.layers import MLP, init_linear
+from longctx.layers import init_linear
 from longctx.layers.aft import Memory, aft_parallel, aft_recurrent
+from longctx.layers.block import PreNormBlock
 
 REPARAM_EPS = 1e-5  # conv: std(w) + eps in the reparameterisation (a filter of one tap has std 0)
 
@@ -126,21 +127,6 @@ class AFTMixer(nn.Module):
         return self.dropout(self.out_proj(y.to(x.dtype))), memory
 
 
-class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
-        super().__init__()
-        self.norm_mix = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
-        self.mix = AFTMixer(cfg)
-        self.norm_mlp = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
-        self.mlp = MLP(cfg.d_model, cfg.d_ff, cfg.dropout, cfg.init_std, cfg.n_layer)
-
-    def forward(self, x: Tensor, memory: Memory, started: Tensor) -> tuple[Tensor, Memory]:
-        a, memory = self.mix(self.norm_mix(x), memory, started)
-        x = x + a
-        x = x + self.mlp(self.norm_mlp(x))
-        return x, memory
-
-
 class AFTDecoder(Decoder):
     """AFT-simple/local/conv/full; state = far sums + terms of the last ``s - 1`` tokens + running key maximum."""
 
@@ -148,7 +134,7 @@ class AFTDecoder(Decoder):
         super().__init__()
         self.cfg = cfg
         self.cache_len = bias_span(cfg) - 1  # M
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.blocks = nn.ModuleList(PreNormBlock(cfg, AFTMixer(cfg)) for _ in range(cfg.n_layer))
 
     def init_state(self, batch_size: int, device: torch.device | str | None, dtype: torch.dtype) -> AFTState:
         mix = self.blocks[0].mix

@@ -55,7 +55,7 @@ from torch import Tensor, nn
 
 from longctx.config import ModelConfig
 from longctx.decoders.base import Decoder, DecoderOutput, State
-from longctx.layers import MLP
+from longctx.layers.block import PreNormBlock
 from longctx.layers.continuous import (
     ContinuousAttention,
     ContinuousMemory,
@@ -267,22 +267,6 @@ class InfiniteAttention(RelativeProjections):
         return coeffs, mass
 
 
-class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
-        super().__init__()
-        self.norm_attn = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
-        self.attn = InfiniteAttention(cfg, own_bias=not cfg.infinite.share_bias)
-        self.norm_mlp = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
-        self.mlp = MLP(cfg.d_model, cfg.d_ff, cfg.dropout, cfg.init_std, cfg.n_layer)
-
-    def forward(self, x: Tensor, layer_state: tuple[Tensor, ...], sched: _Schedule, memory: ContinuousMemory,
-                table: Tensor, u: Tensor, v: Tensor) -> tuple[Tensor, tuple[Tensor, ...], _LTMOut]:
-        a, caches, ltm = self.attn(self.norm_attn(x), layer_state, sched, memory, table, u, v)
-        x = x + a
-        x = x + self.mlp(self.norm_mlp(x))
-        return x, caches, ltm
-
-
 # --------------------------------------------------------------------------------------------------------------------
 # decoder
 
@@ -298,7 +282,8 @@ class InfiniteDecoder(Decoder):
         self.cache_len = inf.mem_len + inf.ltm_block - 1  # C
         self.memory = ContinuousMemory(inf.n_basis, inf.sigmas, inf.ridge, inf.tau, inf.n_samples, inf.ltm_block,
                                        pad=inf.zero_pad)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        own_bias = not cfg.infinite.share_bias
+        self.blocks = nn.ModuleList(PreNormBlock(cfg, InfiniteAttention(cfg, own_bias)) for _ in range(cfg.n_layer))
         shared = inf.share_bias
         self.pos_bias_u = nn.Parameter(torch.randn(cfg.d_model) * cfg.init_std) if shared else None
         self.pos_bias_v = nn.Parameter(torch.randn(cfg.d_model) * cfg.init_std) if shared else None
@@ -323,8 +308,8 @@ class InfiniteDecoder(Decoder):
         new: dict[str, list[Tensor]] = {"keys": [], "values": [], "inputs": [], "coeffs": [], "mass": []}
         ltms = []
         for layer, block in enumerate(self.blocks):
-            u = self.pos_bias_u if self.pos_bias_u is not None else block.attn.pos_bias_u
-            v = self.pos_bias_v if self.pos_bias_v is not None else block.attn.pos_bias_v
+            u = self.pos_bias_u if self.pos_bias_u is not None else block.mix.pos_bias_u
+            v = self.pos_bias_v if self.pos_bias_v is not None else block.mix.pos_bias_v
             layer_state = (state.keys[:, layer], state.values[:, layer], state.inputs[:, layer],
                            state.coeffs[:, layer], state.mass[:, layer])
             x, (keys, values, inputs), ltm = block(x, layer_state, sched, self.memory, self.table, u, v)

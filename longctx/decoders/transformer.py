@@ -26,7 +26,7 @@ from torch.nn import functional as F
 
 from longctx.config import ModelConfig
 from longctx.decoders.base import Decoder, DecoderOutput, State
-from longctx.layers import MLP, RotaryEmbedding, init_linear
+from longctx.layers import RotaryEmbedding, init_linear
 from longctx.layers.attention import (
     CPU_ALIGN,
     CPU_BLOCK,
@@ -37,6 +37,7 @@ from longctx.layers.attention import (
     sdpa_blocks,
     window_blocks,
 )
+from longctx.layers.block import PreNormBlock
 
 
 @dataclass(frozen=True)
@@ -84,22 +85,6 @@ class WindowAttention(nn.Module):
         return self.dropout(self.out_proj(y)), keys, values
 
 
-class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
-        super().__init__()
-        self.norm_attn = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
-        self.attn = WindowAttention(cfg)
-        self.norm_mlp = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
-        self.mlp = MLP(cfg.d_model, cfg.d_ff, cfg.dropout, cfg.init_std, cfg.n_layer)
-
-    def forward(self, x: Tensor, cache_k: Tensor, cache_v: Tensor, cos: Tensor, sin: Tensor,
-                mask: list | Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        a, keys, values = self.attn(self.norm_attn(x), cache_k, cache_v, cos, sin, mask)
-        x = x + a
-        x = x + self.mlp(self.norm_mlp(x))
-        return x, keys, values
-
-
 class TransformerDecoder(Decoder):
     """Sliding-window attention baseline; state = K/V of the last ``window - 1`` tokens per layer."""
 
@@ -109,7 +94,7 @@ class TransformerDecoder(Decoder):
         self.window = cfg.transformer.window
         self.cache_len = self.window - 1
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.transformer.rope_base)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.blocks = nn.ModuleList(PreNormBlock(cfg, WindowAttention(cfg)) for _ in range(cfg.n_layer))
 
     def init_state(self, batch_size: int, device: torch.device | str | None, dtype: torch.dtype) -> TransformerState:
         cfg = self.cfg

@@ -51,8 +51,8 @@ from torch.nn import functional as F
 
 from longctx.config import ModelConfig
 from longctx.decoders.base import Decoder, DecoderOutput, State
-from longctx.layers import MLP
 from longctx.layers.adaptive_span import AdaptiveSpan, DynamicSpan, round_up, span_reach
+from longctx.layers.block import PreNormBlock
 from longctx.layers.relative import BLOCK, RelativeProjections, band_attention, position_scores, sinusoid_table
 
 WINDOW_MULTIPLE = 8  # a trimmed compute window is rounded up to this (fewer distinct shapes, aligned matmuls)
@@ -135,22 +135,6 @@ def _last_slots(seq: Tensor, n: int) -> Tensor:
     return seq[:, :, S - n:] if S >= n else F.pad(seq, (0, 0, n - S, 0))
 
 
-class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
-        super().__init__()
-        self.norm_attn = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
-        self.attn = XLAttention(cfg, own_bias=not cfg.xl.share_bias)
-        self.norm_mlp = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
-        self.mlp = MLP(cfg.d_model, cfg.d_ff, cfg.dropout, cfg.init_std, cfg.n_layer)
-
-    def forward(self, x: Tensor, cache_k: Tensor, cache_v: Tensor, window: _Window, u: Tensor, v: Tensor,
-                ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-        a, keys, values, spans = self.attn(self.norm_attn(x), cache_k, cache_v, window, u, v)
-        x = x + a
-        x = x + self.mlp(self.norm_mlp(x))
-        return x, keys, values, spans
-
-
 class XLDecoder(Decoder):
     """Transformer-XL relative attention with a per-query window of ``mem_len``; optional adaptive/dynamic span."""
 
@@ -159,7 +143,8 @@ class XLDecoder(Decoder):
         self.cfg = cfg
         self.mem_len = cfg.xl.mem_len
         self.span_mode = cfg.xl.span_mode
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        own_bias = not cfg.xl.share_bias
+        self.blocks = nn.ModuleList(PreNormBlock(cfg, XLAttention(cfg, own_bias)) for _ in range(cfg.n_layer))
         shared = cfg.xl.share_bias
         self.pos_bias_u = nn.Parameter(torch.randn(cfg.d_model) * cfg.init_std) if shared else None
         self.pos_bias_v = nn.Parameter(torch.randn(cfg.d_model) * cfg.init_std) if shared else None
@@ -174,7 +159,7 @@ class XLDecoder(Decoder):
         if self.span_mode != "adaptive":  # fixed: the window; dynamic: S + R > mem_len - 1, the window again
             return [full] * len(self.blocks)
         with torch.no_grad():  # one device sync for all layers
-            widest = torch.stack([b.attn.span.spans().max() for b in self.blocks]).tolist()  # type: ignore[union-attr]
+            widest = torch.stack([b.mix.span.spans().max() for b in self.blocks]).tolist()  # type: ignore[union-attr]
         return [min(full, span_reach(z, self.cfg.xl.span_ramp)) for z in widest]
 
     def state_slots(self, trim: bool) -> list[int]:
@@ -227,8 +212,8 @@ class XLDecoder(Decoder):
         new_keys, new_values, dyn_spans = [], [], []
         for layer, block in enumerate(self.blocks):
             s0, s1 = starts[layer], starts[layer + 1]
-            lu = u if u is not None else block.attn.pos_bias_u
-            lv = v if v is not None else block.attn.pos_bias_v
+            lu = u if u is not None else block.mix.pos_bias_u
+            lv = v if v is not None else block.mix.pos_bias_v
             x, keys, values, spans = block(x, state.keys[:, :, s0:s1], state.values[:, :, s0:s1], windows[layer],
                                            lu, lv)
             n = keys.shape[2]
@@ -251,7 +236,7 @@ class XLDecoder(Decoder):
             return aux, {}
         per_layer = []  # (mean, max) per layer
         for block, spans in zip(self.blocks, dyn_spans, strict=True):
-            span = block.attn.span
+            span = block.mix.span
             if isinstance(span, AdaptiveSpan):
                 z = span.spans()
                 aux = aux + span.penalty()
@@ -269,20 +254,20 @@ class XLDecoder(Decoder):
     def after_optimizer_step(self) -> None:
         """Adaptive span: clamp every head's ratio ``c`` to [0, 1] (after each step, never inside the forward)."""
         for block in self.blocks:
-            if isinstance(block.attn.span, AdaptiveSpan):
-                block.attn.span.clamp_()
+            if isinstance(block.mix.span, AdaptiveSpan):
+                block.mix.span.clamp_()
 
     @torch.no_grad()
     def describe(self) -> dict[str, Any]:
         """Span mode and, for adaptive spans, the learned span of every head (tokens) and the trimmed cache."""
         out: dict[str, Any] = {"span_mode": self.span_mode, "mem_len": self.mem_len}
         if self.span_mode == "adaptive":
-            spans = [[round(float(z), 2) for z in b.attn.span.spans()] for b in self.blocks]  # type: ignore[union-attr]
+            spans = [[round(float(z), 2) for z in b.mix.span.spans()] for b in self.blocks]  # type: ignore[union-attr]
             out["spans"] = spans
             out["span_mean"] = round(sum(map(sum, spans)) / max(1, sum(map(len, spans))), 2)
             out["cache_slots_per_layer"] = self.state_slots(trim=True)
         elif self.span_mode == "dynamic":  # the span of each head for a zero input: S sigmoid(b)
             out["spans_at_zero_input"] = [
-                [round(float(z), 2) for z in self.mem_len * torch.sigmoid(b.attn.span.proj.bias)]  # type: ignore
+                [round(float(z), 2) for z in self.mem_len * torch.sigmoid(b.mix.span.proj.bias)]  # type: ignore
                 for b in self.blocks]
         return out

@@ -61,10 +61,10 @@ def _naive_ltm_version(attn: Any, memory: Any, versions: list[Tensor], masses: l
 
 
 def _naive_layer(block: Any, decoder: InfiniteDecoder, x: Tensor, u: Tensor, v: Tensor) -> Tensor:
-    attn, inf, memory = block.attn, decoder.inf, decoder.memory
+    attn, inf, memory = block.mix, decoder.inf, decoder.memory
     B, n, D = x.shape
     H, Dh, N = attn.n_head, attn.head_dim, inf.n_basis
-    h = block.norm_attn(x)
+    h = block.norm_mix(x)
     q, k, val = attn.qkv(h).view(B, n, 3, H, Dh).unbind(2)  # (B, n, H, Dh)
     inv_freq = [10000.0 ** (-2 * i / D) for i in range(D // 2)]
     W = inf.mem_len + inf.ltm_block
@@ -103,8 +103,8 @@ def _naive_layer(block: Any, decoder: InfiniteDecoder, x: Tensor, u: Tensor, v: 
 
 def _naive_decoder(decoder: InfiniteDecoder, x: Tensor) -> Tensor:
     for block in decoder.blocks:
-        u = decoder.pos_bias_u if decoder.pos_bias_u is not None else block.attn.pos_bias_u
-        v = decoder.pos_bias_v if decoder.pos_bias_v is not None else block.attn.pos_bias_v
+        u = decoder.pos_bias_u if decoder.pos_bias_u is not None else block.mix.pos_bias_u
+        v = decoder.pos_bias_v if decoder.pos_bias_v is not None else block.mix.pos_bias_v
         x = x + _naive_layer(block, decoder, x, u, v)
         x = x + block.mlp(block.norm_mlp(x))
     return x
@@ -137,7 +137,7 @@ def test_long_term_memory_changes_the_output(make_tiny_model) -> None:
     with torch.no_grad():
         base = model(tokens, model.init_state(2)).logits
         for block in model.decoder.blocks:
-            block.attn.ltm.value.weight.zero_()
+            block.mix.ltm.value.weight.zero_()
         without = model(tokens, model.init_state(2)).logits
     change = (base - without).abs().amax(dim=(0, 2))  # (T,)
     assert (change[:5] == 0).all()  # b(p) = 0 before position 5: no LTM yet
@@ -240,7 +240,7 @@ def test_no_nan_for_extreme_sigma(make_tiny_model) -> None:
     for scale in (1e4, -1e4):  # sigma^2 = softplus(huge) ~ 1e4+, or clamped at min_var
         with torch.no_grad():
             for block in model.decoder.blocks:
-                block.attn.ltm.sigma.weight.fill_(scale)
+                block.mix.ltm.sigma.weight.fill_(scale)
         out = model(tokens, model.init_state(2), tokens)
         assert torch.isfinite(out.logits).all() and torch.isfinite(out.aux_loss)
         grads = torch.autograd.grad(out.loss + out.aux_loss, [p for p in model.parameters() if p.requires_grad])

@@ -38,7 +38,7 @@ SPAN_MODES: dict[str, dict[str, Any]] = {
 def _set_ratios(model: LongContextLM, values: list[list[float]]) -> None:
     with torch.no_grad():
         for block, ratios in zip(model.decoder.blocks, values, strict=True):
-            block.attn.span.ratio.copy_(torch.tensor(ratios))
+            block.mix.span.ratio.copy_(torch.tensor(ratios))
 
 
 def _run(model: LongContextLM, tokens: Tensor, state: XLState, sizes: list[int]) -> tuple[Tensor, XLState]:
@@ -92,9 +92,9 @@ def _naive_attention(attn: Any, h: Tensor, u: Tensor, v: Tensor, mem_len: int, m
 def _naive_decoder(decoder: XLDecoder, x: Tensor) -> Tensor:
     mem_len, mode = decoder.mem_len, decoder.span_mode
     for block in decoder.blocks:
-        u = decoder.pos_bias_u if decoder.pos_bias_u is not None else block.attn.pos_bias_u
-        v = decoder.pos_bias_v if decoder.pos_bias_v is not None else block.attn.pos_bias_v
-        x = x + _naive_attention(block.attn, block.norm_attn(x), u, v, mem_len, mode)
+        u = decoder.pos_bias_u if decoder.pos_bias_u is not None else block.mix.pos_bias_u
+        v = decoder.pos_bias_v if decoder.pos_bias_v is not None else block.mix.pos_bias_v
+        x = x + _naive_attention(block.mix, block.norm_mix(x), u, v, mem_len, mode)
         x = x + block.mlp(block.norm_mlp(x))
     return x
 
@@ -276,7 +276,7 @@ def test_span_penalty_gradient_moves_c(make_tiny_model) -> None:
     model.train()
     tokens = _tokens(model, 2, 10)
     out = model(tokens, model.init_state(2), tokens)
-    span = model.decoder.blocks[0].attn.span
+    span = model.decoder.blocks[0].mix.span
     assert isinstance(span, AdaptiveSpan)
     assert out.aux_loss.item() == pytest.approx(2 * 1e-2 * 0.5 * 16, rel=1e-5)  # two layers, lambda * mean z each
     (grad,) = torch.autograd.grad(out.aux_loss, [span.ratio])
@@ -298,7 +298,7 @@ def test_clamping_keeps_c_in_range(make_tiny_model) -> None:
     model = make_tiny_model("xl", xl={"mem_len": 16, "span_mode": "adaptive"})
     _set_ratios(model, [[-0.5, 0.3], [1.7, 1.0]])
     model.decoder.after_optimizer_step()
-    ratios = [b.attn.span.ratio.detach().tolist() for b in model.decoder.blocks]
+    ratios = [b.mix.span.ratio.detach().tolist() for b in model.decoder.blocks]
     assert ratios == [[0.0, pytest.approx(0.3)], [1.0, 1.0]]
     # and after a real optimizer step that pushes c far outside [0, 1]
     model.train()
@@ -309,7 +309,7 @@ def test_clamping_keeps_c_in_range(make_tiny_model) -> None:
     opt.step()
     model.decoder.after_optimizer_step()
     for block in model.decoder.blocks:
-        c = block.attn.span.ratio.detach()
+        c = block.mix.span.ratio.detach()
         assert ((c >= 0) & (c <= 1)).all()
 
 
