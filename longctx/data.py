@@ -217,7 +217,8 @@ def build_token_cache(docs: list[Document], tokenizer: Tokenizer, root: Path) ->
     meta_path = path.with_suffix(".json")
     if not _cache_is_intact(path, meta_path):
         if path.exists():
-            log.warning("token cache %s is damaged (size or hash differs); rebuilding it", path)
+            log.warning("token cache %s does not match its recorded size and hash (damaged, or written by an older "
+                        "version); rebuilding it", path)
         meta_path.unlink(missing_ok=True)
         meta = _write_token_cache(docs, tokenizer, path, dtype)
         meta_path.write_text(json.dumps(meta, indent=1))
