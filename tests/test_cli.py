@@ -20,6 +20,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +32,7 @@ from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from longctx.checkpoint import find_checkpoints
+from longctx.checkpoint import find_checkpoints, load_checkpoint
 from longctx.cli import main
 from longctx.data import bundled_documents
 
@@ -773,3 +774,34 @@ def test_huge_single_line_is_encoded_in_bounded_memory(bpe_ckpt: Path, kind: str
     tracemalloc.stop()
     assert read == total and tokens > 0
     assert peak < 64 * 2**20, peak  # 200 MB read; at most 4 chunks of text and their ids are ever alive
+
+
+@pytest.mark.slow
+def test_second_ctrl_c_during_the_save_does_not_corrupt_it(ws: Workspace, tmp_path: Path) -> None:
+    """Two Ctrl-C in quick succession: the second arrives while the first one's checkpoint is being written (or
+    after it); either way the run exits 130 and every checkpoint on disk is complete."""
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "longctx", "train", "--data", str(ws.data), *TINY, "--max-steps", "1000000",
+           "--log-interval", "1", "--out-dir", str(run)]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=_env(tmp_path), stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    watchdog = threading.Timer(240, proc.kill)
+    watchdog.start()
+    try:
+        assert proc.stderr is not None
+        for line in proc.stderr:  # the training loop runs: its handler is installed
+            if line.startswith("step "):
+                break
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.01)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        watchdog.cancel()
+        proc.kill()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    ckpts = find_checkpoints(run)
+    assert ckpts and not list(run.glob(".tmp-*"))
+    for ckpt in ckpts:
+        load_checkpoint(ckpt)

@@ -171,3 +171,19 @@ def test_random_kills_resume_to_the_same_weights(tmp_path):
     assert find_checkpoints(run)[-1].name == f"step-{steps:08d}"
     for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
         assert torch.equal(x, y), name
+
+
+def test_weights_of_the_wrong_dtype_are_refused(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from longctx.errors import CheckpointError
+
+    cfg = load_config("transformer-small", tiny_overrides(tmp_path, **{"train.max_steps": 1}))
+    ckpt = train(cfg, RunOptions(out_dir=tmp_path / "run", progress=False)).last_checkpoint
+    weights = ckpt / "model.safetensors"
+    with safe_open(str(weights), framework="pt") as f:
+        metadata = f.metadata()
+    save_file({k: v.half() for k, v in load_file(str(weights)).items()}, str(weights), metadata=metadata)
+    with pytest.raises(CheckpointError, match="float16.*the config needs .*float32"):
+        load_checkpoint(ckpt)
