@@ -624,9 +624,8 @@ def test_process_exit_code_and_debug_traceback(tmp_path: Path, debug: bool) -> N
         assert_user_error(res, "nope.txt", "does not exist")
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_signal_writes_a_checkpoint_and_exits(ws: Workspace, tmp_path: Path, signum: int, code: int) -> None:
+def interrupt_training(ws: Workspace, tmp_path: Path, signals: tuple[int, ...]) -> tuple[int, str, str, Path]:
+    """Start a long `longctx train`, send ``signals`` (10 ms apart) once its loop runs; (exit code, out, err, run)."""
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "longctx", "train", "--data", str(ws.data), *TINY, "--max-steps", "1000000",
            "--log-interval", "1", "--out-dir", str(run)]
@@ -637,17 +636,26 @@ def test_signal_writes_a_checkpoint_and_exits(ws: Workspace, tmp_path: Path, sig
     try:
         assert proc.stderr is not None
         seen = []
-        for line in proc.stderr:  # wait until the training loop runs (its SIGINT handler is installed)
+        for line in proc.stderr:  # wait until the training loop runs (its signal handler is installed)
             seen.append(line)
             if line.startswith("step "):
                 break
-        proc.send_signal(signum)
+        for i, signum in enumerate(signals):
+            if i:
+                time.sleep(0.01)
+            proc.send_signal(signum)
         out, rest = proc.communicate(timeout=120)
     finally:
         watchdog.cancel()
         proc.kill()
-    err = "".join(seen) + rest
-    assert proc.returncode == code, err
+    return proc.returncode, out, "".join(seen) + rest, run
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signal_writes_a_checkpoint_and_exits(ws: Workspace, tmp_path: Path, signum: int, code: int) -> None:
+    returncode, out, err, run = interrupt_training(ws, tmp_path, (signum,))
+    assert returncode == code, err
     assert "Traceback" not in err and out == ""
     last = err.strip().splitlines()[-1]
     match = re.fullmatch(r"error: interrupted at step (\d+); checkpoint written to (\S+); continue with: "
@@ -780,26 +788,8 @@ def test_huge_single_line_is_encoded_in_bounded_memory(bpe_ckpt: Path, kind: str
 def test_second_ctrl_c_during_the_save_does_not_corrupt_it(ws: Workspace, tmp_path: Path) -> None:
     """Two Ctrl-C in quick succession: the second arrives while the first one's checkpoint is being written (or
     after it); either way the run exits 130 and every checkpoint on disk is complete."""
-    run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "longctx", "train", "--data", str(ws.data), *TINY, "--max-steps", "1000000",
-           "--log-interval", "1", "--out-dir", str(run)]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=_env(tmp_path), stdin=subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    watchdog = threading.Timer(240, proc.kill)
-    watchdog.start()
-    try:
-        assert proc.stderr is not None
-        for line in proc.stderr:  # the training loop runs: its handler is installed
-            if line.startswith("step "):
-                break
-        proc.send_signal(signal.SIGINT)
-        time.sleep(0.01)
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=120)
-    finally:
-        watchdog.cancel()
-        proc.kill()
-    assert proc.returncode == 130, err
+    returncode, _, err, run = interrupt_training(ws, tmp_path, (signal.SIGINT, signal.SIGINT))
+    assert returncode == 130, err
     assert "Traceback" not in err
     ckpts = find_checkpoints(run)
     assert ckpts and not list(run.glob(".tmp-*"))

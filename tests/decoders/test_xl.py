@@ -41,15 +41,6 @@ def _set_ratios(model: LongContextLM, values: list[list[float]]) -> None:
             block.mix.span.ratio.copy_(torch.tensor(ratios))
 
 
-def _run(model: LongContextLM, tokens: Tensor, state: XLState, sizes: list[int]) -> tuple[Tensor, XLState]:
-    logits, start = [], 0
-    for size in sizes:
-        out = model(tokens[:, start:start + size], state)
-        logits.append(out.logits)
-        state, start = out.state, start + size
-    return torch.cat(logits, dim=1), state
-
-
 def _tokens(model: LongContextLM, batch: int, length: int, seed: int = 0) -> Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, model.cfg.vocab_size, (batch, length), generator=g)
@@ -131,8 +122,8 @@ def test_full_span_and_tiny_ramp_equal_plain_windowed_attention(make_tiny_model)
     assert not missing and all(name.endswith("span.ratio") for name in unexpected)
     tokens = _tokens(plain, 2, 40)
     with torch.no_grad():
-        a, _ = _run(adaptive, tokens, adaptive.init_state(2), [7, 1, 32])
-        p, _ = _run(plain, tokens, plain.init_state(2), [40])
+        a, _ = contract._run(adaptive, tokens, adaptive.init_state(2), [7, 1, 32])
+        p, _ = contract._run(plain, tokens, plain.init_state(2), [40])
         torch.testing.assert_close(a, p, atol=ATOL, rtol=0)
         x = plain.embed(tokens)
         torch.testing.assert_close(plain.decoder(x, plain.init_state(2)).hidden, _naive_decoder(plain.decoder, x),
@@ -242,9 +233,9 @@ def test_trimming_the_cache_does_not_change_logits(make_tiny_model) -> None:
     tokens = _tokens(model, 2, 3 * mem_len + 7)
     sizes = [1, 30, 1, 1, 50, 44]
     with torch.no_grad():
-        a, state_a = _run(model, tokens, trimmed, sizes)
-        b, state_b = _run(model, tokens, full, sizes)
-        c, _ = _run(model, tokens, full, [1] * tokens.shape[1])
+        a, state_a = contract._run(model, tokens, trimmed, sizes)
+        b, state_b = contract._run(model, tokens, full, sizes)
+        c, _ = contract._run(model, tokens, full, [1] * tokens.shape[1])
     torch.testing.assert_close(a, b, atol=ATOL, rtol=0)
     torch.testing.assert_close(c, b, atol=1e-4, rtol=0)
     assert state_a.nbytes() == trimmed.nbytes() and state_b.nbytes() == full.nbytes()
