@@ -51,11 +51,12 @@ _LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
 
 
 def basis_grid(n_basis: int, widths: Sequence[float]) -> tuple[Tensor, Tensor]:
-    """Centres and widths (N,) float64: ``linspace(0, 1, N / |S|)`` crossed with the widths (centre-major order)."""
+    """Centres and widths (N,) float64: every width of ``widths`` crossed with the centres ``linspace(0, 1, N / |S|)``
+    (width-major order: the first N / |S| functions have the first width)."""
     if n_basis < 1 or not widths or n_basis % len(widths):
         raise ValueError(f"n_basis ({n_basis}) must be a positive multiple of the number of widths ({len(widths)})")
     grid = torch.linspace(0.0, 1.0, n_basis // len(widths), dtype=torch.float64)  # (N / |S|,)
-    centres, sigmas = torch.meshgrid(grid, torch.tensor(list(widths), dtype=torch.float64), indexing="ij")
+    sigmas, centres = torch.meshgrid(torch.tensor(list(widths), dtype=torch.float64), grid, indexing="ij")
     return centres.flatten(), sigmas.flatten()  # (N,), (N,)
 
 
@@ -224,29 +225,30 @@ class ContinuousMemory(nn.Module):
     def expectation(self, mu: Tensor, sigma_sq: Tensor) -> Tensor:
         """:func:`expected_basis` with this memory's basis: (...,) -> (..., N), in the dtype of ``mu``.
 
-        Uses the grid structure (N / |S| centres x |S| widths, centre-major) and a hand-written backward, see
+        Uses the grid structure (|S| widths x N / |S| centres, width-major) and a hand-written backward, see
         :class:`_GridExpectation`: the same values as :func:`expected_basis`, about half the time with its gradient.
         """
-        S = self.n_widths
-        return _GridExpectation.apply(mu, sigma_sq, self.centres[::S].to(mu.dtype), self.widths[:S].to(mu.dtype))
+        G = self.n_basis // self.n_widths
+        return _GridExpectation.apply(mu, sigma_sq, self.centres[:G].to(mu.dtype), self.widths[::G].to(mu.dtype))
 
 
 class _GridExpectation(torch.autograd.Function):
     """r = E_{N(mu, sigma^2)}[psi] for a grid basis, with an analytic backward.
 
-    With ``d_c = mu - c`` and ``v_s = w_s^2 + sigma^2`` (|S| values per query), ``r_cs = exp(-d_c^2 / (2 v_s)) /
-    sqrt(2 pi v_s)``: one outer product, one exp and one scaling over (..., N). Backward with ``gr = grad * r``:
-    ``dmu = -sum_s (sum_c gr_cs d_c) / v_s`` and ``dsigma^2 = sum_s (sum_c gr_cs d_c^2) / (2 v_s^2) - (sum_c gr_cs) /
-    (2 v_s)``; the three sums over centres are one batched matmul with ``[1, d, d^2]``. Autograd through the
-    broadcasting closed form instead spends most of its time in broadcast reductions.
+    With ``d_c = mu - c`` and ``v_s = w_s^2 + sigma^2`` (|S| values per query), ``r_sc = exp(-d_c^2 / (2 v_s)) /
+    sqrt(2 pi v_s)``: one outer product, one exp and one scaling over (..., S, G), the centres innermost. Backward
+    with ``gr = grad * r``: ``dmu = -sum_s (sum_c gr_sc d_c) / v_s`` and ``dsigma^2 = sum_s (sum_c gr_sc d_c^2) /
+    (2 v_s^2) - (sum_c gr_sc) / (2 v_s)``: three reductions over the contiguous centre axis (the last one as a
+    matrix-vector product). Autograd through the broadcasting closed form instead spends most of its time in
+    broadcast reductions.
     """
 
     @staticmethod
     def forward(ctx, mu: Tensor, sigma_sq: Tensor, centres: Tensor, widths: Tensor) -> Tensor:  # type: ignore[override]
         var = widths ** 2 + sigma_sq[..., None]  # (..., S)
         diff = mu[..., None] - centres  # (..., G) with G = N / S
-        r = torch.exp(diff.square()[..., :, None] * (-0.5 / var)[..., None, :])  # (..., G, S)
-        r.mul_(torch.rsqrt(2 * math.pi * var)[..., None, :])
+        r = torch.exp(diff.square()[..., None, :] * (-0.5 / var)[..., :, None])  # (..., S, G)
+        r.mul_(torch.rsqrt(2 * math.pi * var)[..., :, None])
         ctx.save_for_backward(r, diff, var)
         return r.flatten(-2)  # (..., N)
 
@@ -254,9 +256,11 @@ class _GridExpectation(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: Tensor):  # type: ignore[override]
         r, diff, var = ctx.saved_tensors
-        gr = grad.reshape(r.shape) * r  # (..., G, S)
-        powers = torch.stack([torch.ones_like(diff), diff, diff.square()], dim=-1)  # (..., G, 3)
-        s0, s1, s2 = torch.matmul(gr.transpose(-1, -2), powers).unbind(-1)  # 3 x (..., S): sums over centres
+        gr = grad.reshape(r.shape) * r  # (..., S, G)
+        s0 = gr.sum(-1)  # (..., S): sums over centres
+        grd = gr.mul_(diff[..., None, :])  # gr is not needed any more
+        s1 = grd.sum(-1)
+        s2 = torch.matmul(grd, diff[..., :, None]).squeeze(-1)
         grad_mu = -(s1 / var).sum(-1)
         grad_var = (0.5 * s2 / (var * var) - 0.5 * s0 / var).sum(-1)
         return grad_mu, grad_var, None, None
@@ -267,7 +271,7 @@ class _GridExpectation(torch.autograd.Function):
 
 
 def _project_coefficients_first(n_queries: int, n_basis: int, d_model: int, n_head: int) -> bool:
-    """Whether ``K = B W_K`` then ``q K^T`` (N D^2 + Q N D) is cheaper than ``(q W_K) B^T`` (Q D^2 + H Q N D)."""
+    """Whether ``V = B W_V`` then ``r V`` (N D^2 + Q N D) is cheaper than ``(r B) W_V`` (H Q N D + Q D^2)."""
     return n_basis * d_model * d_model + n_queries * n_basis * d_model <= \
         n_queries * d_model * d_model + n_head * n_queries * n_basis * d_model
 
@@ -276,7 +280,8 @@ class ContinuousAttention(nn.Module):
     """Gaussian continuous attention of per-head queries over a memory's coefficients (one layer's parameters).
 
     Parameters: ``key``/``value`` = W_K, W_V (D -> D, no bias), ``mu``/``sigma`` = w_mu, w_sigma (N -> 1, no bias,
-    shared by the heads), all with PyTorch's default initialisation as in the official code.
+    shared by the heads), all with PyTorch's default initialisation as in the official code. The keys ``K = B W_K``
+    enter only through ``w . s`` and are never formed (see :meth:`density`).
     """
 
     def __init__(self, d_model: int, n_head: int, n_basis: int, min_var: float) -> None:
@@ -287,24 +292,22 @@ class ContinuousAttention(nn.Module):
         self.mu = nn.Linear(n_basis, 1, bias=False)
         self.sigma = nn.Linear(n_basis, 1, bias=False)
 
-    def scores(self, q: Tensor, coeffs: Tensor) -> Tensor:
-        """s = q K^T / sqrt(Dh) with K = B W_K: q (B, H, Q, Dh), coeffs (B, N, D) -> (B, H, Q, N)."""
-        B, H, Q, Dh = q.shape
-        N, D = coeffs.shape[1:]
-        coeffs = coeffs.to(q.dtype)
-        q = q * (1.0 / math.sqrt(Dh))  # scale the (smaller) queries rather than the scores
-        if _project_coefficients_first(Q, N, D, H):
-            keys = self.key(coeffs).view(B, N, H, Dh).transpose(1, 2)  # (B, H, N, Dh)
-            return torch.matmul(q, keys.transpose(-1, -2))
-        weight = self.key.weight.to(q.dtype).view(H, Dh, D)  # W_K rows of each head
-        q_proj = torch.matmul(q, weight).reshape(B, H * Q, D)  # q_h^T W_K,h
-        return torch.matmul(q_proj, coeffs.transpose(1, 2)).view(B, H, Q, N)  # (B, H Q, D) @ (B, D, N)
+    def density(self, q: Tensor, coeffs: Tensor) -> tuple[Tensor, Tensor]:
+        """mu = sigmoid(w_mu . s), sigma^2 = max(softplus(w_sigma . s), min_var) with s = q K^T / sqrt(Dh), K = B W_K.
 
-    def density(self, scores: Tensor) -> tuple[Tensor, Tensor]:
-        """mu = sigmoid(w_mu . s), sigma^2 = max(softplus(w_sigma . s), min_var): (B, H, Q, N) -> 2 x (B, H, Q) fp32."""
-        with torch.autocast(scores.device.type, enabled=False):
-            weight = torch.cat([self.mu.weight, self.sigma.weight]).float()  # (2, N): one product for both
-            mu_logit, sigma_logit = F.linear(scores.float(), weight).unbind(-1)  # 2 x (B, H, Q)
+        q (B, H, Q, Dh), coeffs (B, N, D) -> 2 x (B, H, Q) float32. The scores s (B, H, Q, N) are never formed:
+        ``w . s = q . (W_K,h^T B^T w) / sqrt(Dh)`` (the products are linear), so the two logits need one (B, 2, D)
+        summary of the coefficients per version instead of an N-wide score row per query. Same values and gradients
+        as the paper's order (up to rounding), at Q Dh instead of Q N Dh + N D^2 multiply-adds per head. Float32 also
+        under autocast: mu is a position with a resolution of ~1 / N, and sigma^2 reaches 1e-6.
+        """
+        B, H, Q, Dh = q.shape
+        with torch.autocast(q.device.type, enabled=False):
+            weight = torch.cat([self.mu.weight, self.sigma.weight]).float()  # (2, N): w_mu, w_sigma
+            summary = torch.matmul(weight, coeffs.float())  # (B, 2, D): B^T w for both
+            directions = F.linear(summary, self.key.weight.float()).view(B, 2, H, Dh)  # W_K^T B^T w per head
+            logits = torch.matmul(q.float(), directions.permute(0, 2, 3, 1)) / math.sqrt(Dh)  # (B, H, Q, 2)
+            mu_logit, sigma_logit = logits.unbind(-1)
             return torch.sigmoid(mu_logit), F.softplus(sigma_logit).clamp_min(self.min_var)
 
     def context(self, r: Tensor, coeffs: Tensor, dtype: torch.dtype) -> Tensor:
@@ -322,7 +325,7 @@ class ContinuousAttention(nn.Module):
 
     def forward(self, q: Tensor, coeffs: Tensor, memory: ContinuousMemory) -> tuple[Tensor, Tensor, Tensor]:
         """q (B, H, Q, Dh), coeffs (B, N, D) -> context (B, H, Q, Dh) in q's dtype, mu and sigma^2 (B, H, Q) fp32."""
-        mu, sigma_sq = self.density(self.scores(q, coeffs))
+        mu, sigma_sq = self.density(q, coeffs)
         with torch.autocast(q.device.type, enabled=False):
             r = memory.expectation(mu, sigma_sq)  # (B, H, Q, N) float32
         return self.context(r, coeffs, q.dtype), mu, sigma_sq

@@ -56,8 +56,8 @@ def official_memory() -> ContinuousMemory:
 def test_basis_grid_crosses_centres_and_widths() -> None:
     centres, widths = basis_grid(6, [0.1, 0.2])
     assert centres.dtype == torch.float64
-    torch.testing.assert_close(centres, torch.tensor([0.0, 0.0, 0.5, 0.5, 1.0, 1.0], dtype=torch.float64))
-    torch.testing.assert_close(widths, torch.tensor([0.1, 0.2] * 3, dtype=torch.float64))
+    torch.testing.assert_close(centres, torch.tensor([0.0, 0.5, 1.0] * 2, dtype=torch.float64))
+    torch.testing.assert_close(widths, torch.tensor([0.1, 0.1, 0.1, 0.2, 0.2, 0.2], dtype=torch.float64))
     with pytest.raises(ValueError):
         basis_grid(5, [0.1, 0.2])
     # psi is the normalised Gaussian pdf: about 40 at the centre for a width of 0.01
