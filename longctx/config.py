@@ -22,7 +22,7 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 from longctx.errors import ConfigError
 
-DEFAULT_PRESET = "transformer-small"
+DEFAULT_PRESET = "infinite-small"  # the ∞-former: the project's headline decoder
 
 
 def _check(condition: bool, key: str, message: str) -> None:
@@ -132,7 +132,45 @@ class InfiniteConfig:
         _check(math.isfinite(self.kl_mu0), "model.infinite.kl_mu0", f"must be a finite number, got {self.kl_mu0}")
 
 
-DecoderName = Literal["transformer", "xl", "aft", "infinite"]
+@dataclass
+class CombinerConfig:
+    """Combiner (Ren et al. 2021, arXiv 2107.05768), causal Combiner-Fixed: a query sees its own segment of `segment`
+    tokens directly and each of the last max_summaries earlier segments through one max-pooled summary, in one
+    softmax. Reach: segment * (max_summaries + 1) tokens per layer. Rotary positions (RoPE) as the baseline."""
+
+    segment: int = 64  # s: tokens per segment, fixed by absolute position (token p is in segment p // s)
+    max_summaries: int = 63  # S: summaries kept (the S segments before the query's); older ones are dropped
+    rope_base: float = 10000.0
+
+    def __post_init__(self) -> None:
+        _check(self.segment >= 1, "model.combiner.segment", f"must be >= 1, got {self.segment}")
+        _check(self.max_summaries >= 1, "model.combiner.max_summaries", f"must be >= 1, got {self.max_summaries}")
+        _check(1.0 < self.rope_base < math.inf, "model.combiner.rope_base", f"must be > 1, got {self.rope_base}")
+
+
+@dataclass
+class PerceiverARConfig:
+    """Perceiver AR (Hawthorne et al. 2022, arXiv 2202.07765) in per-position streaming form: one causal
+    cross-attention from the latent of position p to the inputs (p - context, p], then n_layer - 1 causal
+    self-attention layers among the latents of positions (p - latents, p] (the cross-attention layer counts as one of
+    model.n_layer). Rotary positions on the first rotary_fraction of each head's channel pairs (official configs 0.5).
+    """
+
+    context: int = 1024  # the cross-attention of position p reads the inputs (p - context, p]
+    latents: int = 256  # each latent self-attention layer reads the latents of positions (p - latents, p]
+    rotary_fraction: float = 0.5  # share of each head's channels rotated by RoPE; the rest carry no position
+    rope_base: float = 10000.0  # keep the longest rotary wavelength well above context (the official code asserts it)
+
+    def __post_init__(self) -> None:
+        _check(self.latents >= 1, "model.perceiver_ar.latents", f"must be >= 1, got {self.latents}")
+        _check(self.context >= self.latents, "model.perceiver_ar.context",
+               f"({self.context}) must be >= model.perceiver_ar.latents ({self.latents})")
+        _check(0.0 <= self.rotary_fraction <= 1.0, "model.perceiver_ar.rotary_fraction",
+               f"must be in [0, 1], got {self.rotary_fraction}")
+        _check(1.0 < self.rope_base < math.inf, "model.perceiver_ar.rope_base", f"must be > 1, got {self.rope_base}")
+
+
+DecoderName = Literal["transformer", "xl", "aft", "infinite", "perceiver_ar", "combiner"]
 
 
 @dataclass
@@ -152,6 +190,8 @@ class ModelConfig:
     xl: XLConfig = field(default_factory=XLConfig)
     aft: AFTConfig = field(default_factory=AFTConfig)
     infinite: InfiniteConfig = field(default_factory=InfiniteConfig)
+    perceiver_ar: PerceiverARConfig = field(default_factory=PerceiverARConfig)
+    combiner: CombinerConfig = field(default_factory=CombinerConfig)
 
     def __post_init__(self) -> None:
         for key in ("vocab_size", "n_layer", "n_head", "d_model", "d_ff"):
@@ -433,7 +473,7 @@ def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
 
 
 def load_config(preset_or_path: str | None = None, overrides: dict[str, Any] | None = None) -> Config:
-    """Read a preset (name or TOML path; default ``transformer-small``) and apply dotted overrides.
+    """Read a preset (name or TOML path; default :data:`DEFAULT_PRESET`) and apply dotted overrides.
 
     ``overrides`` maps dotted keys (``"train.lr"``) to values; strings are parsed with TOML syntax when the key is not
     a string key. Raises :class:`ConfigError` for unknown keys, wrong types and out-of-range values.

@@ -37,10 +37,11 @@ from longctx.cli import main
 from longctx.data import bundled_documents
 
 # The tiny model of tests/test_train.py: 1 layer, width 32, about 17 k parameters; 3 steps take well under a second.
-TINY_MODEL = ["--set", "model.n_layer=1", "--set", "model.d_model=32", "--set", "model.n_head=2",
+# The command-line tests run the transformer baseline (the fastest decoder); the default preset has its own tests.
+PRESET = "transformer-small"  # the run folder is runs/transformer-small
+TINY_MODEL = ["--preset", PRESET, "--set", "model.n_layer=1", "--set", "model.d_model=32", "--set", "model.n_head=2",
               "--set", "model.d_ff=64", "--set", "model.transformer.window=16"]
 TINY = [*TINY_MODEL, "--seq-len", "16", "--batch-size", "4", "--threads", "1", "--no-progress"]
-PRESET = "transformer-small"  # the default preset: the run folder is runs/transformer-small
 EVAL_KEYS = {"tokens", "bytes", "loss", "ppl", "ppl_stderr", "bits_per_byte", "byte_perplexity", "state_bytes",
              "peak_rss_bytes"}
 
@@ -266,6 +267,29 @@ def test_print_config_prints_json_and_does_not_train(cli: Callable[..., Result],
     assert config["train"]["micro_batch_size"] == 0  # --batch-size alone: no accumulation
     assert set(config) >= {"model", "data", "train"}
     assert not out_dir.exists()
+
+
+def test_train_without_a_preset_trains_the_infinite_former_end_to_end(ws: Workspace, tmp_path: Path) -> None:
+    """No --preset: infinite-small (the ∞-former). A tiny version of it trains, evaluates and generates, with the
+    run folder, the newest-checkpoint lookup and the prompt file all left to their defaults."""
+    res = run_inprocess(tmp_path, "train", "--print-config")
+    assert res.code == 0, res.err
+    config = json.loads(res.out)
+    assert config["preset"] == "infinite-small" and config["model"]["decoder"] == "infinite"
+    tiny_ltm = ["model.n_layer=1", "model.d_model=32", "model.n_head=2", "model.d_ff=64", "model.infinite.mem_len=8",
+                "model.infinite.ltm_block=8", "model.infinite.n_basis=16", "model.infinite.n_samples=16"]
+    res = run_inprocess(tmp_path, "train", "--data", ws.data, *(a for kv in tiny_ltm for a in ("--set", kv)),
+                        "--seq-len", "16", "--batch-size", "2", "--threads", "1", "--no-progress", "--max-steps", "2")
+    assert res.code == 0, res.err
+    assert (tmp_path / "runs" / "infinite-small" / "step-00000002" / "model.safetensors").is_file()
+    res = run_inprocess(tmp_path, "eval", "--ppl", ws.eval_file, "--json")  # 1200 bytes: several LTM refits
+    assert res.code == 0, res.err
+    report = json.loads(res.out)
+    assert "infinite-small" in report["checkpoint"] and report["tokens"] == 1200
+    assert math.isfinite(report["loss"])
+    res = run_inprocess(tmp_path, "generate", "--prompt-file", ws.prompt_file, "-n", "20", "--seed", "1")
+    assert res.code == 0, res.err
+    assert "generated 20 tokens" in res.err
 
 
 def test_underscore_alias_and_several_data_paths_after_one_flag(cli: Callable[..., Result], ws: Workspace,

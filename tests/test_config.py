@@ -25,7 +25,7 @@ from longctx.model import build_model
 # presets
 
 
-def test_load_default_preset() -> None:
+def test_load_a_preset() -> None:
     cfg = load_config("transformer-small")
     assert isinstance(cfg, Config)
     assert cfg.preset == "transformer-small"
@@ -33,9 +33,15 @@ def test_load_default_preset() -> None:
     assert (cfg.model.n_layer, cfg.model.d_model, cfg.model.n_head, cfg.model.d_ff) == (6, 256, 4, 1024)
     assert cfg.model.transformer.window == 256
     assert cfg.train.lr == 1e-3 and isinstance(cfg.train.lr, float)
-    # no name means the default preset
-    assert load_config().to_dict() | {"preset": ""} == cfg.to_dict() | {"preset": ""}
-    assert DEFAULT_PRESET in list_presets()
+
+
+def test_no_name_means_the_default_preset_the_infinite_former() -> None:
+    assert DEFAULT_PRESET == "infinite-small" and DEFAULT_PRESET in list_presets()
+    cfg = load_config()
+    assert cfg.preset == "infinite-small" and cfg.model.decoder == "infinite"
+    assert load_config("infinite-small").to_dict() == cfg.to_dict()
+    # same size class as the baseline
+    assert (cfg.model.n_layer, cfg.model.d_model, cfg.model.n_head, cfg.model.d_ff) == (6, 256, 4, 1024)
 
 
 def test_unknown_preset_lists_the_presets() -> None:
@@ -55,7 +61,8 @@ def test_close_preset_name_is_suggested() -> None:
 
 def test_preset_by_path(tmp_path: Path) -> None:
     bundled = preset_dir() / "transformer-small.toml"
-    assert load_config(str(bundled)).to_dict() | {"preset": ""} == load_config().to_dict() | {"preset": ""}
+    assert load_config(str(bundled)).to_dict() | {"preset": ""} == \
+        load_config("transformer-small").to_dict() | {"preset": ""}
 
     path = tmp_path / "mine.toml"
     path.write_text('[model]\nn_layer = 3\n\n[model.transformer]\nwindow = 16\n\n[train]\nlr = 5e-4\n')
