@@ -32,7 +32,9 @@ Model FLOPs per trained token (forward + backward = 3 x forward; a multiply-add 
   values (A V), 2 * d_model * K FLOPs each per token and layer in the forward pass, times 3 for training. ``K`` is the
   number of keys a query actually attends to: for the sliding-window transformer with a carried state it is
   ``window`` (each query sees itself and the previous window - 1 tokens once the stream is longer than the window,
-  which it is in steady state); for the ``xl`` decoder it is ``mem_len`` (the maximum span); for other decoders the
+  which it is in steady state); for the ``xl`` decoder it is ``mem_len`` (the maximum span); for ``infinite`` it is
+  ``mem_len + (ltm_block - 1) / 2`` (the average exact window) plus ``n_basis / 2`` (the continuous attention's
+  context ``V^T r`` is one product over the N basis functions; its scores are never formed); for other decoders the
   script counts no attention term (``attended_keys_per_query`` = 0 in the report). Masked-out keys that a dense
   kernel may still compute are NOT counted; softmax, norms, activations, rotary positions and the optimizer are not
   counted either (they are memory-bound and small). For transformer-small the three terms are 84.8%, 1.2% and 14.1%
@@ -163,6 +165,9 @@ def attended_keys(cfg: Config) -> int:
         return model.transformer.window
     if model.decoder == "xl":
         return getattr(model.decoder_config(), "mem_len", 0)
+    if model.decoder == "infinite":  # short-term: mem_len .. mem_len + ltm_block - 1 keys, on average the middle;
+        inf = model.infinite  # long-term: the context V^T r over the N basis functions is one of the two products
+        return round(inf.mem_len + (inf.ltm_block - 1) / 2 + inf.n_basis / 2)
     return 0
 
 
