@@ -6,7 +6,7 @@ Public API::
     model = longctx.build_model(cfg.model)
     state = model.init_state(batch_size=2)
     out = model(tokens, state, targets)        # LMOutput(logits, state, loss, aux_loss, stats)
-    model, tokenizer, cfg = longctx.load_checkpoint("runs/transformer-small/step-00000050")
+    model, tokenizer, cfg = longctx.load_checkpoint("runs/infinite-small/step-00000050")
 """
 
 __version__ = "0.1.0"
