@@ -34,11 +34,12 @@ Model FLOPs per trained token (forward + backward = 3 x forward; a multiply-add 
   ``window`` (each query sees itself and the previous window - 1 tokens once the stream is longer than the window,
   which it is in steady state); for the ``xl`` decoder it is ``mem_len`` (the maximum span); for ``infinite`` it is
   ``mem_len + (ltm_block - 1) / 2`` (the average exact window) plus ``n_basis / 2`` (the continuous attention's
-  context ``V^T r`` is one product over the N basis functions; its scores are never formed); for other decoders the
-  script counts no attention term (``attended_keys_per_query`` = 0 in the report). Masked-out keys that a dense
-  kernel may still compute are NOT counted; softmax, norms, activations, rotary positions and the optimizer are not
-  counted either (they are memory-bound and small). For transformer-small the three terms are 84.8%, 1.2% and 14.1%
-  of 33.5 MFLOP per token.
+  context ``V^T r`` is one product over the N basis functions; its scores are never formed); for ``perceiver_ar``
+  the layer average of ``context`` (the cross-attention) and ``latents`` (the other layers); for ``combiner`` half
+  a segment plus ``max_summaries``; for ``aft`` no attention term (``attended_keys_per_query`` = 0 in the report).
+  Masked-out keys that a dense kernel may still compute are NOT counted; softmax, norms, activations, rotary
+  positions and the optimizer are not counted either (they are memory-bound and small). For transformer-small the
+  three terms are 84.8%, 1.2% and 14.1% of 33.5 MFLOP per token.
 
 MFU = (flops_per_token * median tokens/s) / peak, where the peak is measured in the same run with the same thread
 count: the median FLOP/s of several timed square matmuls (``--peak-size``, default 2048) in fp32, and in bf16 for the
@@ -168,6 +169,11 @@ def attended_keys(cfg: Config) -> int:
     if model.decoder == "infinite":  # short-term: mem_len .. mem_len + ltm_block - 1 keys, on average the middle;
         inf = model.infinite  # long-term: the context V^T r over the N basis functions is one of the two products
         return round(inf.mem_len + (inf.ltm_block - 1) / 2 + inf.n_basis / 2)
+    if model.decoder == "perceiver_ar":  # one cross-attention layer over `context` inputs, the others over `latents`
+        par = model.perceiver_ar
+        return round((par.context + (model.n_layer - 1) * par.latents) / model.n_layer)
+    if model.decoder == "combiner":  # the causal half of the own segment on average, plus the kept summaries
+        return round((model.combiner.segment + 1) / 2 + model.combiner.max_summaries)
     return 0
 
 

@@ -45,6 +45,10 @@ TINY_OVERRIDES: dict[str, Callable[[], dict[str, Any]]] = {
     # tests/decoders/test_infinite.py runs the same contract checks with sticky memories and the gate
     "infinite": lambda: {"infinite": {"mem_len": 4, "ltm_block": 4, "n_basis": 16, "sigmas": [0.05, 0.1],
                                       "n_samples": 16, "sticky_bins": 8}},
+    # 1 cross-attention (context 8) + 2 latent layers (latents 4); half of each head's channels rotated
+    "perceiver_ar": lambda: {"n_layer": 3, "perceiver_ar": {"context": 8, "latents": 4, "rotary_fraction": 0.5}},
+    # segments of 4, 3 summaries kept: every contract stream crosses many segments and drops old summaries
+    "combiner": lambda: {"combiner": {"segment": 4, "max_summaries": 3}},
 }
 
 
@@ -73,6 +77,8 @@ MEMORY_LENGTH: dict[str, Callable[[ModelConfig], int]] = {
     "xl": lambda cfg: cfg.xl.mem_len,
     "aft": lambda cfg: max(4, {"simple": 1, "full": cfg.aft.max_distance}.get(cfg.aft.variant, cfg.aft.window)),
     "infinite": lambda cfg: cfg.infinite.mem_len + cfg.infinite.ltm_block,  # the largest exact window (+ itself)
+    "perceiver_ar": lambda cfg: cfg.perceiver_ar.context,  # the cross-attention window (the longest cache)
+    "combiner": lambda cfg: cfg.combiner.segment * (cfg.combiner.max_summaries + 1),  # own segment + S summaries
 }
 
 _GENERIC_MEMORY_FIELDS = ("window", "mem_len")
