@@ -27,6 +27,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_BASE, TINY_OVERRIDES
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open
@@ -35,6 +36,7 @@ from safetensors.torch import load_file, save_file
 from longctx.checkpoint import find_checkpoints, load_checkpoint
 from longctx.cli import main
 from longctx.data import bundled_documents
+from longctx.decoders import DECODERS
 
 # The tiny model of tests/test_train.py: 1 layer, width 32, about 17 k parameters; 3 steps take well under a second.
 # The command-line tests run the transformer baseline (the fastest decoder); the default preset has its own tests.
@@ -290,6 +292,37 @@ def test_train_without_a_preset_trains_the_infinite_former_end_to_end(ws: Worksp
     res = run_inprocess(tmp_path, "generate", "--prompt-file", ws.prompt_file, "-n", "20", "--seed", "1")
     assert res.code == 0, res.err
     assert "generated 20 tokens" in res.err
+
+
+def _set_flags(table: dict, prefix: str = "model.") -> list[str]:
+    """``--set`` flags for a nested dict of config values (strings bare, numbers and lists in TOML syntax)."""
+    flags = []
+    for key, value in table.items():
+        if isinstance(value, dict):
+            flags += _set_flags(value, f"{prefix}{key}.")
+        else:
+            flags += ["--set", f"{prefix}{key}={value if isinstance(value, str) else json.dumps(value)}"]
+    return flags
+
+
+@pytest.mark.parametrize("decoder", sorted(DECODERS))
+def test_every_decoder_trains_evaluates_and_generates_through_the_cli(decoder: str, ws: Workspace,
+                                                                       tmp_path: Path) -> None:
+    """The tiny config of the contract tests (tests/conftest.py), through train, eval --ppl and generate."""
+    model = {k: v for k, v in TINY_BASE.items() if k != "vocab_size"} | TINY_OVERRIDES[decoder]()
+    res = run_inprocess(tmp_path, "train", "--preset", PRESET, "--set", f"model.decoder={decoder}",
+                        *_set_flags(model), "--data", ws.data, "--seq-len", "16", "--batch-size", "2", "--threads",
+                        "1", "--no-progress", "--max-steps", "2", "--out-dir", "run")
+    assert res.code == 0, res.err
+    assert f"model: {decoder} decoder" in res.err
+    res = run_inprocess(tmp_path, "eval", "--ppl", ws.eval_file, "--model", "run/step-00000002", "--json")
+    assert res.code == 0, res.err
+    report = json.loads(res.out)
+    assert report["tokens"] == 1200 and math.isfinite(report["loss"]) and report["state_bytes"] > 0
+    res = run_inprocess(tmp_path, "generate", "--model", "run/step-00000002", "--prompt-file", ws.prompt_file,
+                        "-n", "12", "--seed", "1", "--ignore-eos")
+    assert res.code == 0, res.err
+    assert "generated 12 tokens" in res.err
 
 
 def test_underscore_alias_and_several_data_paths_after_one_flag(cli: Callable[..., Result], ws: Workspace,
