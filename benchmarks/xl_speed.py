@@ -61,7 +61,7 @@ def set_span_ratio(model: LongContextLM, ratio: float) -> None:
     """Every adaptive-span head of ``model`` gets the span ``ratio * mem_len``."""
     with torch.no_grad():
         for block in model.decoder.blocks:
-            block.attn.span.ratio.fill_(ratio)
+            block.mix.span.ratio.fill_(ratio)
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -19,3 +21,107 @@ def test_train_speed_smoke(tmp_path):
     assert json.loads(res.stdout) == result
     assert {run["precision"] for run in result["results"]} == {"fp32", "bf16"}
     assert all(run["tokens_per_s"] > 0 and 0 < run["mfu"] < 1 for run in result["results"])
+
+
+def _finite(value) -> bool:
+    return isinstance(value, int | float) and math.isfinite(value)
+
+
+def _run_smoke(script: str, tmp_path: Path) -> tuple[dict, subprocess.CompletedProcess]:
+    out = tmp_path / f"{script}.json"
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / f"{script}.py"), "--smoke", "--threads", "1",
+                          "--output", str(out), "--out-dir", str(tmp_path / "runs")],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert json.loads(res.stdout) == report
+    return report, res
+
+
+def test_quality_smoke(tmp_path):
+    report, res = _run_smoke("quality", tmp_path)
+    assert report["benchmark"] == "quality" and report["settings"]["tokens"] > 0
+    assert len(report["presets"]) >= 2
+    for preset, r in report["presets"].items():
+        assert "error" not in r, (preset, r)
+        assert r["tokens_trained"] >= report["settings"]["tokens"] and r["train_tokens_per_s"] > 0
+        for key in ("carry_bpb", "cut_bpb", "reset_bpb", "delta_bpb", "reset_delta_bpb", "train_wall_s"):
+            assert _finite(r[key]), (preset, key, r[key])
+        assert r["window"] >= 1 and r["evaluation"]["cut"]["window"] == 2 * r["window"]
+        assert r["evaluation"]["carry"]["per_position"] and all(
+            _finite(row["mean_nll"]) for row in r["evaluation"]["carry"]["per_position"])
+    # a one-layer sliding-window transformer reads its whole reach in cut mode: cut equals carry
+    assert abs(report["presets"]["transformer-small"]["delta_bpb"]) < 1e-4
+    csv_lines = Path(report["per_position_csv"]).read_text().splitlines()
+    assert csv_lines[0] == "preset,decoder,mode,start,end,mean_nll,count" and len(csv_lines) > 3
+    if report["per_position_png"] is None:  # only without matplotlib, and then it says so
+        assert "plot skipped" in res.stderr
+    else:
+        assert Path(report["per_position_png"]).stat().st_size > 0
+    # a second run finds the runs at their budget and the evaluations made: no training, same figures
+    again, res2 = _run_smoke("quality", tmp_path)
+    assert "not training" in res2.stderr
+    assert {p: r["carry_bpb"] for p, r in again["presets"].items()} == {
+        p: r["carry_bpb"] for p, r in report["presets"].items()}
+
+
+def test_sorting_smoke(tmp_path):
+    report, _ = _run_smoke("sorting", tmp_path)
+    assert report["benchmark"] == "sorting" and report["task"]["vocabulary"]
+    assert len(report["results"]) >= 2
+    for preset, by_length in report["results"].items():
+        for length, r in by_length.items():
+            assert "error" not in r, (preset, length, r)
+            assert r["steps"] == report["settings"]["steps"]
+            for key in ("token_accuracy", "exact_match", "greedy_token_accuracy"):
+                assert 0.0 <= r[key] <= 1.0
+            assert _finite(r["final_loss"]) and r["train_tokens_per_s"] > 0
+            assert 0.0 <= r["window_oracle"]["token_accuracy"] <= 1.0
+
+
+def test_sorting_examples_are_deterministic_and_sorted():
+    spec = importlib.util.spec_from_file_location("sorting_benchmark", ROOT / "benchmarks" / "sorting.py")
+    sorting = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sorting)
+    symbols, target = sorting.make_example(seed=3, split=1, index=7, length=500)
+    again, same = sorting.make_example(seed=3, split=1, index=7, length=500)
+    assert (symbols == again).all() and (target == same).all()
+    assert not (sorting.make_example(3, 0, 7, 500)[0] == symbols).all()  # the splits differ
+    assert sorted(target.tolist()) == list(range(20))
+    counts = [int((symbols == s).sum()) for s in target]
+    assert counts == sorted(counts, reverse=True)
+    batch = sorting.make_batch(3, 1, 7, 2, 500)
+    assert batch.shape == (2, 521) and batch[0, 500].item() == sorting.SEP
+    assert (batch[0, 501:].numpy() == target).all()
+    assert sorting.segment_bounds(1044, 256) == [(0, 20), (20, 276), (276, 532), (532, 788), (788, 1044)]
+
+
+def test_speed_smoke(tmp_path):
+    out = tmp_path / "speed.json"
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "speed.py"), "--smoke", "--output", str(out)],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert json.loads(res.stdout) == report
+    presets = report["presets"]
+    assert len(presets) >= 2
+    for preset in presets:
+        for precision in ("fp32", "bf16"):
+            row = report["train"]["runs"][preset][precision]
+            assert row["tokens_per_s"] > 0 and 0 < row["mfu"] < 1
+        infer = report["infer"][preset]
+        assert set(infer["decode_latency_s"]) == set(infer["ingest_tokens_per_s"]) == {"100", "400"}
+        assert infer["flatness"] > 0 and infer["state_bytes"] == infer["state_bytes_empty"] > 0  # bounded state
+        rss = report["rss"][preset]
+        assert [r["bytes"] for r in rss["runs"]] == [2000, 8000] and all(r["peak_rss_bytes"] > 0 for r in rss["runs"])
+        assert [r["tokens"] for r in rss["runs"]] == [2000, 8000]  # byte tokenizer: every byte scored
+
+
+def test_xl_speed_smoke(tmp_path):
+    out = tmp_path / "xl_speed.json"
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "xl_speed.py"), "--smoke", "--output", str(out)],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert report["train"] and all(row["tokens_per_s"] > 0 for row in report["train"])
+    assert report["generate"] and all(row["ms_per_token"] > 0 for row in report["generate"])

@@ -1,0 +1,103 @@
+"""Helpers shared by ``benchmarks/quality.py`` and ``benchmarks/sorting.py``.
+
+* :func:`attention_window`: the number of tokens a decoder attends to exactly (token by token), the window to which
+  the "memory cut" of ``quality.py`` and the window oracle of ``sorting.py`` are set;
+* :func:`machine_info`: what the figures were measured on;
+* :func:`write_report`: the JSON report on stdout and in a file;
+* :func:`parse_list`: comma lists of flags.
+
+Not a script: import it from a sibling script (``sys.path`` holds the script's folder when it runs).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from longctx.config import ModelConfig
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def log(message: str) -> None:
+    """Progress goes to stderr; stdout holds only the JSON report."""
+    print(message, file=sys.stderr, flush=True)
+
+
+def parse_list(text: str) -> list[str]:
+    """``"a, b,,c"`` -> ``["a", "b", "c"]``."""
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def attention_window(model: ModelConfig, seq_len: int) -> tuple[int, str]:
+    """(W, why): how many tokens a query of this decoder reads exactly, itself included.
+
+    A query of every decoder below sees itself and at most W - 1 earlier tokens token by token; whatever else it
+    knows of the past comes through a compressed or summed memory (or through stacked layers):
+
+    - transformer: ``transformer.window``; xl: ``xl.mem_len`` (the largest span; adaptive spans may learn less);
+    - infinite: ``infinite.mem_len``, the short-term memory every query is guaranteed (it reaches up to
+      ``mem_len + ltm_block - 1`` depending on the position; the rest is the continuous long-term memory);
+    - aft local/conv: ``aft.window`` and aft full: ``aft.max_distance``, the distances with a learned position bias
+      (every earlier token still enters the running sums, with bias 0);
+    - aft simple has no window at all (only running sums): the training segment ``train.seq_len`` is used;
+    - combiner: ``combiner.segment``, the query's own segment (earlier segments are seen through summaries);
+    - perceiver_ar: ``perceiver_ar.context``, the inputs the cross-attention reads;
+    - any other decoder: ``train.seq_len``.
+    """
+    name = model.decoder
+    if name == "transformer":
+        return model.transformer.window, "transformer.window"
+    if name == "xl":
+        return model.xl.mem_len, "xl.mem_len"
+    if name == "infinite":
+        return model.infinite.mem_len, "infinite.mem_len (short-term memory)"
+    if name == "aft":
+        variant = model.aft.variant
+        if variant in ("local", "conv"):
+            return model.aft.window, f"aft.window (position biases of aft-{variant})"
+        if variant == "full":
+            return model.aft.max_distance, "aft.max_distance (position biases of aft-full)"
+        return seq_len, "train.seq_len (aft-simple has no window, only running sums)"
+    if name == "combiner":
+        return model.combiner.segment, "combiner.segment (direct attention; older segments through summaries)"
+    if name == "perceiver_ar":
+        return model.perceiver_ar.context, "perceiver_ar.context (inputs of the cross-attention)"
+    return seq_len, f"train.seq_len (no window rule for decoder {name!r})"
+
+
+def machine_info(threads: int) -> dict[str, Any]:
+    """CPU, software versions, threads, load average: a load above the core count means timings of a busy machine."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    try:
+        load = [round(x, 2) for x in os.getloadavg()]
+    except (AttributeError, OSError):
+        load = None
+    return {"cpu_model": cpu, "cpu_count": os.cpu_count(), "platform": platform.platform(),
+            "python": platform.python_version(), "torch": torch.__version__, "threads": threads,
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None, "load_average": load}
+
+
+def timestamp() -> str:
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+
+
+def write_report(report: dict[str, Any], output: Path) -> None:
+    """Print ``report`` as JSON on stdout and write it to ``output`` (its folder is created)."""
+    text = json.dumps(report, indent=2)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(text + "\n", encoding="utf-8")
+    print(text)
+    log(f"wrote {output}")
