@@ -4,7 +4,8 @@
   the "memory cut" of ``quality.py`` and the window oracle of ``sorting.py`` are set;
 * :func:`machine_info`: what the figures were measured on;
 * :func:`write_report`: the JSON report on stdout and in a file;
-* :func:`parse_list`: comma lists of flags.
+* :func:`parse_list`: comma lists of flags;
+* ``TINY_MODEL_OVERRIDES``: the tiny models of ``--smoke``.
 
 Not a script: import it from a sibling script (``sys.path`` holds the script's folder when it runs).
 """
@@ -24,6 +25,16 @@ import torch
 from longctx.config import ModelConfig
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+# tiny sizes for every decoder (keys of unused decoders are harmless): windows of 16, 1 layer of width 32 (--smoke)
+TINY_MODEL_OVERRIDES = {
+    "model.n_layer": "1", "model.d_model": "32", "model.n_head": "2", "model.d_ff": "64",
+    "model.transformer.window": "16", "model.xl.mem_len": "16", "model.infinite.mem_len": "16",
+    "model.infinite.ltm_block": "16", "model.infinite.n_basis": "32", "model.infinite.n_samples": "32",
+    "model.aft.window": "8", "model.aft.max_distance": "32", "model.combiner.segment": "8",
+    "model.combiner.max_summaries": "3", "model.perceiver_ar.context": "32", "model.perceiver_ar.latents": "16",
+    "train.seq_len": "32", "train.batch_size": "4",
+}
 
 
 def log(message: str) -> None:

@@ -78,7 +78,16 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, attention_window, log, machine_info, parse_list, timestamp, write_report  # noqa: E402
+from common import (  # noqa: E402
+    RESULTS,
+    TINY_MODEL_OVERRIDES,
+    attention_window,
+    log,
+    machine_info,
+    parse_list,
+    timestamp,
+    write_report,
+)
 
 from longctx.checkpoint import find_checkpoints, load_checkpoint, read_config  # noqa: E402
 from longctx.config import Config, list_presets, load_config, parse_set_args  # noqa: E402
@@ -94,15 +103,9 @@ SMOKE_RUNS = RESULTS / "quality-runs-smoke"
 SMOKE_PRESETS = "transformer-small,infinite-small"
 SMOKE_TOKENS = 6 * 4 * 32  # 6 steps of 4 lanes x 32 tokens
 SMOKE_EVAL_BYTES = 1500
-# tiny sizes for every decoder (keys of unused decoders are harmless): windows of 16, 1 layer of width 32
-SMOKE_OVERRIDES = {
-    "model.n_layer": "1", "model.d_model": "32", "model.n_head": "2", "model.d_ff": "64",
-    "model.transformer.window": "16", "model.xl.mem_len": "16", "model.infinite.mem_len": "16",
-    "model.infinite.ltm_block": "16", "model.infinite.n_basis": "32", "model.infinite.n_samples": "32",
-    "model.aft.window": "8", "model.aft.max_distance": "32", "model.combiner.segment": "8",
-    "model.combiner.max_summaries": "3", "model.perceiver_ar.context": "32", "model.perceiver_ar.latents": "16",
-    "train.seq_len": "32", "train.batch_size": "4", "train.warmup_steps": "2", "train.log_interval": "2",
-    "train.eval_interval": "1000", "train.eval_tokens": "512", "train.save_interval": "1000",
+SMOKE_OVERRIDES = TINY_MODEL_OVERRIDES | {
+    "train.warmup_steps": "2", "train.log_interval": "2", "train.eval_interval": "1000", "train.eval_tokens": "512",
+    "train.save_interval": "1000",
 }
 EVAL_FILE = "quality_eval.json"
 EVAL_VERSION = 1  # bump when the definition of a mode changes, so that cached evaluations are redone

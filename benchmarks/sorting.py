@@ -84,7 +84,16 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, attention_window, log, machine_info, parse_list, timestamp, write_report  # noqa: E402
+from common import (  # noqa: E402
+    RESULTS,
+    TINY_MODEL_OVERRIDES,
+    attention_window,
+    log,
+    machine_info,
+    parse_list,
+    timestamp,
+    write_report,
+)
 
 from longctx.checkpoint import optimizer_from_tensors, optimizer_to_tensors  # noqa: E402
 from longctx.config import Config, list_presets, load_config, parse_set_args  # noqa: E402
@@ -106,14 +115,7 @@ SMOKE_OUTPUT = RESULTS / "sorting_smoke.json"
 DEFAULT_RUNS = RESULTS / "sorting-runs"
 SMOKE_RUNS = RESULTS / "sorting-runs-smoke"
 SIZE_OVERRIDES = {"model.n_layer": "2", "model.d_model": "64", "model.n_head": "2", "model.d_ff": "256"}
-SMOKE_OVERRIDES = {
-    "model.n_layer": "1", "model.d_model": "32", "model.n_head": "2", "model.d_ff": "64",
-    "model.transformer.window": "16", "model.xl.mem_len": "16", "model.infinite.mem_len": "16",
-    "model.infinite.ltm_block": "16", "model.infinite.n_basis": "32", "model.infinite.n_samples": "32",
-    "model.aft.window": "8", "model.aft.max_distance": "32", "model.combiner.segment": "8",
-    "model.combiner.max_summaries": "3", "model.perceiver_ar.context": "32", "model.perceiver_ar.latents": "16",
-    "train.seq_len": "32", "train.batch_size": "4",
-}
+SMOKE_OVERRIDES = TINY_MODEL_OVERRIDES
 
 
 # --------------------------------------------------------------------------------------------------------------------
