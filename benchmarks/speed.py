@@ -8,7 +8,8 @@ What it measures, for each preset of ``--presets`` (default: every bundled prese
   load and their ratios mean something on a shared machine. Model FLOP utilisation = model FLOPs per token (the
   formula of ``benchmarks/train_speed.py``) x tokens/s / the matmul peak measured at the start of the same run in
   the same precision. ``--xtransformers`` adds x-transformers' Transformer-XL recurrence at the size of
-  ``xl-small`` (the reference the decoder issues state their targets against; needs the package).
+  ``xl-small`` and ``--perceiver-ar-pytorch`` perceiver-ar-pytorch's model at the size of ``perceiver-ar-small``
+  (the references the decoder issues state their targets against; each needs its package).
 * ``infer`` (a fresh process per preset): prompt ingestion tokens/s (a batch-1 prompt read in segments of
   ``train.seq_len`` with the state carried: eval's carry mode) and the per-token decode latency (one token in,
   logits out, state carried) after prompts of ``--prompt-lengths`` tokens (default 1k, 10k, 100k), the lengths
@@ -74,6 +75,28 @@ def preset_config(preset: str, smoke: bool) -> Config:
 # training
 
 
+class PerceiverARPytorchRun(xl_speed.TrainRun):
+    """The peer of the ``perceiver_ar`` issue: perceiver-ar-pytorch's ``PerceiverAR`` at the size of ``config``
+    (``perceiver-ar-small``): one cross-attention over a prefix of ``context`` tokens, ``n_layer - 1`` causal
+    self-attention layers over ``seq_len`` latents, same width, heads and FFN. A step trains ``batch x seq_len``
+    tokens (the latents) from ``batch x (context + seq_len)`` inputs, as ours does with a carried state. fp32 only:
+    under bf16 autocast its attention masks overflow (version 0.0.10)."""
+
+    def build(self, config: Config) -> torch.nn.Module:
+        from perceiver_ar_pytorch import PerceiverAR  # optional: pip install perceiver-ar-pytorch
+
+        m, context = config.model, config.model.perceiver_ar.context
+        gen = torch.Generator().manual_seed(0)
+        self.inputs = torch.randint(1, m.vocab_size, (config.train.batch_size, context + config.train.seq_len + 1),
+                                    generator=gen)  # token 0 is the package's ignore index
+        return PerceiverAR(num_tokens=m.vocab_size, dim=m.d_model, depth=m.n_layer - 1, heads=m.n_head,
+                           dim_head=m.head_dim, ff_mult=m.d_ff // m.d_model, max_seq_len=context + config.train.seq_len,
+                           cross_attn_seq_len=context).train()
+
+    def loss(self) -> torch.Tensor:
+        return self.model(self.inputs[:, :-1], labels=self.inputs[:, 1:])
+
+
 def measure_training(presets: list[str], args: argparse.Namespace) -> dict[str, Any]:
     """Tokens/s and MFU of every preset (and the optional reference) per precision, interleaved step by step."""
     peaks = {p: train_speed.matmul_peak(torch.float32 if p == "fp32" else torch.bfloat16, args.peak_size, 5)
@@ -85,6 +108,9 @@ def measure_training(presets: list[str], args: argparse.Namespace) -> dict[str, 
         if args.xtransformers:
             runs["x-transformers-xl"] = xl_speed.XTransformersRun(preset_config("xl-small", args.smoke), precision,
                                                                   args.seed)
+        if args.perceiver_ar_pytorch and precision == "fp32":  # its masks overflow bf16 (the issue's figure: fp32)
+            runs["perceiver-ar-pytorch"] = PerceiverARPytorchRun(preset_config("perceiver-ar-small", args.smoke),
+                                                                 precision, args.seed)
         for i in range(args.warmup + args.train_steps):
             for run in runs.values():
                 run.step(timed=i >= args.warmup)
@@ -202,6 +228,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--train-steps", type=int, default=10, help="timed training steps per preset (default 10)")
     p.add_argument("--warmup", type=int, default=2, help="untimed training steps per preset (default 2)")
     p.add_argument("--xtransformers", action="store_true", help="also train x-transformers' XL at xl-small's size")
+    p.add_argument("--perceiver-ar-pytorch", action="store_true",
+                   help="also train perceiver-ar-pytorch's PerceiverAR at perceiver-ar-small's size")
     p.add_argument("--peak-size", type=int, default=2048, help="square matmul size of the peak (default 2048)")
     p.add_argument("--prompt-lengths", default="1000,10000,100000", help="prompt tokens before decoding")
     p.add_argument("--gen-tokens", type=int, default=32, help="timed single-token steps per prompt (default 32)")
