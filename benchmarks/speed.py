@@ -16,7 +16,8 @@ What it measures, for each preset of ``--presets`` (default: every bundled prese
   taking turns token by token; ``flatness`` = latency after the longest prompt / after the shortest (1.0 = flat).
 * ``rss`` (a fresh process per preset and input size): ``longctx eval``'s code path (``evaluate_documents``, carry
   mode, fp32, byte tokenizer, a freshly initialised model) over one file of ``--rss-sizes`` megabytes made by
-  concatenating the bundled corpus; the process's peak RSS (``ru_maxrss``) and the eval tokens/s. ``rss_growth`` =
+  concatenating the bundled corpus; the process's peak RSS (the report's ``peak_rss_bytes``: ``VmHWM`` on Linux,
+  not ``ru_maxrss``, which counts the parent's size at the fork) and the eval tokens/s. ``rss_growth`` =
   peak RSS of the largest input / of the smallest (1.0 = flat).
 
 Speeds of a shared machine are noisy: compare presets as ratios from one run and repeat. The report records the
@@ -38,7 +39,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -198,7 +198,7 @@ def measure_eval_rss(preset: str, path: Path, args: argparse.Namespace) -> dict[
     model = build_model(cfg.model).eval()
     opts = EvalOptions(mode="carry", seq_len=cfg.train.seq_len)
     result = evaluate_documents(model, Tokenizer.byte_level(), discover([str(path)]), opts)
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: kilobytes
+    rss = result["peak_rss_bytes"]  # the eval report's own figure: this process's high-water mark
     log(f"  {preset}: eval of {path.stat().st_size / 1e6:g} MB: peak RSS {rss / 2**20:,.1f} MiB, "
         f"{result['tokens_per_s']:,.0f} tokens/s")
     return {"bytes": path.stat().st_size, "tokens": result["tokens"], "tokens_per_s": result["tokens_per_s"],

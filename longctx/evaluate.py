@@ -137,6 +137,15 @@ def _file_result(tally: _Tally) -> dict[str, Any]:
 
 
 def _peak_rss_bytes() -> int:
+    """This process's peak resident set size. On Linux the high-water mark of its own memory (``VmHWM``):
+    ``ru_maxrss`` also counts the parent's size at the fork of a child started with fork + exec."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except (OSError, ValueError, IndexError):
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak if sys.platform == "darwin" else peak * 1024)  # Linux reports KiB, macOS bytes
 

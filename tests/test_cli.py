@@ -438,6 +438,17 @@ def test_eval_without_model_uses_the_most_recent_checkpoint(cli: Callable[..., R
     assert json.loads(res.out)["loss"] == pytest.approx(eval_json["loss"], rel=1e-6)
 
 
+def test_eval_peak_rss_is_its_own_not_its_parents(ws: Workspace) -> None:
+    """A parent holding 1 GiB starts `longctx eval`: the reported peak RSS is the child's (ru_maxrss would count the
+    parent's pages at the fork, and a benchmark that trained models before starting evals reported gigabytes)."""
+    ballast = b"\x01" * (1 << 30)  # 1 GiB, every page touched
+    res = run_subprocess(ws.root, "eval", "--ppl", ws.eval_file, "--model", ws.ckpt, "--json")
+    assert res.code == 0, res.err
+    peak = json.loads(res.out)["peak_rss_bytes"]
+    assert len(ballast) == 1 << 30
+    assert 0 < peak < 768 * 2**20  # the tiny model's eval needs a few hundred MiB (torch alone ~200)
+
+
 def test_eval_json_names_the_automatically_picked_checkpoint(cli: Callable[..., Result], ws: Workspace) -> None:
     res = cli("eval", ws.eval_file, "--json", "--max-tokens", "50")
     assert res.code == 0, res.err
