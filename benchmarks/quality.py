@@ -307,13 +307,16 @@ def plot_per_position(rows: list[dict[str, Any]], path: Path) -> bool:
         middle = math.sqrt(r["start"] * (r["end"] - 1)) if r["end"] > r["start"] + 1 else r["start"]
         curves.setdefault(r["preset"], {}).setdefault(r["mode"], {})[r["start"]] = (middle, r["mean_nll"])
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
-    for preset, modes in curves.items():
+    colours = plt.get_cmap("tab20").colors  # 20 distinct colours; the default cycle repeats after 10 presets
+    for i, (preset, modes) in enumerate(curves.items()):
+        style = {"marker": ".", "label": preset, "color": colours[(2 * i) % 20 + (2 * i) // 20 % 2],
+                 "linestyle": "-" if i % 2 == 0 else "--"}
         carry = modes.get("carry", {})
         xs = sorted(carry)
-        left.plot([carry[s][0] for s in xs], [carry[s][1] for s in xs], marker=".", label=preset)
+        left.plot([carry[s][0] for s in xs], [carry[s][1] for s in xs], **style)
         cut = modes.get("cut", {})
         both = [s for s in xs if s in cut]
-        right.plot([carry[s][0] for s in both], [cut[s][1] - carry[s][1] for s in both], marker=".", label=preset)
+        right.plot([carry[s][0] for s in both], [cut[s][1] - carry[s][1] for s in both], **style)
     left.set(xscale="log", xlabel="token position in the document", ylabel="mean NLL (nats/token)",
              title="carry mode: loss by position")
     right.axhline(0.0, color="grey", linewidth=0.8)
