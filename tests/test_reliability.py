@@ -143,7 +143,8 @@ def test_random_kills_resume_to_the_same_weights(tmp_path):
     reference = train(load_config("transformer-small", overrides), RunOptions(out_dir=tmp_path / "ref",
                                                                                  progress=False))
     run = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "longctx", "train", "--no-progress", "--resume", "auto", "--out-dir", str(run)]
+    cmd = [sys.executable, "-m", "longctx", "train", "--preset", "transformer-small", "--no-progress", "--resume",
+           "auto", "--out-dir", str(run)]
     for key, value in overrides.items():
         cmd += ["--set", f"{key}={json.dumps(value) if not isinstance(value, str) else value}"]
     env = os.environ | {"OMP_NUM_THREADS": "1", "LONGCTX_CACHE": str(tmp_path / "cache")}
