@@ -1,4 +1,4 @@
-"""Speed of the Transformer-XL decoder (``xl``): training, evaluation and generation, next to the baseline.
+"""Speed of the Transformer-XL decoder (``xl``): training and evaluation with adaptive spans, next to the baseline.
 
 What it measures (every figure is a median; models being compared run interleaved, step by step, so that a busy
 shared machine slows them alike -- compare ratios within one run):
@@ -9,9 +9,7 @@ shared machine slows them alike -- compare ratios within one run):
   ``z + R`` = 32 tokens) -- the speed a model with learned short spans trains at.
 * ``eval``: tokens/s of carry-mode evaluation (eval mode, no grad, one stream, segments of ``seq_len``, state
   carried) for ``xl-span-small`` with every span set to a quarter of ``mem_len`` and to the full ``mem_len``.
-* ``generate``: per-token latency (one token in, logits out, state carried; no sampling) after prompts of
-  ``--prompts`` tokens (default 1k, 10k, 100k) read in segments of ``seq_len``, for each preset; the tokens after
-  the different prompt lengths are timed round robin.
+* decode latency after long prompts, for every preset: ``benchmarks/speed.py --only infer``.
 * ``--xtransformers``: also trains x-transformers' Transformer-XL recurrence at the same size (the reference the
   issue's target is stated against), if the package is importable.
 
@@ -184,33 +182,6 @@ def bench_eval(preset: str, ratios: list[float], args: argparse.Namespace) -> li
     return out
 
 
-@torch.no_grad()
-def bench_generate(preset: str, prompts: list[int], args: argparse.Namespace) -> list[dict[str, Any]]:
-    """Read one growing prompt, keep the state after each length, then time single tokens round robin over them."""
-    config = load(preset, args.smoke)
-    torch.manual_seed(args.seed)
-    model = build_model(config.model).eval()
-    gen = torch.Generator().manual_seed(1)
-    states, tokens, state, read_so_far = {}, {}, model.init_state(1), 0
-    for length in sorted(prompts):  # 1k, then 9k more to 10k, ...
-        more = torch.randint(0, config.model.vocab_size, (1, length - read_so_far), generator=gen)
-        state, read_so_far = read(model, more, config.train.seq_len, state), length
-        states[length], tokens[length] = state, more[:, -1:]
-    times: dict[int, list[float]] = {n: [] for n in states}
-    for _ in range(args.gen_tokens):
-        for length in states:
-            t0 = time.perf_counter()
-            result = model(tokens[length], states[length])
-            times[length].append(time.perf_counter() - t0)
-            states[length], tokens[length] = result.state, result.logits[:, -1].argmax(-1, keepdim=True)
-    out = []
-    for length, state in states.items():
-        ms = 1e3 * statistics.median(times[length])
-        out.append({"preset": preset, "prompt_tokens": length, "ms_per_token": ms, "state_bytes": state.nbytes()})
-        log(f"  generate {preset} after {length:>7,} tokens: {ms:6.2f} ms/token, state {state.nbytes():,} bytes")
-    return out
-
-
 # --------------------------------------------------------------------------------------------------------------------
 # main
 
@@ -222,7 +193,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--xtransformers", action="store_true",
                    help="also train x-transformers' XL recurrence at the size of the first preset (the issue's "
                         "reference; needs the x-transformers package)")
-    p.add_argument("--only", choices=["train", "eval", "generate"], action="append", help="run only these parts")
+    p.add_argument("--only", choices=["train", "eval"], action="append", help="run only these parts")
     p.add_argument("--precision", default="fp32,bf16", help="training precisions: fp32, bf16 or both")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: stable on a shared machine)")
     p.add_argument("--steps", type=int, default=10, help="timed training steps per model")
@@ -230,15 +201,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--eval-tokens", type=int, default=8192, help="tokens per carry-mode evaluation")
     p.add_argument("--repeats", type=int, default=3, help="evaluations per span setting")
     p.add_argument("--span-ratios", default="0.25,1.0", help="adaptive spans (fractions of mem_len) to evaluate")
-    p.add_argument("--prompts", default="1000,10000,100000", help="prompt lengths before timing generation")
     p.add_argument("--gen-tokens", type=int, default=50, help="timed single-token steps after each prompt")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--smoke", action="store_true", help="tiny models and budgets: checks that the script runs")
     p.add_argument("--output", type=Path, default=None, help="JSON report (default benchmarks/results/xl_speed.json)")
     args = p.parse_args(argv)
     if args.smoke:
-        args.steps, args.warmup, args.eval_tokens, args.repeats, args.gen_tokens = 2, 1, 256, 1, 3
-        args.prompts = "100,300"
+        args.steps, args.warmup, args.eval_tokens, args.repeats = 2, 1, 256, 1
     args.output = args.output or RESULTS / ("xl_speed_smoke.json" if args.smoke else "xl_speed.json")
     return args
 
@@ -247,7 +216,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     presets = [p for p in args.presets.split(",") if p]
-    parts = args.only or ["train", "eval", "generate"]
+    parts = args.only or ["train", "eval"]
     report: dict[str, Any] = {"benchmark": "xl_speed", "torch": torch.__version__, "threads": args.threads,
                               "machine": platform.machine(), "smoke": args.smoke,
                               "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
@@ -260,10 +229,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ratios = [float(r) for r in args.span_ratios.split(",") if r]
         log("evaluation, carry mode")
         report["eval"] = [row for p in span_presets for row in bench_eval(p, ratios, args)]
-    if "generate" in parts:
-        prompts = [int(n) for n in args.prompts.split(",") if n]
-        log("generation latency")
-        report["generate"] = [row for p in presets for row in bench_generate(p, prompts, args)]
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))

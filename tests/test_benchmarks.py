@@ -132,4 +132,4 @@ def test_xl_speed_smoke(tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     report = json.loads(out.read_text())
     assert report["train"] and all(row["tokens_per_s"] > 0 for row in report["train"])
-    assert report["generate"] and all(row["ms_per_token"] > 0 for row in report["generate"])
+    assert report["eval"] and all(row["tokens_per_s"] > 0 for row in report["eval"])
