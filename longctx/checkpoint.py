@@ -96,7 +96,7 @@ def save_checkpoint(path: Path, model: LongContextLM, config: Config, tokenizer:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if path.exists():  # re-saving the same step: move the old one aside first, delete it after
-        old = path.parent / f".old-{path.name}-{os.getpid()}"
+        old = path.parent / f".tmp-old-{path.name}-{os.getpid()}"
         os.replace(path, old)
         os.replace(tmp, path)
         shutil.rmtree(old, ignore_errors=True)
@@ -104,6 +104,15 @@ def save_checkpoint(path: Path, model: LongContextLM, config: Config, tokenizer:
         os.replace(tmp, path)
     _fsync_dir(path.parent)
     return path
+
+
+def remove_checkpoint(path: Path) -> None:
+    """Delete a checkpoint folder without ever leaving a partial one under its name: rename it to a ``.tmp-``
+    name first (atomic; a run cleans such leftovers when it starts), then delete the files."""
+    path = Path(path)
+    doomed = path.parent / f".tmp-delete-{path.name}-{os.getpid()}"
+    os.replace(path, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def _write_checkpoint_files(folder: Path, model: LongContextLM, config: Config, tokenizer: Tokenizer,

@@ -43,6 +43,7 @@ from longctx.checkpoint import (
     optimizer_from_tensors,
     optimizer_to_tensors,
     read_config,
+    remove_checkpoint,
     resolve_checkpoint,
     save_checkpoint,
     step_dir_name,
@@ -436,7 +437,7 @@ class Trainer:
                 raise LongctxError(f"cannot write checkpoint {path}: {e.strerror or e}; the previous checkpoints "
                                    "are intact; free space and continue with --resume auto") from None
             for old in find_checkpoints(self.run.out_dir)[: -self.cfg.keep_last]:
-                shutil.rmtree(old, ignore_errors=True)
+                remove_checkpoint(old)  # a kill during the deletion leaves no partial step-* folder
         distrib.barrier(self.dist)
         self.last_checkpoint = path
         return path

@@ -125,6 +125,27 @@ def test_a_killed_process_does_not_leave_the_lock_stuck(tmp_path):
         pass
 
 
+def test_a_checkpoint_deletion_cut_short_leaves_no_partial_checkpoint(tmp_path, monkeypatch):
+    """keep_last pruning renames a checkpoint away before deleting its files: a kill in the middle of the deletion
+    (here: the delete stops after one file) leaves no step-* folder with some files missing."""
+    step = tmp_path / "step-00000001"
+    step.mkdir()
+    for name in ("model.safetensors", "config.json", "tokenizer.json", "trainer_state.safetensors",
+                 "trainer_state.json"):
+        (step / name).write_bytes(b"x")
+    assert find_checkpoints(tmp_path) == [step]
+
+    def killed_midway(path, ignore_errors=False):
+        (Path(path) / "tokenizer.json").unlink()
+        raise KeyboardInterrupt  # stands for the SIGKILL: nothing after it runs
+
+    monkeypatch.setattr(checkpoint_module.shutil, "rmtree", killed_midway)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint_module.remove_checkpoint(step)
+    assert find_checkpoints(tmp_path) == []  # the half-deleted folder is not a checkpoint any more
+    assert [p.name.startswith(".tmp-") for p in tmp_path.iterdir()] == [True]  # cleaned when a run starts
+
+
 @pytest.mark.slow
 def test_random_kills_resume_to_the_same_weights(tmp_path):
     """SIGKILL at random moments (a checkpoint is written every step, so many kills land in writes); every resume
