@@ -12,6 +12,7 @@ import io
 import json
 import logging
 import os
+import signal
 import stat
 import sys
 import time
@@ -403,6 +404,9 @@ def main(argv: list[str] | None = None) -> None:
         if debug:
             raise
         print(f"error: {e}", file=sys.stderr)
+        if e.exit_code in (130, 143):  # stopped by a signal, checkpoint written: one more Ctrl-C must not break the
+            for sig in (signal.SIGINT, signal.SIGTERM):  # interpreter's teardown into a traceback
+                signal.signal(sig, signal.SIG_IGN)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
