@@ -14,13 +14,24 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_train_speed_smoke(tmp_path):
-    out = tmp_path / "speed.json"
-    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "train_speed.py"), "--smoke", "--output", str(out)],
-                         capture_output=True, text=True, timeout=300)
+def _run_smoke(script: str, tmp_path: Path, *extra: str) -> tuple[dict, subprocess.CompletedProcess]:
+    """``benchmarks/SCRIPT.py --smoke --output ... EXTRA``: exits 0, prints the JSON report it writes."""
+    out = tmp_path / f"{script}.json"
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / f"{script}.py"), "--smoke", "--output", str(out),
+                          *extra], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
-    result = json.loads(out.read_text())
-    assert json.loads(res.stdout) == result
+    report = json.loads(out.read_text())
+    assert json.loads(res.stdout) == report
+    return report, res
+
+
+def _run_with_runs(script: str, tmp_path: Path) -> tuple[dict, subprocess.CompletedProcess]:
+    """The scripts that train: one thread, run folders under ``tmp_path``."""
+    return _run_smoke(script, tmp_path, "--threads", "1", "--out-dir", str(tmp_path / "runs"))
+
+
+def test_train_speed_smoke(tmp_path):
+    result, _ = _run_smoke("train_speed", tmp_path)
     assert {run["precision"] for run in result["results"]} == {"fp32", "bf16"}
     # MFU = model FLOP/s over the matmul peak of the same run; a smoke run's tiny matmuls and a busy machine make
     # the peak itself noisy (a loaded run measured 1.4), so the test checks the arithmetic, not a bound
@@ -33,19 +44,8 @@ def _finite(value) -> bool:
     return isinstance(value, int | float) and math.isfinite(value)
 
 
-def _run_smoke(script: str, tmp_path: Path) -> tuple[dict, subprocess.CompletedProcess]:
-    out = tmp_path / f"{script}.json"
-    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / f"{script}.py"), "--smoke", "--threads", "1",
-                          "--output", str(out), "--out-dir", str(tmp_path / "runs")],
-                         capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr[-2000:]
-    report = json.loads(out.read_text())
-    assert json.loads(res.stdout) == report
-    return report, res
-
-
 def test_quality_smoke(tmp_path):
-    report, res = _run_smoke("quality", tmp_path)
+    report, res = _run_with_runs("quality", tmp_path)
     assert report["benchmark"] == "quality" and report["settings"]["tokens"] > 0
     assert len(report["presets"]) >= 2
     for preset, r in report["presets"].items():
@@ -65,14 +65,14 @@ def test_quality_smoke(tmp_path):
     else:
         assert Path(report["per_position_png"]).stat().st_size > 0
     # a second run finds the runs at their budget and the evaluations made: no training, same figures
-    again, res2 = _run_smoke("quality", tmp_path)
+    again, res2 = _run_with_runs("quality", tmp_path)
     assert "not training" in res2.stderr
     assert {p: r["carry_bpb"] for p, r in again["presets"].items()} == {
         p: r["carry_bpb"] for p, r in report["presets"].items()}
 
 
 def test_sorting_smoke(tmp_path):
-    report, _ = _run_smoke("sorting", tmp_path)
+    report, _ = _run_with_runs("sorting", tmp_path)
     assert report["benchmark"] == "sorting" and report["task"]["vocabulary"]
     assert len(report["results"]) >= 2
     for preset, by_length in report["results"].items():
@@ -103,12 +103,7 @@ def test_sorting_examples_are_deterministic_and_sorted():
 
 
 def test_speed_smoke(tmp_path):
-    out = tmp_path / "speed.json"
-    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "speed.py"), "--smoke", "--output", str(out)],
-                         capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr[-2000:]
-    report = json.loads(out.read_text())
-    assert json.loads(res.stdout) == report
+    report, _ = _run_smoke("speed", tmp_path)
     presets = report["presets"]
     assert len(presets) >= 2
     for preset in presets:
@@ -126,10 +121,6 @@ def test_speed_smoke(tmp_path):
 
 
 def test_xl_speed_smoke(tmp_path):
-    out = tmp_path / "xl_speed.json"
-    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "xl_speed.py"), "--smoke", "--output", str(out)],
-                         capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr[-2000:]
-    report = json.loads(out.read_text())
+    report, _ = _run_smoke("xl_speed", tmp_path)
     assert report["train"] and all(row["tokens_per_s"] > 0 for row in report["train"])
     assert report["eval"] and all(row["tokens_per_s"] > 0 for row in report["eval"])
