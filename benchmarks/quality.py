@@ -34,9 +34,10 @@ What it does
    (positive = it helps; it is only a lower bound for tokens 2W..: context between W and 2W - 1 tokens back is
    partly available to ``cut`` too). Standard errors treat tokens as independent (as ``longctx eval``).
 3. Writes the mean NLL (nats per token) by log-spaced position bucket [2^b, 2^(b+1)) of every preset and mode to one
-   CSV (``per_position.csv`` next to ``--output``: preset, decoder, mode, start, end, mean_nll, count) and draws it
-   (``per_position.png``: carry curves, and cut - carry by position) with matplotlib if it is installed (the
-   ``plot`` extra: ``pip install -e '.[plot]'``); without it one line says the plot was skipped.
+   CSV next to ``--output`` (``per_position.csv``, or ``per_position_X.csv`` for ``quality_X.json``; columns preset,
+   decoder, mode, start, end, mean_nll, count) and draws it (``per_position.png``: carry curves, and cut - carry by
+   position) with matplotlib if it is installed (the ``plot`` extra: ``pip install -e '.[plot]'``); without it one line
+   says the plot was skipped.
 
 The report (JSON on stdout and in ``--output``, default ``benchmarks/results/quality.json``) holds the machine, the
 budget and, per preset: tokens trained, training wall time (the training loop, including its periodic validation and
@@ -293,6 +294,13 @@ def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
                              r["count"]])
 
 
+def per_position_stem(output: Path) -> str:
+    """Name of the CSV and plot beside ``output``: quality.json -> per_position, quality_1m.json -> per_position_1m,
+    run.json -> run_per_position (so that reports of several budgets can sit side by side)."""
+    stem = output.stem
+    return "per_position" + stem.removeprefix("quality") if stem.startswith("quality") else f"{stem}_per_position"
+
+
 def plot_per_position(rows: list[dict[str, Any]], path: Path) -> bool:
     """Two panels: carry-mode mean NLL by position, and cut - carry by position; False if matplotlib is missing."""
     try:
@@ -398,7 +406,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             log(f"{preset}: failed: {e}\n{traceback.format_exc(limit=3)}")
             results[preset] = {"error": f"{type(e).__name__}: {e}"}
     rows = per_position_rows(results)
-    stem = "per_position_smoke" if args.smoke else "per_position"
+    stem = per_position_stem(args.output)
     csv_path, png_path = args.output.parent / f"{stem}.csv", args.output.parent / f"{stem}.png"
     write_csv(rows, csv_path)
     plotted = plot_per_position(rows, png_path)

@@ -28,6 +28,8 @@ Run::
     python benchmarks/speed.py                                      # everything (hours: 100 MB evals included)
     python benchmarks/speed.py --only train --threads 2 --train-steps 10
     python benchmarks/speed.py --presets transformer-small,infinite-small --only infer,rss --rss-sizes 0.25,1,4
+    python benchmarks/speed.py --only rss --set model.n_layer=2 --set model.d_model=64 --set model.d_ff=256
+                                                                    # eval memory of narrow models (faster)
     python benchmarks/speed.py --smoke                              # tiny models, seconds: the script runs (CI)
 
 The JSON report goes to stdout and ``--output`` (default ``benchmarks/results/speed.json``;
@@ -49,7 +51,8 @@ from typing import Any
 
 import torch
 
-from longctx.config import Config, list_presets, load_config
+from longctx.config import Config, list_presets, load_config, parse_set_args
+from longctx.errors import LongctxError
 from longctx.model import build_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -67,8 +70,9 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def preset_config(preset: str, smoke: bool) -> Config:
-    return load_config(preset, SMOKE if smoke else None)
+def preset_config(preset: str, args: argparse.Namespace) -> Config:
+    """The preset with ``--smoke``'s tiny sizes and then ``--set``'s overrides applied."""
+    return load_config(preset, (SMOKE if args.smoke else {}) | args.overrides)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -103,13 +107,13 @@ def measure_training(presets: list[str], args: argparse.Namespace) -> dict[str, 
              for p in args.precisions}
     out: dict[str, Any] = {"matmul_peak_flops_per_s": {p: v["flops_per_s"] for p, v in peaks.items()}, "runs": {}}
     for precision in args.precisions:
-        configs = {p: preset_config(p, args.smoke) for p in presets}
+        configs = {p: preset_config(p, args) for p in presets}
         runs: dict[str, xl_speed.TrainRun] = {p: xl_speed.TrainRun(c, precision, args.seed) for p, c in configs.items()}
         if args.xtransformers:
-            runs["x-transformers-xl"] = xl_speed.XTransformersRun(preset_config("xl-small", args.smoke), precision,
+            runs["x-transformers-xl"] = xl_speed.XTransformersRun(preset_config("xl-small", args), precision,
                                                                   args.seed)
         if args.perceiver_ar_pytorch and precision == "fp32":  # its masks overflow bf16 (the issue's figure: fp32)
-            runs["perceiver-ar-pytorch"] = PerceiverARPytorchRun(preset_config("perceiver-ar-small", args.smoke),
+            runs["perceiver-ar-pytorch"] = PerceiverARPytorchRun(preset_config("perceiver-ar-small", args),
                                                                  precision, args.seed)
         for i in range(args.warmup + args.train_steps):
             for run in runs.values():
@@ -132,7 +136,7 @@ def measure_training(presets: list[str], args: argparse.Namespace) -> dict[str, 
 @torch.no_grad()
 def measure_inference(preset: str, args: argparse.Namespace) -> dict[str, Any]:
     """Prompt ingestion tokens/s per prompt length, then the decode latency after each, lengths round robin."""
-    cfg = preset_config(preset, args.smoke)
+    cfg = preset_config(preset, args)
     torch.manual_seed(args.seed)
     model = build_model(cfg.model).eval()
     seq_len, lengths = cfg.train.seq_len, sorted(args.lengths)
@@ -158,7 +162,8 @@ def measure_inference(preset: str, args: argparse.Namespace) -> dict[str, Any]:
     log(f"  {preset}: decode " + ", ".join(f"{v * 1e3:.2f} ms/token after {k}" for k, v in latency.items()))
     return {"ingest_tokens_per_s": ingest, "decode_latency_s": latency,
             "flatness": latency[str(lengths[-1])] / latency[str(lengths[0])],
-            "state_bytes": states[lengths[-1]].nbytes(), "state_bytes_empty": model.init_state(1).nbytes()}
+            "state_bytes": states[lengths[-1]].nbytes(), "state_bytes_empty": model.init_state(1).nbytes(),
+            "parameters": model.num_parameters()}
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -193,7 +198,7 @@ def measure_eval_rss(preset: str, path: Path, args: argparse.Namespace) -> dict[
     from longctx.evaluate import EvalOptions, evaluate_documents
     from longctx.tokenizer import Tokenizer
 
-    cfg = preset_config(preset, args.smoke)
+    cfg = preset_config(preset, args)
     torch.manual_seed(args.seed)
     model = build_model(cfg.model).eval()
     opts = EvalOptions(mode="carry", seq_len=cfg.train.seq_len)
@@ -202,13 +207,14 @@ def measure_eval_rss(preset: str, path: Path, args: argparse.Namespace) -> dict[
     log(f"  {preset}: eval of {path.stat().st_size / 1e6:g} MB: peak RSS {rss / 2**20:,.1f} MiB, "
         f"{result['tokens_per_s']:,.0f} tokens/s")
     return {"bytes": path.stat().st_size, "tokens": result["tokens"], "tokens_per_s": result["tokens_per_s"],
-            "peak_rss_bytes": rss}
+            "peak_rss_bytes": rss, "parameters": model.num_parameters()}
 
 
 def run_child(args: argparse.Namespace, *extra: str) -> dict[str, Any]:
     """This script in a fresh process (so that its peak RSS is its own); returns the JSON it prints last."""
     cmd = [sys.executable, __file__, *extra, "--threads", str(args.threads), "--seed", str(args.seed),
-           "--prompt-lengths", ",".join(map(str, args.lengths)), "--gen-tokens", str(args.gen_tokens)]
+           "--prompt-lengths", ",".join(map(str, args.lengths)), "--gen-tokens", str(args.gen_tokens),
+           *(f"--set={key}={value}" for key, value in args.overrides.items())]
     done = subprocess.run(cmd + (["--smoke"] if args.smoke else []), capture_output=True, text=True)
     sys.stderr.write(done.stderr)
     if done.returncode != 0:
@@ -237,11 +243,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--work-dir", type=Path, default=None, help="where the eval inputs are written (default: temp)")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one config key for every preset and part, e.g. --set model.d_model=64 (repeatable)")
     p.add_argument("--smoke", action="store_true", help="tiny models, short prompts and inputs, 2 steps (CI)")
     p.add_argument("--output", type=Path, default=None, help="JSON report (default benchmarks/results/speed.json)")
     p.add_argument("--child-infer", default="", help=argparse.SUPPRESS)  # internal: one preset in this process
     p.add_argument("--child-rss", nargs=2, default=None, help=argparse.SUPPRESS)  # internal: PRESET FILE
     args = p.parse_args(argv)
+    try:
+        args.overrides = parse_set_args(args.overrides)
+    except LongctxError as e:
+        p.error(str(e))
     args.parts = [x for x in args.only.split(",") if x]
     args.precisions = [x for x in args.precision.split(",") if x]
     args.lengths = [int(x) for x in args.prompt_lengths.split(",") if x.strip()]
@@ -277,7 +289,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "benchmark": "speed", "argv": sys.argv[1:] if argv is None else argv, "smoke": args.smoke,
         "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"), "torch": torch.__version__,
         "cpu": train_speed.cpu_model(), "threads": args.threads, "load_average_start": train_speed.load_average(),
-        "presets": presets, "parts": args.parts}
+        "presets": presets, "parts": args.parts, "overrides": args.overrides}
     if "train" in args.parts:
         log(f"speed: training, {len(presets)} presets interleaved, {args.train_steps} timed steps per precision")
         report["train"] = measure_training(presets, args)

@@ -11,6 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from longctx.config import load_config
+from longctx.model import build_model
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -42,6 +45,16 @@ def test_train_speed_smoke(tmp_path):
 
 def _finite(value) -> bool:
     return isinstance(value, int | float) and math.isfinite(value)
+
+
+def test_per_position_file_names_follow_the_report():
+    spec = importlib.util.spec_from_file_location("quality_benchmark", ROOT / "benchmarks" / "quality.py")
+    quality = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(quality)
+    names = {name: quality.per_position_stem(Path("results") / name)
+             for name in ("quality.json", "quality_smoke.json", "quality_500k.json", "run.json")}
+    assert names == {"quality.json": "per_position", "quality_smoke.json": "per_position_smoke",
+                     "quality_500k.json": "per_position_500k", "run.json": "run_per_position"}
 
 
 def test_quality_smoke(tmp_path):
@@ -103,8 +116,9 @@ def test_sorting_examples_are_deterministic_and_sorted():
 
 
 def test_speed_smoke(tmp_path):
-    report, _ = _run_smoke("speed", tmp_path)
+    report, _ = _run_smoke("speed", tmp_path, "--set", "model.d_ff=48")  # --set reaches every part and child
     presets = report["presets"]
+    assert report["overrides"] == {"model.d_ff": "48"}
     assert len(presets) >= 2
     for preset in presets:
         for precision in ("fp32", "bf16"):
@@ -118,6 +132,9 @@ def test_speed_smoke(tmp_path):
         rss = report["rss"][preset]
         assert [r["bytes"] for r in rss["runs"]] == [2000, 8000] and all(r["peak_rss_bytes"] > 0 for r in rss["runs"])
         assert [r["tokens"] for r in rss["runs"]] == [2000, 8000]  # byte tokenizer: every byte scored
+        smoke = load_config(preset, {"model.n_layer": 1, "model.d_model": 32, "model.n_head": 2, "model.d_ff": 48})
+        expected = build_model(smoke.model).num_parameters()
+        assert infer["parameters"] == expected and all(r["parameters"] == expected for r in rss["runs"])
 
 
 def test_xl_speed_smoke(tmp_path):
