@@ -46,6 +46,11 @@ come from one batched attention of the pooled queries; each segment's keys are `
 it]`` (an ``unfold`` of ``[old summaries ; this call's]``), so one ``(B, H, G, s, s + S)`` score tensor, one float32
 softmax and one product with the values give every output. No loop over tokens or segments.
 
+Decoding. A call of one token that does not finish its segment (every row) takes a short path
+(:func:`combiner_token_attention`): one query against ``[the s - 1 buffered keys ; its own key | the S summaries]``
+under a per-row mask, the pools updated by one max, no summary made. It gives the same outputs and memory as the
+vectorised forward (tested), without the ``s``-row score tensor and the layout of a whole segment.
+
 Combiner-Axial (§4.3) is left out: its summaries are per column (``row_attn_out[v, c]`` for every column c of every
 earlier row), i.e. one key/value pair per past token. A bounded memory then holds as many pairs as a sliding window of
 the same reach and gains nothing over the ``transformer`` baseline's cache (its ``proj`` row summary would also need a
@@ -192,6 +197,31 @@ def segment_layout(position: Tensor, n_tokens: int, segment: int, max_summaries:
     )
 
 
+@dataclass(frozen=True)
+class TokenLayout:
+    """One new token per row that does not finish its segment (built once per forward by :func:`token_layout`)."""
+
+    cos: Tensor  # (B, 1, 1, Dh) rotary tables of the new token
+    sin: Tensor
+    mask: Tensor  # (B, 1, 1, s + S) additive float32: [s - 1 buffered keys ; the new key | the S summaries]
+    continues: Tensor  # (B, 1, 1) bool: the token continues a segment (offset > 0), so the pools take a max
+
+
+def token_layout(position: Tensor, segment: int, max_summaries: int, rotary: RotaryEmbedding,
+                 dtype: torch.dtype) -> TokenLayout:
+    """The layout of one new token after ``position`` (B,) tokens, when ``position % segment < segment - 1``."""
+    s, S, device = segment, max_summaries, position.device
+    offsets = position % s  # (B,) earlier tokens of the token's segment: the newest `offsets` buffered slots
+    cos, sin = rotary_tables(*rotary(position[:, None], dtype))  # (B, 1, 1, Dh)
+    buffered = torch.arange(s - 1, device=device) >= (s - 1 - offsets)[:, None]  # (B, s - 1)
+    n_old = torch.clamp(position // s, max=S)  # (B,) real summaries, the newest ones
+    real = torch.arange(S, device=device) >= (S - n_old)[:, None]  # (B, S)
+    itself = torch.ones_like(offsets, dtype=torch.bool)[:, None]  # (B, 1)
+    allowed = torch.cat([buffered, itself, real], dim=-1)  # (B, s + S)
+    return TokenLayout(cos=cos, sin=sin, mask=additive_mask(allowed)[:, None, None],
+                       continues=(offsets > 0)[:, None, None])
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # the attention
 
@@ -266,6 +296,29 @@ def combiner_attention(q: Tensor, k: Tensor, v: Tensor, memory: SegmentMemory,
     return y, next_memory
 
 
+def combiner_token_attention(q: Tensor, k: Tensor, v: Tensor, memory: SegmentMemory,
+                             layout: TokenLayout) -> tuple[Tensor, SegmentMemory]:
+    """:func:`combiner_attention` of one token (q, k (B, H, 1, Dh) unrotated, v (B, H, 1, Dv)) that does not finish
+    its segment: the same output (B, H, 1, Dv) and next memory, from one row of scores over ``s + S`` keys."""
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    q_rot = apply_rotary_full(q, layout.cos, layout.sin)
+    k_rot = apply_rotary_full(k, layout.cos, layout.sin)
+    keys = torch.cat([memory.keys.to(k_rot.dtype), k_rot], dim=2)  # (B, H, s, Dh): buffered slots, then the token
+    values = torch.cat([memory.values.to(v.dtype), v], dim=2)  # (B, H, s, Dv)
+    ctx_k = torch.cat([keys, memory.summary_keys.to(keys.dtype)], dim=2)  # (B, H, s + S, Dh)
+    ctx_v = torch.cat([values, memory.summary_values.to(values.dtype)], dim=2)  # (B, H, s + S, Dv)
+    wide = torch.promote_types(v.dtype, torch.float32)
+    with torch.autocast(v.device.type, enabled=False):  # float32 scores, as the vectorised path
+        scores = torch.matmul(q_rot.to(wide) * scale, ctx_k.to(wide).transpose(-1, -2))  # (B, H, 1, s + S)
+        probs = torch.softmax(scores + layout.mask.to(wide), dim=-1).to(v.dtype)
+        y = torch.matmul(probs, ctx_v)  # (B, H, 1, Dv)
+    pools = [torch.where(layout.continues, torch.maximum(pool.to(new.dtype), new[:, :, 0]), new[:, :, 0])
+             for pool, new in ((memory.pool_q, q), (memory.pool_k, k))]  # (B, H, Dh) each
+    next_memory = SegmentMemory(keys=keys[:, :, 1:], values=values[:, :, 1:], pool_q=pools[0], pool_k=pools[1],
+                                summary_keys=memory.summary_keys, summary_values=memory.summary_values)
+    return y, next_memory
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # the decoder
 
@@ -282,11 +335,13 @@ class CombinerAttention(nn.Module):
         init_linear(self.qkv, cfg.init_std)
         init_linear(self.out_proj, cfg.init_std / math.sqrt(2 * cfg.n_layer))
 
-    def forward(self, x: Tensor, memory: SegmentMemory, layout: SegmentLayout) -> tuple[Tensor, SegmentMemory]:
-        """x (B, T, D) -> output (B, T, D) and this layer's next memory."""
+    def forward(self, x: Tensor, memory: SegmentMemory, layout: SegmentLayout | TokenLayout
+                ) -> tuple[Tensor, SegmentMemory]:
+        """x (B, T, D) -> output (B, T, D) and this layer's next memory (T = 1 with a :class:`TokenLayout`)."""
         B, T, D = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, Dh)
-        y, memory = combiner_attention(q, k, v, memory, layout)
+        attend = combiner_token_attention if isinstance(layout, TokenLayout) else combiner_attention
+        y, memory = attend(q, k, v, memory, layout)
         y = y.transpose(1, 2).reshape(B, T, D)
         return self.dropout(self.out_proj(y)), memory
 
@@ -315,12 +370,20 @@ class CombinerDecoder(Decoder):
                              summary_keys=zeros(B, L, H, S, Dh), summary_values=zeros(B, L, H, S, Dh),
                              position=torch.zeros(B, dtype=torch.int64, device=device))
 
+    def _layout(self, position: Tensor, n_tokens: int, dtype: torch.dtype) -> SegmentLayout | TokenLayout:
+        """The short decoding path's layout for one token that finishes no row's segment (one host sync), else the
+        vectorised forward's."""
+        s = self.segment
+        if n_tokens == 1 and not bool(((position % s) == s - 1).any()):
+            return token_layout(position, s, self.max_summaries, self.rotary, dtype)
+        return segment_layout(position, n_tokens, s, self.max_summaries, self.rotary, dtype)
+
     def forward(self, x: Tensor, state: CombinerState) -> DecoderOutput:  # type: ignore[override]
         T = x.shape[1]
         if T == 0:
             return DecoderOutput(hidden=x, state=state, aux_loss=x.new_zeros(()), stats={})
         compute = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-        layout = segment_layout(state.position, T, self.segment, self.max_summaries, self.rotary, compute)
+        layout = self._layout(state.position, T, compute)
         fields = SegmentMemory._fields
         per_layer: list[SegmentMemory] = []
         for layer, block in enumerate(self.blocks):

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from longctx.config import Config
+from longctx.decoders import combiner as combiner_module
 from longctx.decoders.combiner import SegmentMemory, combiner_attention, segment_layout
 from longctx.errors import ConfigError
 from longctx.layers import RotaryEmbedding
@@ -207,6 +208,37 @@ def test_summaries_older_than_max_summaries_are_dropped(make_tiny_model, n_layer
             assert (change[:r] <= contract.EXACT_ATOL).all()
             assert (change[r:last + 1] > contract.CHANGED).all(), change
             assert (change[last + 1:] == 0).all(), change  # exactly nothing: the summary was dropped
+
+
+def test_token_by_token_decoding_matches_one_call(make_tiny_model, monkeypatch) -> None:
+    """Decoding one token at a time, two rows at different offsets in their segments (so that at some steps one row
+    finishes a segment and the call takes the vectorised path, at others the short path), gives each row the logits
+    and memory of one call over its whole stream."""
+    model = make_tiny_model("combiner", n_layer=2)
+    s, S = model.cfg.combiner.segment, model.cfg.combiner.max_summaries
+    prefixes, n_new = (s * (S + 1) + 1, 2 * s + 2), 3 * s * (S + 1)  # offsets 1 and 2; past the summary limit
+    streams = [contract._tokens(model, 1, length + n_new, seed=length) for length in prefixes]
+    short = []
+    real = combiner_module.combiner_token_attention
+    monkeypatch.setattr(combiner_module, "combiner_token_attention", lambda *a: short.append(1) or real(*a))
+    with torch.no_grad():
+        whole = [model(tokens, model.init_state(1)) for tokens in streams]
+        state = type(whole[0].state).concat([model(tokens[:, :length], model.init_state(1)).state
+                                             for tokens, length in zip(streams, prefixes, strict=True)])
+        steps = []
+        for i in range(n_new):
+            token = torch.cat([tokens[:, length + i:length + i + 1] for tokens, length in zip(streams, prefixes,
+                                                                                              strict=True)])
+            out = model(token, state)
+            steps.append(out.logits)
+            state = out.state
+    decoded = torch.cat(steps, dim=1)  # (2, n_new, V)
+    for row, (ref, length) in enumerate(zip(whole, prefixes, strict=True)):
+        torch.testing.assert_close(decoded[row], ref.logits[0, length:], atol=contract.ATOL, rtol=0)
+        for name, tensor in ref.state.tensors().items():
+            torch.testing.assert_close(state.tensors()[name][row], tensor[0], atol=contract.ATOL, rtol=0)
+    n_short = sum(1 for i in range(n_new) if all((length + i) % s != s - 1 for length in prefixes))
+    assert 0 < n_short < n_new and len(short) == n_short * model.cfg.n_layer  # both paths ran
 
 
 def test_bf16_autocast_runs_close_to_fp32(make_tiny_model) -> None:
