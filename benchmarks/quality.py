@@ -34,10 +34,10 @@ What it does
    (positive = it helps; it is only a lower bound for tokens 2W..: context between W and 2W - 1 tokens back is
    partly available to ``cut`` too). Standard errors treat tokens as independent (as ``longctx eval``).
 3. Writes the mean NLL (nats per token) by log-spaced position bucket [2^b, 2^(b+1)) of every preset and mode to one
-   CSV next to ``--output`` (``per_position.csv``, or ``per_position_X.csv`` for ``quality_X.json``; columns preset,
-   decoder, mode, start, end, mean_nll, count) and draws it (``per_position.png``: carry curves, and cut - carry by
-   position) with matplotlib if it is installed (the ``plot`` extra: ``pip install -e '.[plot]'``); without it one line
-   says the plot was skipped.
+   CSV next to ``--output`` (``per_position.csv``; ``per_position_X.csv`` for ``quality_X.json``, ``NAME_per_position``
+   for any other ``NAME.json``; columns preset, decoder, mode, start, end, mean_nll, count) and draws it (a PNG of the
+   same name: carry curves, and cut - carry by position) with matplotlib if it is installed (the ``plot`` extra:
+   ``pip install -e '.[plot]'``); without it one line says the plot was skipped.
 
 The report (JSON on stdout and in ``--output``, default ``benchmarks/results/quality.json``) holds the machine, the
 budget and, per preset: tokens trained, training wall time (the training loop, including its periodic validation and
@@ -298,7 +298,9 @@ def per_position_stem(output: Path) -> str:
     """Name of the CSV and plot beside ``output``: quality.json -> per_position, quality_1m.json -> per_position_1m,
     run.json -> run_per_position (so that reports of several budgets can sit side by side)."""
     stem = output.stem
-    return "per_position" + stem.removeprefix("quality") if stem.startswith("quality") else f"{stem}_per_position"
+    if stem == "quality" or stem.startswith("quality_"):
+        return "per_position" + stem.removeprefix("quality")
+    return f"{stem}_per_position"
 
 
 def plot_per_position(rows: list[dict[str, Any]], path: Path) -> bool:

@@ -31,8 +31,9 @@ added, ``after_optimizer_step`` called. Every (preset, length) trains the same n
 
 The models are small versions of the presets: ``model.n_layer=2, d_model=64, n_head=2, d_ff=256``, trained with
 ``train.lr=3e-3`` for 3,000 steps by default (the settings of the runs reported in the README; at L = 1024 they lift
-every decoder above chance, 400 steps do not; no other settings were swept). ``--set`` changes any key, for every
-preset; windows and memories stay as in the presets (256-token exact windows), so that at
+every decoder above chance, 400 steps do not; no other settings were swept; run folders made under the earlier
+default of 1e-3 are refused: give ``--set train.lr=1e-3`` or another ``--out-dir``). ``--set`` changes any key, for
+every preset; windows and memories stay as in the presets (256-token exact windows), so that at
 L >= 1024 most of the sequence lies beyond every exact window.
 
 Evaluation
@@ -116,7 +117,7 @@ DEFAULT_OUTPUT = RESULTS / "sorting.json"
 SMOKE_OUTPUT = RESULTS / "sorting_smoke.json"
 DEFAULT_RUNS = RESULTS / "sorting-runs"
 SMOKE_RUNS = RESULTS / "sorting-runs-smoke"
-SIZE_OVERRIDES = {"model.n_layer": "2", "model.d_model": "64", "model.n_head": "2", "model.d_ff": "256",
+TASK_OVERRIDES = {"model.n_layer": "2", "model.d_model": "64", "model.n_head": "2", "model.d_ff": "256",
                   "train.lr": "3e-3"}
 DEFAULT_STEPS = 3000
 SMOKE_OVERRIDES = TINY_MODEL_OVERRIDES
@@ -416,7 +417,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    overrides: dict[str, Any] = dict(SMOKE_OVERRIDES if args.smoke else SIZE_OVERRIDES)
+    overrides: dict[str, Any] = dict(SMOKE_OVERRIDES if args.smoke else TASK_OVERRIDES)
     overrides.update(parse_set_args(args.overrides))
     device = resolve_device(args.device)
     started = time.monotonic()

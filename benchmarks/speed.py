@@ -252,6 +252,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     try:
         args.overrides = parse_set_args(args.overrides)
+        for preset in [x.strip() for x in args.presets.split(",") if x.strip()] or list_presets():
+            preset_config(preset, args)  # a bad preset or key fails here, before hours of work
     except LongctxError as e:
         p.error(str(e))
     args.parts = [x for x in args.only.split(",") if x]

@@ -52,9 +52,10 @@ def test_per_position_file_names_follow_the_report():
     quality = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(quality)
     names = {name: quality.per_position_stem(Path("results") / name)
-             for name in ("quality.json", "quality_smoke.json", "quality_500k.json", "run.json")}
+             for name in ("quality.json", "quality_smoke.json", "quality_500k.json", "run.json", "quality2.json")}
     assert names == {"quality.json": "per_position", "quality_smoke.json": "per_position_smoke",
-                     "quality_500k.json": "per_position_500k", "run.json": "run_per_position"}
+                     "quality_500k.json": "per_position_500k", "run.json": "run_per_position",
+                     "quality2.json": "quality2_per_position"}
 
 
 def test_quality_smoke(tmp_path):

@@ -298,24 +298,29 @@ def combiner_attention(q: Tensor, k: Tensor, v: Tensor, memory: SegmentMemory,
 
 def combiner_token_attention(q: Tensor, k: Tensor, v: Tensor, memory: SegmentMemory,
                              layout: TokenLayout) -> tuple[Tensor, SegmentMemory]:
-    """:func:`combiner_attention` of one token (q, k (B, H, 1, Dh) unrotated, v (B, H, 1, Dv)) that does not finish
-    its segment: the same output (B, H, 1, Dv) and next memory, from one row of scores over ``s + S`` keys."""
+    """:func:`combiner_attention` of one token that does not finish its segment.
+
+    q, k (B, H, 1, Dh) unrotated, v (B, H, 1, Dv) -> output (B, H, 1, Dv) and the next memory, the same as the
+    vectorised path's (dtypes included), from one row of scores over ``[s - 1 buffered ; the token | S summaries]``.
+    """
     scale = 1.0 / math.sqrt(q.shape[-1])
-    q_rot = apply_rotary_full(q, layout.cos, layout.sin)
-    k_rot = apply_rotary_full(k, layout.cos, layout.sin)
+    q_rot = apply_rotary_full(q, layout.cos, layout.sin)  # (B, H, 1, Dh)
+    k_rot = apply_rotary_full(k, layout.cos, layout.sin)  # (B, H, 1, Dh)
     keys = torch.cat([memory.keys.to(k_rot.dtype), k_rot], dim=2)  # (B, H, s, Dh): buffered slots, then the token
     values = torch.cat([memory.values.to(v.dtype), v], dim=2)  # (B, H, s, Dv)
-    ctx_k = torch.cat([keys, memory.summary_keys.to(keys.dtype)], dim=2)  # (B, H, s + S, Dh)
-    ctx_v = torch.cat([values, memory.summary_values.to(values.dtype)], dim=2)  # (B, H, s + S, Dv)
+    summary_keys = memory.summary_keys.to(k.dtype)  # (B, H, S, Dh) in the dtype the vectorised path keeps them
+    summary_values = memory.summary_values.to(v.dtype)  # (B, H, S, Dv)
+    ctx_k = torch.cat([keys, summary_keys.to(keys.dtype)], dim=2)  # (B, H, s + S, Dh)
+    ctx_v = torch.cat([values, summary_values], dim=2)  # (B, H, s + S, Dv)
     wide = torch.promote_types(v.dtype, torch.float32)
     with torch.autocast(v.device.type, enabled=False):  # float32 scores, as the vectorised path
         scores = torch.matmul(q_rot.to(wide) * scale, ctx_k.to(wide).transpose(-1, -2))  # (B, H, 1, s + S)
-        probs = torch.softmax(scores + layout.mask.to(wide), dim=-1).to(v.dtype)
+        probs = torch.softmax(scores + layout.mask.to(wide), dim=-1).to(v.dtype)  # (B, H, 1, s + S)
         y = torch.matmul(probs, ctx_v)  # (B, H, 1, Dv)
     pools = [torch.where(layout.continues, torch.maximum(pool.to(new.dtype), new[:, :, 0]), new[:, :, 0])
              for pool, new in ((memory.pool_q, q), (memory.pool_k, k))]  # (B, H, Dh) each
     next_memory = SegmentMemory(keys=keys[:, :, 1:], values=values[:, :, 1:], pool_q=pools[0], pool_k=pools[1],
-                                summary_keys=memory.summary_keys, summary_values=memory.summary_values)
+                                summary_keys=summary_keys, summary_values=summary_values)
     return y, next_memory
 
 
@@ -324,7 +329,8 @@ def combiner_token_attention(q: Tensor, k: Tensor, v: Tensor, memory: SegmentMem
 
 
 class CombinerAttention(nn.Module):
-    """Multi-head causal Combiner-Fixed attention of one layer (projections around :func:`combiner_attention`)."""
+    """Multi-head causal Combiner-Fixed attention of one layer: projections around :func:`combiner_attention`, or
+    :func:`combiner_token_attention` for a one-token call that finishes no segment."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -371,8 +377,10 @@ class CombinerDecoder(Decoder):
                              position=torch.zeros(B, dtype=torch.int64, device=device))
 
     def _layout(self, position: Tensor, n_tokens: int, dtype: torch.dtype) -> SegmentLayout | TokenLayout:
-        """The short decoding path's layout for one token that finishes no row's segment (one host sync), else the
-        vectorised forward's."""
+        """The layout of a call: the short decoding path's for one token that finishes no row's segment.
+
+        Deciding costs one host sync; otherwise the vectorised forward's (:func:`segment_layout`).
+        """
         s = self.segment
         if n_tokens == 1 and not bool(((position % s) == s - 1).any()):
             return token_layout(position, s, self.max_summaries, self.rotary, dtype)

@@ -241,6 +241,43 @@ def test_token_by_token_decoding_matches_one_call(make_tiny_model, monkeypatch) 
     assert 0 < n_short < n_new and len(short) == n_short * model.cfg.n_layer  # both paths ran
 
 
+@pytest.mark.parametrize("s,S", [(2, 1), (4, 3)])
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_short_decoding_path_equals_the_vectorised_one(make_tiny_model, s: int, S: int, precision: str) -> None:
+    """Step by step from the same state, the short path and the vectorised forward (forced) give the same logits and
+    the same next memory, bit for bit (it is only moved, max-pooled and cast): rows starting at position 0 and
+    mid-stream, pools restarting at offset 0, before and after the summaries fill, in fp32 and under bf16 autocast."""
+    # one layer: its memory comes from the embeddings, identical in both paths (a deeper layer's input differs by the
+    # attention's rounding; the token-by-token test above covers two layers)
+    model = make_tiny_model("combiner", n_layer=1, combiner={"segment": s, "max_summaries": S})
+    decoder = model.decoder
+    # row 1 starts past the summary limit, one token into a segment when s > 2 (with s = 2, rows at different offsets
+    # would always have one finishing its segment, and the short path would never run)
+    prefix = contract._tokens(model, 1, s * (S + 1) + (s > 2), seed=3)
+    with torch.no_grad():
+        state = type(model.init_state(1)).concat([model.init_state(1), model(prefix, model.init_state(1)).state])
+    tokens = contract._tokens(model, 2, 3 * s * (S + 1), seed=4)
+    vectorised = lambda position, n, dtype: segment_layout(position, n, s, S, decoder.rotary, dtype)  # noqa: E731
+    # bf16: both paths round the same products to bf16; they may differ by their summation order (a few bf16 ulps
+    # of values ~1: 3e-2 is loose); fp32: accumulation order only (contract ATOL)
+    atol = 3e-2 if precision == "bf16" else contract.ATOL
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+    n_short = 0
+    with torch.no_grad(), autocast:
+        for i in range(tokens.shape[1]):
+            token = tokens[:, i:i + 1]
+            n_short += isinstance(decoder._layout(state.position, 1, torch.float32), combiner_module.TokenLayout)
+            out = model(token, state)
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setattr(decoder, "_layout", vectorised)
+                ref = model(token, state)
+            torch.testing.assert_close(out.logits.float(), ref.logits.float(), atol=atol, rtol=0)
+            for name, tensor in ref.state.tensors().items():  # moved, pooled or rounded alike: exactly equal
+                assert torch.equal(out.state.tensors()[name], tensor), name
+            state = out.state
+    assert n_short > 0
+
+
 def test_bf16_autocast_runs_close_to_fp32(make_tiny_model) -> None:
     """Under bf16 autocast (training precision) the scores and softmax stay float32; logits near the fp32 ones."""
     model = make_tiny_model("combiner")
