@@ -142,3 +142,35 @@ def test_xl_speed_smoke(tmp_path):
     report, _ = _run_smoke("xl_speed", tmp_path)
     assert report["train"] and all(row["tokens_per_s"] > 0 for row in report["train"])
     assert report["eval"] and all(row["tokens_per_s"] > 0 for row in report["eval"])
+
+
+def test_aft_stall_smoke(tmp_path):
+    report, _ = _run_with_runs("aft_stall", tmp_path)
+    runs = report["conditions"]
+    rate = report["settings"]["bias_rate"]
+    assert list(runs) == ["carried", "reset", f"carried, bias x {rate:g}", f"reset, bias x {rate:g}",
+                          "reference transformer-small"]
+    for r in runs.values():
+        assert r["steps"] == report["settings"]["steps"] == 3 and _finite(r["loss_last3"])
+    carried, reset, fast = runs["carried"], runs["reset"], runs[f"carried, bias x {rate:g}"]
+    # step 1 starts from empty states either way; from step 2 the reset lanes see no carried memory
+    assert carried["losses"]["1"] == reset["losses"]["1"] and carried["losses"]["2"] != reset["losses"]["2"]
+    # b = R θ: after the same few Adam steps (about lr each for θ) the biases are about R times larger
+    for slow, quick in zip(carried["max_bias_per_layer"], fast["max_bias_per_layer"], strict=True):
+        assert 0.5 * rate < quick / slow < 1.5 * rate, (slow, quick)
+    assert runs["reference transformer-small"]["max_bias_per_layer"] is None
+    for counted in report["document_boundaries_read"]:
+        assert len(counted["per_lane"]) == 4 and all(n >= 0 for n in counted["per_lane"])  # smoke: 4 lanes
+
+
+def test_aft_stall_counts_the_document_boundaries_lanes_cross():
+    spec = importlib.util.spec_from_file_location("aft_stall_benchmark", ROOT / "benchmarks" / "aft_stall.py")
+    stall = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(stall)
+    config = load_config("aft-local-small", {"train.batch_size": 4, "train.seq_len": 64})
+    assert stall.boundaries_read(config, 1) == [0, 0, 0, 0]  # one segment of 64 bytes is inside a play
+    # a whole epoch: the 39 training plays start with a separator, the first at lane 0's first token (not counted);
+    # the others lie inside the lanes, except any in the last < 64 tokens of a lane that no step reads
+    whole = stall.boundaries_read(config, 10**9)
+    assert len(whole) == 4 and 36 <= sum(whole) <= 38 and all(n >= 8 for n in whole)
+    assert stall.boundaries_read(load_config("aft-local-small", {"data.tokenizer": "bpe"}), 1) is None
