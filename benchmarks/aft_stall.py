@@ -2,23 +2,27 @@
 
 At the budgets of ``quality.py`` the training loss of every AFT preset stops falling near 2.5 nats per byte, where the
 other decoders go on to 2.1-2.2. Two causes are plausible, and this script trains the preset under the four
-combinations of their remedies (same seed, data order and learning-rate schedule), plus a reference preset:
+combinations of their remedies (one seed, data order and learning-rate schedule for all), plus a reference preset:
 
 * **The far sums dilute the window.** Every token beyond the position-bias window enters the running sums with
-  bias 0 (Zhai et al. 2021, eq. 3), so after t tokens the window's ``s`` terms weigh about ``s * exp(b) / t`` of the
-  average. The trainer carries each lane's state from segment to segment (tens of thousands of tokens per lane), so
-  the window is drowned. Remedy tested: ``reset``, the lane states are emptied before every training step, as when
-  the paper trains on fixed-length sequences; the sums then cover at most ``train.seq_len`` tokens.
+  bias 0 (Zhai et al. 2021, eq. 3), so after t tokens the window's ``s`` terms carry about ``s * exp(b) / t`` of the
+  total weight (the denominator). The trainer carries each lane's state from segment to segment (tens of thousands
+  of tokens per lane), so the window is drowned. Remedy tested: ``reset``, the lane states are emptied before every
+  training step, as when the paper trains on fixed-length sequences; the sums then cover at most ``train.seq_len``
+  tokens.
 * **The position biases learn too slowly.** ``b(δ)`` starts at 0 (conv: γ = β = 0) and AdamW moves a parameter by
   about the learning rate per step, so after a few hundred steps at ``lr <= 1e-3`` no distance is weighted much above
   any other. Remedy tested: ``--bias-rate R``, the biases are parameterised as ``R * θ`` (the same function at
-  initialisation, since θ starts at 0), so that Adam moves them R times faster.
+  initialisation: θ starts at 0, and for conv γ = β = 0), so that Adam moves them R times faster. (As 2-D
+  parameters, local and full biases also get the trainer's weight decay; at 0.1 x lr per step it is negligible.)
 
 Conditions: ``carried`` (the trainer as it is), ``reset``, ``carried, bias x R``, ``reset, bias x R`` and the
-reference preset as it is. Each trains ``--steps`` steps with the learning-rate schedule of a ``--schedule-steps``
-run (default 245: the 500k-token runs of ``quality.py``). Per condition the report holds the training losses of every
-logged step, the mean of the last three, the trainer's validation at the end (carry mode over the first
-``train.eval_tokens`` held-out tokens) and the largest position bias per layer; the report also counts the document
+reference preset as it is. Each trains ``--steps`` steps with the preset's warm-up and the cosine decay of a
+``--schedule-steps`` run (default 245, the length of the 500k-token runs of ``quality.py``, which shorten the
+warm-up to a tenth of the run; this script does not). Per condition the report holds the training losses of every
+logged step, the mean of the last three, ``train_wall_s`` (training with its validation and checkpoint), the
+trainer's validation at the end (carry mode over the first ``train.eval_tokens`` held-out tokens) and the largest
+position bias per layer; the report also counts the document
 boundaries each lane crosses in ``--steps`` and in ``--schedule-steps`` steps (the trainer carries states across
 them).
 
@@ -55,6 +59,7 @@ from longctx.checkpoint import load_weights  # noqa: E402
 from longctx.config import Config, load_config  # noqa: E402
 from longctx.data import Lanes  # noqa: E402
 from longctx.decoders.aft import AFTMixer  # noqa: E402
+from longctx.errors import ConfigError  # noqa: E402
 from longctx.model import build_model  # noqa: E402
 from longctx.tokenizer import Tokenizer  # noqa: E402
 
@@ -152,7 +157,11 @@ def main(argv: list[str] | None = None) -> int:
         "train.eval_tokens": args.eval_tokens or (512 if args.smoke else 32768)}
     if args.smoke:
         overrides.update(TINY_MODEL_OVERRIDES)
-    if load_config(args.preset).model.decoder != "aft":
+    try:
+        decoder = load_config(args.preset).model.decoder
+    except ConfigError as e:
+        p.error(str(e))
+    if decoder != "aft":
         p.error(f"--preset {args.preset} is not an AFT preset; give one of aft-simple-small, aft-local-small, "
                 "aft-conv-small, aft-full-small")
     conditions = [("carried", args.preset, False, 1.0), ("reset", args.preset, True, 1.0),
@@ -171,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
               "smoke": args.smoke, "machine": machine_info(args.threads),
               "settings": {"preset": args.preset, "reference": args.reference, "steps": steps,
                            "schedule_steps": schedule, "bias_rate": args.bias_rate, "overrides": overrides},
-              "document_boundaries_read": [boundaries, boundaries_long], "conditions": results, "wall_s": time.monotonic() - started}
+              "document_boundaries_read": [boundaries, boundaries_long], "conditions": results,
+              "wall_s": time.monotonic() - started}
     output = args.output or (RESULTS / ("aft_stall_smoke.json" if args.smoke else "aft_stall.json"))
     write_report(report, output)
     return 0
