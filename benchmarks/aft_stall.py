@@ -22,9 +22,8 @@ reference preset as it is. Each trains ``--steps`` steps with the preset's warm-
 warm-up to a tenth of the run; this script does not). Per condition the report holds the training losses of every
 logged step, the mean of the last three, ``train_wall_s`` (training with its validation and checkpoint), the
 trainer's validation at the end (carry mode over the first ``train.eval_tokens`` held-out tokens) and the largest
-position bias per layer; the report also counts the document
-boundaries each lane crosses in ``--steps`` and in ``--schedule-steps`` steps (the trainer carries states across
-them).
+position bias per layer; the report also counts the document boundaries each lane crosses in ``--steps`` and in
+``--schedule-steps`` steps (the trainer carries states across them).
 
 How to run::
 
@@ -100,16 +99,16 @@ def max_bias(config: Config, checkpoint: Path) -> list[float] | None:
     return [0.0 if b is None else b.abs().max().item() for b in biases]
 
 
-def boundaries_read(config: Config, steps: int) -> list[int] | None:
-    """Per lane, the document boundaries (SEP tokens after the lane's first) in what ``steps`` steps read."""
+def boundaries_read(config: Config, steps: list[int]) -> list[list[int]] | None:
+    """For each step count, per lane, the document boundaries (SEP tokens after the lane's first) those steps read."""
     if config.data.tokenizer != "byte":
         return None
     tokenizer = Tokenizer.byte_level()
     tokens, _ = train_module.prepare_data(config, tokenizer)
     lanes = Lanes(tokens, config.train.batch_size, config.train.seq_len)
-    read = min(steps, lanes.segments_per_epoch) * lanes.seq_len
-    return [int((tokens[b * lanes.lane_len + 1: b * lanes.lane_len + read] == tokenizer.sep_id).sum())
-            for b in range(lanes.n_lanes)]
+    starts = [b * lanes.lane_len for b in range(lanes.n_lanes)]
+    reads = [min(n, lanes.segments_per_epoch) * lanes.seq_len for n in steps]
+    return [[int((tokens[a + 1: a + read] == tokenizer.sep_id).sum()) for a in starts] for read in reads]
 
 
 def run_condition(name: str, preset: str, overrides: dict[str, Any], reset: bool, bias_rate: float,
@@ -158,10 +157,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoke:
         overrides.update(TINY_MODEL_OVERRIDES)
     try:
-        decoder = load_config(args.preset).model.decoder
+        config = load_config(args.preset, overrides)
     except ConfigError as e:
         p.error(str(e))
-    if decoder != "aft":
+    if config.model.decoder != "aft":
         p.error(f"--preset {args.preset} is not an AFT preset; give one of aft-simple-small, aft-local-small, "
                 "aft-conv-small, aft-full-small")
     conditions = [("carried", args.preset, False, 1.0), ("reset", args.preset, True, 1.0),
@@ -170,9 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.reference:
         conditions.append((f"reference {args.reference}", args.reference, False, 1.0))
     started = time.monotonic()
-    config = load_config(args.preset, overrides)
-    boundaries = {"steps": steps, "per_lane": boundaries_read(config, steps)}
-    boundaries_long = {"steps": schedule, "per_lane": boundaries_read(config, schedule)}
+    counted = boundaries_read(config, [steps, schedule]) or [None, None]
+    boundaries = [{"steps": n, "per_lane": per_lane} for n, per_lane in zip([steps, schedule], counted, strict=True)]
     results = {}
     for i, (name, preset, reset, rate) in enumerate(conditions):
         results[name] = run_condition(name, preset, overrides, reset, rate, args.out_dir / f"condition-{i}")
@@ -180,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
               "smoke": args.smoke, "machine": machine_info(args.threads),
               "settings": {"preset": args.preset, "reference": args.reference, "steps": steps,
                            "schedule_steps": schedule, "bias_rate": args.bias_rate, "overrides": overrides},
-              "document_boundaries_read": [boundaries, boundaries_long], "conditions": results,
+              "document_boundaries_read": boundaries, "conditions": results,
               "wall_s": time.monotonic() - started}
     output = args.output or (RESULTS / ("aft_stall_smoke.json" if args.smoke else "aft_stall.json"))
     write_report(report, output)
