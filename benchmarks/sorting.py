@@ -33,8 +33,8 @@ The models are small versions of the presets: ``model.n_layer=2, d_model=64, n_h
 ``train.lr=3e-3`` for 3,000 steps by default (the settings of the runs reported in the README; at L = 1024 they lift
 every decoder above chance, 400 steps do not; no other settings were swept; run folders made under the earlier
 default of 1e-3 are refused: give ``--set train.lr=1e-3`` or another ``--out-dir``). ``--set`` changes any key, for
-every preset; windows and memories stay as in the presets (256-token exact windows), so that at
-L >= 1024 most of the sequence lies beyond every exact window.
+every preset; windows and memories stay as in the presets (exact windows of 32 to 1,024 tokens, see
+``common.attention_window``), so that at L >= 4096 most of the sequence lies beyond every exact window.
 
 Evaluation
 ----------
