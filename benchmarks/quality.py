@@ -142,9 +142,11 @@ def run_progress(out_dir: Path) -> tuple[Path | None, dict[str, Any]]:
 
 
 def check_same_model(checkpoint: Path, cfg: Config) -> None:
-    """Refuse to resume a run folder that holds another model (the tokenizer sets vocab_size, so it is not compared)."""
-    saved = dataclasses.asdict(read_config(checkpoint).model) | {"vocab_size": None}
-    wanted = dataclasses.asdict(cfg.model) | {"vocab_size": None}
+    """Refuse to resume a run folder that holds another model (the tokenizer sets vocab_size and separator_id, so
+    they are not compared)."""
+    unset = {"vocab_size": None, "separator_id": None}
+    saved = dataclasses.asdict(read_config(checkpoint).model) | unset
+    wanted = dataclasses.asdict(cfg.model) | unset
     if saved != wanted:
         differ = sorted(k for k in wanted if saved.get(k) != wanted[k])
         raise SystemExit(f"quality: {checkpoint.parent} holds a run of another model (model.{', model.'.join(differ)} "

@@ -186,6 +186,8 @@ class ModelConfig:
     dropout: float = 0.0
     norm_eps: float = 1e-5
     init_std: float = 0.02
+    separator_id: int = -1  # the document separator's token id; set from the tokenizer when training; -1 = none
+    reset_at_separator: bool = True  # no information crosses a separator: the memory starts empty at each one
     transformer: TransformerConfig = field(default_factory=TransformerConfig)
     xl: XLConfig = field(default_factory=XLConfig)
     aft: AFTConfig = field(default_factory=AFTConfig)
@@ -203,6 +205,8 @@ class ModelConfig:
         _check(0.0 <= self.dropout < 1.0, "model.dropout", f"must be in [0, 1), got {self.dropout}")
         _check(self.norm_eps > 0, "model.norm_eps", f"must be > 0, got {self.norm_eps}")
         _check(self.init_std > 0, "model.init_std", f"must be > 0, got {self.init_std}")
+        _check(-1 <= self.separator_id < self.vocab_size, "model.separator_id",
+               f"must be -1 (none) or a token id below model.vocab_size ({self.vocab_size}), got {self.separator_id}")
         _check(self.decoder != "aft" or self.d_model % self.aft.heads == 0, "model.d_model",
                f"({self.d_model}) must be divisible by model.aft.heads ({self.aft.heads})")
 
@@ -250,7 +254,8 @@ class TrainConfig:
     lr: float = 1e-3
     min_lr: float = 1e-4
     warmup_steps: int = 100
-    weight_decay: float = 0.1
+    weight_decay: float = 0.1  # on weight matrices and the embedding only
+    position_lr_scale: float = 10.0  # learning rate of spans, AFT position biases and decays, relative to lr
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
@@ -278,6 +283,8 @@ class TrainConfig:
                     "threads", "weight_decay", "grad_clip", "min_lr"):
             _check(getattr(self, key) >= 0, f"train.{key}", f"must be >= 0, got {getattr(self, key)}")
         _check(0 < self.lr < math.inf, "train.lr", f"must be a finite number > 0, got {self.lr}")
+        _check(0 < self.position_lr_scale < math.inf, "train.position_lr_scale",
+               f"must be a finite number > 0, got {self.position_lr_scale}")
         _check(self.min_lr <= self.lr, "train.min_lr", f"({self.min_lr}) must be <= train.lr ({self.lr})")
         _check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "train.beta1/beta2", "must be in [0, 1)")
         divisible = self.micro_batch_size == 0 or self.batch_size % self.micro_batch_size == 0

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from longctx.config import ModelConfig
-from longctx.decoders import DECODERS, State
+from longctx.decoders import DECODERS, DecoderOutput, State
 
 
 @dataclass(frozen=True)
@@ -55,12 +55,41 @@ class LongContextLM(nn.Module):
     def forward(self, tokens: Tensor, state: State, targets: Tensor | None = None) -> LMOutput:
         """tokens (B, T) int64 after the memory in ``state``; targets (B, T) int64, -100 = ignored."""
         x = self.drop(self.embed(tokens))  # (B, T, D)
-        out = self.decoder(x, state)
+        out = self.decode(tokens, x, state)
         logits = self.head(self.norm(out.hidden))  # (B, T, V)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
         return LMOutput(logits=logits, state=out.state, loss=loss, aux_loss=out.aux_loss, stats=out.stats)
+
+    def decode(self, tokens: Tensor, x: Tensor, state: State) -> DecoderOutput:
+        """The decoder over ``x`` (B, T, D), with the memory of a row emptied at each document separator.
+
+        Document boundaries: every row whose token at column ``c`` is the separator starts ``c`` from an empty
+        memory, exactly as evaluation starts a file, so nothing crosses a separator and the model never meets in
+        evaluation an empty memory it did not see in training. The segment is cut at every column where some row
+        has a separator; by chunking invariance the pieces give the outputs one call would, and between two pieces
+        the rows that start a document are reset. Separators are rare in text (one per document), so almost every
+        segment is one call. ``aux_loss`` is the pieces' losses weighted by their share of the segment.
+        """
+        sep = self.cfg.separator_id
+        if not self.cfg.reset_at_separator or sep < 0:
+            return self.decoder(x, state)
+        starts = tokens == sep  # (B, T)
+        columns = torch.nonzero(starts.any(dim=0)).flatten().tolist()  # one sync per segment
+        if not columns:
+            return self.decoder(x, state)
+        T = tokens.shape[1]
+        cuts = sorted({0, *columns, T})
+        hidden, aux, stats = [], x.new_zeros(()), {}
+        for a, b in zip(cuts[:-1], cuts[1:]):
+            if a in columns:
+                state = state.reset(starts[:, a])
+            out = self.decoder(x[:, a:b], state)
+            hidden.append(out.hidden)
+            aux = aux + out.aux_loss * ((b - a) / T)
+            state, stats = out.state, out.stats
+        return DecoderOutput(hidden=torch.cat(hidden, dim=1), state=state, aux_loss=aux, stats=stats)
 
 
 def build_model(cfg: ModelConfig) -> LongContextLM:

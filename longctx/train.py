@@ -120,13 +120,41 @@ def lr_at(step: int, cfg: Any) -> float:
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
 
 
+def parameter_groups(model: LongContextLM) -> dict[str, list[torch.nn.Parameter]]:
+    """The parameters by optimizer group.
+
+    * ``decay``: weight matrices and the embedding (the only parameters with weight decay);
+    * ``no_decay``: biases, norms, gains and the relative-position biases of the attention;
+    * ``position``: what the decoder reports in ``position_parameters()`` (spans, AFT position biases and decay
+      rates): no weight decay and ``train.position_lr_scale`` times the learning rate.
+    """
+    position = {id(p) for p in model.decoder.position_parameters()}
+    groups: dict[str, list[torch.nn.Parameter]] = {"decay": [], "no_decay": [], "position": []}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if id(p) in position:
+            groups["position"].append(p)
+        elif p.dim() >= 2 and name.endswith("weight"):
+            groups["decay"].append(p)
+        else:
+            groups["no_decay"].append(p)
+    return groups
+
+
+def group_lr(group: dict[str, Any], lr: float, cfg: Any) -> float:
+    """The learning rate of an optimizer group when the schedule says ``lr``."""
+    return lr * (cfg.position_lr_scale if group.get("name") == "position" else 1.0)
+
+
 def make_optimizer(model: LongContextLM, cfg: Any) -> torch.optim.AdamW:
-    """AdamW with decoupled weight decay on matrices (dim >= 2) only; biases and norms are not decayed."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), foreach=True)
+    """AdamW over :func:`parameter_groups`: decoupled weight decay on matrices only, position parameters faster."""
+    groups = [{"params": params, "name": name, "weight_decay": cfg.weight_decay if name == "decay" else 0.0}
+              for name, params in parameter_groups(model).items()]
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), foreach=True)
+    for group in optimizer.param_groups:
+        group["lr"] = group_lr(group, cfg.lr, cfg)
+    return optimizer
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -396,7 +424,7 @@ class Trainer:
             self.reset_states()
         lr = lr_at(self.step, cfg)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = group_lr(group, lr, cfg)
         total, new_states, stats = self.accumulate()
         norm = float("nan")
         if math.isfinite(total):
@@ -449,6 +477,18 @@ class Trainer:
         distrib.barrier(self.dist)
         return self.last_val if self.dist.main else None
 
+    def validate_and_log(self, metrics: MetricsLog | None) -> None:
+        """Validation, written to ``metrics.jsonl`` with what the decoder learned (spans, biases, decays)."""
+        val = self.run_validation()
+        if not val:
+            return
+        if metrics is not None:
+            learned = self.model.decoder.describe()
+            metrics.write({"step": self.step, "tokens": self.tokens_seen, **val,
+                           **({"learned": learned} if learned else {})})
+        tqdm.write(f"step {self.step}: val loss {val['val_loss']:.4f}, val ppl {val['val_ppl']:.2f}, "
+                   f"val bpb {val['val_bpb']:.4f}", file=sys.stderr)
+
     def log_step(self, metrics: MetricsLog | None, loss: float, norm: float, stats: dict[str, float], rate: float,
                  progress: bool) -> None:
         record = {"step": self.step, "tokens": self.tokens_seen, "loss": loss, "ppl": math.exp(min(loss, 700.0)),
@@ -482,11 +522,8 @@ class Trainer:
                     rate, last_log, log_tokens = log_tokens / max(now - last_log, 1e-9), now, 0
                     self.log_step(metrics, loss, norm, stats, rate, progress)
                     bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rate:,.0f}")
-                if self.step % cfg.eval_interval == 0 and (val := self.run_validation()):
-                    if metrics is not None:
-                        metrics.write({"step": self.step, "tokens": self.tokens_seen, **val})
-                    tqdm.write(f"step {self.step}: val loss {val['val_loss']:.4f}, val ppl {val['val_ppl']:.2f}, "
-                               f"val bpb {val['val_bpb']:.4f}", file=sys.stderr)
+                if self.step % cfg.eval_interval == 0:
+                    self.validate_and_log(metrics)
                 if signalled:
                     bar.close()
                     path = self.save()
@@ -500,7 +537,7 @@ class Trainer:
                     break
             bar.close()
             if self.step % cfg.eval_interval != 0:
-                self.run_validation()
+                self.validate_and_log(metrics)
             if self.last_checkpoint is None or self.last_checkpoint.name != step_dir_name(self.step):
                 self.save()
         return TrainResult(steps=self.step, tokens=self.tokens_seen, elapsed_s=self.elapsed,
@@ -573,8 +610,9 @@ def _train(config: Config, run: RunOptions, overrides: dict[str, Any], device: t
         torch.set_num_threads(config.train.threads)
     torch.manual_seed(config.train.seed)  # the same initial weights on every rank
     tokenizer = prepare_tokenizer(config, resume_from, init_from, run.out_dir, dd)
-    if tokenizer.vocab_size != config.model.vocab_size:
-        config = dataclasses.replace(config, model=dataclasses.replace(config.model, vocab_size=tokenizer.vocab_size))
+    if (tokenizer.vocab_size, tokenizer.sep_id) != (config.model.vocab_size, config.model.separator_id):
+        config = dataclasses.replace(config, model=dataclasses.replace(
+            config.model, vocab_size=tokenizer.vocab_size, separator_id=tokenizer.sep_id))
     if not dd.main:
         distrib.barrier(dd)  # rank 0 builds the token caches first; the others then find them
     train_tokens, val_tokens = prepare_data(config, tokenizer)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -61,7 +62,9 @@ def test_checkpoint_round_trip_gives_identical_logits(tmp_path):
     cfg = load_config("transformer-small", tiny_overrides(tmp_path, **{"train.max_steps": 2}))
     result = train(cfg, RunOptions(out_dir=tmp_path / "run", progress=False))
     model, tokenizer, config = load_checkpoint(result.last_checkpoint)
-    assert config.model == cfg.model and tokenizer.vocab_size == config.model.vocab_size
+    # the trainer takes the vocabulary and the separator from the tokenizer
+    assert config.model == dataclasses.replace(cfg.model, separator_id=tokenizer.sep_id)
+    assert tokenizer.vocab_size == config.model.vocab_size and config.model.separator_id == 256
     assert set(p.name for p in result.last_checkpoint.iterdir()) == {
         "model.safetensors", "config.json", "tokenizer.json", "trainer_state.safetensors", "trainer_state.json"}
     tokens = torch.randint(0, 257, (2, 20))
@@ -129,3 +132,64 @@ def test_lr_schedule_warmup_then_cosine():
     assert lr_at(110, cfg) == pytest.approx(cfg.min_lr)
     assert all(lr_at(s, cfg) >= lr_at(s + 1, cfg) for s in range(10, 110))
     assert not math.isnan(lr_at(10_000, cfg))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# parameter groups
+
+
+def _tiny_model(decoder: str, **sub):
+    from longctx.config import Config
+    from longctx.model import build_model
+    model = {"decoder": decoder, "n_layer": 2, "d_model": 32, "n_head": 2, "d_ff": 64, "vocab_size": 61, **sub}
+    torch.manual_seed(0)
+    return build_model(Config.from_dict({"model": model}).model)
+
+
+@pytest.mark.parametrize("decoder,sub,position", [
+    ("xl", {"xl": {"span_mode": "adaptive", "mem_len": 8}}, "mix.span.ratio"),
+    ("xl", {"xl": {"span_mode": "dynamic", "mem_len": 8}}, "mix.span.proj.bias"),
+    ("aft", {"aft": {"variant": "local", "window": 4}}, "mix.bias"),
+])
+def test_parameter_groups(decoder, sub, position):
+    from longctx.train import parameter_groups
+    model = _tiny_model(decoder, **sub)
+    groups = parameter_groups(model)
+    names = {id(p): n for n, p in model.named_parameters()}
+    by_group = {g: {names[id(p)] for p in ps} for g, ps in groups.items()}
+    assert sum(map(len, by_group.values())) == len(names)  # every parameter in exactly one group
+    assert any(n.endswith(position) for n in by_group["position"])
+    assert "embed.weight" in by_group["decay"]  # the tied embedding is the one matrix named "embed.weight"
+    assert all(n.endswith("weight") for n in by_group["decay"])
+    assert not any("norm" in n for n in by_group["decay"])  # norm gains are 1-D: never decayed
+    assert not any(n.endswith(("pos_bias_u", "pos_bias_v", "bias")) for n in by_group["decay"])
+
+
+def test_position_parameters_move_position_lr_scale_times_faster():
+    """Adam's first step moves every parameter with a non-zero gradient by the learning rate (up to eps): the span
+    ratios must move ``train.position_lr_scale`` times as far as an ordinary bias, and lose nothing to weight decay."""
+    from longctx.config import TrainConfig
+    from longctx.train import make_optimizer
+    model = _tiny_model("xl", xl={"span_mode": "adaptive", "mem_len": 8, "span_init": 0.5})
+    cfg = TrainConfig(lr=1e-3, position_lr_scale=10.0, weight_decay=0.1)
+    optimizer = make_optimizer(model, cfg)
+    ratio = model.decoder.blocks[0].mix.span.ratio
+    norm_bias = model.norm.bias
+    before_ratio, before_bias = ratio.detach().clone(), norm_bias.detach().clone()
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    optimizer.step()
+    torch.testing.assert_close((before_ratio - ratio.detach()).abs(), torch.full_like(ratio, 1e-2), rtol=1e-3, atol=0)
+    torch.testing.assert_close((before_bias - norm_bias.detach()).abs(), torch.full_like(norm_bias, 1e-3), rtol=1e-3,
+                               atol=0)
+
+
+def test_final_validation_and_learned_spans_reach_metrics(tmp_path):
+    out = tmp_path / "run"
+    cfg = load_config("xl-span-small", tiny_overrides(tmp_path, **{"train.max_steps": 3, "model.xl.mem_len": 16}))
+    train(cfg, RunOptions(out_dir=out, progress=False))
+    records = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    final = [r for r in records if "val_loss" in r]
+    assert final and final[-1]["step"] == 3
+    spans = final[-1]["learned"]["spans"]
+    assert len(spans) == 1 and len(spans[0]) == 2  # one layer, two heads

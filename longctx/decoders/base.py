@@ -100,6 +100,15 @@ class Decoder(nn.Module, abc.ABC):
     def after_optimizer_step(self) -> None:
         """Called by the trainer after each optimizer step (adaptive span clamps its parameters here)."""
 
+    def position_parameters(self) -> list[nn.Parameter]:
+        """Learned scalars that set where the decoder looks (spans, position biases, decay rates, their gains).
+
+        The trainer gives them no weight decay and a learning rate ``train.position_lr_scale`` times the base rate:
+        at the base rate Adam moves a parameter by about the learning rate per step, too slowly for a span measured
+        in hundreds of tokens or a bias measured in nats. Empty by default.
+        """
+        return []
+
     def describe(self) -> dict[str, Any]:
         """Learned quantities worth reporting (e.g. spans); empty by default."""
         return {}

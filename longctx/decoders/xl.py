@@ -258,11 +258,20 @@ class XLDecoder(Decoder):
                 block.mix.span.clamp_()
 
     @torch.no_grad()
+    def position_parameters(self) -> list[nn.Parameter]:
+        """Adaptive: the span ratio of every head; dynamic: the span's offset (the bias of its projection)."""
+        if self.span_mode == "adaptive":
+            return [b.mix.span.ratio for b in self.blocks]  # type: ignore[union-attr]
+        if self.span_mode == "dynamic":
+            return [b.mix.span.proj.bias for b in self.blocks]  # type: ignore[union-attr]
+        return []
+
     def describe(self) -> dict[str, Any]:
         """Span mode and, for adaptive spans, the learned span of every head (tokens) and the trimmed cache."""
         out: dict[str, Any] = {"span_mode": self.span_mode, "mem_len": self.mem_len}
         if self.span_mode == "adaptive":
-            spans = [[round(float(z), 2) for z in b.mix.span.spans()] for b in self.blocks]  # type: ignore[union-attr]
+            spans = [[round(float(z), 2) for z in b.mix.span.spans().detach()]  # type: ignore[union-attr]
+                     for b in self.blocks]
             out["spans"] = spans
             out["span_mean"] = round(sum(map(sum, spans)) / max(1, sum(map(len, spans))), 2)
             out["cache_slots_per_layer"] = self.state_slots(trim=True)

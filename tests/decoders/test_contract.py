@@ -79,6 +79,20 @@ def _close(actual: Tensor, expected: Tensor, atol: float) -> None:
     torch.testing.assert_close(actual, expected, atol=atol, rtol=0)
 
 
+def _with_separator(model: LongContextLM, reset: bool = True) -> tuple[LongContextLM, int]:
+    """The same model (shared weights) with the last vocabulary id as its document separator."""
+    sep = model.cfg.vocab_size - 1
+    clone = LongContextLM(dataclasses.replace(model.cfg, separator_id=sep, reset_at_separator=reset)).eval()
+    clone.load_state_dict(model.state_dict())
+    return clone, sep
+
+
+def _text(model: LongContextLM, length: int, seed: int) -> Tensor:
+    """(length,) random tokens that are never the separator (the last id)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, model.cfg.vocab_size - 1, (length,), generator=g)
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # 1. bounded memory
 
@@ -342,3 +356,73 @@ def test_transformer_receptive_field(make_tiny_model, n_layer: int) -> None:
             if n_layer == 1:
                 assert change[s + window - 1] > CHANGED  # window - 1 back: seen
                 assert change[s + window] <= EXACT_ATOL  # exactly window back: not seen
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 4. document boundaries
+
+
+def _documents(model: LongContextLM, sep: int, mem: int) -> tuple[Tensor, list[int], Tensor]:
+    """Three rows of equal length ``prefix SEP doc tail``: prefixes of different lengths (0, mem + 3, 2 mem + 1) and
+    contents, the same document ``doc`` after the separator, and tails that fill the rows to one length. Row 2's tail
+    holds a second separator followed by the first tokens of ``doc``. Returns the tokens (3, N), where each row's
+    separator sits, and ``doc``."""
+    doc = _text(model, 2 * mem + 5, seed=10)
+    lengths = [0, mem + 3, 2 * mem + 1]
+    width = max(lengths) + 1 + len(doc) + 4
+    rows, seps = [], []
+    for i, n in enumerate(lengths):
+        tail = _text(model, width - n - 1 - len(doc), seed=20 + i)
+        if i == 2:
+            tail = torch.cat([tail[:1], torch.tensor([sep]), doc[: len(tail) - 2]])
+        rows.append(torch.cat([_text(model, n, seed=30 + i), torch.tensor([sep]), doc, tail]))
+        seps.append(n)
+    return torch.stack(rows), seps, doc
+
+
+def test_nothing_crosses_a_document_separator(tiny_model: LongContextLM, tiny_memory_length: int) -> None:
+    """The logits from a separator on equal those of a fresh stream ``SEP doc``, whatever came before, in one call,
+    in random chunkings and token by token, with the rows of a batch at different offsets."""
+    model, sep = _with_separator(tiny_model)
+    mem = tiny_memory_length
+    tokens, seps, doc = _documents(model, sep, mem)
+    n = 1 + len(doc)
+    with torch.no_grad():
+        fresh = model(torch.cat([torch.tensor([sep]), doc])[None], model.init_state(1)).logits[0]  # (n, V)
+        width = tokens.shape[1]
+        patterns = [[width], [1] * width] + [_random_partition(width, mem, seed) for seed in range(3)]
+        for sizes in patterns:
+            logits, _ = _run(model, tokens, model.init_state(3), sizes)
+            for row, start in enumerate(seps):
+                _close(logits[row, start:start + n], fresh, ATOL)
+            # row 2's second separator: the document starts again, whatever the first copy left in memory
+            second = seps[2] + n + 1
+            _close(logits[2, second:], fresh[: width - second], ATOL)
+
+
+def test_a_separator_after_carried_memory_resets_the_row(tiny_model: LongContextLM, tiny_memory_length: int) -> None:
+    """A separator at the start of a call (memory carried from the previous call) empties that row only."""
+    model, sep = _with_separator(tiny_model)
+    mem = tiny_memory_length
+    history, doc = _text(model, 2 * mem + 3, seed=1), _text(model, mem + 4, seed=2)
+    other = _text(model, 1 + len(doc), seed=3)
+    with torch.no_grad():
+        warm = model(torch.stack([history, history.flip(0)]), model.init_state(2)).state
+        nxt = torch.stack([torch.cat([torch.tensor([sep]), doc]), other])
+        logits = model(nxt, warm).logits
+        fresh = model(nxt[:1], model.init_state(1)).logits[0]
+        kept = model(nxt[1:], warm.select(torch.tensor([1]))).logits[0]
+    _close(logits[0], fresh, ATOL)
+    _close(logits[1], kept, ATOL)
+
+
+def test_without_reset_information_crosses_the_separator(tiny_model: LongContextLM,
+                                                          tiny_memory_length: int) -> None:
+    """``model.reset_at_separator = false`` keeps the old behaviour: the prefix does reach the document (so the
+    boundary test above can fail)."""
+    model, sep = _with_separator(tiny_model, reset=False)
+    tokens, seps, doc = _documents(model, sep, tiny_memory_length)
+    with torch.no_grad():
+        logits = model(tokens, model.init_state(3)).logits
+    start = seps[1]
+    assert (logits[1, start:start + 3] - logits[0, 0:3]).abs().amax() > CHANGED
