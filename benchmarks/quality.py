@@ -42,7 +42,8 @@ What it does
 The report (JSON on stdout and in ``--output``, default ``benchmarks/results/quality.json``) holds the machine, the
 budget and, per preset: tokens trained, training wall time (the training loop, including its periodic validation and
 checkpoint writes, summed over resumed runs) and tokens/s, the three evaluations (bits per byte with standard error,
-loss, tokens, eval tokens/s), ``delta_bpb``, ``reset_delta_bpb`` and the per-position rows. A preset that fails is
+loss, tokens, eval tokens/s), ``delta_bpb``, ``reset_delta_bpb``, the per-position rows and what the decoder
+learned (``learned``: its ``describe()``, e.g. the spans of every head). A preset that fails is
 reported with its error and the others go on; the exit code is then 1. Progress goes to stderr.
 
 How to run
@@ -257,6 +258,7 @@ def run_preset(preset: str, args: argparse.Namespace, overrides: dict[str, Any],
     if checkpoint is None:
         raise RuntimeError(f"no checkpoint in {out_dir} after training")
     evaluation = evaluate_preset(checkpoint, args, device)
+    learned = load_checkpoint(checkpoint)[0].decoder.describe()  # spans, AFT biases and decays, ...
     tokens, elapsed = int(meta.get("tokens_seen", 0)), float(meta.get("elapsed_s", 0.0))
     carry, cut, reset = (evaluation[m] for m in MODES)
     return {
@@ -268,7 +270,7 @@ def run_preset(preset: str, args: argparse.Namespace, overrides: dict[str, Any],
         "carry_bpb": carry["bits_per_byte"], "cut_bpb": cut["bits_per_byte"], "reset_bpb": reset["bits_per_byte"],
         "delta_bpb": cut["bits_per_byte"] - carry["bits_per_byte"],
         "reset_delta_bpb": reset["bits_per_byte"] - carry["bits_per_byte"],
-        "evaluation": {m: evaluation[m] for m in MODES}, "documents": evaluation["documents"],
+        "evaluation": {m: evaluation[m] for m in MODES}, "documents": evaluation["documents"], "learned": learned,
     }
 
 

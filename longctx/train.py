@@ -3,7 +3,10 @@
 One optimizer step reads segment ``i`` of every lane (``train.batch_size`` lanes of ``train.seq_len`` tokens), in
 micro-batches of ``train.micro_batch_size`` lanes whose gradients are accumulated. Each lane's decoder state is
 carried from one segment to the next and detached after every step (truncated backprop through time, as in
-Transformer-XL); at the start of every epoch the states are reset because the lanes start again.
+Transformer-XL); at the start of every epoch the states are reset because the lanes start again, and the model
+itself empties a lane's memory at every document separator (``model.reset_at_separator``). Parameters are trained in
+three groups (:func:`parameter_groups`): weight matrices with weight decay, biases and norms without, and the
+decoder's position parameters (spans, AFT biases and decays) without decay at ``train.position_lr_scale`` x lr.
 
 Resuming restores the weights, the optimizer moments, the step, the tokens seen, the data cursor, the lane states and
 the RNG state, so a run of N + M steps equals a run of N steps resumed for M more.

@@ -69,6 +69,7 @@ def test_quality_smoke(tmp_path):
         for key in ("carry_bpb", "cut_bpb", "reset_bpb", "delta_bpb", "reset_delta_bpb", "train_wall_s"):
             assert _finite(r[key]), (preset, key, r[key])
         assert r["window"] >= 1 and r["evaluation"]["cut"]["window"] == 2 * r["window"]
+        assert isinstance(r["learned"], dict)  # the decoder's describe(): spans, biases, decays
         assert r["evaluation"]["carry"]["per_position"] and all(
             _finite(row["mean_nll"]) for row in r["evaluation"]["carry"]["per_position"])
     # a one-layer sliding-window transformer reads its whole reach in cut mode: cut equals carry
