@@ -5,15 +5,30 @@ AFT replaces attention by an element-wise, per-channel weighted average of the v
     Y_t = σ(Q_t) ⊙ Σ_{t'} exp(K_{t'} + w_{t,t'}) ⊙ V_{t'} / Σ_{t'} exp(K_{t'} + w_{t,t'})
 
 here always causal (the sums run over ``t' <= t``, the paper's footnote on the masked mode) and with a bias that
-depends on the distance ``δ = t - t'`` only. ``model.aft.variant`` selects the bias:
+depends on the distance ``δ = t - t'`` only. ``model.aft.variant`` selects the bias of the first ``s`` distances
+(the *window*):
 
-* ``simple`` (eq. 4): no bias; ``Y_t = σ(Q_t) ⊙ cumsum(e^K ⊙ V)_t / cumsum(e^K)_t``.
-* ``local`` (eq. 3): a learned ``w(δ)`` for ``δ < window`` and 0 (not -inf) beyond, so every past token keeps
-  contributing through ``e^K``; ``heads`` groups of channels may have their own ``w`` (the paper uses one).
+* ``simple`` (eq. 4): no bias (s = 1, ``w(0) = 0``); with ``far = "uniform"``
+  ``Y_t = σ(Q_t) ⊙ cumsum(e^K ⊙ V)_t / cumsum(e^K)_t``.
+* ``local`` (eq. 3): a learned ``w(δ)`` for ``δ < window``; ``heads`` groups of channels may have their own ``w``
+  (the paper uses one).
 * ``conv`` (eq. 5, AFT-conv-h-s): ``heads`` heads with one key channel each (K is (T, h), Q and V (T, h, d/h)) and a
   filter per head with the paper's reparameterisation ``w = γ (w - mean(w)) / std(w) + β``, ``γ = β = 0`` at
-  initialisation, so it starts as ``simple``. Causal: the filter covers ``δ = 0 .. window - 1``.
-* ``full``: a learned ``w(δ)`` for every ``δ < max_distance``, 0 beyond.
+  initialisation, so its window starts flat. Causal: the filter covers ``δ = 0 .. window - 1``.
+* ``full``: a learned ``w(δ)`` for every ``δ < max_distance``.
+
+``model.aft.far`` selects the bias of the distances ``δ >= s``:
+
+* ``uniform`` (the paper): 0, not -inf, so every past token keeps contributing through ``e^K``. Over a long stream
+  the far past is then an undecayed average over every token read, which drowns the window.
+* ``decay`` (default): ``w(δ) = -λ_c (δ - s + 1)`` with ``λ_c = exp(θ_c)`` learned per key channel (simple, local,
+  full: Dk = Dh, value channel c uses key channel c) or per head (conv: one key per head), as RWKV's per-channel time
+  decay (Peng et al. 2023, arXiv 2305.13048). θ starts with time constants ``1/λ`` log-spaced from 1 to 4096 tokens
+  over the channels of each head (over the heads for conv), so every scale exists from the first step; the window
+  of local/full then starts as the ramp ``w(δ) = -0.3 min(δ, 31)`` instead of 0 (measured better, see the
+  presets; flat beyond 31 so that a long full window does not start at biases whose exp underflows).
+  The window biases, conv's γ and β and θ are :meth:`AFTDecoder.position_parameters`: no weight decay, a larger
+  learning rate.
 
 How ``full`` relates to the paper's AFT-full. The paper learns an absolute ``w_{t,t'}``, a T x T table (or its
 factorisation ``u_t^T v_{t'}``) over the positions of one training sequence. That form cannot stream: the
@@ -21,18 +36,21 @@ bias of a pair depends on where both tokens sit, so positions beyond the trained
 ``exp(K_{t'} + w_{t,t'})`` does not factorise into a part of t' that can be summed once and reused by every later
 query, each new query needs every past key and value again: O(t) memory and time per token, unbounded. Our
 ``full`` keeps the paper's reach (every pair of a training segment of up to ``max_distance`` tokens has its own
-learned bias) but ties the bias to the distance, a Toeplitz ``w_{t,t'} = w(t - t')``, and sets it to 0 beyond
-``max_distance``, exactly like ``local``: then the terms of all tokens further than ``max_distance`` share the weight
-1 and fold into running sums, and the memory is bounded. With ``max_distance >=`` the segment length, every pair
-inside a training segment is distinct, as in the paper; it is the causal, streamable reading of AFT-full.
+learned bias) but ties the bias to the distance, a Toeplitz ``w_{t,t'} = w(t - t')``, and treats the distances
+beyond ``max_distance`` exactly like ``local`` treats those beyond its window (0, or the linear decay): then the
+terms of all tokens further than ``max_distance`` fold into running (decayed) sums, and the memory is bounded.
+With ``max_distance >=`` the segment length, every pair inside a training segment is distinct, as in the paper; it
+is the causal, streamable reading of AFT-full.
 
-Memory of a stream, per layer (the numerics are in :mod:`longctx.layers.aft`): the far sums ``Σ e^{K - ref} V`` and
-``Σ e^{K - ref}`` over the tokens at distance ``>= s`` (s = window, max_distance, or 1 for simple), the same terms of
-the last ``s - 1`` tokens one by one, and their reference ``ref`` = the running maximum of the keys (zeros = empty
+Memory of a stream, per layer (the numerics are in :mod:`longctx.layers.aft`): the far sums ``Σ e^{K - ref + w} V``
+and ``Σ e^{K - ref + w}`` over the tokens at distance ``>= s`` from the next token (s = window, max_distance, or 1 for
+simple; w = 0 or the decay, which multiplies them by ``exp(-λ) <= 1`` per token), the terms ``e^{K - ref}`` of the
+last ``s - 1`` tokens one by one, and their reference ``ref`` = the running maximum of the keys (zeros = empty
 memory; a new maximum rescales the memory, as online softmax rescales its accumulators). Windows are defined
 per query by absolute position, so any chunking of a stream gives the same outputs; segments use the parallel form
-(one Toeplitz matrix product per block of queries covers the window and the far sums inside the block), single
-tokens the recurrent form. The memory's size never depends on the stream. The blocks run time-major, (T, B, D)
+(one Toeplitz matrix product per block of queries for the window, plus the far sums: inside the product with
+``uniform``, a blocked decayed recurrence with ``decay``), single tokens the recurrent form. The memory's size never
+depends on the stream. The blocks run time-major, (T, B, D)
 inside the decoder, so that one head's terms form a (time, batch x channels) matrix; the state keeps the batch first.
 
 Block (pre-norm, as the transformer baseline; no position embedding, the biases carry the order)::
@@ -45,6 +63,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -56,6 +75,25 @@ from longctx.layers.aft import Memory, aft_parallel, aft_recurrent
 from longctx.layers.block import PreNormBlock
 
 REPARAM_EPS = 1e-5  # conv: std(w) + eps in the reparameterisation (a filter of one tap has std 0)
+DECAY_TAU_RANGE = (1.0, 4096.0)  # far="decay": initial time constants 1/λ, log-spaced over the channels of a head
+DECAY_WINDOW_SLOPE = 0.3  # far="decay", local/full: initial window bias -0.3 δ (measured: better than 0, 0.1 and 1)
+DECAY_RAMP_END = 31  # ... for δ <= 31 and flat (-9.3) beyond: a ramp over a long full window would reach biases
+#                      whose exp is 0 or denormal (no gradient, and denormal arithmetic is slow on CPUs)
+
+
+def initial_window_ramp(span: int) -> Tensor:
+    """The initial window bias of local/full with far="decay": ``-0.3 min(δ, 31)`` for δ = 0 .. span - 1, (span,)."""
+    delta = torch.arange(span, dtype=torch.float32).clamp(max=DECAY_RAMP_END)
+    return -DECAY_WINDOW_SLOPE * delta
+
+
+def initial_log_decay(heads: int, key_dim: int) -> Tensor:
+    """θ (H, Dk) with λ = exp(θ): time constants log-spaced over ``DECAY_TAU_RANGE``, over the key channels of
+    each head (Dk > 1) or over the heads (Dk = 1, conv), so that every scale exists from the first step."""
+    n = key_dim if key_dim > 1 else heads
+    lo, hi = DECAY_TAU_RANGE
+    theta = -torch.linspace(math.log(lo), math.log(hi), n)  # θ = -log τ
+    return theta.repeat(heads, 1) if key_dim > 1 else theta[:, None]
 
 
 @dataclass(frozen=True)
@@ -101,6 +139,12 @@ class AFTMixer(nn.Module):
             self.bias_shift = nn.Parameter(torch.zeros(self.heads))  # β
         else:  # local, full: w(δ) = 0 at initialisation (the paper's u^T v with N(0, 1e-2) entries is ~0 too)
             self.bias = nn.Parameter(torch.zeros(self.heads, self.span))
+            if aft.far == "decay":  # a decreasing ramp: nearer tokens count more from the first step
+                with torch.no_grad():
+                    self.bias.copy_(initial_window_ramp(self.span))
+        self.far = aft.far
+        # decay: θ (H, Dk), λ = exp(θ) per key channel; the far bias is -λ (δ - s + 1) for δ >= s
+        self.log_decay = nn.Parameter(initial_log_decay(self.heads, self.key_dim)) if aft.far == "decay" else None
 
     def log_bias(self) -> Tensor | None:
         """The bias b(δ) of distances 0..s-1 per head, (H, s); None for simple (b = 0)."""
@@ -122,13 +166,15 @@ class AFTMixer(nn.Module):
             k = k.view(T, B, H, Dk).permute(2, 0, 1, 3).to(wide)  # (H, T, B, Dk)
             v = v.view(T, B, H, Dh).permute(2, 0, 1, 3).to(wide)  # (H, T, B, Dh)
             kernel = aft_recurrent if T == 1 else aft_parallel
-            y, memory = kernel(memory, k, v, started, self.log_bias())  # (H, T, B, Dh)
+            decay = None if self.log_decay is None else torch.exp(self.log_decay)  # (H, Dk) λ
+            y, memory = kernel(memory, k, v, started, self.log_bias(), decay)  # (H, T, B, Dh)
             y = y.permute(1, 2, 0, 3).reshape(T, B, D) * torch.sigmoid(q.to(wide))  # (T, B, D) σ(Q) gating
         return self.dropout(self.out_proj(y.to(x.dtype))), memory
 
 
 class AFTDecoder(Decoder):
-    """AFT-simple/local/conv/full; state = far sums + terms of the last ``s - 1`` tokens + running key maximum."""
+    """AFT-simple/local/conv/full, far past uniform or decayed; state = far sums + terms of the last ``s - 1`` tokens
+    + running key maximum."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -164,3 +210,31 @@ class AFTDecoder(Decoder):
             position=state.position + T,
         )
         return DecoderOutput(hidden=x.transpose(0, 1), state=next_state, aux_loss=x.new_zeros(()), stats={})
+
+    def position_parameters(self) -> list[nn.Parameter]:
+        """The window bias rows, conv's γ and β, and the far decays θ: no weight decay, a larger learning rate."""
+        names = ("bias", "bias_gain", "bias_shift", "log_decay")
+        return [p for block in self.blocks for name in names
+                if isinstance(p := getattr(block.mix, name, None), nn.Parameter)]
+
+    @torch.no_grad()
+    def describe(self) -> dict[str, Any]:
+        """Variant, far rule and, per layer, the mean window bias at distance 0 and s - 1 (nats) and the min / median
+        / max time constant 1/λ of the far decay (tokens)."""
+        aft = self.cfg.aft
+        out: dict[str, Any] = {"aft_variant": aft.variant, "aft_far": aft.far, "aft_bias_span": self.cache_len + 1}
+        layers = []
+        for block in self.blocks:
+            mix: AFTMixer = block.mix
+            info: dict[str, Any] = {}
+            bias = mix.log_bias()
+            if bias is not None:
+                info["bias_d0"] = round(float(bias[:, 0].mean()), 4)
+                info["bias_last"] = round(float(bias[:, -1].mean()), 4)
+            if mix.log_decay is not None:
+                tau = torch.exp(-mix.log_decay.detach().float()).flatten()
+                info["tau_min"], info["tau_median"], info["tau_max"] = (
+                    round(float(x), 3) for x in (tau.min(), tau.median(), tau.max()))
+            layers.append(info)
+        out["aft_layers"] = layers
+        return out

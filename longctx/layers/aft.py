@@ -6,22 +6,35 @@ footnote on the causal mode) with a relative position bias ``b(δ)``, ``δ = t -
     num_t = Σ_{t' <= t} exp(K_{t'} + b(t - t')) ⊙ V_{t'}        den_t = Σ_{t' <= t} exp(K_{t'} + b(t - t'))
     y_t   = num_t / den_t                                          (the caller multiplies by σ(Q_t))
 
-``b(δ)`` is learned for ``δ < s`` (``log_w``, one row per head) and 0 for ``δ >= s`` (AFT-local, eq. 3: far tokens
-keep contributing through ``exp(K)`` alone); ``s = 1`` with ``b(0) = 0`` is AFT-simple (eq. 4).
+``b(δ)`` is learned for ``δ < s`` (``log_w``, one row per head; ``s = 1`` with ``b(0) = 0`` is AFT-simple, eq. 4).
+Beyond the window, two rules:
 
-Split at the window. The tokens at distance ``>= s`` all have bias 0, so their contribution is a running sum (the
-*far sums*). The last ``s - 1`` tokens and the query itself form the *window*, a banded product with the weights
-``exp(b(δ))`` (the depth-wise convolution of AFT-conv, eq. 5). The memory of a stream (:class:`Memory`) is
-therefore: the far sums ``(num, den)``, the terms ``[exp(K - ref) V, exp(K - ref)]`` of the last ``s - 1`` tokens, and
-the reference ``ref`` both are relative to. Zeros are the empty memory, and a new maximum rescales all of it with one
-multiplication, so a single-token step touches each remembered term about three times (rescale, append, sum).
+* ``uniform`` (the paper, AFT-local eq. 3): ``b(δ) = 0``, far tokens keep contributing through ``exp(K)`` alone;
+* ``decay``: ``b(δ) = -λ_c (δ - s + 1)`` per key channel c (``-λ_c`` at ``δ = s``, falling linearly with the
+  distance), ``λ_c > 0`` given by the caller (``decay``, (H, Dk)); a numerator channel uses the decay of its key
+  channel (channel d of the head when Dk = Dh, the head's only key when Dk = 1). This is the learned per-channel
+  time decay of RWKV (Peng et al. 2023, arXiv 2305.13048) applied to AFT's far past: ``1/λ_c`` is the time
+  constant, in tokens, over which channel c forgets.
+
+Split at the window. The last ``s - 1`` tokens and the query itself form the *window*, a banded product with the
+weights ``exp(b(δ))`` (the depth-wise convolution of AFT-conv, eq. 5). The tokens at distance ``>= s`` form the
+*far sums* ``F``: with ``uniform`` a plain running sum; with ``decay`` ``F_{t+1} = exp(-λ) (F_t + z_{t+1-s})``
+(every step multiplies the whole far past by ``exp(-λ) <= 1``, and the token that leaves the window enters with
+``exp(-λ)``). The memory of a stream (:class:`Memory`) is therefore: the far sums of the next token ``(num,
+den)``, the terms ``[exp(K - ref) V, exp(K - ref)]`` of the last ``s - 1`` tokens, and the reference ``ref`` both
+are relative to: O(channels x s) per layer, whatever the length of the stream. Zeros are the empty memory, and a new
+maximum rescales all of it with one multiplication, so a single-token step touches each remembered term about three
+times (rescale, append, sum).
 
 Parallel form (:func:`aft_parallel`). The queries are cut into blocks of :data:`BAND_BLOCK`. For a block, the
-window and the part of the far sums that lies inside the block are one Toeplitz matrix ``A[i, j] = f(M + i - j)``
-(``f(δ) = exp(b(δ))`` on the window, ``exp(0)`` beyond it, 0 for the future) applied to the block's keys: one matrix
-product per block (:class:`_BlockToeplitz`), and the far sums of everything before the block are added as a vector.
-No loop over tokens, no cumulative sum along time (slow on the CPU), and the work is ``block + s - 1`` multiply-adds
-per query and channel.
+window is one Toeplitz matrix ``A[i, j] = f(M + i - j)`` (``f(δ) = exp(b(δ))`` on the window, 0 for the future)
+applied to the block's keys: one matrix product per block (:class:`_BlockToeplitz`). ``uniform``: the same matrix
+also holds the far terms inside the block (``f = exp(0)`` beyond the window, one weight per head) and the far sums
+of everything before the block are added as a vector. ``decay``: the far weights differ per channel, so the far
+entries of ``A`` are 0 and :func:`decayed_far` computes ``F`` for every query: the blocks step together through the
+recurrence ``S_i = exp(-λ) (S_{i-1} + z_{i-1})`` inside a block (element-wise, Q steps) and a vector carried from
+block to block adds ``exp(-λ i) P``; all its factors are ``exp(-λ k)``, k >= 0. No loop over single tokens of the
+segment, no cumulative sum along time (slow on the CPU).
 
 Stability (the paper's max subtraction, done as in online softmax). Every exponential is taken relative to a
 reference that is at least as large as its argument, so no term exceeds 1 and nothing overflows, whatever the keys:
@@ -31,6 +44,8 @@ reference that is at least as large as its argument, so no term exceeds 1 and no
 * biases, per row: ``β = max(0, max_δ b(δ))`` is subtracted from the bias of every distance (``exp(b - β) <= 1``);
   it is the row maximum of every row that reaches beyond the window, and an upper bound for the first ``s - 1``
   rows of a stream. A constant per row cancels in ``num / den``, so this changes nothing but the range.
+* decay: the far bias ``-λ (δ - s + 1)`` is < 0 and only ever applied as factors ``exp(-λ k) <= 1`` to terms that
+  are already relative to ``ref``, so the scheme above is unchanged (never a factor ``exp(+λ k)``).
 
 Within a segment the parallel form needs one reference per matrix product, while the exact reference of query t is
 its running maximum ``m_t``, which grows along the segment. Using the segment maximum ``R`` for every query is exact
@@ -39,13 +54,20 @@ range. Queries are therefore grouped in *levels*: query t uses ``R - l * LEVEL_S
 LEVEL_STEP)``, a reference less than ``LEVEL_STEP`` above its own running maximum. Since ``m_t`` only grows, the
 queries of levels >= 1 are a prefix of the segment (the tokens before the keys reach their maximum), and the extra
 passes only cover that prefix; after the first segment of a stream the running maximum is rarely exceeded by much, so
-one pass is the rule. What is exact: keys of any size (up to ``MAX_LEVELS * LEVEL_STEP`` of spread per segment) with
-learned biases spanning up to ~50 (``max(0, max b) - min(0, min b)``): a query's largest term is then above
-``exp(-LEVEL_STEP - 50)``, and every term within float32 rounding of it (a factor ``exp(-17)``) is still a normal
-number (``> exp(-87)``). The recurrent form uses ``m_t`` itself and has 16 more in range. Beyond that, results stay
-finite (denominators are clamped at ``DEN_FLOOR``) but lose accuracy (the tests check biases of ±20 with keys of
-±200). Over long streams the far sums grow like the token count (each term is <= 1): a million tokens is ~1e6 in
-float32, rounded at ~6e-8 relative per addition (tested: 2^20 tokens match a float64 sum to 1e-5).
+one pass is the rule. What is exact: a query whose largest term ``K + b`` is within ~50 of its reference: that term
+is then above ``exp(-LEVEL_STEP - 50)``, and every term within float32 rounding of it (a factor ``exp(-17)``) is
+still a normal number (``> exp(-87)``). With ``uniform`` this holds for keys of any size (up to ``MAX_LEVELS *
+LEVEL_STEP`` of spread per segment) with learned biases spanning up to ~50 (``max(0, max b) - min(0, min b)``),
+because the key that set the running maximum stays in every later sum with a weight of at least ``exp(min b)``.
+With ``decay`` that key fades, so the condition becomes: the keys a query relies on (its own and its window's, or
+a decayed far one) are within ~50 of the channel's running maximum, minus the bias span. Keys from normalised
+inputs are a few units apart, far inside that; a key that towers 100 above every later one leaves the later queries
+with underflowed sums once the decay has removed it (they stay finite, but lose accuracy). The recurrent form uses
+``m_t`` itself and has 16 more in range. Beyond that, results stay finite (denominators are clamped at
+``DEN_FLOOR``) but lose accuracy (the tests check biases of ±20 with keys of ±200). Over long streams the uniform far
+sums grow like the token count (each term is <= 1): a million tokens is ~1e6 in float32, rounded at ~6e-8 relative
+per addition (tested: 2^20 tokens match a float64 sum to 1e-5); the decayed ones are bounded by ~1/λ + 1, and the
+factor of a term far back is a product of one ``exp(-λ Q)`` per block (tested the same way with 1/λ = 1e5 tokens).
 
 Precision: exponentials, sums and products run in float32 (``promote_types(dtype, float32)``), autocast off.
 
@@ -76,7 +98,8 @@ class Memory(NamedTuple):
     """
 
     window: Tensor  # (H, M, B, C) [exp(K - ref) V, exp(K - ref)] of the last M tokens, oldest first
-    far: Tensor  # (H, B, C) Σ of the same terms over every older token (distance >= s from the next token)
+    far: Tensor  # (H, B, C) far sums of the next token: Σ of the same terms over every older token (distance >= s),
+    #              each times exp(-λ (δ - s + 1)) with decay (δ its distance from the next token)
     ref: Tensor  # (H, B, Dk) running maximum of every key read so far; meaningless before the first token
 
 
@@ -182,50 +205,99 @@ def _levels(prev: Tensor, new_keys: Tensor) -> tuple[Tensor, Tensor | None, int]
     return top, level, min(MAX_LEVELS, int(spread // LEVEL_STEP) + 1)
 
 
+def widen(per_key: Tensor, n_values: int) -> Tensor:
+    """(..., Dk) per key channel -> (..., Dh + Dk) per term channel: numerator channel d uses key channel d (Dk =
+    Dh) or the head's single key channel (Dk = 1), the denominator channels use their own."""
+    Dk = per_key.shape[-1]
+    return torch.cat([per_key.expand(*per_key.shape[:-1], n_values) if Dk == 1 else per_key, per_key], dim=-1)
+
+
+def decayed_far(z: Tensor, far0: Tensor, decay: Tensor) -> Tensor:
+    """The decayed far sums of every query of a segment and of the next token: F (H, T + 1, B, C) with
+    ``F_p = exp(-λ p) far0 + Σ_{j < p} exp(-λ (p - j)) z_j`` (per channel; F_T is the memory's next ``far``).
+
+    z (H, T, B, C): the terms that leave the window during the segment (``z_j`` is at distance ``s`` from query j+1),
+    far0 (H, B, C), decay λ (H, Dk). The segment is cut into blocks of :data:`BAND_BLOCK` rows, all blocks stepping
+    together through the recurrence ``S_i = exp(-λ) (S_{i-1} + z_{i-1})`` (Q element-wise steps over (H, blocks, B,
+    C), in the layout of z); between blocks a carried vector ``P <- exp(-λ Q) P + S_Q`` adds ``exp(-λ i) P`` to row
+    i. Every factor is ``exp(-λ k)`` with k >= 0, i.e. <= 1, and a factor is rounded at most Q times in a row
+    before the carry takes over with ``exp(-λ Q)`` rounded once per block.
+    """
+    H, T, B, C = z.shape
+    Q = BAND_BLOCK
+    nb = max(1, -(-T // Q))
+    if nb * Q != T:
+        z = torch.nn.functional.pad(z, (0, 0, 0, 0, 0, nb * Q - T))
+    zb = z.view(H, nb, Q, B, C)
+    lam = widen(decay.to(z.dtype), C - decay.shape[-1])[:, None, None]  # (H, 1, 1, C)
+    step = torch.exp(-lam)
+    rows = [torch.zeros_like(zb[:, :, 0])]  # S_0 = 0: row i of a block holds Σ_{j < i} exp(-λ (i - j)) z_j
+    for zi in zb.unbind(dim=2):  # unbind, not slices: one gradient tensor for all rows, not one per row
+        rows.append(step * (rows[-1] + zi))
+    intra = torch.stack(rows[:Q], dim=2)  # (H, nb, Q, B, C)
+    powers = torch.exp(-lam[:, :, None] * torch.arange(Q + 1, device=z.device, dtype=z.dtype)[:, None, None])
+    carry, carries = far0, []  # (H, B, C): F at the first query of a block
+    for total in rows[Q].unbind(dim=1):
+        carries.append(carry)
+        carry = powers[:, 0, Q] * carry + total
+    F = intra + powers[:, :, :Q] * torch.stack(carries, dim=1)[:, :, None]  # (H, nb, Q, B, C)
+    return torch.cat([F.view(H, nb * Q, B, C), carry[:, None]], dim=1)[:, :T + 1]
+
+
 def _pass(memory: Memory, keys: Tensor, values: Tensor, prev: Tensor, ref: Tensor, weights: Tensor,
-          far_w: Tensor, clamp: bool) -> tuple[Tensor, Tensor, Tensor]:
+          far_w: Tensor, clamp: bool, decay: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
     """One pass of the parallel form over the T new tokens with the reference ``ref`` (H, B, Dk). Returns y (H, T, B,
-    Dh), the terms of ``[window ; segment]`` (H, M + T, B, C) and the far sums before the window (H, B, C)."""
+    Dh), the terms of ``[window ; segment]`` (H, M + T, B, C) and the far sums of the next token (H, B, C)."""
     H, T, B, Dk = keys.shape
     Dh = values.shape[-1]
     scale = _rescale(memory.far, prev, ref)  # (H, B, C)
     z = torch.cat([memory.window * scale[:, None], _terms(keys, values, ref, clamp)], dim=1)  # (H, M + T, B, C)
     far0 = memory.far * scale  # (H, B, C)
-    total = _BlockToeplitz.apply(z.flatten(2), weights, far0.flatten(1), far_w, T).view(H, T, B, Dh + Dk)
+    if decay is None:  # uniform: the far sums inside a block are part of the Toeplitz product
+        total = _BlockToeplitz.apply(z.flatten(2), weights, far0.flatten(1), far_w, T).view(H, T, B, Dh + Dk)
+        far_next = far0 + z[:, :T].sum(dim=1)  # the first T terms leave the window (distance >= s from the next token)
+    else:  # decay: the Toeplitz product covers the window only (its far entries are 0), the far sums come apart
+        zero = far_w.new_zeros(far_w.shape)
+        window = _BlockToeplitz.apply(z.flatten(2), weights, far0.new_zeros(H, far0[0].numel()), zero, T)
+        F = decayed_far(z[:, :T], far0, decay)  # (H, T + 1, B, C)
+        total = window.view(H, T, B, Dh + Dk) + far_w[:, :, None, None] * F[:, :T]
+        far_next = F[:, T]
     y = total[..., :Dh] / total[..., Dh:].clamp_min(DEN_FLOOR)  # (H, T, B, Dh); Dk = 1 broadcasts over the head
-    return y, z, far0
+    return y, z, far_next
 
 
 def aft_parallel(memory: Memory, keys: Tensor, values: Tensor, started: Tensor,
-                 log_w: Tensor | None) -> tuple[Tensor, Memory]:
+                 log_w: Tensor | None, decay: Tensor | None = None) -> tuple[Tensor, Memory]:
     """Parallel form over a segment: ``y = num / den`` for its T queries and the memory after it.
 
     keys (H, T, B, Dk) and values (H, T, B, Dh) of the new tokens, in float32; started (B,) is false for streams
     that have read nothing (their ``memory.ref`` is meaningless). ``log_w`` (H, M + 1), or None for no bias (then
-    M = 0). Returns y (H, T, B, Dh) and the memory after the segment, relative to the new running maximum.
+    M = 0). ``decay`` (H, Dk): λ > 0 of the far bias ``-λ (δ - M)`` per key channel, or None for the far bias 0
+    (uniform). Returns y (H, T, B, Dh) and the memory after the segment, relative to the new running maximum.
     """
     H, T = keys.shape[:2]
     if T == 0:  # nothing new: nothing changes
         return values.new_zeros(values.shape), memory
     window_w, far_w = bias_weights(log_w, H, keys)  # (H, s), (H, 1)
-    weights = toeplitz_weights(window_w, far_w, min(BAND_BLOCK, T))  # (H, Q, Q + M)
+    inner_far = far_w if decay is None else far_w.new_zeros(far_w.shape)  # decay: far terms are added apart
+    weights = toeplitz_weights(window_w, inner_far, min(BAND_BLOCK, T))  # (H, Q, Q + M)
     prev = torch.where(started[:, None], memory.ref, float("-inf"))  # (H, B, Dk)
     top, level, n_levels = _levels(prev, keys)
-    y, z, far0 = _pass(memory, keys, values, prev, top, weights, far_w, clamp=False)
+    y, z, far_next = _pass(memory, keys, values, prev, top, weights, far_w, False, decay)
     for lv in range(1, n_levels):  # rare: queries whose running maximum is >= LEVEL_STEP below the segment's
         n = int((level >= lv).flatten(2).any(dim=2).any(dim=0).sum())  # a prefix: the running maximum only grows
-        y_lv = _pass(memory, keys[:, :n], values[:, :n], prev, top - lv * LEVEL_STEP, weights, far_w, clamp=True)[0]
+        y_lv = _pass(memory, keys[:, :n], values[:, :n], prev, top - lv * LEVEL_STEP, weights, far_w, True, decay)[0]
         y = torch.cat([torch.where(level[:, :n] == lv, y_lv, y[:, :n]), y[:, n:]], dim=1)  # (H, T, B, Dh)
-    # the first T terms of [window ; segment] leave the window (distance >= s from the next token)
-    return y, Memory(window=z[:, T:], far=far0 + z[:, :T].sum(dim=1), ref=top)
+    return y, Memory(window=z[:, T:], far=far_next, ref=top)
 
 
 def aft_recurrent(memory: Memory, keys: Tensor, values: Tensor, started: Tensor,
-                  log_w: Tensor | None) -> tuple[Tensor, Memory]:
+                  log_w: Tensor | None, decay: Tensor | None = None) -> tuple[Tensor, Memory]:
     """Recurrent form for one new token: the same arguments and result as :func:`aft_parallel` with T = 1.
 
     The running maximum absorbs the new key, the memory is rescaled to it (one multiplication), the window is a
-    weighted sum over the M remembered tokens and the new one, and the oldest token moves into the far sums.
+    weighted sum over the M remembered tokens and the new one, and the oldest token moves into the far sums
+    (decay: ``far <- exp(-λ) (far + oldest)``, so the far sums are always those of the next query).
     """
     Dh = values.shape[-1]
     window_w, far_w = bias_weights(log_w, keys.shape[0], keys)  # (H, s), (H, 1)
@@ -236,4 +308,7 @@ def aft_recurrent(memory: Memory, keys: Tensor, values: Tensor, started: Tensor,
     far0 = memory.far * scale  # (H, B, C)
     total = far0 * far_w[:, :, None] + torch.einsum("hlbc,hl->hbc", z, window_w.flip(-1))  # slot l: distance M - l
     y = total[..., :Dh] / total[..., Dh:].clamp_min(DEN_FLOOR)  # (H, B, Dh)
-    return y[:, None], Memory(window=z[:, 1:], far=far0 + z[:, 0], ref=top)
+    far_next = far0 + z[:, 0]
+    if decay is not None:
+        far_next = far_next * torch.exp(-widen(decay.to(far0.dtype), Dh))[:, None]  # (H, 1, C) factors <= 1
+    return y[:, None], Memory(window=z[:, 1:], far=far_next, ref=top)
