@@ -72,16 +72,21 @@ class XLConfig:
 class AFTConfig:
     """Attention Free Transformer (Zhai et al. 2021, arXiv 2105.14103), causal, with relative position biases.
 
-    simple: no bias; local: learned bias for distances < window, 0 beyond; conv: one key and one bias filter per
-    head with the paper's reparameterisation (starts as simple); full: learned bias for distances < max_distance.
+    simple: no bias; local: learned bias for distances < window; conv: one key and one bias filter per head with the
+    paper's reparameterisation (starts flat); full: learned bias for distances < max_distance.
+    far: the bias of the distances s and beyond (s = window, max_distance, 1 for simple): "uniform" 0 (the paper: an
+    undecayed average of the whole past), "decay" -λ (δ - s + 1) with a learned λ = exp(θ) per key channel (conv:
+    per head).
     """
 
     variant: Literal["simple", "local", "conv", "full"] = "local"
     window: int = 32  # local/conv: learned bias for the current token and the previous window - 1 (enwik8 best: 32)
     heads: int = 1  # channel groups sharing one bias row (conv: also one key per head; simple: unused); divides d_model
     max_distance: int = 512  # full: learned bias for distances < max_distance (>= train.seq_len recommended)
+    far: Literal["uniform", "decay"] = "decay"  # bias beyond the window: 0 (the paper) or -λ (δ - s + 1), λ learned
 
     def __post_init__(self) -> None:
+        _check(self.far in ("uniform", "decay"), "model.aft.far", f"must be 'uniform' or 'decay', got {self.far!r}")
         _check(self.window >= 1, "model.aft.window", f"must be >= 1, got {self.window}")
         _check(self.heads >= 1, "model.aft.heads", f"must be >= 1, got {self.heads}")
         _check(self.max_distance >= 1, "model.aft.max_distance", f"must be >= 1, got {self.max_distance}")
@@ -90,7 +95,7 @@ class AFTConfig:
 @dataclass
 class InfiniteConfig:
     """∞-former (Martins et al. 2022, arXiv 2109.00301): relative-attention short-term memory plus an unbounded
-    continuous long-term memory (LTM). Defaults of the LTM: the official sorting code (algorithms.md §1.7), whose
+    continuous long-term memory (LTM). Defaults of the LTM: the official sorting code, whose
     short-term memory, LTM block and segment have the same length (mem_len = ltm_block = train.seq_len here too: then
     a training segment reads one LTM version and refits once, the cheapest layout).
 
@@ -114,7 +119,9 @@ class InfiniteConfig:
     kl_sigma0: float = 0.05  # sigma_0 of the KL prior
     kl_mu_term: bool = False  # include the (mu - mu_0)^2 term (the official GPT-2 code does, with mu_0 = -1)
     kl_mu0: float = 0.5  # mu_0 of the KL prior (used with kl_mu_term only)
-    gate: bool = False  # the official input gate: X <- X * sigmoid(Conv1d_k3(X)) before each regression
+    gate: bool = False  # the official input gate: X <- X * sigmoid(Conv1d_k3(X)) over each block before its regression
+    ltm_out: str = "shared"  # "shared": LTM context added per head before the attention's output projection;
+    # "separate": its own Linear(d_model, d_model) output projection, added after the attention's (the official code)
     share_bias: bool = True  # one pair of relative-position biases u, v for all layers (Transformer-XL)
 
     def __post_init__(self) -> None:
@@ -130,6 +137,8 @@ class InfiniteConfig:
         _check(0.0 <= self.kl_weight < math.inf, "model.infinite.kl_weight", f"must be >= 0, got {self.kl_weight}")
         _check(0.0 < self.kl_sigma0 < math.inf, "model.infinite.kl_sigma0", f"must be > 0, got {self.kl_sigma0}")
         _check(math.isfinite(self.kl_mu0), "model.infinite.kl_mu0", f"must be a finite number, got {self.kl_mu0}")
+        _check(self.ltm_out in ("shared", "separate"), "model.infinite.ltm_out",
+               f"must be 'shared' or 'separate', got {self.ltm_out!r}")
 
 
 @dataclass

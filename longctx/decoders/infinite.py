@@ -1,10 +1,9 @@
 """∞-former decoder: relative-position short-term memory plus an unbounded continuous long-term memory.
 
 Paper: Martins, Marinho & Martins 2022, "∞-former: Infinite Memory Transformer" (arXiv 2109.00301): §3.1 (long-term
-memory: RBF signal, ridge regression, continuous attention), §3.2 (unbounded memory), §3.3 (sticky memories); the
-official code's defaults and quirks are in shared/reference/algorithms.md §1. The LTM maths lives in
-:mod:`longctx.layers.continuous`, the Transformer-XL relative attention (Dai et al. 2019, arXiv 1901.02860, §3.3) in
-:mod:`longctx.layers.relative`; this file is the schedule, the wiring and the streaming state.
+memory: RBF signal, ridge regression, continuous attention), §3.2 (unbounded memory), §3.3 (sticky memories). The LTM
+maths lives in :mod:`longctx.layers.continuous`, the Transformer-XL relative attention (Dai et al. 2019, arXiv
+1901.02860, §3.3) in :mod:`longctx.layers.relative`; this file is the schedule, the wiring and the streaming state.
 
 Schedule (by absolute positions only, so the outputs do not depend on how the stream is cut). With ``m = mem_len``
 and ``L = ltm_block``, a query at position p
@@ -16,32 +15,52 @@ and ``L = ltm_block``, a query at position p
   first block ``[0, L)`` alone on [0, 1]; version k + 1 contracts version k into [0, tau] and places the block
   ``[kL, (k+1)L)`` in (tau, 1] (paper §3.2). Version 0 is empty: no LTM output.
 
-Every token of the exact window is still in the cache when a block leaves it, so the pending block needs no storage
-of its own: the cache holds, per layer, the keys, values and LTM inputs of the last ``C = m + L - 1`` tokens. A
+Refits are lazy: the state holds the version of the last token read, ``b(p - 1) / L``, and a version is fitted in the
+call that holds its first reader (position ``kL + m``), so the refit is in the graph of the segment that reads it, as
+in the official code (which updates the memory at the start of each segment's forward). With truncated backprop (the
+state detached between steps) and ``m = L = seq_len`` every block comes from the previous segment, detached, yet the
+parameters applied in the refit (the gate) still get a gradient.
+
+A block leaves the exact window when its first reader arrives, so the pending blocks need no storage of their own:
+the cache holds, per layer, the keys and values of the last ``C = m + L - 1`` tokens (the exact window) and the LTM
+inputs of the last ``C + 1 = m + L`` tokens (the oldest block token is needed by the call of its first reader). A
 training segment crosses several boundaries; per layer the versions are computed in order (version k + 1 needs
 version k and, with sticky memories, the attention of version k's queries) and each group of queries is processed
 with one batched attention over the version it sees. Rows of a batch may sit at different positions (after a
 reset): every row has its own boundaries, a group is the union of the rows' queries with a mask.
 
 The LTM input of a token is the normalised layer input (the text the short-term keys and values are projected from);
-the LTM query is the short-term query ``q`` (before the position biases), as in the official code; the LTM context
-``V^T r`` is added to the short-term attention output per head before the output projection. Old coefficients enter
-each update detached (no gradient into them, §3.2); the newest block keeps its gradient.
+the LTM query is the short-term query ``q`` (before the position biases), as in the official code. Old coefficients
+enter each update detached (no gradient into them, §3.2); the newest block keeps its gradient where it is in the
+graph (a block from the cache is detached like the cache).
+
+Input gate (``gate``, on in the official configurations): before its regression a block X (L, D) becomes
+``X * sigmoid(Conv1d_k3(X))``, a centred kernel-3 convolution over the block zero-padded at its two ends (PyTorch's
+default initialisation), as the official code does. It is causal: the block is complete and older than every query
+that reads the version, and it is cut by absolute positions (chunking-invariant).
+
+Output of the LTM (``ltm_out``): "shared" adds the continuous attention context ``V^T r`` per head to the short-term
+attention output before the shared output projection; "separate" (the official code) gives it its own bias-free
+``Linear(d_model, d_model)`` output projection (initialised as the attention's output projection here, PyTorch's
+default there) and adds the result after the attention's output projection.
 
 Sticky memories (§3.3): the state accumulates, per layer, the attention mass over ``sticky_bins`` bins of [0, 1] of
 every query that read the current version; the update samples the old signal at the quantiles of that histogram
 (deterministic: a function of the stream, not of a random draw). KL regulariser (the official code): ``kl_weight *
 sum over layers of mean KL(N(mu, sigma^2) || N(mu_0, sigma_0^2))``, in ``aux_loss`` in training mode.
 
-State (:class:`InfiniteState`), per layer: keys, values and LTM inputs of the last C tokens, the N x D coefficients
-of the current version, the sticky histogram; plus the position. All fixed-size: ``nbytes()`` never changes.
+State (:class:`InfiniteState`), per layer: keys and values of the last C tokens, LTM inputs of the last C + 1, the
+N x D coefficients of the current version, the sticky histogram; plus the position. All fixed-size: ``nbytes()``
+never changes.
 
-Block (pre-norm, as the other decoders)::
+Block (pre-norm, as the other decoders; "shared" output form)::
 
     x ──┬─ LN ─ h ─┬─ Q,K,V ─ relative attention over [cache ; segment] ──(+)─ proj ─(+)──┬─ LN ─ MLP ─(+)── x'
         │          │           continuous attention over the LTM version of each query ─┘   │  │               │
-        │          └─ LTM inputs (cache) ─ refit at every boundary                          │  └───────────────┘
+        │          └─ LTM inputs (cache) ─ gate ─ refit at every boundary                   │  └───────────────┘
         └──────────────────────────────────────────────────────────────────────────────────┘
+
+"separate": ``proj(relative attention) + proj_LTM(continuous attention)`` takes the place of ``proj(... (+) ...)``.
 """
 
 from __future__ import annotations
@@ -63,6 +82,7 @@ from longctx.layers.continuous import (
     gaussian_kl,
     histogram_quantiles,
 )
+from longctx.layers.mlp import init_linear
 from longctx.layers.relative import BLOCK, RelativeProjections, band_attention, position_scores, sinusoid_table
 
 
@@ -70,8 +90,8 @@ from longctx.layers.relative import BLOCK, RelativeProjections, band_attention, 
 class InfiniteState(State):
     keys: Tensor  # (B, L, H, C, Dh) projected keys of the last C = mem_len + ltm_block - 1 tokens, oldest first
     values: Tensor  # (B, L, H, C, Dh)
-    inputs: Tensor  # (B, L, C, D) LTM inputs (normalised layer inputs) of the same tokens: the pending blocks
-    coeffs: Tensor  # (B, L, N, D) LTM coefficients fitted on the tokens before b(position); zeros = empty
+    inputs: Tensor  # (B, L, C + 1, D) LTM inputs (normalised layer inputs) of the last C + 1 tokens: pending blocks
+    coeffs: Tensor  # (B, L, N, D) LTM coefficients fitted on the tokens before b(position - 1); zeros = empty
     mass: Tensor  # (B, L, bins) sticky: attention mass over [0, 1] of the queries that read `coeffs` so far
     position: Tensor  # (B,) int64: tokens read so far = absolute position of the next token
 
@@ -114,30 +134,33 @@ def _boundary(p: int, mem_len: int, block: int) -> int:
 
 
 def make_schedule(positions: list[int], T: int, mem_len: int, block: int, device: torch.device) -> _Schedule:
-    """The windows, query groups and refits of a segment of T tokens for rows starting at ``positions``."""
+    """The windows, query groups and refits of a segment of T tokens for rows starting at ``positions``.
+
+    A row's state holds the version of its last token read, b(p - 1) / L; a refit runs in the call of the first query
+    that reads the new version (lazily: its graph then holds the refit, so the gate gets a gradient).
+    """
     W = mem_len + block
     pos = torch.tensor(positions, dtype=torch.int64, device=device)[:, None] + torch.arange(T, device=device)  # (B, T)
     reach = pos - torch.clamp(block * torch.div(pos - mem_len, block, rounding_mode="floor"), min=0)  # p - b(p)
     distances = torch.arange(W - 1, -1, -1, device=device)  # (W,) band order
     valid = torch.zeros(pos.shape + (W,), device=device).masked_fill_(distances > reach[..., None], float("-inf"))
+    bases = [_boundary(p - 1, mem_len, block) for p in positions]  # the state's version (0 for a fresh row)
     starts = []  # per row: the index of the first query of each version k = 0..K_i (K_i boundaries crossed)
-    for p in positions:
-        base = _boundary(p, mem_len, block)
-        n_new = max(0, (T + p - mem_len - base) // block)  # boundaries in (p, p + T]: version k starts at p' with
-        starts.append([0] + [base + k * block + mem_len - p for k in range(1, n_new + 1)])  # b(p') = base + k L
-    groups = _groups(positions, starts, T, mem_len, block, device)
-    refits = [_refit(positions, starts, k, T, mem_len, block, device) for k in range(len(groups) - 1)]
+    for p, base in zip(positions, bases, strict=True):
+        n_new = max(0, (T - 1 + p - mem_len - base) // block)  # boundaries in [p, p + T): version k starts at p'
+        starts.append([0] + [base + k * block + mem_len - p for k in range(1, n_new + 1)])  # with b(p') = base + k L
+    groups = _groups(bases, starts, T, device)
+    refits = [_refit(positions, bases, starts, k, T, mem_len, block, device) for k in range(len(groups) - 1)]
     return _Schedule(valid[:, None], groups, refits)
 
 
-def _groups(positions: list[int], starts: list[list[int]], T: int, mem_len: int, block: int,
-            device: torch.device) -> list[_Group | None]:
+def _groups(bases: list[int], starts: list[list[int]], T: int, device: torch.device) -> list[_Group | None]:
     """Per version k, the queries of every row that read it (None where no query of any row does)."""
     groups: list[_Group | None] = []
     for k in range(max(len(row) for row in starts)):
-        mask = torch.zeros(len(positions), T, dtype=torch.bool)  # (B, T)
-        for i, (p, row) in enumerate(zip(positions, starts, strict=True)):
-            if k < len(row) and _boundary(p, mem_len, block) + k * block > 0:  # version k of row i is not empty
+        mask = torch.zeros(len(bases), T, dtype=torch.bool)  # (B, T)
+        for i, (base, row) in enumerate(zip(bases, starts, strict=True)):
+            if k < len(row) and (base > 0 or k > 0):  # version k of row i is not empty
                 mask[i, row[k]:row[k + 1] if k + 1 < len(row) else T] = True
         hit = mask.any(0).nonzero()
         if hit.numel() == 0:
@@ -148,13 +171,14 @@ def _groups(positions: list[int], starts: list[list[int]], T: int, mem_len: int,
     return groups
 
 
-def _refit(positions: list[int], starts: list[list[int]], k: int, T: int, mem_len: int, block: int,
+def _refit(positions: list[int], bases: list[int], starts: list[list[int]], k: int, T: int, mem_len: int, block: int,
            device: torch.device) -> _Refit:
-    """The update from version k to k + 1: which rows cross that boundary, and where their block sits."""
-    C = mem_len + block - 1
+    """The update from version k to k + 1: which rows cross that boundary, and where their block sits in
+    ``[input cache of C + 1 = mem_len + block tokens ; segment]``."""
+    C = mem_len + block
     rows, first, slots = [], [], []
-    for p, row in zip(positions, starts, strict=True):
-        end = _boundary(p, mem_len, block) + (k + 1) * block  # the new version covers the tokens before `end`
+    for p, base, row in zip(positions, bases, starts, strict=True):
+        end = base + (k + 1) * block  # the new version covers the tokens before `end`
         rows.append(k + 1 < len(row))
         first.append(rows[-1] and end == block)
         slots.append(min(max(0, end - block - p + C), C + T - block))  # slot of token `end - block`
@@ -188,13 +212,17 @@ class InfiniteAttention(RelativeProjections):
         inf = cfg.infinite
         self.cfg, self.inf = cfg, inf
         self.ltm = ContinuousAttention(cfg.d_model, cfg.n_head, inf.n_basis, inf.min_var)
-        self.gate = nn.Conv1d(cfg.d_model, cfg.d_model, 3, padding=1) if inf.gate else None
+        self.gate = nn.Conv1d(cfg.d_model, cfg.d_model, 3, padding=1) if inf.gate else None  # PyTorch default init
+        self.ltm_proj: nn.Linear | None = None  # "separate": the LTM's own output projection (bias-free, official)
+        if inf.ltm_out == "separate":
+            self.ltm_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+            init_linear(self.ltm_proj, cfg.init_std / math.sqrt(2 * cfg.n_layer))  # as out_proj
 
     def forward(self, h: Tensor, layer_state: tuple[Tensor, ...], sched: _Schedule, memory: ContinuousMemory,
                 table: Tensor, u: Tensor, v: Tensor) -> tuple[Tensor, tuple[Tensor, ...], _LTMOut]:
-        """h (B, T, D) normalised input; layer_state = cache keys/values (B, H, C, Dh), inputs (B, C, D), coeffs
+        """h (B, T, D) normalised input; layer_state = cache keys/values (B, H, C, Dh), inputs (B, C + 1, D), coeffs
         (B, N, D), mass (B, bins). Returns the output (B, T, D), keys/values (B, H, C + T, Dh) and inputs
-        (B, C + T, D) of ``[cache ; segment]``, and the LTM results."""
+        (B, C + 1 + T, D) of ``[cache ; segment]``, and the LTM results."""
         cache_k, cache_v, cache_x, coeffs, mass = layer_state
         B, T, D = h.shape
         H, Dh = self.n_head, self.head_dim
@@ -209,8 +237,13 @@ class InfiniteAttention(RelativeProjections):
                            grad_start=0 if cache_grad else cache_k.shape[2])  # (B, H, T, Dh)
         inputs = torch.cat([cache_x.to(h.dtype), h], dim=1)  # (B, C + T, D)
         ltm = self.long_term(q, inputs, coeffs, mass, sched, memory)
-        y = (y + ltm.context.to(y.dtype)).transpose(1, 2).reshape(B, T, D)
-        return self.dropout(self.out_proj(y)), (keys, values, inputs), ltm
+        if self.ltm_proj is None:  # "shared": V^T r joins the heads' outputs before the output projection
+            y = (y + ltm.context.to(y.dtype)).transpose(1, 2).reshape(B, T, D)
+            return self.dropout(self.out_proj(y)), (keys, values, inputs), ltm
+        out = self.out_proj(y.transpose(1, 2).reshape(B, T, D))  # "separate": W_O^LTM (V^T r) after it
+        if ltm.count:  # otherwise the context is all zeros (no query reads a non-empty LTM)
+            out = out + self.ltm_proj(ltm.context.to(out.dtype).transpose(1, 2).reshape(B, T, D))
+        return self.dropout(out), (keys, values, inputs), ltm
 
     def long_term(self, q: Tensor, inputs: Tensor, coeffs: Tensor, mass: Tensor, sched: _Schedule,
                   memory: ContinuousMemory) -> _LTMOut:
@@ -249,13 +282,19 @@ class InfiniteAttention(RelativeProjections):
         return torch.stack([torch.where(mask, kl, zero).sum(), torch.where(mask, mu, zero).sum().detach(),
                             torch.where(mask, sigma_sq.sqrt(), zero).sum().detach()])
 
+    def gated(self, block: Tensor) -> Tensor:
+        """The official input gate ``X * sigmoid(Conv1d_k3(X))`` over a completed block (B, L, D), zero-padded at its
+        two ends (identity without the gate). A centred kernel is causal here: every token of the block is older
+        than the queries that read the version fitted on it, and the block is cut by absolute positions."""
+        if self.gate is None:
+            return block
+        return block * torch.sigmoid(self.gate(block.transpose(1, 2))).transpose(1, 2)
+
     def refit(self, coeffs: Tensor, mass: Tensor, inputs: Tensor, refit: _Refit,
               memory: ContinuousMemory) -> tuple[Tensor, Tensor]:
         """The next LTM version in the rows that cross a boundary; their sticky histograms start again."""
         D = inputs.shape[-1]
-        block = inputs.gather(1, refit.slots[..., None].expand(-1, -1, D))  # (B, L, D): the block leaving the STM
-        if self.gate is not None:  # the official input gate: X * sigmoid(Conv1d_k3(X)) over the block
-            block = block * torch.sigmoid(self.gate(block.transpose(1, 2))).transpose(1, 2)
+        block = self.gated(inputs.gather(1, refit.slots[..., None].expand(-1, -1, D)))  # (B, L, D): left the STM
         new = coeffs
         if refit.any_update:
             samples = histogram_quantiles(mass, memory.n_samples) if self.inf.sticky else None  # (B, M)
@@ -279,7 +318,7 @@ class InfiniteDecoder(Decoder):
         super().__init__()
         inf = cfg.infinite
         self.cfg, self.inf = cfg, inf
-        self.cache_len = inf.mem_len + inf.ltm_block - 1  # C
+        self.cache_len = inf.mem_len + inf.ltm_block - 1  # C: keys and values; the LTM inputs keep C + 1 tokens
         self.memory = ContinuousMemory(inf.n_basis, inf.sigmas, inf.ridge, inf.tau, inf.n_samples, inf.ltm_block,
                                        pad=inf.zero_pad)
         own_bias = not cfg.infinite.share_bias
@@ -297,7 +336,7 @@ class InfiniteDecoder(Decoder):
         def zeros(*shape: int) -> Tensor:
             return torch.zeros((batch_size, *shape), dtype=dtype, device=device)
 
-        return InfiniteState(keys=zeros(L, H, C, Dh), values=zeros(L, H, C, Dh), inputs=zeros(L, C, D),
+        return InfiniteState(keys=zeros(L, H, C, Dh), values=zeros(L, H, C, Dh), inputs=zeros(L, C + 1, D),
                              coeffs=zeros(L, inf.n_basis, D), mass=zeros(L, inf.sticky_bins),
                              position=torch.zeros(batch_size, dtype=torch.int64, device=device))
 
@@ -315,11 +354,11 @@ class InfiniteDecoder(Decoder):
             x, (keys, values, inputs), ltm = block(x, layer_state, sched, self.memory, self.table, u, v)
             new["keys"].append(keys[:, :, keys.shape[2] - C:])  # (B, H, C, Dh)
             new["values"].append(values[:, :, values.shape[2] - C:])
-            new["inputs"].append(inputs[:, inputs.shape[1] - C:])  # (B, C, D)
+            new["inputs"].append(inputs[:, inputs.shape[1] - C - 1:])  # (B, C + 1, D)
             new["coeffs"].append(ltm.coeffs)
             new["mass"].append(ltm.mass)
             ltms.append(ltm)
-        if not sched.refits:  # no boundary crossed (most single tokens): the coefficients are unchanged, no copy
+        if not sched.refits:  # no version first read (most single tokens): the coefficients are unchanged, no copy
             del new["coeffs"]
         if not self.inf.sticky:  # the histogram stays empty
             del new["mass"]
@@ -343,9 +382,16 @@ class InfiniteDecoder(Decoder):
         return aux, stats
 
     def describe(self) -> dict[str, Any]:
-        """Long-term memory settings and the size of its part of the state."""
+        """Long-term memory settings and the size of its part of the state; with "separate", per layer the ratio of
+        the Frobenius norms of the LTM's and the attention's output projections (how loud the learned LTM path is)."""
         inf, cfg = self.inf, self.cfg
-        return {"mem_len": inf.mem_len, "ltm_block": inf.ltm_block, "exact_window_max": self.cache_len,
-                "n_basis": inf.n_basis, "sigmas": list(inf.sigmas), "ridge": inf.ridge, "tau": inf.tau,
-                "n_samples": inf.n_samples, "sticky": inf.sticky, "gate": inf.gate, "kl_weight": inf.kl_weight,
-                "ltm_coeff_bytes_per_stream": 4 * cfg.n_layer * inf.n_basis * cfg.d_model}
+        info: dict[str, Any] = {
+            "mem_len": inf.mem_len, "ltm_block": inf.ltm_block, "exact_window_max": self.cache_len,
+            "n_basis": inf.n_basis, "sigmas": list(inf.sigmas), "ridge": inf.ridge, "tau": inf.tau,
+            "n_samples": inf.n_samples, "sticky": inf.sticky, "gate": inf.gate, "ltm_out": inf.ltm_out,
+            "kl_weight": inf.kl_weight, "ltm_coeff_bytes_per_stream": 4 * cfg.n_layer * inf.n_basis * cfg.d_model}
+        if inf.ltm_out == "separate":
+            with torch.no_grad():
+                ratios = [b.mix.ltm_proj.weight.norm() / b.mix.out_proj.weight.norm() for b in self.blocks]
+            info["ltm_out_norm_ratio"] = [round(float(r), 4) for r in ratios]
+        return info

@@ -2,7 +2,7 @@
 Transformer", arXiv 2109.00301): Gaussian RBF basis, ridge regression, continuous Gaussian attention, unbounded
 memory update and sticky memories. Decoder-agnostic: nothing here knows about layers, caches or states.
 
-Notation (shared/reference/algorithms.md §1): N basis functions, M samples of the old signal, L vectors per block,
+Notation: N basis functions, M samples of the old signal, L vectors per block,
 D model width, H heads, Dh head width, Q queries.
 
 * Signal (paper §3.1). Vectors ``X`` (L, D) placed at positions ``t_i`` in [0, 1] are represented as the continuous

@@ -1,10 +1,11 @@
 """Tests of the ∞-former decoder (``infinite``; Martins et al. 2022, arXiv 2109.00301).
 
 The shared contract tests (test_contract.py) run for ``infinite`` through the registry (no sticky memories); here the
-same checks also run with sticky memories and with the input gate. The decoder is compared with a naive reference
-that follows the issue's schedule one query at a time: the exact window after the last refit boundary b(p), and the
-LTM version built by explicit, sequential refits (for sticky memories: from the attention of the queries that read the
-previous version). The LTM maths itself is tested in tests/layers/test_continuous.py.
+same checks also run with sticky memories, the input gate and the separate LTM output projection. The decoder is
+compared with a naive reference that follows the schedule one query at a time: the exact window after the last refit
+boundary b(p), and the LTM version built by explicit, sequential refits (for sticky memories: from the attention of
+the queries that read the previous version; with the gate written out as loops), its output projected as
+``ltm_out`` says. The LTM maths itself is tested in tests/layers/test_continuous.py.
 """
 
 from __future__ import annotations
@@ -32,7 +33,9 @@ ATOL = 1e-5  # the same maths through different kernels and accumulation orders,
 # tiny LTM settings: exact windows of 3..4 previous tokens, a refit every 2 tokens from position 3 on
 TINY = {"mem_len": 3, "ltm_block": 2, "n_basis": 12, "sigmas": [0.05, 0.1], "n_samples": 10, "sticky_bins": 6}
 VARIANTS: dict[str, dict[str, Any]] = {"sticky": {"sticky": True}, "gate": {"gate": True},
-                                       "sticky-gate-own-bias": {"sticky": True, "gate": True, "share_bias": False}}
+                                       "sticky-gate-own-bias": {"sticky": True, "gate": True, "share_bias": False},
+                                       "separate": {"ltm_out": "separate"},
+                                       "separate-gate": {"ltm_out": "separate", "gate": True}}
 
 
 def _tokens(model: LongContextLM, batch: int, length: int, seed: int = 0) -> Tensor:
@@ -44,13 +47,29 @@ def _tokens(model: LongContextLM, batch: int, length: int, seed: int = 0) -> Ten
 # naive reference: one query at a time, LTM versions built in order
 
 
+def _naive_gate(conv: torch.nn.Conv1d, x: Tensor) -> Tensor:
+    """x * sigmoid(conv(x)) for a kernel-3 convolution zero-padded by one, written out: x (B, L, D)."""
+    B, L, D = x.shape
+    weight, bias = conv.weight, conv.bias  # (D_out, D_in, 3), (D_out,)
+    out = torch.zeros_like(x)
+    for b in range(B):
+        for t in range(L):
+            for c in range(D):
+                z = bias[c].clone()
+                for j in range(3):  # kernel tap j reads token t + j - 1
+                    if 0 <= t + j - 1 < L:
+                        z = z + (weight[c, :, j] * x[b, t + j - 1]).sum()
+                out[b, t, c] = x[b, t, c] * torch.sigmoid(z)
+    return out
+
+
 def _naive_ltm_version(attn: Any, memory: Any, versions: list[Tensor], masses: list[Tensor], h: Tensor,
                        block: int, sticky: bool) -> Tensor:
     """The next LTM version from the previous one and the block of inputs that just left the window."""
     k = len(versions)  # the new version covers the tokens [0, k * block)
     x = h[:, (k - 1) * block:k * block]  # (B, L, D)
     if attn.gate is not None:
-        x = x * torch.sigmoid(attn.gate(x.transpose(1, 2))).transpose(1, 2)
+        x = _naive_gate(attn.gate, x)
     if k == 1:
         return memory.fit_block.T @ x
     M = memory.n_samples
@@ -74,6 +93,7 @@ def _naive_layer(block: Any, decoder: InfiniteDecoder, x: Tensor, u: Tensor, v: 
     u, v = u.view(H, Dh), v.view(H, Dh)
     versions, masses = [torch.zeros(B, N, D)], [torch.zeros(B, inf.sticky_bins)]
     out = torch.zeros(B, n, H, Dh)
+    context = torch.zeros(B, n, H, Dh)  # V^T r per head
     for p in range(n):
         b = max(0, inf.ltm_block * ((p - inf.mem_len) // inf.ltm_block))
         while len(versions) <= b // inf.ltm_block:
@@ -96,9 +116,12 @@ def _naive_layer(block: Any, decoder: InfiniteDecoder, x: Tensor, u: Tensor, v: 
             mu = torch.sigmoid(s @ attn.ltm.mu.weight[0])
             var = torch.nn.functional.softplus(s @ attn.ltm.sigma.weight[0]).clamp_min(inf.min_var)
             r = expected_basis(mu, var, memory.centres, memory.widths)  # (B, N)
-            out[:, p, head] += (r[:, :, None] * V[:, :, head]).sum(1)
+            context[:, p, head] = (r[:, :, None] * V[:, :, head]).sum(1)
             masses[b // inf.ltm_block] += bin_mass(mu, var.sqrt(), inf.sticky_bins)
-    return attn.out_proj(out.reshape(B, n, D))
+    if inf.ltm_out == "shared":  # per head, before the attention's output projection
+        return attn.out_proj((out + context).reshape(B, n, D))
+    assert attn.ltm_proj.bias is None  # "separate": its own projection, added after the attention's
+    return attn.out_proj(out.reshape(B, n, D)) + context.reshape(B, n, D) @ attn.ltm_proj.weight.T
 
 
 def _naive_decoder(decoder: InfiniteDecoder, x: Tensor) -> Tensor:
@@ -144,6 +167,93 @@ def test_long_term_memory_changes_the_output(make_tiny_model) -> None:
     assert (change[5:] > 1e-5).all()
 
 
+def test_gate_is_x_times_sigmoid_of_a_kernel_3_convolution(make_tiny_model) -> None:
+    model = make_tiny_model("infinite", infinite={**TINY, "gate": True})
+    attn = model.decoder.blocks[0].mix
+    x = torch.randn(2, 5, model.cfg.d_model)
+    with torch.no_grad():
+        torch.testing.assert_close(attn.gated(x), _naive_gate(attn.gate, x), atol=1e-6, rtol=0)
+        # the block's first token does not see anything before the block, its last nothing after it (zero padding)
+        y = x.clone()
+        y[:, 2] += 1.0
+        changed = (attn.gated(y) - attn.gated(x)).abs().amax(dim=(0, 2))
+    assert changed.tolist()[:1] == [0.0] and changed.tolist()[4:] == [0.0] and (changed[1:4] > 0).all()
+    plain = make_tiny_model("infinite", infinite=TINY).decoder.blocks[0].mix
+    assert plain.gate is None and plain.gated(x) is x
+
+
+def test_separate_output_matches_hand_computation(make_tiny_model) -> None:
+    """One layer: the attention's output is out_proj(STM heads) + W_O^LTM (V^T r), with the LTM context taken from
+    the module and projected by hand, and the block adds it to the residual stream as any attention output."""
+    model = make_tiny_model("infinite", n_layer=1, infinite={**TINY, "ltm_out": "separate"})
+    decoder, block = model.decoder, model.decoder.blocks[0]
+    attn = block.mix
+    std = model.cfg.init_std / math.sqrt(2 * model.cfg.n_layer)
+    assert attn.ltm_proj is not None and attn.ltm_proj.bias is None
+    assert attn.ltm_proj.weight.shape == attn.out_proj.weight.shape
+    assert abs(attn.ltm_proj.weight.std().item() - std) < 0.2 * std  # initialised like out_proj
+    x = torch.randn(2, 11, model.cfg.d_model)
+    captured: list[tuple[Tensor, Tensor]] = []
+    hook = attn.register_forward_hook(lambda module, args, output: captured.append((output[0], output[2].context)))
+    with torch.no_grad():
+        out = decoder(x, decoder.init_state(2, None, torch.float32)).hidden
+        weight = attn.ltm_proj.weight.clone()
+        attn.ltm_proj.weight.zero_()  # the same layer without the LTM's output: the short-term part alone
+        decoder(x, decoder.init_state(2, None, torch.float32))
+    hook.remove()
+    (a_full, context), (a_stm, _) = captured
+    B, H, T, Dh = context.shape
+    ltm_part = context.transpose(1, 2).reshape(B, T, H * Dh) @ weight.T  # heads merged, then W_O^LTM
+    assert ltm_part[:, :5].abs().max() == 0 and ltm_part[:, 5:].abs().amax(-1).gt(0).all()  # LTM from p = 5 on
+    torch.testing.assert_close(a_full, a_stm + ltm_part, atol=1e-6, rtol=0)
+    y = x + a_full
+    torch.testing.assert_close(out, y + block.mlp(block.norm_mlp(y)), atol=1e-6, rtol=0)
+
+
+def test_output_form_and_gate_change_the_output(make_tiny_model) -> None:
+    """"shared" is "separate" with W_O^LTM tied to W_O (the maps are linear); an own W_O^LTM, or the gate, changes the
+    output of the same weights once the LTM is read."""
+    shared = make_tiny_model("infinite", infinite=TINY)
+    separate = make_tiny_model("infinite", infinite={**TINY, "ltm_out": "separate"})
+    missing, unexpected = separate.load_state_dict(shared.state_dict(), strict=False)
+    assert not unexpected and sorted(missing) == [f"decoder.blocks.{i}.mix.ltm_proj.weight" for i in range(2)]
+    gated = make_tiny_model("infinite", infinite={**TINY, "gate": True})
+    gated.load_state_dict(shared.state_dict(), strict=False)
+    tokens = _tokens(shared, 2, 20)
+
+    def run(model: LongContextLM) -> Tensor:
+        return model(tokens, model.init_state(2)).logits
+
+    with torch.no_grad():
+        logits = {"shared": run(shared), "separate": run(separate), "gated": run(gated)}
+        for block, twin in zip(separate.decoder.blocks, shared.decoder.blocks, strict=True):
+            block.mix.ltm_proj.weight.copy_(twin.mix.out_proj.weight)
+        torch.testing.assert_close(run(separate), logits["shared"], atol=1e-5, rtol=0)
+    for name in ("separate", "gated"):
+        change = (logits[name] - logits["shared"]).abs().amax(dim=(0, 2))  # (T,)
+        assert (change[:5] == 0).all(), name  # b(p) = 0 before position 5: the same model
+        assert change[5:].amin() > 1e-4, name
+
+
+def test_gate_learns_when_the_block_comes_from_the_detached_cache(make_tiny_model) -> None:
+    """The official layout (mem_len = ltm_block = segment): every block is refitted from the previous segment's
+    inputs, detached between steps (truncated BPTT). The refit runs in the call of its first reader, so the gate and
+    the LTM's output projection still get gradients (they would not if the refit ran at the end of the previous
+    call and the state were detached)."""
+    model = make_tiny_model("infinite", n_layer=1, infinite={**TINY, "mem_len": 4, "ltm_block": 4, "gate": True,
+                                                             "ltm_out": "separate"}).train()
+    tokens = _tokens(model, 2, 16)
+    state = model.init_state(2)
+    for lo in range(0, 16, 4):
+        out = model(tokens[:, lo:lo + 4], state, tokens[:, lo:lo + 4])
+        state = out.state.detach()
+    # the last segment (p = 12..15) reads the version fitted on tokens 4..7 (b = 8), refitted in this call
+    gate = model.decoder.blocks[0].mix.gate
+    params = [gate.weight, gate.bias, model.decoder.blocks[0].mix.ltm_proj.weight]
+    grads = torch.autograd.grad(out.loss, params)
+    assert all(g.abs().sum() > 0 for g in grads)
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # schedule
 
@@ -160,20 +270,23 @@ def test_schedule_windows_groups_and_refits() -> None:
             W = mem_len + block
             assert allowed == list(range(W - 1 - reach, W)), (p, allowed)
             assert reach == p or mem_len <= reach <= mem_len + block - 1
-    # row 0 (p = 0..4) reads version 0 (empty) and ends at version 1 (b(5) = 2); row 1 (p = 6..10, b = 2, 4, 4, 6, 6)
-    # reads versions 0, 1, 2 and ends at version 3 (b(11) = 8), which no query of this segment reads
-    assert len(sched.groups) == 4 and len(sched.refits) == 3
-    g0, g1, g2, g3 = sched.groups
+    # refits are lazy: a row's state holds the version of b(p - 1), the call of the first query of a version refits.
+    # Row 0 (p = 0..4) reads version 0 (empty) only and refits nothing (version 1 is first read at p = 5); row 1
+    # (p = 6..10, b = 2, 4, 4, 6, 6) starts at version 1 (b(5) = 2), reads it, refits to 2 and 3 and reads them
+    assert len(sched.groups) == 3 and len(sched.refits) == 2
+    g0, g1, g2 = sched.groups
     assert g0 is not None and g0.mask.tolist() == [[False], [True]] and (g0.t0, g0.t1) == (0, 1)
     assert g1 is not None and (g1.t0, g1.t1) == (1, 3) and g1.mask.tolist() == [[False, False], [True, True]]
     assert g2 is not None and (g2.t0, g2.t1) == (3, 5) and g2.mask.tolist() == [[False, False], [True, True]]
-    assert g3 is None
-    first, second, third = sched.refits
-    assert first.rows.tolist() == [True, True] and first.first.tolist() == [True, False]
-    # [cache ; segment] has C = 4 cache slots: row 0's tokens 0, 1 sit at slots 4, 5; row 1's cache holds 2 .. 5
-    assert first.slots.tolist() == [[4, 5], [0, 1]]
-    assert second.rows.tolist() == [False, True] and second.slots[1].tolist() == [2, 3]  # tokens 4, 5
-    assert third.rows.tolist() == [False, True] and third.slots[1].tolist() == [4, 5]  # tokens 6, 7
+    first, second = sched.refits
+    assert first.rows.tolist() == [False, True] and first.first.tolist() == [False, False]
+    # the LTM inputs of [cache ; segment] have C + 1 = 5 cache slots: row 1's cache holds tokens 1 .. 5
+    assert first.slots[1].tolist() == [1, 2]  # tokens 2, 3
+    assert second.rows.tolist() == [False, True] and second.slots[1].tolist() == [3, 4]  # tokens 4, 5
+    # a fresh row whose first segment reaches p = 5 fits version 1 alone, from its own tokens 0, 1
+    fresh = make_schedule([0], 6, mem_len, block, torch.device("cpu"))
+    assert len(fresh.refits) == 1 and fresh.refits[0].first.tolist() == [True]
+    assert fresh.refits[0].slots.tolist() == [[5, 6]]
     # deterministic: the same positions give the same schedule
     again = make_schedule([0, 6], 5, mem_len, block, torch.device("cpu"))
     assert torch.equal(again.valid, sched.valid) and len(again.groups) == len(sched.groups)
@@ -200,20 +313,20 @@ def test_gradients_reach_the_ltm_parameters_but_not_old_coefficients(make_tiny_m
     model = make_tiny_model("infinite", n_layer=1, infinite={**TINY, "gate": True}).train()  # one layer: see below
     tokens = _tokens(model, 2, 30)
     with torch.no_grad():
-        warm = model(tokens[:, :9], model.init_state(2)).state  # position 9: b = 6, LTM version 3
+        warm = model(tokens[:, :10], model.init_state(2)).state  # position 10: version 3 (b(9) = 6) in the state
     coeffs = warm.coeffs.clone().requires_grad_(True)
     state = InfiniteState(**{**warm.tensors(), "coeffs": coeffs})
-    out = model(tokens[:, 9:], state, tokens[:, 9:])  # refits at positions 11, 13, ...
+    out = model(tokens[:, 10:], state, tokens[:, 10:])  # p = 10 reads version 3; refits at positions 11, 13, ...
     params = [p for name, p in model.named_parameters() if ".ltm." in name or ".gate." in name]
     assert len(params) == 6  # W_K, W_V, w_mu, w_sigma, gate weight and bias
     grads = torch.autograd.grad(out.loss + out.aux_loss, params, retain_graph=True)
     assert all(g is not None and torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
-    # queries after the first refit (p >= 11, t >= 2) and the next state do not depend on the old coefficients (with
+    # queries after the first refit (p >= 11, t >= 1) and the next state do not depend on the old coefficients (with
     # more layers they would, legitimately: a later layer attends exactly to tokens whose first layer read them)
-    for later in (out.logits[:, 2:].square().sum(), out.state.coeffs.sum()):
+    for later in (out.logits[:, 1:].square().sum(), out.state.coeffs.sum()):
         (grad,) = torch.autograd.grad(later, coeffs, allow_unused=True, retain_graph=True)
         assert grad is None or (grad == 0).all()
-    early = out.logits[:, :2].square().sum()  # ... while the queries before it read them
+    early = out.logits[:, :1].square().sum()  # ... while the query before it reads them
     assert torch.autograd.grad(early, coeffs)[0].abs().sum() > 0
 
 
@@ -258,7 +371,7 @@ def test_state_size_is_the_same_after_1k_and_100k_tokens(make_tiny_model) -> Non
     decoder = model.decoder
     state = decoder.init_state(1, None, torch.float32)
     expected = state.nbytes()
-    assert expected == 4 * (2 * 2 * 79 * 16 + 79 * 32 + 16 * 32 + 8) + 8  # keys, values, inputs, coeffs, mass, pos
+    assert expected == 4 * (2 * 2 * 79 * 16 + 80 * 32 + 16 * 32 + 8) + 8  # keys, values, inputs, coeffs, mass, pos
     sizes = {}
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -277,7 +390,7 @@ CONTRACT_CHECKS = {name: fn for name, fn in vars(contract).items()
 
 
 @pytest.mark.parametrize("check", sorted(CONTRACT_CHECKS))
-@pytest.mark.parametrize("variant", ["sticky", "gate"])
+@pytest.mark.parametrize("variant", ["sticky", "gate", "separate-gate"])
 def test_contract_with_variant(make_tiny_model, variant: str, check: str) -> None:
     """The shared contract checks (bounded memory, chunking invariance, causality, ...) with sticky memories / gate."""
     model = make_tiny_model("infinite", infinite=VARIANTS[variant])  # on top of the registry's tiny config
@@ -303,18 +416,20 @@ def test_contract_checks_were_found() -> None:
 def test_presets_build(preset: str, sticky: bool) -> None:
     config = load_config(preset)
     assert config.model.decoder == "infinite" and config.model.infinite.sticky == sticky
+    assert config.model.infinite.gate and config.model.infinite.ltm_out == "separate"  # the official form: A/B winner
     assert (config.model.n_layer, config.model.d_model, config.model.n_head, config.model.d_ff) == (6, 256, 4, 1024)
     assert config.train.seq_len == 256 and config.train.batch_size == 8
     model = build_model(config.model)
     assert isinstance(model.init_state(1), InfiniteState)
     info = model.decoder.describe()
     assert info["sticky"] == sticky and info["n_basis"] == config.model.infinite.n_basis
+    assert info["ltm_out"] == config.model.infinite.ltm_out and info["gate"] == config.model.infinite.gate
 
 
 @pytest.mark.parametrize("key,value", [("n_basis", 0), ("n_basis", 5), ("sigmas", []), ("sigmas", [0.01, -1.0]),
                                        ("tau", 1.0), ("tau", 0.0), ("ridge", 0.0), ("min_var", 0.0),
                                        ("kl_sigma0", 0.0), ("kl_weight", -1.0), ("mem_len", 0), ("ltm_block", 0),
-                                       ("n_samples", 0), ("sticky_bins", 0)])
+                                       ("n_samples", 0), ("sticky_bins", 0), ("ltm_out", "both")])
 def test_config_rejects_bad_values(key: str, value: Any) -> None:
     with pytest.raises(ConfigError, match=f"model.infinite.{key}"):
         load_config("transformer-small", {"model.decoder": "infinite", f"model.infinite.{key}": value})
