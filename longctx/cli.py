@@ -86,10 +86,26 @@ def load_for_inference(model_path: Path | None, device_name: str, threads: int) 
         import torch
 
         torch.set_num_threads(threads)
+    device = resolve_device(device_name)  # a wrong --device is found before the checkpoint is read
     path = pick_checkpoint(model_path)
     model, tokenizer, config = load_checkpoint(path)
-    device = resolve_device(device_name)
     return model.to(device), tokenizer, config, device
+
+
+def check_output(path: Path | None, flag: str) -> None:
+    """Before any work: ``path`` can be written (its folder is created if missing), so that a long evaluation or
+    prompt is never lost to a bad output path at the end."""
+    if path is None:
+        return
+    if path.is_dir():
+        raise ConfigError(f"{flag} {str(path)!r} is a folder; give a file name")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"{flag} {str(path)!r}: cannot create its folder ({e.strerror or e}); give another path") \
+            from None
+    if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise ConfigError(f"{flag} {str(path)!r} is not writable; give another path")
 
 
 def open_input(path: str, what: str) -> tuple[str, BinaryIO]:
@@ -120,7 +136,8 @@ def open_input(path: str, what: str) -> tuple[str, BinaryIO]:
 def train(
     data: list[str] = typer.Option(None, "--data", help="Text files, folders or globs (each file is one document). "
                                    "Default: the bundled Shakespeare corpus."),
-    preset: str = typer.Option(DEFAULT_PRESET, "--preset", help="Preset name (models/NAME.toml) or TOML path."),
+    preset: str = typer.Option(None, "--preset", help=f"Preset name (models/NAME.toml) or TOML path. Default: "
+                               f"{DEFAULT_PRESET}; on --resume: the resumed run's."),
     set_: list[str] = typer.Option(None, "--set", help="Override a config key: --set train.lr=3e-4 (repeatable)."),
     out_dir: Path = typer.Option(None, "--out-dir", help="Run folder. Default: runs/<preset>."),
     resume: str = typer.Option(None, "--resume", help="'auto' (newest checkpoint in --out-dir, if any) or a "
@@ -163,10 +180,13 @@ def train(
              "train.log_interval": log_interval, "train.eval_interval": eval_interval,
              "train.save_interval": save_interval, "train.keep_last": keep_last, "data.tokenizer": tokenizer,
              "data.vocab_size": vocab_size, "data.paths": list(data) if data else None}
+    given_preset, preset = preset, preset or DEFAULT_PRESET
     config, overrides = build_config(preset, flags, set_)
     if print_config:
         typer.echo(config.to_json())
         return
+    if given_preset is not None:  # a resumed run must not silently ignore another preset
+        overrides["preset"] = given_preset
     name = Path(preset).stem if preset.endswith(".toml") else preset
     run = RunOptions(out_dir=out_dir or RUNS_ROOT / name, resume=resume, init_from=str(init_from) if init_from
                      else None, overwrite=overwrite, progress=progress)
@@ -230,6 +250,8 @@ def eval_(
         raise ConfigError(f"--mode must be carry or sliding, got {mode!r}")
     if precision not in ("fp32", "bf16"):
         raise ConfigError(f"--precision must be fp32 or bf16, got {precision!r}")
+    check_output(output, "--output")
+    check_output(per_position, "--per-position")
     model = pick_checkpoint(model)  # once: named on stderr and recorded in the result
     net, tokenizer, config, _ = load_for_inference(model, device, threads)
     docs = eval_documents(list(files or []), config)
@@ -242,13 +264,14 @@ def eval_(
     result["checkpoint"] = str(model)
     if output is not None:
         try:
-            output.parent.mkdir(parents=True, exist_ok=True)
             output.write_text(json.dumps(result, indent=2))
         except OSError as e:
             raise LongctxError(f"cannot write --output {str(output)!r}: {e.strerror or e}") from None
     if per_position is not None:
-        per_position.parent.mkdir(parents=True, exist_ok=True)
-        write_per_position_csv(result, per_position)
+        try:
+            write_per_position_csv(result, per_position)
+        except OSError as e:
+            raise LongctxError(f"cannot write --per-position {str(per_position)!r}: {e.strerror or e}") from None
     if json_out:
         typer.echo(json.dumps(result))
     else:
@@ -303,10 +326,7 @@ def generate(
     from longctx.generate import RECENT_TOKENS, SamplingOptions, read_prompt, sample
 
     setup_logging(quiet)
-    if save_state is not None and save_state.is_dir():  # checked before a long prompt is read
-        raise ConfigError(f"--save-state {str(save_state)!r} is a folder; give a file name, e.g. state.safetensors")
-    if save_state is not None and not save_state.parent.is_dir():
-        raise ConfigError(f"--save-state {str(save_state)!r}: folder {str(save_state.parent)!r} does not exist")
+    check_output(save_state, "--save-state")  # before a long prompt is read
     seed = random.randrange(2**31) if seed is None else seed
     opts = SamplingOptions(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                            min_p=min_p, repetition_penalty=repetition_penalty, repeat_last_n=repeat_last_n,

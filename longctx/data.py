@@ -101,29 +101,72 @@ def _expand(pattern: str) -> list[Path]:
     return files
 
 
+CACHE_MARKER = ".longctx-token-cache"
+RUN_MARKERS = ("model.safetensors", "metrics.jsonl", CACHE_MARKER)  # a checkpoint, a run folder, a token cache
+TEXT_PROBE_BYTES = 65536  # how much of a file is read to decide whether it is text
+MAX_INVALID_SHARE = 0.3  # more than this share of the probe in invalid UTF-8 sequences: not text
+
+
+_SKIPS_SAID: set[tuple[tuple[str, ...], tuple[int, ...]]] = set()
+
+
+def _in_run_folder(path: Path) -> bool:
+    """Whether ``path`` lies in a checkpoint, a training run folder or a token cache: never training data."""
+    return any((parent / marker).exists() for parent in path.parents for marker in RUN_MARKERS)
+
+
+def is_text(path: Path) -> bool:
+    """A text file: no NUL byte and mostly valid UTF-8 in its first ``TEXT_PROBE_BYTES`` bytes (Latin-1 text, with
+    a few invalid sequences, still counts)."""
+    try:
+        with open(path, "rb") as f:
+            probe = f.read(TEXT_PROBE_BYTES)
+    except OSError:
+        return True  # unreadable files are reported as such below
+    if b"\0" in probe:
+        return False
+    invalid = probe.decode("utf-8", errors="replace").count("\ufffd")
+    return invalid <= MAX_INVALID_SHARE * max(1, len(probe))
+
+
 def discover(paths: list[str]) -> list[Document]:
     """Documents for ``--data`` paths (the bundled corpus when ``paths`` is empty), sorted by name, no duplicates.
 
-    A file named explicitly must not be empty; empty files found in folders or by globs are skipped.
+    A file named explicitly must not be empty and is read as it is; of the files found in folders or by globs, the
+    empty ones, those that are not text (checkpoints, archives, images: :func:`is_text`) and everything inside a run
+    folder, a checkpoint or the token cache are skipped, the last two with one warning that counts them.
     """
     if not paths:
         return bundled_documents()
     seen: dict[str, Document] = {}
+    skipped = {"not text": 0, "in a run folder or token cache": 0}
     for pattern in paths:
         named = Path(pattern).expanduser()
         if named.is_file() and named.stat().st_size == 0:
             raise DataError(f"{pattern!r} is empty (0 bytes); give a file with text")
         for path in _expand(pattern):
             key = str(path.resolve())
-            if key not in seen:
+            if key in seen:
+                continue
+            if named.is_file():  # named explicitly: read as given (any bytes are valid input)
                 seen[key] = _file_document(path)
+            elif _in_run_folder(path.resolve()):
+                skipped["in a run folder or token cache"] += 1
+            elif os.access(path, os.R_OK) and not is_text(path):
+                skipped["not text"] += 1
+            else:
+                seen[key] = _file_document(path)
+    said = (tuple(paths), tuple(skipped.values()))
+    if any(skipped.values()) and said not in _SKIPS_SAID:  # once per process, though a run discovers several times
+        _SKIPS_SAID.add(said)
+        log.warning("skipped %s", ", ".join(f"{n} file{'s' * (n != 1)} {why}" for why, n in skipped.items() if n))
     docs = sorted(seen.values(), key=lambda d: d.name)
     for doc in docs:
         if not os.access(doc.name, os.R_OK):
             raise DataError(f"cannot read data file {doc.name!r}: permission denied")
     docs = [d for d in docs if d.size > 0]
     if not docs:
-        raise DataError(f"no data: {' '.join(paths)} holds only empty files; give files with text")
+        raise DataError(f"no data: {' '.join(paths)} holds no text files with content; give files with text")
     return docs
 
 
@@ -213,6 +256,7 @@ def build_token_cache(docs: list[Document], tokenizer: Tokenizer, root: Path) ->
     """
     dtype = token_dtype(tokenizer.vocab_size)
     root.mkdir(parents=True, exist_ok=True)
+    (root / CACHE_MARKER).touch()  # so that `--data` over a folder holding the cache never trains on it
     path = root / f"{_cache_key(docs, tokenizer)}.bin"
     meta_path = path.with_suffix(".json")
     if not _cache_is_intact(path, meta_path):

@@ -55,7 +55,7 @@ from longctx.config import Config
 from longctx.data import Lanes, build_token_cache, cache_root, discover, read_texts, split_documents
 from longctx.decoders import State
 from longctx.distributed import Dist
-from longctx.errors import ConfigError, LongctxError
+from longctx.errors import CheckpointError, ConfigError, LongctxError
 from longctx.model import LongContextLM, build_model
 from longctx.tokenizer import Tokenizer
 
@@ -100,7 +100,12 @@ def resolve_device(name: str) -> torch.device:
         if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"--device {name!r} is not a device; use auto, cpu, cuda, cuda:N or mps")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"--device {name}: CUDA is not available on this machine; use --device cpu or auto")
     if device.type == "mps" and not torch.backends.mps.is_available():
@@ -182,8 +187,12 @@ def run_lock(out_dir: Path) -> Iterator[None]:
         os.close(fd)
 
 
-def prepare_out_dir(run: RunOptions) -> None:
-    """Refuse to mix a new run into a folder that holds another one, unless asked to overwrite it."""
+def prepare_out_dir(run: RunOptions) -> list[Path]:
+    """Refuse to mix a new run into a folder that holds another one, unless asked to overwrite it.
+
+    Returns what ``--overwrite`` will delete; :func:`clear_out_dir` deletes it only once the rest of the command
+    (data, ``--init-from``, config) has been checked, so a mistake never costs the old run.
+    """
     out = run.out_dir
     if out.exists() and not out.is_dir():
         raise LongctxError(f"--out-dir {out} is a file; give a folder")
@@ -191,12 +200,33 @@ def prepare_out_dir(run: RunOptions) -> None:
         shutil.rmtree(stale, ignore_errors=True)
     entries = [p for p in out.iterdir() if p.name != LOCK_FILE] if out.is_dir() else []
     if not entries or run.resume:
-        return
+        return []
     if not run.overwrite:
         raise LongctxError(f"--out-dir {out} is not empty; continue that run with --resume auto, pick another "
                            "--out-dir, or replace it with --overwrite")
+    return entries
+
+
+def clear_out_dir(entries: list[Path]) -> None:
     for p in entries:
         shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+
+def check_init_from(init_from: Path, config: Config) -> None:
+    """``--init-from``: the checkpoint's weights must fit the new run's model; else name what differs."""
+    tokenizer = Tokenizer.from_file(str(init_from / "tokenizer.json"))
+    wanted = dataclasses.replace(config.model, vocab_size=tokenizer.vocab_size, separator_id=tokenizer.sep_id)
+    try:
+        load_weights(build_model(wanted), init_from / "model.safetensors")
+    except CheckpointError:
+        have = dataclasses.asdict(read_config(init_from).model)
+        want = dataclasses.asdict(wanted)
+        differ = [f"model.{k} = {json.dumps(have.get(k))} there, {json.dumps(want[k])} here"
+                  for k in want if have.get(k) != want[k] and (k == "decoder" or k == wanted.decoder
+                                                               or not isinstance(want[k], dict))]
+        raise ConfigError(f"--init-from {init_from} holds another architecture than the new run's preset "
+                          f"({'; '.join(differ) or 'the weights differ'}); pick the checkpoint's --preset or "
+                          "--set the keys to match") from None
 
 
 def resolve_resume(run: RunOptions) -> Path | None:
@@ -257,8 +287,12 @@ def prepare_tokenizer(config: Config, resume_from: Path | None, init_from: Path 
     shared = out_dir / "tokenizer.json"
     if dd.main:
         train_docs, _ = split_documents(discover(config.data.paths), config.data.val_docs)
-        log.info("training a BPE tokenizer (%d tokens) on %d documents", config.data.vocab_size, len(train_docs))
+        log.info("training a BPE tokenizer (up to %d tokens) on %d documents", config.data.vocab_size,
+                 len(train_docs))
         tokenizer = Tokenizer.train_bpe(read_texts(train_docs), config.data.vocab_size)
+        if tokenizer.vocab_size < config.data.vocab_size:
+            log.info("the BPE tokenizer learned %d tokens (the corpus holds no more merges than that)",
+                     tokenizer.vocab_size)
         tokenizer.save(str(shared))
     distrib.barrier(dd)
     return tokenizer if dd.main else Tokenizer.from_file(str(shared))
@@ -271,9 +305,23 @@ def prepare_data(config: Config, tokenizer: Tokenizer) -> tuple[np.ndarray, np.n
     root = cache_root(config.data)
     train_tokens = build_token_cache(train_docs, tokenizer, root)
     val_tokens = build_token_cache(val_docs, tokenizer, root) if val_docs else np.zeros(0, dtype=train_tokens.dtype)
-    if not val_docs:
+    if not val_docs and config.data.val_docs:
         log.warning("only one document: no validation set (give several files to hold some out)")
     return train_tokens, val_tokens
+
+
+def announce_validation(config: Config, val_tokens: np.ndarray) -> None:
+    """Which documents are held out and how many tokens they hold; a warning when validation cannot run."""
+    _, val_docs = split_documents(discover(config.data.paths), config.data.val_docs)
+    if not val_docs:
+        return
+    names = ", ".join(Path(d.name).name for d in val_docs)
+    log.info("validation: %d held-out document%s (%s), %s tokens", len(val_docs), "s" * (len(val_docs) != 1),
+             names, f"{len(val_tokens):,}")
+    if len(val_tokens) < config.train.seq_len + 1:
+        log.warning("validation will not run: the held-out documents hold %d tokens, fewer than one segment "
+                    "(train.seq_len + 1 = %d); hold out more or longer documents (data.val_docs)",
+                    len(val_tokens), config.train.seq_len + 1)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -579,15 +627,21 @@ def train(config: Config, run: RunOptions, overrides: dict[str, Any] | None = No
     distrib.init(dd, device)
     try:
         with run_lock(run.out_dir) if dd.main else contextlib.nullcontext():
-            if dd.main:
-                prepare_out_dir(run)
+            doomed = prepare_out_dir(run) if dd.main else []
             distrib.barrier(dd)
-            result = _train(config, run, overrides or {}, device, dd)
+            result = _train(config, run, overrides or {}, device, dd, doomed)
     finally:
         distrib.shutdown(dd)
     if dd.main:
         summarize(result)
     return result
+
+
+def _architecture(config: Config) -> dict[str, Any]:
+    """What a preset decides and a resumed run cannot change: the model (but the ids the tokenizer sets) and the
+    tokenizer."""
+    model = dataclasses.asdict(config.model) | {"vocab_size": None, "separator_id": None}
+    return {"model": model, "tokenizer": (config.data.tokenizer, config.data.vocab_size)}
 
 
 def _dotted(config: Config, key: str) -> Any:
@@ -597,18 +651,29 @@ def _dotted(config: Config, key: str) -> Any:
     return value
 
 
-def _train(config: Config, run: RunOptions, overrides: dict[str, Any], device: torch.device, dd: Dist) -> TrainResult:
+def _train(config: Config, run: RunOptions, overrides: dict[str, Any], device: torch.device, dd: Dist,
+           doomed: list[Path]) -> TrainResult:
     resume_from = resolve_resume(run)
     if resume_from is not None:
         requested = config
         config = merge_resumed_config(config, read_config(resume_from), overrides)
-        ignored = [key for key in overrides if not key.startswith("train.")
+        ignored = [key for key in overrides if not key.startswith("train.") and key != "preset"
                    and _dotted(requested, key) != _dotted(config, key)]
+        if "preset" in overrides and _architecture(requested) != _architecture(config):
+            ignored.insert(0, f"--preset {overrides['preset']}")
         if ignored:  # the same command line as the interrupted run is fine; a different model or data is not
             raise ConfigError(f"resuming {resume_from}: the model and data come from the checkpoint, so "
                               f"{', '.join(ignored)} cannot change; start a new run with --init-from instead")
     check_world(config, dd)
     init_from = resolve_checkpoint(Path(run.init_from)) if run.init_from else None
+    discover(config.data.paths)  # the data exist and hold text: checked before --overwrite deletes anything
+    if init_from is not None:
+        check_init_from(init_from, config)
+        if any(init_from.resolve().is_relative_to(p.resolve()) for p in doomed):
+            raise ConfigError(f"--init-from {init_from} lies in --out-dir {run.out_dir}, which --overwrite would "
+                              "empty; copy the checkpoint elsewhere or pick another --out-dir")
+    if dd.main:
+        clear_out_dir(doomed)
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
     torch.manual_seed(config.train.seed)  # the same initial weights on every rank
@@ -634,6 +699,7 @@ def _train(config: Config, run: RunOptions, overrides: dict[str, Any], device: t
     if dd.main:
         (run.out_dir / CONFIG_FILE).write_text(config.to_json())
         announce(config, model, train_tokens, val_tokens, device, run, dd)
+        announce_validation(config, val_tokens)
         metrics = MetricsLog(run.out_dir / METRICS_FILE, trainer.step if resume_from else None)
     progress = dd.main and (run.progress if run.progress is not None else sys.stderr.isatty())
     try:

@@ -746,16 +746,33 @@ def test_bare_longctx_prints_the_help(cli: Callable[..., Result]) -> None:
 
 
 @pytest.mark.parametrize("case", ["eval --output is a folder", "generate --save-state is a folder",
-                                  "generate --save-state in a missing folder"])
+                                  "generate --save-state under a file", "eval --per-position under a file"])
 def test_unwritable_output_is_one_line(cli: Callable[..., Result], ws: Workspace, tmp_path: Path, case: str) -> None:
-    if case.startswith("eval"):
+    """Refused before any work (nothing scored or generated), in one line."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    if case.startswith("eval --output"):
         res = cli("eval", ws.eval_file, "--model", ws.ckpt, "--max-tokens", "10", "--output", tmp_path)
-    elif "folder" in case and "missing" not in case:
+    elif case.startswith("eval --per-position"):
+        res = cli("eval", ws.eval_file, "--model", ws.ckpt, "--per-position", blocker / "dir" / "p.csv")
+    elif "is a folder" in case:
         res = cli("generate", "--model", ws.ckpt, "-n", "0", "--save-state", tmp_path)
     else:
-        res = cli("generate", "--model", ws.ckpt, "-n", "0", "--save-state", tmp_path / "no" / "s.safetensors")
+        res = cli("generate", "--model", ws.ckpt, "-n", "0", "--save-state", blocker / "no" / "s.safetensors")
     assert_user_error(res, str(tmp_path))
+    assert res.out == ""  # nothing was evaluated or generated
     assert not list(tmp_path.parent.glob(f".tmp-{tmp_path.name}-*"))  # no temporary file left beside the folder
+
+
+def test_output_folders_are_created(cli: Callable[..., Result], ws: Workspace, tmp_path: Path) -> None:
+    """-o, --per-position and --save-state alike create a missing folder."""
+    res = cli("eval", ws.eval_file, "--model", ws.ckpt, "--max-tokens", "40", "-o", tmp_path / "a" / "r.json",
+              "--per-position", tmp_path / "b" / "p.csv")
+    assert res.code == 0, res.err
+    assert (tmp_path / "a" / "r.json").is_file() and (tmp_path / "b" / "p.csv").is_file()
+    res = cli("generate", "--model", ws.ckpt, "-n", "0", "--prompt", "Hi", "--save-state", tmp_path / "c" / "s.st")
+    assert res.code == 0, res.err
+    assert (tmp_path / "c" / "s.st").is_file()
 
 
 def test_resume_says_that_model_and_data_overrides_are_ignored(cli: Callable[..., Result], ws: Workspace,
@@ -765,6 +782,27 @@ def test_resume_says_that_model_and_data_overrides_are_ignored(cli: Callable[...
     res = cli("train", "--resume", "auto", "--out-dir", run, "--max-steps", "4", "--set", "model.d_model=64",
               "--threads", "1")
     assert any(line.startswith(("warning:", "error:")) and "model.d_model" in line for line in res.err.splitlines())
+
+
+@pytest.mark.parametrize("command", [["eval"], ["generate", "-n", "1"]])
+@pytest.mark.parametrize("device", ["gpu", "tpu", "cuda:x"])
+def test_unknown_device_is_one_line(cli: Callable[..., Result], ws: Workspace, command: list[str],
+                                    device: str) -> None:
+    res = cli(*command, "--model", ws.ckpt, "--device", device, "-q")
+    assert_user_error(res, f"--device {device!r}", "cpu")
+
+
+def test_resume_refuses_another_preset_and_accepts_the_same_command(cli: Callable[..., Result], ws: Workspace,
+                                                                    tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(ws.run_dir, run)
+    before = sorted(p.name for p in run.iterdir())
+    res = cli("train", "--resume", "auto", "--out-dir", run, "--preset", "xl-small", "--max-steps", "4",
+              "--threads", "1", "-q")
+    assert_user_error(res, "--preset xl-small", "--init-from")
+    assert sorted(p.name for p in run.iterdir()) == before
+    res = cli("train", "--resume", "auto", "--out-dir", run, *TINY, "--max-steps", "4")
+    assert res.code == 0, res.err
 
 
 # --------------------------------------------------------------------------------------------------------------------

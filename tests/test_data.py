@@ -41,6 +41,27 @@ def test_discover_files_folders_globs(tmp_path):
     assert len(discover([str(a), str(a)])) == 1  # no duplicates
 
 
+def test_discover_skips_binary_files_and_run_folders(tmp_path, caplog):
+    """`--data .` in a working folder: checkpoints, caches and binaries are not training data (one warning)."""
+    import logging
+
+    text = write(tmp_path / "play.txt", "To be, or not to be")
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9 and a long line of plain text".encode("latin-1"))
+    (tmp_path / "weights.bin").write_bytes(b"\x00\x01\x02" * 100)
+    (tmp_path / "noise.dat").write_bytes(bytes(range(128, 256)) * 20)  # no NUL, but not UTF-8
+    write(tmp_path / "runs" / "r" / "metrics.jsonl", '{"step": 1}\n')
+    write(tmp_path / "runs" / "r" / "config.json", "{}")
+    write(tmp_path / "runs" / "r" / "step-00000001" / "model.safetensors", "x")
+    write(tmp_path / "runs" / "r" / "step-00000001" / "tokenizer.json", "{}")
+    build_token_cache(discover([str(text)]), Tokenizer.byte_level(), tmp_path / "cache")
+    with caplog.at_level(logging.WARNING, logger="longctx"):
+        names = sorted(os.path.basename(d.name) for d in discover([str(tmp_path)]))
+    assert names == ["latin1.txt", "play.txt"]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "2 files not text" in warnings[0], warnings
+    assert "in a run folder or token cache" in warnings[0]
+
+
 @pytest.mark.parametrize("bad, message", [("missing.txt", "does not exist"), ("empty.txt", "is empty")])
 def test_discover_errors(tmp_path, bad, message):
     write(tmp_path / "empty.txt", "")

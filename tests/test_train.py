@@ -100,6 +100,47 @@ def test_non_empty_out_dir_is_refused_without_resume_or_overwrite(tmp_path):
     train(cfg, RunOptions(out_dir=tmp_path / "run", overwrite=True, progress=False))
 
 
+def test_overwrite_deletes_nothing_when_the_command_is_wrong(tmp_path):
+    """--overwrite with missing data or an incompatible --init-from: refused before the old run is touched."""
+    from longctx.errors import ConfigError, DataError
+    cfg = load_config("transformer-small", tiny_overrides(tmp_path, **{"train.max_steps": 1}))
+    keep = tmp_path / "keep"
+    train(cfg, RunOptions(out_dir=keep, progress=False))
+    before = sorted(p.name for p in keep.iterdir())
+    bad_data = load_config("transformer-small", tiny_overrides(
+        tmp_path, **{"train.max_steps": 1, "data.paths": [str(tmp_path / "nodir")]}))
+    with pytest.raises(DataError):
+        train(bad_data, RunOptions(out_dir=keep, overwrite=True, progress=False))
+    xl = load_config("xl-small", tiny_overrides(tmp_path, **{"train.max_steps": 1, "model.xl.mem_len": 16}))
+    with pytest.raises(ConfigError, match=r"--init-from .*model.decoder = \"transformer\" there, \"xl\" here"):
+        train(xl, RunOptions(out_dir=keep, overwrite=True, init_from=str(find_checkpoints(keep)[-1]),
+                             progress=False))
+    same = load_config("transformer-small", tiny_overrides(tmp_path, **{"train.max_steps": 1}))
+    with pytest.raises(ConfigError, match="--overwrite would empty"):  # it would delete its own starting point
+        train(same, RunOptions(out_dir=keep, overwrite=True, init_from=str(find_checkpoints(keep)[-1]),
+                               progress=False))
+    assert sorted(p.name for p in keep.iterdir()) == before
+    assert find_checkpoints(keep) and (keep / "metrics.jsonl").read_text()
+
+
+def test_held_out_documents_are_named_and_a_too_short_one_is_warned_about(tmp_path, caplog):
+    import logging
+
+    data = tmp_path / "six"
+    data.mkdir()
+    for i in range(5):
+        (data / f"doc{i}.txt").write_text("some text to train on. " * 40)
+    (data / "doc9.txt").write_text("a held-out file of forty-five bytes, no more.")
+    cfg = load_config("transformer-small", tiny_overrides(tmp_path, **{"train.max_steps": 1, "train.seq_len": 64,
+                                                                        "data.paths": [str(data)]}))
+    with caplog.at_level(logging.INFO, logger="longctx"):
+        train(cfg, RunOptions(out_dir=tmp_path / "run", progress=False))
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("1 held-out document (doc9.txt), 46 tokens" in m for m in messages), messages
+    assert any("validation will not run" in m and r.levelno == logging.WARNING
+               for m, r in zip(messages, caplog.records))
+
+
 def test_non_finite_loss_skips_steps_then_stops(tmp_path, monkeypatch):
     cfg = load_config("transformer-small", tiny_overrides(
         tmp_path, **{"train.max_steps": 10, "train.max_bad_steps": 3, "train.save_interval": 2}))
