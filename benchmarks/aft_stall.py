@@ -31,6 +31,10 @@ How to run::
     python benchmarks/aft_stall.py --preset aft-conv-small --bias-rate 10
     python benchmarks/aft_stall.py --smoke --output /tmp/stall.json  # tiny, seconds (CI)
 
+The diagnosis is of the AFT as it was before the decayed far past: every condition runs with ``OLD_FORM`` (the
+paper's undecayed far sums, position parameters at the base learning rate, the memory carried across document
+separators), which the AFT presets replaced by the remedies this script pointed to.
+
 Both remedies are hooks of this script only (a subclass of the trainer, a patched bias function); ``longctx train``
 is unchanged. The report goes to stdout and ``--output`` (default ``benchmarks/results/aft_stall.json``), progress
 to stderr; run folders go to ``--out-dir`` (default ``benchmarks/results/aft-stall-runs``, overwritten).
@@ -61,6 +65,8 @@ from longctx.decoders.aft import AFTMixer  # noqa: E402
 from longctx.errors import ConfigError  # noqa: E402
 from longctx.model import build_model  # noqa: E402
 from longctx.tokenizer import Tokenizer  # noqa: E402
+
+OLD_FORM = {"model.aft.far": "uniform", "train.position_lr_scale": 1.0, "model.reset_at_separator": False}
 
 
 class ResetTrainer(train_module.Trainer):
@@ -154,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         "train.max_steps": steps, "train.lr_decay_steps": schedule, "train.threads": args.threads,
         "train.log_interval": 1 if args.smoke else 10, "train.eval_interval": steps, "train.save_interval": steps,
         "train.eval_tokens": args.eval_tokens or (512 if args.smoke else 32768)}
+    overrides.update(OLD_FORM)
     if args.smoke:
         overrides.update(TINY_MODEL_OVERRIDES)
     try:

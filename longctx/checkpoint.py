@@ -67,8 +67,15 @@ def _write_json(path: Path, data: Any) -> None:
         os.fsync(f.fileno())
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _save_tensors(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str]) -> None:
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path), metadata=metadata)
+    os.chmod(path, 0o666 & ~_umask())  # safetensors writes 0600; the same permissions as the checkpoint's other files
     with open(path, "rb+") as f:
         os.fsync(f.fileno())
 

@@ -64,16 +64,20 @@ def build_config(preset: str, flags: dict[str, Any], sets: list[str] | None) -> 
     return config, overrides
 
 
-def pick_checkpoint(model: Path | None) -> Path:
-    """``--model`` or, without it, the most recently written checkpoint under ./runs (said on stderr)."""
-    from longctx.checkpoint import find_latest_checkpoint
+def pick_checkpoint(model: Path | None, flag: str = "--model PATH") -> Path:
+    """``--model`` (a checkpoint, or a run folder: its newest checkpoint, named on stderr) or, without it, the most
+    recently written checkpoint under ./runs (said on stderr)."""
+    from longctx.checkpoint import find_latest_checkpoint, resolve_checkpoint
 
     if model is not None:
-        return model
+        found = resolve_checkpoint(model)
+        if found != Path(model):
+            log.info("using the newest checkpoint of %s: %s", model, found)
+        return found
     found = find_latest_checkpoint(RUNS_ROOT)
     if found is None:
-        raise LongctxError(f"no --model given and no checkpoint under {RUNS_ROOT}/; train one with `longctx train` "
-                           "or pass --model PATH")
+        raise LongctxError(f"no checkpoint given and none under {RUNS_ROOT}/; train one with `longctx train` "
+                           f"or give {flag}")
     log.info("using the most recent checkpoint: %s", found)
     return found
 
@@ -147,7 +151,8 @@ def train(
     print_config: bool = typer.Option(False, "--print-config", help="Print the effective config as JSON and exit."),
     max_steps: int = typer.Option(None, "--max-steps", min=1, help="Optimizer steps (train.max_steps)."),
     max_tokens: int = typer.Option(None, "--max-tokens", min=0, help="Token budget; 0 = none."),
-    max_time: float = typer.Option(None, "--max-time", min=0, help="Time budget in seconds; 0 = none."),
+    max_time: float = typer.Option(None, "--max-time", min=0, help="Time budget in seconds of the training loop "
+                                   "(the final validation and checkpoint come on top); 0 = none."),
     seq_len: int = typer.Option(None, "--seq-len", min=1, help="Tokens per segment and lane."),
     batch_size: int = typer.Option(None, "--batch-size", min=1, help="Lanes per optimizer step."),
     micro_batch_size: int = typer.Option(None, "--micro-batch-size", min=1, help="Lanes per forward/backward "
@@ -201,7 +206,12 @@ def eval_documents(files: list[str], config: Config) -> list[Any]:
     from longctx.data import Document, discover, split_documents
 
     if not files:
-        _, held_out = split_documents(discover(config.data.paths), config.data.val_docs)
+        try:
+            found = discover(config.data.paths)
+        except DataError as e:
+            raise DataError(f"the checkpoint's training data is no longer where it was ({e}); give FILE arguments "
+                            "to evaluate") from None
+        _, held_out = split_documents(found, config.data.val_docs)
         if not held_out:
             raise DataError("the checkpoint's training data has no held-out documents; give FILE arguments")
         log.info("evaluating the %d held-out documents of the training data", len(held_out))
@@ -225,7 +235,8 @@ def eval_documents(files: list[str], config: Config) -> list[Any]:
 def eval_(
     files: list[str] = typer.Argument(None, help="Files to evaluate ('-' = stdin). Default: the held-out documents "
                                       "of the checkpoint's training data."),
-    ppl: bool = typer.Option(True, "--ppl", help="Measure loss, perplexity and bits per byte (the default task)."),
+    ppl: bool = typer.Option(True, "--ppl", show_default=False,
+                             help="Measure loss, perplexity and bits per byte: the only task, so optional."),
     model: Path = typer.Option(None, "--model", "-m", help="Checkpoint folder. Default: newest under runs/."),
     mode: str = typer.Option("carry", "--mode", help="carry (memory carried through each file) or sliding."),
     seq_len: int = typer.Option(None, "--seq-len", min=1, help="carry: tokens per forward call. Default: training "
@@ -250,6 +261,9 @@ def eval_(
         raise ConfigError(f"--mode must be carry or sliding, got {mode!r}")
     if precision not in ("fp32", "bf16"):
         raise ConfigError(f"--precision must be fp32 or bf16, got {precision!r}")
+    if mode == "carry" and (window is not None or stride is not None):
+        raise ConfigError("--window/-c and --stride apply to --mode sliding; carry mode reads each file whole "
+                          "(its segments: --seq-len)")
     check_output(output, "--output")
     check_output(per_position, "--per-position")
     model = pick_checkpoint(model)  # once: named on stderr and recorded in the result
@@ -369,7 +383,7 @@ def info(checkpoint: Path = typer.Argument(None, help="Checkpoint folder. Defaul
     from longctx.checkpoint import load_checkpoint
 
     setup_logging()
-    path = pick_checkpoint(checkpoint)
+    path = pick_checkpoint(checkpoint, flag="a CHECKPOINT argument")
     model, tokenizer, config = load_checkpoint(path)
     summary = {"checkpoint": str(path), "decoder": config.model.decoder, "parameters": model.num_parameters(),
                "state_bytes_per_stream": model.init_state(1).nbytes(), "tokenizer": tokenizer.kind,

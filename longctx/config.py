@@ -419,9 +419,10 @@ def list_presets() -> list[str]:
 
 
 def resolve_preset(preset: str) -> Path:
-    """A preset name (``transformer-small``) or a path to a TOML file."""
+    """A preset name (``transformer-small``) or a path to a TOML file (or a JSON one: ``--print-config`` output, a
+    run's ``config.json``)."""
     path = Path(preset).expanduser()
-    if path.suffix == ".toml" or path.exists():
+    if path.suffix in (".toml", ".json") or path.exists():
         if not path.is_file():
             raise ConfigError(f"preset file {preset!r} does not exist; give a TOML file or one of: "
                               f"{', '.join(list_presets())}")
@@ -438,9 +439,16 @@ def resolve_preset(preset: str) -> Path:
 def _read_toml(path: Path) -> dict[str, Any]:
     try:
         with open(path, "rb") as f:
+            if path.suffix == ".json":
+                data = json.load(f)
+                if not isinstance(data, dict):
+                    raise ConfigError(f"preset {str(path)!r} is not a JSON object of config sections")
+                return data
             return tomllib.load(f)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"preset {str(path)!r} is not valid TOML: {e}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"preset {str(path)!r} is not valid JSON: {e}") from None
     except OSError as e:
         raise ConfigError(f"cannot read preset {str(path)!r}: {e.strerror}") from None
 

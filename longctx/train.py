@@ -637,6 +637,12 @@ def train(config: Config, run: RunOptions, overrides: dict[str, Any] | None = No
     return result
 
 
+def absolute_data_paths(config: Config) -> Config:
+    """``data.paths`` as absolute paths (globs keep their patterns), relative to the current folder."""
+    paths = [os.path.abspath(os.path.expanduser(p)) for p in config.data.paths]
+    return dataclasses.replace(config, data=dataclasses.replace(config.data, paths=paths))
+
+
 def _architecture(config: Config) -> dict[str, Any]:
     """What a preset decides and a resumed run cannot change: the model (but the ids the tokenizer sets) and the
     tokenizer."""
@@ -654,9 +660,10 @@ def _dotted(config: Config, key: str) -> Any:
 def _train(config: Config, run: RunOptions, overrides: dict[str, Any], device: torch.device, dd: Dist,
            doomed: list[Path]) -> TrainResult:
     resume_from = resolve_resume(run)
+    config = absolute_data_paths(config)  # a checkpoint evaluated from another folder still finds its held-out data
     if resume_from is not None:
         requested = config
-        config = merge_resumed_config(config, read_config(resume_from), overrides)
+        config = merge_resumed_config(config, absolute_data_paths(read_config(resume_from)), overrides)
         ignored = [key for key in overrides if not key.startswith("train.") and key != "preset"
                    and _dotted(requested, key) != _dotted(config, key)]
         if "preset" in overrides and _architecture(requested) != _architecture(config):

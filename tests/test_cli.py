@@ -269,6 +269,27 @@ def test_print_config_prints_json_and_does_not_train(cli: Callable[..., Result],
     assert config["train"]["micro_batch_size"] == 0  # --batch-size alone: no accumulation
     assert set(config) >= {"model", "data", "train"}
     assert not out_dir.exists()
+    # what --print-config prints, --preset reads back
+    saved = tmp_path / "mine.json"
+    saved.write_text(res.out)
+    again = cli("train", "--print-config", "--preset", saved, "--out-dir", out_dir)
+    assert again.code == 0, again.err
+    assert json.loads(again.out) | {"preset": None} == config | {"preset": None}
+
+
+def test_small_user_facing_rules(cli: Callable[..., Result], ws: Workspace, tmp_path: Path) -> None:
+    """--ppl shows no meaningless default; -c/--stride are refused in carry mode; `info` names its argument;
+    -m RUN_FOLDER names the step it used; model.safetensors has the permissions of the other checkpoint files."""
+    help_text = cli("eval", "--help").out
+    ppl_line = next(line for line in help_text.splitlines() if "--ppl" in line)
+    assert "default" not in ppl_line
+    assert_user_error(cli("eval", ws.eval_file, "--model", ws.ckpt, "-c", "64", "-q"), "--mode sliding")
+    assert_user_error(cli("eval", ws.eval_file, "--model", ws.ckpt, "--stride", "8", "-q"), "--mode sliding")
+    assert_user_error(run_inprocess(tmp_path, "info"), "CHECKPOINT argument")
+    res = cli("eval", ws.eval_file, "--model", ws.run_dir, "--max-tokens", "20")
+    assert res.code == 0 and str(ws.ckpt.name) in res.err, res.err
+    modes = {f.name: f.stat().st_mode & 0o777 for f in ws.ckpt.iterdir()}
+    assert modes["model.safetensors"] == modes["config.json"], modes
 
 
 def test_train_without_a_preset_trains_the_infinite_former_end_to_end(ws: Workspace, tmp_path: Path) -> None:
@@ -782,6 +803,25 @@ def test_resume_says_that_model_and_data_overrides_are_ignored(cli: Callable[...
     res = cli("train", "--resume", "auto", "--out-dir", run, "--max-steps", "4", "--set", "model.d_model=64",
               "--threads", "1")
     assert any(line.startswith(("warning:", "error:")) and "model.d_model" in line for line in res.err.splitlines())
+
+
+def test_checkpoint_finds_its_held_out_data_from_another_folder(ws: Workspace, tmp_path: Path) -> None:
+    """The run was trained with ``--data data`` (relative); the checkpoint stores the absolute path."""
+    config = json.loads((ws.ckpt / "config.json").read_text())
+    assert config["data"]["paths"] == [str(ws.data)]
+    res = run_inprocess(tmp_path, "eval", "--model", ws.ckpt, "--max-tokens", "50", "--json", "-q")
+    assert res.code == 0, res.err
+    assert json.loads(res.out)["tokens"] == 50
+
+
+def test_vanished_training_data_is_said_clearly(ws: Workspace, tmp_path: Path) -> None:
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(ws.ckpt, ckpt)
+    config = json.loads((ckpt / "config.json").read_text())
+    config["data"]["paths"] = [str(tmp_path / "gone")]
+    (ckpt / "config.json").write_text(json.dumps(config))
+    res = run_inprocess(tmp_path, "eval", "--model", ckpt, "-q")
+    assert_user_error(res, "no longer where it was", "FILE")
 
 
 @pytest.mark.parametrize("command", [["eval"], ["generate", "-n", "1"]])
