@@ -37,6 +37,12 @@ DATA_FLAGS = ("--data",)
 # shared helpers
 
 
+class Interrupted(LongctxError):
+    """Ctrl-C after part of the work: what was done is said (or written) first; exit code 130."""
+
+    exit_code = 130
+
+
 class _Formatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         message = record.getMessage()
@@ -273,9 +279,12 @@ def eval_(
     opts = EvalOptions(mode=mode, seq_len=seq_len or config.train.seq_len, window=win,
                        stride=stride or max(1, win // 2),
                        max_tokens=max_tokens, per_position_buckets=per_position is not None,
-                       progress=sys.stderr.isatty() if progress is None else progress, precision=precision)
+                       progress=sys.stderr.isatty() if progress is None else progress, precision=precision,
+                       partial_on_interrupt=True)
     result = evaluate_documents(net, tokenizer, docs, opts)
     result["checkpoint"] = str(model)
+    if result.get("partial") and not result["tokens"]:
+        raise Interrupted("interrupted before any token was scored; nothing to report")
     if output is not None:
         try:
             output.write_text(json.dumps(result, indent=2))
@@ -290,6 +299,9 @@ def eval_(
         typer.echo(json.dumps(result))
     else:
         typer.echo(format_report(result))
+    if result.get("partial"):
+        raise Interrupted(f"interrupted: the result above is partial, over the {result['tokens']:,} tokens scored "
+                          f"so far{' (also written to ' + str(output) + ')' if output is not None else ''}")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -421,6 +433,8 @@ def main(argv: list[str] | None = None) -> None:
     command = typer.main.get_command(app)
     try:
         code = command.main(args=args, prog_name="longctx", standalone_mode=False)
+        if code == 130:  # typer turns a Ctrl-C into this return code, silently
+            print("interrupted", file=sys.stderr)
         sys.exit(code if isinstance(code, int) else 0)
     except UsageError as e:
         if type(e).__name__ == "NoArgsIsHelpError":  # bare `longctx`: the help, not an error line
@@ -432,7 +446,8 @@ def main(argv: list[str] | None = None) -> None:
             "longctx --help"
         print(f"error: {e.format_message()} (see {where})", file=sys.stderr)
         sys.exit(2)
-    except typer.Abort:
+    except typer.Abort:  # Ctrl-C inside a prompt or a click callback
+        print("interrupted", file=sys.stderr)
         sys.exit(130)
     except LongctxError as e:
         if debug:

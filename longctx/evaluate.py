@@ -61,6 +61,7 @@ class EvalOptions:
     per_position_buckets: bool = False  # mean NLL per log-spaced position bucket
     progress: bool = False  # tqdm bar on stderr with the running ppl
     precision: Literal["fp32", "bf16"] = "fp32"
+    partial_on_interrupt: bool = False  # Ctrl-C returns the result over the tokens scored so far, "partial": true
 
     def __post_init__(self) -> None:
         if self.mode not in ("carry", "sliding"):
@@ -213,6 +214,7 @@ class _Evaluator:
         self.pos_sum = np.zeros(N_BUCKETS, dtype=np.float64)  # (N_BUCKETS,) NLL summed per position bucket
         self.pos_count = np.zeros(N_BUCKETS, dtype=np.int64)  # (N_BUCKETS,)
         self.run_nll, self.run_tokens = 0.0, 0  # for the running ppl of the bar
+        self.current: _Tally | None = None  # the document being scored
         self.bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="eval", file=sys.stderr,
                         disable=not opts.progress, dynamic_ncols=True)
 
@@ -250,7 +252,7 @@ class _Evaluator:
 
     def document(self, doc: Document) -> _Tally:
         """Score every token of ``doc`` (or until the budget is spent); state reset at the start."""
-        tally = _Tally(doc.name)
+        tally = self.current = _Tally(doc.name)
         start = time.perf_counter()
         chunks = _stream_chunks(doc, self.tokenizer, tally)
         with contextlib.closing(chunks):
@@ -308,17 +310,29 @@ def evaluate_documents(model: LongContextLM, tokenizer: Tokenizer, docs: list[Do
     model.eval()
     start = time.perf_counter()
     tallies: list[_Tally] = []
+    interrupted = False
     try:
         with torch.inference_mode(), evaluator.bar:
             for doc in docs:
                 if evaluator.budget_spent():
                     break
                 tallies.append(evaluator.document(doc))
-            state_bytes = model.init_state(1).nbytes()
+    except KeyboardInterrupt:
+        if not opts.partial_on_interrupt:
+            raise
+        interrupted = True
+        current = evaluator.current
+        if current is not None and current.tokens and (not tallies or tallies[-1] is not current):
+            current.truncated = True  # its bytes: those of the scored tokens
+            current.elapsed_s = time.perf_counter() - start - sum(t.elapsed_s for t in tallies)
+            tallies.append(current)
     finally:
         model.train(was_training)
     elapsed_s = time.perf_counter() - start
-    return _result(opts, tallies, evaluator, elapsed_s, state_bytes)
+    result = _result(opts, tallies, evaluator, elapsed_s, model.init_state(1).nbytes())
+    if interrupted:
+        result["partial"] = True
+    return result
 
 
 def _result(opts: EvalOptions, tallies: list[_Tally], evaluator: _Evaluator, elapsed_s: float,
@@ -351,6 +365,7 @@ def _header(result: dict[str, Any]) -> str:
     else:
         geometry = f"mode=sliding window={result['window']} stride={result['stride']}"
     limit = f" | max_tokens={result['max_tokens']:,}" if result.get("max_tokens") else ""
+    limit += " | PARTIAL (interrupted)" if result.get("partial") else ""
     return (f"longctx eval: {result['tokens']:,} tokens ({result['bytes']:,} bytes) in {len(files)} "
             f"file{'s' if len(files) != 1 else ''} | {geometry} | precision={result.get('precision', 'fp32')}{limit}")
 

@@ -277,6 +277,39 @@ def test_print_config_prints_json_and_does_not_train(cli: Callable[..., Result],
     assert json.loads(again.out) | {"preset": None} == config | {"preset": None}
 
 
+def test_ctrl_c_in_eval_reports_and_writes_the_partial_result(cli: Callable[..., Result], ws: Workspace,
+                                                                tmp_path: Path, monkeypatch) -> None:
+    import longctx.model as model_module
+
+    real, calls = model_module.LongContextLM.forward, []
+
+    def interrupted_forward(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(model_module.LongContextLM, "forward", interrupted_forward)
+    out = tmp_path / "partial.json"
+    res = cli("eval", ws.eval_file, "--model", ws.ckpt, "--seq-len", "16", "-o", out, "-q")
+    assert res.code == 130, res.err
+    assert "interrupted" in res.err and "partial" in res.err and "PARTIAL" in res.out
+    saved = json.loads(out.read_text())
+    assert saved["partial"] is True and saved["tokens"] == 3 * 16  # three segments were scored
+    assert saved["bits_per_byte"] > 0
+
+
+def test_ctrl_c_in_generate_says_so(cli: Callable[..., Result], ws: Workspace, monkeypatch) -> None:
+    import longctx.model as model_module
+
+    def interrupted_forward(self, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(model_module.LongContextLM, "forward", interrupted_forward)
+    res = cli("generate", "--model", ws.ckpt, "--prompt", "Hello", "-n", "5", "-q")
+    assert res.code == 130 and "interrupted" in res.err and "Traceback" not in res.err, res.err
+
+
 def test_small_user_facing_rules(cli: Callable[..., Result], ws: Workspace, tmp_path: Path) -> None:
     """--ppl shows no meaningless default; -c/--stride are refused in carry mode; `info` names its argument;
     -m RUN_FOLDER names the step it used; model.safetensors has the permissions of the other checkpoint files."""
