@@ -9,11 +9,29 @@ Public API::
     model, tokenizer, cfg = longctx.load_checkpoint("runs/infinite-small/step-00000050")
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 __version__ = "0.1.0"
 
-from longctx.checkpoint import load_checkpoint  # noqa: E402
-from longctx.config import Config, ModelConfig, load_config  # noqa: E402
-from longctx.model import LMOutput, LongContextLM, build_model  # noqa: E402
+# The public names load their modules on first use, so that `longctx --help` and `--version` never import torch.
+_LAZY = {"load_checkpoint": "longctx.checkpoint", "Config": "longctx.config", "ModelConfig": "longctx.config",
+         "load_config": "longctx.config", "LMOutput": "longctx.model", "LongContextLM": "longctx.model",
+         "build_model": "longctx.model"}
+
+if TYPE_CHECKING:
+    from longctx.checkpoint import load_checkpoint
+    from longctx.config import Config, ModelConfig, load_config
+    from longctx.model import LMOutput, LongContextLM, build_model
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'longctx' has no attribute {name!r}")
+
 
 __all__ = ["Config", "LMOutput", "LongContextLM", "ModelConfig", "__version__", "build_model", "load_checkpoint",
            "load_config"]

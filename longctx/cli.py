@@ -31,6 +31,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 RUNS_ROOT = Path("runs")
 UsageError = typer.BadParameter.__base__  # typer's (vendored) click UsageError: bad flags, missing values
 DATA_FLAGS = ("--data",)
+EVAL_LOG_INTERVAL_S = 10.0  # eval without a progress bar (a log file): one progress line this often
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -273,16 +274,19 @@ def eval_(
     check_output(output, "--output")
     check_output(per_position, "--per-position")
     model = pick_checkpoint(model)  # once: named on stderr and recorded in the result
-    net, tokenizer, config, _ = load_for_inference(model, device, threads)
+    net, tokenizer, config, device = load_for_inference(model, device, threads)
     docs = eval_documents(list(files or []), config)
     win = window or config.train.seq_len
     opts = EvalOptions(mode=mode, seq_len=seq_len or config.train.seq_len, window=win,
                        stride=stride or max(1, win // 2),
                        max_tokens=max_tokens, per_position_buckets=per_position is not None,
                        progress=sys.stderr.isatty() if progress is None else progress, precision=precision,
-                       partial_on_interrupt=True)
+                       partial_on_interrupt=True, log_interval_s=EVAL_LOG_INTERVAL_S)
     result = evaluate_documents(net, tokenizer, docs, opts)
-    result["checkpoint"] = str(model)
+    from longctx import __version__
+
+    result.update(checkpoint=str(model), longctx_version=__version__, decoder=config.model.decoder,
+                  preset=config.preset, tokenizer=tokenizer.kind, device=str(device))
     if result.get("partial") and not result["tokens"]:
         raise Interrupted("interrupted before any token was scored; nothing to report")
     if output is not None:
@@ -401,6 +405,48 @@ def info(checkpoint: Path = typer.Argument(None, help="Checkpoint folder. Defaul
                "state_bytes_per_stream": model.init_state(1).nbytes(), "tokenizer": tokenizer.kind,
                "vocab_size": tokenizer.vocab_size, **model.decoder.describe(), "config": config.to_dict()}
     typer.echo(json.dumps(summary, indent=2))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# presets, version
+
+
+@app.command()
+def presets() -> None:
+    """List the bundled presets: decoder, parameters and memory per stream, one line each."""
+    import torch
+
+    from longctx.config import list_presets
+    from longctx.model import build_model
+
+    setup_logging()
+    rows = []
+    for name in list_presets():
+        config = load_config(name)
+        with torch.device("meta"):  # shapes only: no memory, no initialisation
+            model = build_model(config.model)
+        state = model.init_state(1, device="meta").nbytes()
+        default = " (default)" if name == DEFAULT_PRESET else ""
+        rows.append((name + default, config.model.decoder, f"{model.num_parameters() / 1e6:.2f} M",
+                     f"{state / 1e6:.2f} MB"))
+    widths = [max(len(r[i]) for r in rows + [("preset", "decoder", "parameters", "state per stream")])
+              for i in range(4)]
+    for row in [("preset", "decoder", "parameters", "state per stream"), *rows]:
+        typer.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+
+
+def _version(value: bool) -> None:
+    if value:
+        from longctx import __version__
+
+        typer.echo(f"longctx {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print the version and exit.")) -> None:
+    """Train, evaluate and sample long-context language models with bounded memory."""
 
 
 # --------------------------------------------------------------------------------------------------------------------

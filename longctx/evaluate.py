@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import itertools
+import logging
 import math
 import os
 import resource
@@ -45,6 +46,8 @@ from longctx.errors import CheckpointError, ConfigError, DataError, LongctxError
 from longctx.model import LongContextLM
 from longctx.tokenizer import Tokenizer
 
+log = logging.getLogger("longctx")
+
 LN2 = math.log(2.0)
 N_BUCKETS = 64  # position buckets [2^b, 2^(b+1)) for b < 64 cover any int64 position
 
@@ -62,6 +65,7 @@ class EvalOptions:
     progress: bool = False  # tqdm bar on stderr with the running ppl
     precision: Literal["fp32", "bf16"] = "fp32"
     partial_on_interrupt: bool = False  # Ctrl-C returns the result over the tokens scored so far, "partial": true
+    log_interval_s: float = 0.0  # without a bar: a progress line (tokens, running ppl) this often; 0 = never
 
     def __post_init__(self) -> None:
         if self.mode not in ("carry", "sliding"):
@@ -215,6 +219,7 @@ class _Evaluator:
         self.pos_count = np.zeros(N_BUCKETS, dtype=np.int64)  # (N_BUCKETS,)
         self.run_nll, self.run_tokens = 0.0, 0  # for the running ppl of the bar
         self.current: _Tally | None = None  # the document being scored
+        self.started = self.last_log = time.perf_counter()
         self.bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="eval", file=sys.stderr,
                         disable=not opts.progress, dynamic_ncols=True)
 
@@ -248,6 +253,11 @@ class _Evaluator:
         self.run_nll += float(nll.sum())
         self.run_tokens += len(nll)
         self.bar.set_postfix(ppl=f"{_exp(self.run_nll / self.run_tokens):.3f}", refresh=False)
+        now = time.perf_counter()
+        if self.opts.log_interval_s and not self.opts.progress and now - self.last_log >= self.opts.log_interval_s:
+            self.last_log = now
+            log.info("eval: %s tokens, running ppl %.4f, %s tokens/s", f"{self.run_tokens:,}",
+                     _exp(self.run_nll / self.run_tokens), f"{self.run_tokens / max(now - self.started, 1e-9):,.0f}")
         self.bar.update(int(self.tokenizer.token_lengths[targets].sum()))
 
     def document(self, doc: Document) -> _Tally:

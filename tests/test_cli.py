@@ -310,6 +310,40 @@ def test_ctrl_c_in_generate_says_so(cli: Callable[..., Result], ws: Workspace, m
     assert res.code == 130 and "interrupted" in res.err and "Traceback" not in res.err, res.err
 
 
+def test_version_presets_and_a_fast_help(tmp_path: Path) -> None:
+    """`--version` and `--help` answer without importing torch (well under a second); `presets` lists every preset."""
+    from longctx import __version__
+    from longctx.config import list_presets
+
+    started = time.perf_counter()
+    res = run_subprocess(tmp_path, "--version")
+    assert res.code == 0 and res.out.strip() == f"longctx {__version__}"
+    probe = subprocess.run([sys.executable, "-c", "import sys, longctx.cli; print('torch' in sys.modules)"],
+                           capture_output=True, text=True, timeout=60)
+    assert probe.stdout.strip() == "False", probe
+    assert time.perf_counter() - started < 30  # generous: two interpreters on a loaded machine
+    res = run_subprocess(tmp_path, "presets")
+    assert res.code == 0, res.err
+    lines = res.out.strip().splitlines()
+    assert lines[0].split()[:2] == ["preset", "decoder"] and len(lines) == 1 + len(list_presets())
+    assert any(line.startswith("infinite-small (default)") and " M " in line for line in lines)
+
+
+def test_eval_json_says_what_was_evaluated_and_logs_progress(cli: Callable[..., Result], ws: Workspace,
+                                                             monkeypatch) -> None:
+    import longctx.cli as cli_module
+
+    monkeypatch.setattr(cli_module, "EVAL_LOG_INTERVAL_S", 1e-9)  # a progress line after every segment
+    res = cli("eval", ws.eval_file, "--model", ws.ckpt, "--max-tokens", "64", "--seq-len", "16", "--json",
+              "--no-progress")
+    assert res.code == 0, res.err
+    result = json.loads(res.out)
+    assert result["decoder"] == "transformer" and result["tokenizer"] == "byte" and result["device"] == "cpu"
+    assert result["longctx_version"] and result["precision"] == "fp32" and result["preset"] == PRESET
+    progress = [line for line in res.err.splitlines() if line.startswith("eval: ")]
+    assert len(progress) == 4 and "running ppl" in progress[-1] and "64 tokens" in progress[-1]
+
+
 def test_small_user_facing_rules(cli: Callable[..., Result], ws: Workspace, tmp_path: Path) -> None:
     """--ppl shows no meaningless default; -c/--stride are refused in carry mode; `info` names its argument;
     -m RUN_FOLDER names the step it used; model.safetensors has the permissions of the other checkpoint files."""
