@@ -113,6 +113,37 @@ def save_checkpoint(path: Path, model: LongContextLM, config: Config, tokenizer:
     return path
 
 
+def is_complete_checkpoint(folder: Path) -> bool:
+    """Every file of a resumable checkpoint is there and readable (JSON parses, safetensors headers open)."""
+    try:
+        for name in (CONFIG_FILE, TRAINER_META):
+            json.loads((folder / name).read_text(encoding="utf-8"))
+        for name in (MODEL_FILE, TRAINER_TENSORS):
+            with safe_open(str(folder / name), framework="pt") as f:
+                f.keys()
+        return (folder / TOKENIZER_FILE).is_file()
+    except Exception:  # noqa: BLE001 - anything unreadable means incomplete
+        return False
+
+
+def recover_temporary(run_dir: Path) -> list[Path]:
+    """Tidy a run folder after a kill: a temporary folder that holds a complete checkpoint whose step folder is
+    missing is renamed into place (a kill between the write and the rename, or between the two renames of a re-save);
+    every other temporary folder is deleted. Returns the checkpoints recovered."""
+    recovered = []
+    for tmp in sorted(Path(run_dir).glob(".tmp-*")):
+        match = re.fullmatch(r"\.tmp-(?:old-)?(step-\d+)-\d+", tmp.name)
+        target = run_dir / match.group(1) if match else None
+        if target is not None and not target.exists() and tmp.is_dir() and is_complete_checkpoint(tmp):
+            os.replace(tmp, target)
+            recovered.append(target)
+        else:
+            shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+    if recovered:
+        _fsync_dir(Path(run_dir))
+    return recovered
+
+
 def remove_checkpoint(path: Path) -> None:
     """Delete a checkpoint folder without ever leaving a partial one under its name: rename it to a ``.tmp-``
     name first (atomic; a run cleans such leftovers when it starts), then delete the files."""

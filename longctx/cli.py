@@ -199,7 +199,11 @@ def train(
         return
     if given_preset is not None:  # a resumed run must not silently ignore another preset
         overrides["preset"] = given_preset
-    name = Path(preset).stem if preset.endswith(".toml") else preset
+    name = Path(preset).stem if preset.endswith((".toml", ".json")) else preset
+    if out_dir is None and resume not in (None, "auto"):  # --resume PATH continues in the checkpoint's own folder
+        from longctx.checkpoint import resolve_checkpoint
+
+        out_dir = resolve_checkpoint(Path(resume)).parent
     run = RunOptions(out_dir=out_dir or RUNS_ROOT / name, resume=resume, init_from=str(init_from) if init_from
                      else None, overwrite=overwrite, progress=progress)
     run_training(config, run, overrides)
@@ -353,7 +357,7 @@ def generate(
 
     from longctx.checkpoint import load_state as read_state
     from longctx.checkpoint import save_state as write_state
-    from longctx.generate import RECENT_TOKENS, SamplingOptions, read_prompt, sample
+    from longctx.generate import RECENT_TOKENS, SamplingOptions, read_prompt
 
     setup_logging(quiet)
     check_output(save_state, "--save-state")  # before a long prompt is read
@@ -374,6 +378,19 @@ def generate(
     if save_state is not None:
         write_state(save_state, result.saved, config, tokenizer)
         log.info("state after %s tokens saved to %s", f"{result.saved.tokens:,}", save_state)
+    try:
+        _samples(net, tokenizer, result, opts, num_samples, stream, precision)
+    except BrokenPipeError:  # `longctx generate ... | head`: the reader has what it wanted; exit 0 quietly
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # the interpreter's final flush must not fail again
+        raise typer.Exit(0) from None
+
+
+def _samples(net: Any, tokenizer: Any, result: Any, opts: Any, num_samples: int, stream: bool,
+             precision: str) -> None:
+    """Sample ``num_samples`` continuations of the prompt read into ``result``; text to stdout, statistics to stderr."""
+    from longctx.generate import sample
+
     for i in range(num_samples):
         if num_samples > 1:
             log.info("--- sample %d/%d", i + 1, num_samples)

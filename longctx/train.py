@@ -46,6 +46,7 @@ from longctx.checkpoint import (
     optimizer_from_tensors,
     optimizer_to_tensors,
     read_config,
+    recover_temporary,
     remove_checkpoint,
     resolve_checkpoint,
     save_checkpoint,
@@ -128,6 +129,15 @@ def lr_at(step: int, cfg: Any) -> float:
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
 
 
+def non_finite_parameters(model: LongContextLM) -> list[str]:
+    """Names of the parameters holding NaN or inf (one synchronisation when all are finite: checked every step)."""
+    named = list(model.named_parameters())
+    finite = torch.stack([torch.isfinite(p).all() for _, p in named])  # (n_params,)
+    if bool(finite.all()):
+        return []
+    return [name for (name, _), ok in zip(named, finite.tolist(), strict=True) if not ok]
+
+
 def parameter_groups(model: LongContextLM) -> dict[str, list[torch.nn.Parameter]]:
     """The parameters by optimizer group.
 
@@ -196,8 +206,9 @@ def prepare_out_dir(run: RunOptions) -> list[Path]:
     out = run.out_dir
     if out.exists() and not out.is_dir():
         raise LongctxError(f"--out-dir {out} is a file; give a folder")
-    for stale in out.glob(".tmp-*") if out.is_dir() else []:  # left by a process killed while saving
-        shutil.rmtree(stale, ignore_errors=True)
+    if out.is_dir():  # temporary folders left by a process killed while saving: recovered when complete
+        for path in recover_temporary(out):
+            log.warning("recovered %s from a save that was interrupted", path)
     entries = [p for p in out.iterdir() if p.name != LOCK_FILE] if out.is_dir() else []
     if not entries or run.resume:
         return []
@@ -253,16 +264,34 @@ class MetricsLog:
     def __init__(self, path: Path, keep_up_to_step: int | None) -> None:
         self.path = path
         if keep_up_to_step is not None and path.exists():  # drop lines the interrupted run wrote after its checkpoint
-            kept = [ln for ln in path.read_text().splitlines() if ln.strip() and _step_of(ln) <= keep_up_to_step]
-            path.write_text("".join(ln + "\n" for ln in kept))
+            lines = path.read_text().splitlines()
+            kept = [ln for ln in lines if ln.strip() and _step_of(ln) <= keep_up_to_step]
+            if len(kept) != len(lines):  # a new file renamed over the old: a kill never leaves it half-written
+                tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
+                with open(tmp, "w", encoding="utf-8") as f:
+                    f.write("".join(ln + "\n" for ln in kept))
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)
         self.file = open(path, "a", encoding="utf-8")
 
     def write(self, record: dict[str, Any]) -> None:
-        self.file.write(json.dumps(record) + "\n")
+        self.file.write(json.dumps(_json_safe(record), allow_nan=False) + "\n")
         self.file.flush()
 
     def close(self) -> None:
         self.file.close()
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN and infinities (not JSON) become null, at any depth."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
 
 
 def _step_of(line: str) -> int:
@@ -361,15 +390,19 @@ def validate(model: LongContextLM, tokens: np.ndarray, tokenizer: Tokenizer, con
 # the trainer
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # SIGHUP: the terminal was closed
+EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGHUP: 129}
+
+
 class SignalFlag:
-    """SIGINT / SIGTERM set a flag; the loop checks it after each step, saves, and exits 130 / 143."""
+    """SIGINT / SIGTERM / SIGHUP set a flag; the loop checks it after each step, saves, and exits 130 / 143 / 129."""
 
     def __init__(self) -> None:
         self.signum: int | None = None
         self.previous: dict[int, Any] = {}
 
     def __enter__(self) -> SignalFlag:
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in STOP_SIGNALS:
             self.previous[sig] = signal.signal(sig, self._handle)
         return self
 
@@ -483,6 +516,11 @@ class Trainer:
         if math.isfinite(total) and math.isfinite(norm):
             self.optimizer.step()
             model.decoder.after_optimizer_step()
+            bad = non_finite_parameters(model)
+            if bad:  # a finite loss and gradient, yet the update overflowed: nothing after this can be saved
+                raise LongctxError(f"the update of step {self.step + 1} made the weights non-finite "
+                                   f"({', '.join(bad[:3])}); the last checkpoint ({self.last_checkpoint or 'none'}) "
+                                   "is intact; resume from it with a lower --lr or --precision fp32")
             self.states = new_states
             self.bad_steps = 0
         else:  # do not apply the step, and start the lanes from empty memory rather than a poisoned one
@@ -507,8 +545,15 @@ class Trainer:
 
     def save(self) -> Path:
         """Write a checkpoint (rank 0) with the states of every rank's lanes; every rank must call it."""
-        state = self.trainer_state()
         path = self.run.out_dir / step_dir_name(self.step)
+        if self.last_checkpoint is not None and self.last_checkpoint.resolve() == path.resolve() and path.is_dir():
+            return path  # this very step is already saved (a resumed run that trained no step): never rewrite it
+        bad = non_finite_parameters(self.model)
+        if bad:  # load_checkpoint would refuse these weights: keep the last good checkpoint as the newest
+            raise LongctxError(f"the weights became non-finite at step {self.step} ({', '.join(bad[:3])}); no "
+                               f"checkpoint written, the last one ({self.last_checkpoint or 'none'}) is intact; "
+                               "resume from it with a lower --lr or --precision fp32")
+        state = self.trainer_state()
         if self.dist.main:
             try:
                 save_checkpoint(path, self.model, self.config, self.tokenizer, state)
@@ -580,7 +625,7 @@ class Trainer:
                     path = self.save()
                     err = Interrupted(f"interrupted at step {self.step}; checkpoint written to {path}; continue "
                                       f"with: longctx train --resume auto --out-dir {self.run.out_dir}")
-                    err.exit_code = 130 if flag.signum == signal.SIGINT else 143
+                    err.exit_code = EXIT_CODES.get(flag.signum, 143)
                     raise err
                 if self.step % cfg.save_interval == 0 and self.bad_steps == 0:
                     self.save()
@@ -637,6 +682,20 @@ def train(config: Config, run: RunOptions, overrides: dict[str, Any] | None = No
     return result
 
 
+def check_lineage(resume_from: Path, out_dir: Path) -> None:
+    """A resumed run continues the newest checkpoint of its own folder, or starts a branch in a folder without
+    checkpoints: it never writes beside (and prunes) checkpoints of another line of training."""
+    found = find_checkpoints(out_dir)
+    if not found or found[-1].resolve() == resume_from.resolve():
+        return
+    if resume_from.resolve().parent == out_dir.resolve():
+        raise ConfigError(f"--resume {resume_from} is not the newest checkpoint of {out_dir} ({found[-1].name} is); "
+                          "continuing it there would mix two lines of training and prune the newer one: give an "
+                          "empty --out-dir to branch from it, or --resume auto to continue the newest")
+    raise ConfigError(f"--out-dir {out_dir} holds another run's checkpoints; resume {resume_from} into its own "
+                      "folder (--out-dir " f"{resume_from.parent}) or into an empty one")
+
+
 def absolute_data_paths(config: Config) -> Config:
     """``data.paths`` as absolute paths (globs keep their patterns), relative to the current folder."""
     paths = [os.path.abspath(os.path.expanduser(p)) for p in config.data.paths]
@@ -662,6 +721,7 @@ def _train(config: Config, run: RunOptions, overrides: dict[str, Any], device: t
     resume_from = resolve_resume(run)
     config = absolute_data_paths(config)  # a checkpoint evaluated from another folder still finds its held-out data
     if resume_from is not None:
+        check_lineage(resume_from, run.out_dir)
         requested = config
         config = merge_resumed_config(config, absolute_data_paths(read_config(resume_from)), overrides)
         ignored = [key for key in overrides if not key.startswith("train.") and key != "preset"
@@ -701,6 +761,8 @@ def _train(config: Config, run: RunOptions, overrides: dict[str, Any], device: t
     trainer = Trainer(config, model, tokenizer, train_tokens, val_tokens, device, run, dd)
     if resume_from is not None:
         trainer.restore(load_trainer_state(resume_from))
+        if resume_from.resolve().parent == run.out_dir.resolve():
+            trainer.last_checkpoint = resume_from  # already saved: a run with no step left writes nothing
         log.info("resumed from %s (step %d, %s tokens seen)", resume_from, trainer.step, f"{trainer.tokens_seen:,}")
     metrics = None
     if dd.main:

@@ -344,6 +344,18 @@ def test_eval_json_says_what_was_evaluated_and_logs_progress(cli: Callable[..., 
     assert len(progress) == 4 and "running ppl" in progress[-1] and "64 tokens" in progress[-1]
 
 
+def test_generate_into_a_closed_pipe_exits_0_quietly(ws: Workspace) -> None:
+    """`longctx generate ... | head -c 10`: the reader leaves early; exit 0 and no error, as `head`'s users expect."""
+    proc = subprocess.Popen([sys.executable, "-m", "longctx", "generate", "--model", str(ws.ckpt), "-n", "20000",
+                             "--ignore-eos", "--prompt", "Hello", "--seed", "1", "-q"], cwd=ws.root, env=_env(ws.root),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and len(proc.stdout.read(10)) == 10
+    proc.stdout.close()
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert b"Error" not in err and b"Traceback" not in err, err
+
+
 def test_small_user_facing_rules(cli: Callable[..., Result], ws: Workspace, tmp_path: Path) -> None:
     """--ppl shows no meaningless default; -c/--stride are refused in carry mode; `info` names its argument;
     -m RUN_FOLDER names the step it used; model.safetensors has the permissions of the other checkpoint files."""
@@ -808,7 +820,7 @@ def interrupt_training(ws: Workspace, tmp_path: Path, signals: tuple[int, ...]) 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143), (signal.SIGHUP, 129)])
 def test_signal_writes_a_checkpoint_and_exits(ws: Workspace, tmp_path: Path, signum: int, code: int) -> None:
     returncode, out, err, run = interrupt_training(ws, tmp_path, (signum,))
     assert returncode == code, err

@@ -216,3 +216,90 @@ def test_weights_of_the_wrong_dtype_are_refused(tmp_path):
     save_file({k: v.half() for k, v in load_file(str(weights)).items()}, str(weights), metadata=metadata)
     with pytest.raises(CheckpointError, match="float16.*the config needs .*float32"):
         load_checkpoint(ckpt)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# lines of training, re-saves, non-finite weights, metrics
+
+
+def _run(tmp_path, out, resume=None, **extra):
+    cfg = load_config("transformer-small", tiny_overrides(tmp_path, **extra))
+    return train(cfg, RunOptions(out_dir=out, resume=resume, progress=False), {k: v for k, v in extra.items()})
+
+
+def test_resuming_an_older_checkpoint_never_prunes_the_newer_line(tmp_path):
+    from longctx.errors import ConfigError
+
+    br = tmp_path / "br"
+    _run(tmp_path, br, **{"train.max_steps": 6, "train.save_interval": 2, "train.keep_last": 2})
+    assert [p.name for p in find_checkpoints(br)] == ["step-00000004", "step-00000006"]
+    with pytest.raises(ConfigError, match="not the newest checkpoint"):
+        _run(tmp_path, br, resume=str(br / "step-00000004"),
+             **{"train.max_steps": 5, "train.save_interval": 1, "train.keep_last": 1, "train.lr": 1e-4})
+    other = tmp_path / "other"
+    _run(tmp_path, other, **{"train.max_steps": 2})
+    metrics = (other / "metrics.jsonl").read_text()
+    with pytest.raises(ConfigError, match="holds another run's checkpoints"):
+        _run(tmp_path, other, resume=str(br / "step-00000006"), **{"train.max_steps": 8})
+    assert (other / "metrics.jsonl").read_text() == metrics and len(find_checkpoints(other)) == 1
+    branch = tmp_path / "branch"  # a branch goes to an empty folder and leaves the original line alone
+    _run(tmp_path, branch, resume=str(br / "step-00000004"), **{"train.max_steps": 5, "train.keep_last": 1})
+    assert [p.name for p in find_checkpoints(branch)] == ["step-00000005"]
+    assert [p.name for p in find_checkpoints(br)] == ["step-00000004", "step-00000006"]
+
+
+def test_a_finished_run_resumed_rewrites_nothing_and_interrupted_saves_are_recovered(tmp_path):
+    run = tmp_path / "run"
+    _run(tmp_path, run, **{"train.max_steps": 2, "train.keep_last": 1})
+    last = find_checkpoints(run)[-1]
+    before = {f.name: f.stat().st_mtime_ns for f in last.iterdir()}
+    _run(tmp_path, run, resume="auto", **{"train.max_steps": 2, "train.keep_last": 1})
+    assert find_checkpoints(run) == [last] and {f.name: f.stat().st_mtime_ns for f in last.iterdir()} == before
+    # a kill between the two renames of a re-save: the complete checkpoint sits under a temporary name
+    last.rename(run / f".tmp-old-{last.name}-4242")
+    (run / ".tmp-step-00000003-4242").mkdir()  # an incomplete new write: deleted
+    result = _run(tmp_path, run, resume="auto", **{"train.max_steps": 3, "train.keep_last": 1})
+    assert result.steps == 3  # resumed at step 2 (recovered), not restarted from 0
+    assert not list(run.glob(".tmp-*"))
+
+
+def test_non_finite_weights_are_never_checkpointed(tmp_path, monkeypatch):
+    import torch
+
+    real_step = torch.optim.AdamW.step
+    calls = []
+
+    def poisoning_step(self, *args, **kwargs):
+        out = real_step(self, *args, **kwargs)
+        calls.append(1)
+        if len(calls) == 3:  # a finite loss, but the update leaves a NaN in the weights
+            with torch.no_grad():
+                self.param_groups[0]["params"][0].view(-1)[0] = float("nan")
+        return out
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", poisoning_step)
+    run = tmp_path / "run"
+    with pytest.raises(LongctxError, match="update of step 3 made the weights non-finite"):
+        _run(tmp_path, run, **{"train.max_steps": 6, "train.save_interval": 2})
+    assert [p.name for p in find_checkpoints(run)] == ["step-00000002"]
+    load_checkpoint(find_checkpoints(run)[-1])  # the newest checkpoint loads
+
+
+def test_metrics_are_strict_json(tmp_path):
+    import json
+
+    from longctx.train import MetricsLog
+
+    path = tmp_path / "metrics.jsonl"
+    log = MetricsLog(path, None)
+    log.write({"step": 1, "loss": float("nan"), "grad_norm": float("inf"), "learned": {"x": [float("-inf"), 1.0]}})
+    log.write({"step": 2, "loss": 1.5})
+    log.close()
+
+    def refuse(name):
+        raise ValueError(name)
+
+    records = [json.loads(line, parse_constant=refuse) for line in path.read_text().splitlines()]
+    assert records[0] == {"step": 1, "loss": None, "grad_norm": None, "learned": {"x": [None, 1.0]}}
+    MetricsLog(path, keep_up_to_step=1).close()  # a resume at step 1 drops the later line, through a rename
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1]
