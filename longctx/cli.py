@@ -369,7 +369,7 @@ def generate(
     start = read_state(load_state, net, config, tokenizer) if load_state is not None else None
     chunks, name = prompt_chunks(prompt, prompt_file, tokenizer)
     result = read_prompt(net, tokenizer, chunks, seq_len or config.train.seq_len, start=start, precision=precision,
-                         keep_recent=max(RECENT_TOKENS, repeat_last_n))
+                         keep_recent=max(RECENT_TOKENS, repeat_last_n), progress=sys.stderr.isatty() and not quiet)
     rate = result.prompt_tokens / max(result.elapsed_s, 1e-9)
     log.info("prompt: %s tokens from %s in %.2f s (%s tok/s); state %s bytes; seed %d; temperature %g, top-k %d, "
              "top-p %g, min-p %g, repetition penalty %g", f"{result.prompt_tokens:,}", name, result.elapsed_s,

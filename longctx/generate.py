@@ -17,6 +17,7 @@ multi-byte character is never split; stop strings are held back until they can n
 from __future__ import annotations
 
 import math
+import sys
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -28,6 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor
 from torch.nn import functional as F
+from tqdm import tqdm
 
 from longctx.checkpoint import SavedState
 from longctx.decoders import State
@@ -212,14 +214,15 @@ class PromptResult:
 
 
 def read_prompt(model: LongContextLM, tokenizer: Tokenizer, chunks: Iterable[np.ndarray], seq_len: int,
-                start: SavedState | None = None, precision: str = "fp32", keep_recent: int = RECENT_TOKENS
-                ) -> PromptResult:
+                start: SavedState | None = None, precision: str = "fp32", keep_recent: int = RECENT_TOKENS,
+                progress: bool = False) -> PromptResult:
     """Read the prompt ``chunks`` (int64 token ids) in segments of ``seq_len``, carrying the state.
 
     A fresh stream starts with the separator, as in training (``SEP doc ...``); with ``start`` (a loaded state) its
     pending ``last_token`` is read first, then the chunks. The last token of the stream is kept un-fed as
     ``saved.last_token``: the first sampled token needs its logits. Memory: about one segment of pending tokens plus
-    the last ``keep_recent`` tokens, whatever the prompt length.
+    the last ``keep_recent`` tokens, whatever the prompt length. ``progress``: a bar on stderr (tokens read, tokens/s)
+    once reading has taken more than a second.
     """
     _check_precision(precision)
     if not _is_int(seq_len) or seq_len < 1:
@@ -239,7 +242,9 @@ def read_prompt(model: LongContextLM, tokenizer: Tokenizer, chunks: Iterable[np.
         _check_ids(pending, vocab_size)
         recent.append(start.last_token)
     prompt_tokens = fed = 0
-    with _inference(model, precision):
+    bar = tqdm(unit="tok", unit_scale=True, desc="prompt", file=sys.stderr, disable=not progress, delay=1.0,
+               dynamic_ncols=True)
+    with _inference(model, precision), bar:
         for chunk in chunks:
             ids = _as_ids(chunk)
             if ids.size == 0:
@@ -252,6 +257,7 @@ def read_prompt(model: LongContextLM, tokenizer: Tokenizer, chunks: Iterable[np.
             full = (buffer.size - 1) // seq_len  # whole segments that leave at least one token pending
             for i in range(full):
                 state = _feed(model, buffer[i * seq_len:(i + 1) * seq_len], state)
+                bar.update(seq_len)
             fed += full * seq_len
             pending = buffer[full * seq_len:].copy()  # < seq_len + 1 tokens; the chunk itself is released
         if pending.size > 1:

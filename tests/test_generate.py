@@ -122,6 +122,30 @@ def test_read_prompt_keeps_a_bounded_history(model: LongContextLM, tokenizer: To
     assert empty.recent == []
 
 
+def test_read_prompt_progress_counts_the_tokens_read(model: LongContextLM, tokenizer: Tokenizer,
+                                                       monkeypatch) -> None:
+    seen: dict[str, object] = {}
+
+    class Recorder:
+        def __init__(self, **kwargs: object) -> None:
+            seen.update(kwargs, total=0)
+
+        def update(self, n: int) -> None:
+            seen["total"] = int(seen["total"]) + n  # type: ignore[call-overload]
+
+        def __enter__(self) -> Recorder:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            pass
+
+    monkeypatch.setattr(gen, "tqdm", Recorder)
+    result = read(model, tokenizer, "x" * 40, seq_len=8, progress=True)
+    assert seen["disable"] is False and seen["delay"] == 1.0  # shown once reading takes over a second
+    assert seen["total"] == 40  # SEP + 40 bytes: five whole segments of 8 fed, the last token pending
+    assert result.saved.tokens == 40
+
+
 def test_read_prompt_continues_from_a_state(model: LongContextLM, tokenizer: Tokenizer) -> None:
     whole = read(model, tokenizer)
     cut = 31
