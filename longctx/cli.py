@@ -178,6 +178,9 @@ def train(
     tokenizer: str = typer.Option(None, "--tokenizer", help="byte (default) or bpe (trained on the corpus)."),
     vocab_size: int = typer.Option(None, "--vocab-size", min=1, help="BPE vocabulary size."),
     progress: bool = typer.Option(None, "--progress/--no-progress", help="Progress bar (default: on a terminal)."),
+    logger: list[str] = typer.Option(None, "--logger", help="Also log to: csv (metrics.csv) or tensorboard "
+                                     "(tensorboard/; needs the tensorboard package). Repeatable; metrics.jsonl "
+                                     "is always written."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Only warnings and errors on stderr."),
 ) -> None:
     """Train a model (default: the default preset on the bundled corpus). Resumable; checkpoints in safetensors."""
@@ -205,7 +208,7 @@ def train(
 
         out_dir = resolve_checkpoint(Path(resume)).parent
     run = RunOptions(out_dir=out_dir or RUNS_ROOT / name, resume=resume, init_from=str(init_from) if init_from
-                     else None, overwrite=overwrite, progress=progress)
+                     else None, overwrite=overwrite, progress=progress, loggers=tuple(logger or ()))
     run_training(config, run, overrides)
 
 
@@ -422,6 +425,61 @@ def info(checkpoint: Path = typer.Argument(None, help="Checkpoint folder. Defaul
                "state_bytes_per_stream": model.init_state(1).nbytes(), "tokenizer": tokenizer.kind,
                "vocab_size": tokenizer.vocab_size, **model.decoder.describe(), "config": config.to_dict()}
     typer.echo(json.dumps(summary, indent=2))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# plot
+
+
+@app.command()
+def plot(
+    runs: list[Path] = typer.Argument(..., help="Run folders (each holds a metrics.jsonl)."),
+    output: Path = typer.Option(Path("loss.png"), "--output", "-o", help="The PNG to write."),
+) -> None:
+    """Draw the training and validation loss of one or several runs against tokens seen (matplotlib)."""
+    from longctx.train import METRICS_FILE
+
+    setup_logging()
+    curves = []
+    for run in runs:
+        path = run / METRICS_FILE if run.is_dir() else run
+        if not path.is_file():
+            raise DataError(f"{str(run)!r} holds no {METRICS_FILE}; give run folders written by longctx train")
+        records = []
+        for n, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                raise DataError(f"{path}:{n} is not JSON; the metrics file is damaged") from None
+        curves.append((str(run), records))
+    check_output(output, "--output")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        from matplotlib import pyplot as plt
+    except ImportError:
+        raise ConfigError("longctx plot needs matplotlib: pip install 'longctx[plot]' (or pip install matplotlib)") \
+            from None
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for i, (name, records) in enumerate(curves):
+        colour = f"C{i % 10}"
+        train_pts = [(r["tokens"], r["loss"]) for r in records if r.get("loss") is not None and "tokens" in r]
+        val_pts = [(r["tokens"], r["val_loss"]) for r in records if r.get("val_loss") is not None and "tokens" in r]
+        if train_pts:
+            ax.plot(*zip(*train_pts), color=colour, alpha=0.5, linewidth=1, label=f"{name} (train)")
+        if val_pts:
+            ax.plot(*zip(*val_pts), color=colour, marker="o", linewidth=2, label=f"{name} (validation)")
+    ax.set_xlabel("tokens seen")
+    ax.set_ylabel("loss (nats per token)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    try:
+        fig.savefig(output, dpi=120)
+    except OSError as e:
+        raise LongctxError(f"cannot write --output {str(output)!r}: {e.strerror or e}") from None
+    log.info("wrote %s (%d run%s)", output, len(curves), "s" * (len(curves) != 1))
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ the RNG state, so a run of N + M steps equals a run of N steps resumed for M mor
 from __future__ import annotations
 
 import contextlib
+import csv
 import dataclasses
 import fcntl
 import json
@@ -25,7 +26,7 @@ import shutil
 import signal
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -77,6 +78,7 @@ class RunOptions:
     init_from: str | None = None  # checkpoint whose weights start a new run
     overwrite: bool = False
     progress: bool | None = None  # None = a bar when stderr is a terminal
+    loggers: tuple[str, ...] = ()  # besides metrics.jsonl: "csv" (metrics.csv), "tensorboard" (tensorboard/)
 
 
 @dataclass
@@ -258,29 +260,93 @@ def merge_resumed_config(requested: Config, checkpoint: Config, overrides: dict[
     return dataclasses.replace(checkpoint, train=type(checkpoint.train)(**train))
 
 
-class MetricsLog:
-    """``metrics.jsonl``: one JSON object per log step, flushed at once."""
+CSV_FILE = "metrics.csv"
+TENSORBOARD_DIR = "tensorboard"
+LOGGERS = ("csv", "tensorboard")
+CSV_COLUMNS = ("step", "tokens", "loss", "ppl", "lr", "grad_norm", "tokens_per_s", "elapsed_s", "val_loss", "val_ppl",
+               "val_bpb", "val_tokens")
 
-    def __init__(self, path: Path, keep_up_to_step: int | None) -> None:
+
+def _trim(path: Path, keep_up_to_step: int | None, step_of: Callable[[str], int]) -> None:
+    """Drop the lines an interrupted run wrote after its checkpoint: a new file renamed over the old, so that a kill
+    never leaves it half-written."""
+    if keep_up_to_step is None or not path.exists():
+        return
+    lines = path.read_text().splitlines()
+    kept = [ln for ln in lines if ln.strip() and step_of(ln) <= keep_up_to_step]
+    if len(kept) == len(lines):
+        return
+    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write("".join(ln + "\n" for ln in kept))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _csv_step(line: str) -> int:
+    head = line.split(",", 1)[0]
+    return int(head) if head.isdigit() else 0  # the header is kept
+
+
+class MetricsLog:
+    """``metrics.jsonl``: one JSON object per log step and validation, flushed at once; with ``loggers``, the same
+    records in ``metrics.csv`` (fixed columns) and TensorBoard event files (``tensorboard/``)."""
+
+    def __init__(self, path: Path, keep_up_to_step: int | None, loggers: tuple[str, ...] = ()) -> None:
         self.path = path
-        if keep_up_to_step is not None and path.exists():  # drop lines the interrupted run wrote after its checkpoint
-            lines = path.read_text().splitlines()
-            kept = [ln for ln in lines if ln.strip() and _step_of(ln) <= keep_up_to_step]
-            if len(kept) != len(lines):  # a new file renamed over the old: a kill never leaves it half-written
-                tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
-                with open(tmp, "w", encoding="utf-8") as f:
-                    f.write("".join(ln + "\n" for ln in kept))
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, path)
+        _trim(path, keep_up_to_step, _step_of)
         self.file = open(path, "a", encoding="utf-8")
+        self.csv: Any = None
+        if "csv" in loggers:
+            csv_path = path.with_name(CSV_FILE)
+            _trim(csv_path, keep_up_to_step, _csv_step)
+            fresh = not csv_path.exists() or csv_path.stat().st_size == 0
+            self.csv_file = open(csv_path, "a", encoding="utf-8", newline="")
+            self.csv = csv.DictWriter(self.csv_file, CSV_COLUMNS, extrasaction="ignore")
+            if fresh:
+                self.csv.writeheader()
+        self.tensorboard: Any = None
+        if "tensorboard" in loggers:
+            from torch.utils.tensorboard import SummaryWriter  # checked by check_loggers before any work
+
+            purge = keep_up_to_step + 1 if keep_up_to_step is not None else None
+            self.tensorboard = SummaryWriter(str(path.parent / TENSORBOARD_DIR), purge_step=purge)
 
     def write(self, record: dict[str, Any]) -> None:
-        self.file.write(json.dumps(_json_safe(record), allow_nan=False) + "\n")
+        safe = _json_safe(record)
+        self.file.write(json.dumps(safe, allow_nan=False) + "\n")
         self.file.flush()
+        if self.csv is not None:
+            self.csv.writerow({k: "" if safe.get(k) is None else safe[k] for k in CSV_COLUMNS})
+            self.csv_file.flush()
+        if self.tensorboard is not None:
+            for key, value in safe.items():
+                if key not in ("step", "tokens") and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self.tensorboard.add_scalar(("val/" if key.startswith("val_") else "train/") + key, value,
+                                                record["step"])
+            self.tensorboard.flush()
 
     def close(self) -> None:
         self.file.close()
+        if self.csv is not None:
+            self.csv_file.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+
+
+def check_loggers(loggers: tuple[str, ...]) -> None:
+    """Unknown loggers and a missing TensorBoard are found before any work."""
+    for name in loggers:
+        if name not in LOGGERS:
+            raise ConfigError(f"--logger {name!r} is not a logger; use {' or '.join(LOGGERS)} (metrics.jsonl is "
+                              "always written)")
+    if "tensorboard" in loggers:
+        try:
+            import tensorboard  # noqa: F401
+        except ImportError:
+            raise ConfigError("--logger tensorboard needs the tensorboard package: pip install tensorboard "
+                              "(or the extra: pip install 'longctx[tensorboard]')") from None
 
 
 def _json_safe(value: Any) -> Any:
@@ -659,6 +725,7 @@ def train(config: Config, run: RunOptions, overrides: dict[str, Any] | None = No
     checkpoints, validation); the others train their lanes and join the collectives.
     """
     run.out_dir = Path(run.out_dir)
+    check_loggers(run.loggers)
     if run.resume and run.init_from:
         raise ConfigError("--resume and --init-from exclude each other: resume continues a run, init-from starts a "
                           "new one from weights")
@@ -769,7 +836,7 @@ def _train(config: Config, run: RunOptions, overrides: dict[str, Any], device: t
         (run.out_dir / CONFIG_FILE).write_text(config.to_json())
         announce(config, model, train_tokens, val_tokens, device, run, dd)
         announce_validation(config, val_tokens)
-        metrics = MetricsLog(run.out_dir / METRICS_FILE, trainer.step if resume_from else None)
+        metrics = MetricsLog(run.out_dir / METRICS_FILE, trainer.step if resume_from else None, run.loggers)
     progress = dd.main and (run.progress if run.progress is not None else sys.stderr.isatty())
     try:
         return trainer.loop(metrics, progress)

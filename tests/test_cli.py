@@ -356,6 +356,21 @@ def test_generate_into_a_closed_pipe_exits_0_quietly(ws: Workspace) -> None:
     assert b"Error" not in err and b"Traceback" not in err, err
 
 
+def test_plot_draws_runs_or_says_what_is_missing(cli: Callable[..., Result], ws: Workspace, tmp_path: Path,
+                                                 monkeypatch) -> None:
+    assert_user_error(cli("plot", tmp_path), "metrics.jsonl")
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert_user_error(cli("plot", ws.run_dir), "matplotlib")
+        return
+    res = cli("plot", ws.run_dir, ws.run_dir, "-o", tmp_path / "plots" / "loss.png")
+    assert res.code == 0, res.err
+    assert (tmp_path / "plots" / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if the plot extra were not installed
+    assert_user_error(cli("plot", ws.run_dir, "-o", tmp_path / "again.png"), "pip install")
+
+
 def test_small_user_facing_rules(cli: Callable[..., Result], ws: Workspace, tmp_path: Path) -> None:
     """--ppl shows no meaningless default; -c/--stride are refused in carry mode; `info` names its argument;
     -m RUN_FOLDER names the step it used; model.safetensors has the permissions of the other checkpoint files."""

@@ -234,3 +234,33 @@ def test_final_validation_and_learned_spans_reach_metrics(tmp_path):
     assert final and final[-1]["step"] == 3
     spans = final[-1]["learned"]["spans"]
     assert len(spans) == 1 and len(spans[0]) == 2  # one layer, two heads
+
+
+def test_csv_logger_mirrors_metrics_and_is_trimmed_on_resume(tmp_path):
+    import csv
+
+    from longctx.errors import ConfigError
+    from longctx.train import CSV_COLUMNS
+
+    out = tmp_path / "run"
+    extra = {"train.max_steps": 4, "train.save_interval": 2, "train.eval_interval": 2}
+    cfg = load_config("transformer-small", tiny_overrides(tmp_path, **extra))
+    train(cfg, RunOptions(out_dir=out, progress=False, loggers=("csv",)))
+    rows = list(csv.DictReader((out / "metrics.csv").open()))
+    assert tuple(rows[0]) == CSV_COLUMNS
+    assert [r["step"] for r in rows if r["loss"]] == ["1", "2", "3", "4"]
+    assert [r["step"] for r in rows if r["val_loss"]] == ["2", "4"]
+    # a kill after step 4's lines but before its checkpoint: resuming from step 2 drops steps 3-4 from both files
+    from longctx.checkpoint import remove_checkpoint
+    remove_checkpoint(out / "step-00000004")
+    train(cfg, RunOptions(out_dir=out, progress=False, resume="auto", loggers=("csv",)), {})
+    rows = list(csv.DictReader((out / "metrics.csv").open()))
+    assert [r["step"] for r in rows if r["loss"]] == ["1", "2", "3", "4"]
+    with pytest.raises(ConfigError, match="not a logger"):
+        train(cfg, RunOptions(out_dir=tmp_path / "x", progress=False, loggers=("wandb",)))
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        with pytest.raises(ConfigError, match="pip install tensorboard"):
+            train(cfg, RunOptions(out_dir=tmp_path / "y", progress=False, loggers=("tensorboard",)))
+        assert not (tmp_path / "y").exists() or not any((tmp_path / "y").iterdir())
