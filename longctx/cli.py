@@ -268,7 +268,7 @@ def eval_(
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """Evaluate loss, perplexity and bits per byte on files of any length, in bounded memory."""
-    from longctx.evaluate import EvalOptions, evaluate_documents, format_report, write_per_position_csv
+    from longctx.scoring import EvalOptions, evaluate_documents, format_report, write_per_position_csv
 
     setup_logging(quiet)
     if mode not in ("carry", "sliding"):
@@ -360,7 +360,7 @@ def generate(
 
     from longctx.checkpoint import load_state as read_state
     from longctx.checkpoint import save_state as write_state
-    from longctx.generate import RECENT_TOKENS, SamplingOptions, read_prompt
+    from longctx.sampling import RECENT_TOKENS, SamplingOptions, read_prompt
 
     setup_logging(quiet)
     check_output(save_state, "--save-state")  # before a long prompt is read
@@ -392,7 +392,7 @@ def generate(
 def _samples(net: Any, tokenizer: Any, result: Any, opts: Any, num_samples: int, stream: bool,
              precision: str) -> None:
     """Sample ``num_samples`` continuations of the prompt read into ``result``; text to stdout, statistics to stderr."""
-    from longctx.generate import sample
+    from longctx.sampling import sample
 
     for i in range(num_samples):
         if num_samples > 1:

@@ -1,4 +1,4 @@
-"""Perplexity evaluation (longctx/evaluate.py): exact agreement with direct computations, counts, bounded memory.
+"""Perplexity evaluation (longctx/scoring.py): exact agreement with direct computations, counts, bounded memory.
 
 The model is a tiny random transformer (attention window 8) with ``init_std = 0.3``: at the default 0.02 its
 predictions are so flat that forgetting the memory between segments moves ``nll_sum`` by only ~3e-4 relative, below
@@ -35,8 +35,8 @@ from longctx.config import ModelConfig, TransformerConfig
 from longctx.data import Document, discover
 from longctx.decoders import State
 from longctx.errors import ConfigError, DataError
-from longctx.evaluate import EvalOptions, evaluate_documents, format_report, write_per_position_csv
 from longctx.model import LMOutput, LongContextLM, build_model
+from longctx.scoring import EvalOptions, evaluate_documents, format_report, write_per_position_csv
 from longctx.tokenizer import Tokenizer
 
 REL = 1e-5  # relative tolerance on nll_sum (see module docstring)

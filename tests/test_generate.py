@@ -9,12 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-import longctx.generate as gen
+import longctx.sampling as gen
 from longctx import build_model
 from longctx.checkpoint import load_state, save_state
 from longctx.config import Config, ModelConfig, TransformerConfig
 from longctx.errors import CheckpointError, ConfigError
-from longctx.generate import (
+from longctx.model import LongContextLM
+from longctx.sampling import (
     PromptResult,
     SamplingOptions,
     apply_repetition_penalty,
@@ -22,7 +23,6 @@ from longctx.generate import (
     read_prompt,
     sample,
 )
-from longctx.model import LongContextLM
 from longctx.tokenizer import Tokenizer
 
 WINDOW = 8

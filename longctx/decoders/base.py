@@ -1,4 +1,4 @@
-"""The decoder contract (see DESIGN.md, "The decoder contract").
+"""The decoder contract.
 
 A decoder maps hidden states ``x`` (B, T, D) and a :class:`State` to new hidden states and the next state. The state
 is a value: a frozen dataclass of tensors, passed in and returned, never stored on the module. Three properties hold

@@ -1,8 +1,8 @@
 """The Combiner decoder, causal Combiner-Fixed (Ren et al. 2021, "Combiner: Full Attention Transformer with Sparse
 Computation Cost", NeurIPS 2021, arXiv 2107.05768), streamed with a bounded memory.
 
-Section numbers (§) are those of the project's notes, shared/reference/algorithms.md §4, which summarise the paper
-and its official code (combiner/ in google-research/google-research); variants keep the paper's names.
+Section markers (§4.x) number the parts of the method as this file discusses them (principle, factorisation,
+causal form); variants keep the paper's names, and the official code is combiner/ in google-research/google-research.
 
 Principle (§4.1). Attention is the conditional expectation ``A(x_i) = E_{p(j|i)}[v_j]``. Combiner splits the support
 of query i into a direct part ``Ω_i^0`` and regions ``Ω_i^r`` and assumes ``j ⟂ i | Ω_i^r``::

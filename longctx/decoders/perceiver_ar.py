@@ -26,7 +26,7 @@ content only. The official code rotates the first R contiguous channels instead:
 channels, which the learned projections absorb.
 
 Differences from the official code (``perceiver_ar_model.py``, ``sample_utils.py``), all chosen for the contract
-(DESIGN.md: chunking invariance, bounded memory):
+(the decoder contract: chunking invariance, bounded memory):
 
 * Training there reads blocks of C inputs and makes latents of the last N positions only; latent n sees the
   latents before it within the block (1 to N of them) and the loss covers those N positions. Here every position is

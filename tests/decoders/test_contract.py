@@ -1,4 +1,4 @@
-"""The decoder contract (DESIGN.md, "The decoder contract"), checked for every entry of ``DECODERS``.
+"""The decoder contract (``longctx/decoders/base.py``), checked for every entry of ``DECODERS``.
 
 Every test runs a tiny model (``tests/conftest.py``) in eval mode, fp32, on the CPU, through the public
 ``LongContextLM.init_state`` / ``forward``: a decoder registered later gets these tests without any change here.

@@ -1,6 +1,6 @@
 """Tests of the ∞-former's continuous long-term memory maths (``longctx.layers.continuous``; arXiv 2109.00301 §3).
 
-Golden checks of algorithms.md §6: the ridge regression reproduces smooth signals, and the closed-form expectation
+Golden checks: the ridge regression reproduces smooth signals, and the closed-form expectation
 of each basis function under the attention Gaussian equals numerical integration. Tolerances are stated with the
 measured values they bound (float64 unless said otherwise).
 """

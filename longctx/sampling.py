@@ -1,6 +1,6 @@
 """Generation: read a prompt of any length through the carried state, then sample one token at a time.
 
-Data flow (DESIGN.md, "Data flow: generate")::
+Data flow::
 
     prompt chunks ─ segments of seq_len ─ model(segment, state) ─ ... ─ SavedState(state, tokens, last_token)
                                                                           │  (the last prompt token is kept un-fed:
@@ -20,7 +20,7 @@ import math
 import sys
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -331,14 +331,14 @@ class SampleResult:
     saved: SavedState | None = None  # the state after the sample (its last sampled token pending), to continue it
 
 
-def sample(model: LongContextLM, tokenizer: Tokenizer, prompt: PromptResult, opts: SamplingOptions,
-           sample_index: int = 0, on_text: Callable[[str], None] | None = None, precision: str = "fp32"
-           ) -> SampleResult:
-    """Sample one continuation of ``prompt`` (which is not changed) with the carried state.
+def iter_sample(model: LongContextLM, tokenizer: Tokenizer, prompt: PromptResult, opts: SamplingOptions,
+                sample_index: int = 0, precision: str = "fp32") -> Generator[str, None, SampleResult]:
+    """Sample one continuation of ``prompt`` (which is not changed) with the carried state, yielding its text.
 
-    Reproducible: the draws come from a generator seeded with ``opts.seed + sample_index`` on the model's device.
-    ``on_text`` receives each piece of text once it is final: never a split UTF-8 character, never (a possible start
-    of) a stop string.
+    Yields each piece of text once it is final (never a split UTF-8 character, never (a possible start of) a stop
+    string); returns the :class:`SampleResult`. Reproducible: the draws come from a generator seeded with ``opts.seed
+    + sample_index`` on the model's device. Eval mode and inference mode hold during each step only, never between
+    two pieces, so that the caller's code in between runs as it would without this iterator.
     """
     _check_precision(precision)
     t0 = time.perf_counter()
@@ -349,28 +349,47 @@ def sample(model: LongContextLM, tokenizer: Tokenizer, prompt: PromptResult, opt
     token = prompt.saved.last_token
     recent: deque[int] = deque(prompt.recent, maxlen=opts.repeat_last_n)
     decoder = tokenizer.stream_decoder()
-    out = _TextOut(opts.stop, on_text)
+    pieces: list[str] = []
+    out = _TextOut(opts.stop, pieces.append)
     tokens: list[int] = []
     reason: StopReason = "length"
     fed = 0
-    with _inference(model, precision):
-        for _ in range(opts.max_new_tokens):
+    for _ in range(opts.max_new_tokens):
+        with _inference(model, precision):
             step = model(torch.tensor([[token]], dtype=torch.int64, device=device), state)
             state, fed = step.state, fed + 1
             token = next_token(step.logits[0, -1], opts, recent, generator)
-            if token == tokenizer.sep_id and not opts.ignore_eos:
-                reason = "eos"
-                break
-            tokens.append(token)
-            recent.append(token)
-            if out.push(decoder.push(token)):
-                reason = "stop"
-                break
+        if token == tokenizer.sep_id and not opts.ignore_eos:
+            reason = "eos"
+            break
+        tokens.append(token)
+        recent.append(token)
+        stopped = out.push(decoder.push(token))
+        yield from pieces
+        pieces.clear()
+        if stopped:
+            reason = "stop"
+            break
     if reason != "stop":
         if out.push(decoder.flush()):  # an incomplete character at the end becomes U+FFFD
             reason = "stop"
         else:
             out.finish()
+    yield from pieces
     saved = SavedState(state=state, tokens=prompt.saved.tokens + fed, last_token=token)
     return SampleResult(text=out.text, tokens=tokens, stop_reason=reason, elapsed_s=time.perf_counter() - t0,
                         saved=saved)
+
+
+def sample(model: LongContextLM, tokenizer: Tokenizer, prompt: PromptResult, opts: SamplingOptions,
+           sample_index: int = 0, on_text: Callable[[str], None] | None = None, precision: str = "fp32"
+           ) -> SampleResult:
+    """:func:`iter_sample` run to its end; ``on_text`` receives each piece of text once it is final."""
+    pieces = iter_sample(model, tokenizer, prompt, opts, sample_index, precision)
+    while True:
+        try:
+            piece = next(pieces)
+        except StopIteration as done:
+            return done.value
+        if on_text is not None:
+            on_text(piece)
