@@ -12,7 +12,7 @@ What it does
    budget, resumes the unfinished ones from their last checkpoint, and reuses evaluations already made
    (``quality_eval.json`` in the run folder, keyed by checkpoint and evaluation settings).
 2. Scores the held-out documents (for the bundled corpus: the three held-out plays), each cut to its first
-   ``--eval-bytes`` bytes (0 = whole documents), three ways, with ``longctx.evaluate.evaluate_documents``:
+   ``--eval-bytes`` bytes (0 = whole documents), three ways, with ``longctx.scoring.evaluate_documents``:
 
    * ``carry``: the memory carried through each document (``longctx eval --ppl``), segments of ``train.seq_len``;
    * ``cut``: the memory cut to the decoder's exact attention window W (``common.attention_window``: the window,
@@ -94,7 +94,7 @@ from common import (  # noqa: E402
 from longctx.checkpoint import find_checkpoints, load_checkpoint, read_config  # noqa: E402
 from longctx.config import Config, list_presets, load_config, parse_set_args  # noqa: E402
 from longctx.data import Document, discover, split_documents  # noqa: E402
-from longctx.evaluate import EvalOptions, evaluate_documents  # noqa: E402
+from longctx.scoring import EvalOptions, evaluate_documents  # noqa: E402
 from longctx.train import Interrupted, RunOptions, resolve_device, train  # noqa: E402
 
 DEFAULT_TOKENS = 10_240_000  # the presets' own budget: 5,000 steps of 8 lanes x 256 tokens

@@ -195,7 +195,7 @@ def corpus_file(folder: Path, megabytes: float) -> Path:
 def measure_eval_rss(preset: str, path: Path, args: argparse.Namespace) -> dict[str, Any]:
     """``longctx eval --ppl FILE`` (carry mode, fp32) with a fresh model of ``preset``: peak RSS and tokens/s."""
     from longctx.data import discover
-    from longctx.evaluate import EvalOptions, evaluate_documents
+    from longctx.scoring import EvalOptions, evaluate_documents
     from longctx.tokenizer import Tokenizer
 
     cfg = preset_config(preset, args)
