@@ -245,7 +245,7 @@ def test_train_writes_checkpoint_metrics_and_run_config(ws: Workspace) -> None:
     run_config = json.loads((ws.run_dir / "config.json").read_text())
     assert run_config["train"]["max_steps"] == 3 and run_config["train"]["seq_len"] == 16
     assert run_config["model"]["d_model"] == 32 and run_config["model"]["transformer"]["window"] == 16
-    assert run_config["data"]["paths"] == ["data"]
+    assert run_config["data"]["paths"] == [str(ws.data)]  # stored absolute: the run can be evaluated from anywhere
     assert json.loads((ws.ckpt / "config.json").read_text())["model"] == run_config["model"]
     assert json.loads((ws.ckpt / "trainer_state.json").read_text())["step"] == 3
 
