@@ -107,12 +107,14 @@ TEXT_PROBE_BYTES = 65536  # how much of a file is read to decide whether it is t
 MAX_INVALID_SHARE = 0.3  # more than this share of the probe in invalid UTF-8 sequences: not text
 
 
-_SKIPS_SAID: set[tuple[tuple[str, ...], tuple[int, ...]]] = set()
-
-
-def _in_run_folder(path: Path) -> bool:
-    """Whether ``path`` lies in a checkpoint, a training run folder or a token cache: never training data."""
-    return any((parent / marker).exists() for parent in path.parents for marker in RUN_MARKERS)
+def _in_run_folder(path: Path, marked: dict[Path, bool]) -> bool:
+    """Whether ``path`` lies in a checkpoint, a training run folder or a token cache: never training data.
+    ``marked`` remembers the answer per folder, so that the files of one folder cost one look at its ancestors."""
+    folder = path.parent
+    if folder not in marked:
+        marked[folder] = any((folder / m).exists() for m in RUN_MARKERS) or (
+            folder.parent != folder and _in_run_folder(folder, marked))
+    return marked[folder]
 
 
 def is_text(path: Path) -> bool:
@@ -140,6 +142,7 @@ def discover(paths: list[str]) -> list[Document]:
         return bundled_documents()
     seen: dict[str, Document] = {}
     skipped = {"not text": 0, "in a run folder or token cache": 0}
+    marked: dict[Path, bool] = {}
     for pattern in paths:
         named = Path(pattern).expanduser()
         if named.is_file() and named.stat().st_size == 0:
@@ -150,15 +153,13 @@ def discover(paths: list[str]) -> list[Document]:
                 continue
             if named.is_file():  # named explicitly: read as given (any bytes are valid input)
                 seen[key] = _file_document(path)
-            elif _in_run_folder(path.resolve()):
+            elif _in_run_folder(path.resolve(), marked):
                 skipped["in a run folder or token cache"] += 1
             elif os.access(path, os.R_OK) and not is_text(path):
                 skipped["not text"] += 1
             else:
                 seen[key] = _file_document(path)
-    said = (tuple(paths), tuple(skipped.values()))
-    if any(skipped.values()) and said not in _SKIPS_SAID:  # once per process, though a run discovers several times
-        _SKIPS_SAID.add(said)
+    if any(skipped.values()):
         log.warning("skipped %s", ", ".join(f"{n} file{'s' * (n != 1)} {why}" for why, n in skipped.items() if n))
     docs = sorted(seen.values(), key=lambda d: d.name)
     for doc in docs:

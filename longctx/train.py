@@ -54,7 +54,7 @@ from longctx.checkpoint import (
     step_dir_name,
 )
 from longctx.config import Config
-from longctx.data import Lanes, build_token_cache, cache_root, discover, read_texts, split_documents
+from longctx.data import Document, Lanes, build_token_cache, cache_root, discover, read_texts, split_documents
 from longctx.decoders import State
 from longctx.distributed import Dist
 from longctx.errors import CheckpointError, ConfigError, LongctxError
@@ -372,7 +372,7 @@ def _step_of(line: str) -> int:
 
 
 def prepare_tokenizer(config: Config, resume_from: Path | None, init_from: Path | None, out_dir: Path,
-                      dd: Dist) -> Tokenizer:
+                      dd: Dist, train_docs: list[Document]) -> Tokenizer:
     """The run's tokenizer: from the checkpoint, byte-level, or BPE trained by rank 0 and shared through the folder."""
     for source in (resume_from, init_from):
         if source is not None:
@@ -381,7 +381,6 @@ def prepare_tokenizer(config: Config, resume_from: Path | None, init_from: Path 
         return Tokenizer.byte_level()
     shared = out_dir / "tokenizer.json"
     if dd.main:
-        train_docs, _ = split_documents(discover(config.data.paths), config.data.val_docs)
         log.info("training a BPE tokenizer (up to %d tokens) on %d documents", config.data.vocab_size,
                  len(train_docs))
         tokenizer = Tokenizer.train_bpe(read_texts(train_docs), config.data.vocab_size)
@@ -393,10 +392,10 @@ def prepare_tokenizer(config: Config, resume_from: Path | None, init_from: Path 
     return tokenizer if dd.main else Tokenizer.from_file(str(shared))
 
 
-def prepare_data(config: Config, tokenizer: Tokenizer) -> tuple[np.ndarray, np.ndarray]:
-    """Token streams (memory-mapped) of the training and validation documents."""
-    docs = discover(config.data.paths)
-    train_docs, val_docs = split_documents(docs, config.data.val_docs)
+def prepare_data(config: Config, tokenizer: Tokenizer, split: tuple[list[Document], list[Document]] | None = None
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Token streams (memory-mapped) of the training and validation documents (``split``: found already)."""
+    train_docs, val_docs = split or split_documents(discover(config.data.paths), config.data.val_docs)
     root = cache_root(config.data)
     train_tokens = build_token_cache(train_docs, tokenizer, root)
     val_tokens = build_token_cache(val_docs, tokenizer, root) if val_docs else np.zeros(0, dtype=train_tokens.dtype)
@@ -405,9 +404,8 @@ def prepare_data(config: Config, tokenizer: Tokenizer) -> tuple[np.ndarray, np.n
     return train_tokens, val_tokens
 
 
-def announce_validation(config: Config, val_tokens: np.ndarray) -> None:
+def announce_validation(config: Config, val_docs: list[Document], val_tokens: np.ndarray) -> None:
     """Which documents are held out and how many tokens they hold; a warning when validation cannot run."""
-    _, val_docs = split_documents(discover(config.data.paths), config.data.val_docs)
     if not val_docs:
         return
     names = ", ".join(Path(d.name).name for d in val_docs)
@@ -800,7 +798,8 @@ def _train(config: Config, run: RunOptions, overrides: dict[str, Any], device: t
                               f"{', '.join(ignored)} cannot change; start a new run with --init-from instead")
     check_world(config, dd)
     init_from = resolve_checkpoint(Path(run.init_from)) if run.init_from else None
-    discover(config.data.paths)  # the data exist and hold text: checked before --overwrite deletes anything
+    # the data exist and hold text: found once, before --overwrite deletes anything
+    split = split_documents(discover(config.data.paths), config.data.val_docs)
     if init_from is not None:
         check_init_from(init_from, config)
         if any(init_from.resolve().is_relative_to(p.resolve()) for p in doomed):
@@ -811,13 +810,13 @@ def _train(config: Config, run: RunOptions, overrides: dict[str, Any], device: t
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
     torch.manual_seed(config.train.seed)  # the same initial weights on every rank
-    tokenizer = prepare_tokenizer(config, resume_from, init_from, run.out_dir, dd)
+    tokenizer = prepare_tokenizer(config, resume_from, init_from, run.out_dir, dd, split[0])
     if (tokenizer.vocab_size, tokenizer.sep_id) != (config.model.vocab_size, config.model.separator_id):
         config = dataclasses.replace(config, model=dataclasses.replace(
             config.model, vocab_size=tokenizer.vocab_size, separator_id=tokenizer.sep_id))
     if not dd.main:
         distrib.barrier(dd)  # rank 0 builds the token caches first; the others then find them
-    train_tokens, val_tokens = prepare_data(config, tokenizer)
+    train_tokens, val_tokens = prepare_data(config, tokenizer, split)
     if dd.main:
         distrib.barrier(dd)
     model = build_model(config.model).to(device)
@@ -835,7 +834,7 @@ def _train(config: Config, run: RunOptions, overrides: dict[str, Any], device: t
     if dd.main:
         (run.out_dir / CONFIG_FILE).write_text(config.to_json())
         announce(config, model, train_tokens, val_tokens, device, run, dd)
-        announce_validation(config, val_tokens)
+        announce_validation(config, split[1], val_tokens)
         metrics = MetricsLog(run.out_dir / METRICS_FILE, trainer.step if resume_from else None, run.loggers)
     progress = dd.main and (run.progress if run.progress is not None else sys.stderr.isatty())
     try:
