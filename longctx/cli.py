@@ -483,6 +483,220 @@ def plot(
 
 
 # --------------------------------------------------------------------------------------------------------------------
+# probe
+
+
+probe_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
+app.add_typer(probe_app, name="probe")
+
+
+def parse_distances(text: str | None, default: tuple[int, ...], flag: str = "--distances") -> tuple[int, ...]:
+    """``"64,256,1k"`` -> (64, 256, 1024); one line for anything else."""
+    if text is None:
+        return default
+    values = []
+    for item in text.split(","):
+        item = item.strip().lower()
+        if not item:
+            continue
+        scale = 1024 if item.endswith("k") else 1
+        try:
+            value = int(item[:-1] if scale > 1 else item) * scale
+        except ValueError:
+            raise ConfigError(f"{flag} takes comma-separated whole numbers (e.g. 64,256,1k), got {item!r}") from None
+        if value < 1:
+            raise ConfigError(f"{flag} must be positive, got {value}")
+        values.append(value)
+    if not values:
+        raise ConfigError(f"{flag} is empty; give e.g. 64,256,1024")
+    return tuple(sorted(set(values)))
+
+
+def probe_filler(files: list[str] | None, config: Config | None, strip: str = "") -> Any:
+    """The filler: ``files``, or the checkpoint's held-out documents, or (if those are gone) the bundled corpus."""
+    from longctx.data import bundled_documents, discover, split_documents
+    from longctx.probe import load_filler
+
+    if files:
+        return load_filler(discover(list(files)), strip)
+    if config is not None:
+        try:
+            _, held_out = split_documents(discover(config.data.paths), config.data.val_docs)
+        except DataError:
+            held_out = []
+        if held_out:
+            log.info("filler: the %d held-out documents of the checkpoint's training data", len(held_out))
+            return load_filler(held_out, strip)
+    log.info("filler: the bundled corpus (the checkpoint's held-out documents are not available)")
+    return load_filler(bundled_documents(), strip)
+
+
+def recall_spec_for(folder: Path) -> Any:
+    from longctx.probe import RECALL_SPEC, RecallSpec
+
+    for where in (folder / RECALL_SPEC, folder.parent / RECALL_SPEC):
+        if where.is_file():
+            return RecallSpec.from_json(where.read_text(encoding="utf-8"), str(where))
+    raise DataError(f"no {RECALL_SPEC} in {str(folder)!r} or its parent; give the test/ folder that "
+                    "`longctx probe make-data` wrote")
+
+
+@probe_app.callback(invoke_without_command=True)
+def probe(
+    ctx: typer.Context,
+    task: str = typer.Option("copy", "--task", help="copy (zero-shot), context (zero-shot) or recall (needs "
+                             "training on `longctx probe make-data` data)."),
+    model: Path = typer.Option(None, "--model", "-m", help="Checkpoint folder. Default: newest under runs/."),
+    distances: str = typer.Option(None, "--distances", help="Comma list. copy: bytes between the two occurrences "
+                                  "(64,256,1024,4096,16384); context: tokens of context kept (32,64,...,16384); "
+                                  "recall: the distances of the test data."),
+    span: int = typer.Option(64, "--span", min=4, help="copy: bytes of the planted passage."),
+    content: str = typer.Option("text", "--content", help="copy: text (a passage from elsewhere in the filler) or "
+                                "random (letters and digits)."),
+    trials: int = typer.Option(32, "--trials", min=2, help="copy: trials per distance."),
+    tokens: int = typer.Option(16384, "--tokens", min=256, help="context: tokens scored (the same at every d)."),
+    filler: list[str] = typer.Option(None, "--filler", help="copy, context: text files or folders. Default: the "
+                                     "checkpoint's held-out documents, else the bundled corpus."),
+    data: Path = typer.Option(None, "--data", help="recall: the test/ folder written by `longctx probe make-data`."),
+    seq_len: int = typer.Option(None, "--seq-len", min=1, help="Tokens per forward call. Default: training seq_len."),
+    seed: int = typer.Option(0, "--seed"),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
+    output: Path = typer.Option(None, "--output", "-o", help="Also write the JSON result to this file."),
+    plot_file: Path = typer.Option(None, "--plot", help="Draw the result against distance (PNG; needs matplotlib)."),
+    precision: str = typer.Option("fp32", "--precision", help="fp32 or bf16."),
+    device: str = typer.Option("auto", "--device"),
+    threads: int = typer.Option(0, "--threads", min=0),
+    progress: bool = typer.Option(None, "--progress/--no-progress"),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+) -> None:
+    """How far back does a model read? Scores by distance: copy, context or recall."""
+    if ctx.invoked_subcommand is not None:
+        return
+    import torch
+
+    from longctx.probe import (
+        DEFAULT_CONTEXT_DISTANCES,
+        DEFAULT_COPY_DISTANCES,
+        ProbeOptions,
+        format_probe,
+        plot_probe,
+        score_context,
+        score_copy,
+        score_recall,
+    )
+
+    setup_logging(quiet)
+    if task not in ("copy", "context", "recall"):
+        raise ConfigError(f"--task must be copy, context or recall, got {task!r}")
+    if content not in ("text", "random"):
+        raise ConfigError(f"--content must be text or random, got {content!r}")
+    if precision not in ("fp32", "bf16"):
+        raise ConfigError(f"--precision must be fp32 or bf16, got {precision!r}")
+    if task == "recall" and data is None:
+        raise ConfigError("--task recall needs --data DIR/test (make it with `longctx probe make-data`)")
+    if task != "recall" and data is not None:
+        raise ConfigError("--data is the recall task's test folder; copy and context read --filler")
+    ladder = parse_distances(distances, DEFAULT_COPY_DISTANCES if task == "copy" else DEFAULT_CONTEXT_DISTANCES)
+    spec = recall_spec_for(data) if task == "recall" else None
+    if data is not None and not data.is_dir():
+        raise DataError(f"--data {str(data)!r} is not a folder; give the test/ folder of `longctx probe make-data`")
+    check_output(output, "--output")
+    check_output(plot_file, "--plot")
+    if plot_file is not None:
+        require_matplotlib("--plot")
+    path = pick_checkpoint(model)
+    net, tokenizer, config, dev = load_for_inference(path, device, threads)
+    opts = ProbeOptions(seq_len=seq_len or config.train.seq_len, precision=precision,  # type: ignore[arg-type]
+                        progress=sys.stderr.isatty() if progress is None else progress)
+    net.eval()
+    with torch.inference_mode():
+        if task == "copy":
+            result = score_copy(net, tokenizer, probe_filler(filler, config), ladder, span, trials,
+                                content, seed, opts)  # type: ignore[arg-type]
+        elif task == "context":
+            fill = probe_filler(filler, config)
+            streams = [_stream(tokenizer, t) for t in fill.texts]
+            result = score_context(net, tokenizer, streams, ladder, tokens, opts)
+        else:
+            assert spec is not None and data is not None
+            if distances is not None:
+                spec.distances = ladder
+            texts = [p.read_bytes() for p in sorted(data.glob("*.txt"))]
+            if not texts:
+                raise DataError(f"--data {str(data)!r} holds no .txt files; give the test/ folder of "
+                                "`longctx probe make-data`")
+            result = score_recall(net, tokenizer, texts, spec, opts)
+    from longctx import __version__
+
+    result.settings.update(checkpoint=str(path), decoder=config.model.decoder, preset=config.preset,
+                           seq_len=opts.seq_len, precision=precision, device=str(dev), longctx_version=__version__)
+    report = result.to_dict()
+    if output is not None:
+        try:
+            output.write_text(json.dumps(report, indent=2))
+        except OSError as e:
+            raise LongctxError(f"cannot write --output {str(output)!r}: {e.strerror or e}") from None
+    if plot_file is not None:
+        plot_probe([report], plot_file)
+        log.info("wrote %s", plot_file)
+    typer.echo(json.dumps(report) if json_out else format_probe(report))
+
+
+def _stream(tokenizer: Any, text: bytes) -> Any:
+    import numpy as np
+
+    return np.concatenate([[tokenizer.sep_id], tokenizer.encode_bytes(text)]).astype(np.int64)
+
+
+def require_matplotlib(flag: str) -> None:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise ConfigError(f"{flag} needs matplotlib: pip install 'longctx[plot]' (or pip install matplotlib)") \
+            from None
+
+
+@probe_app.command("make-data")
+def probe_make_data(
+    out: Path = typer.Option(..., "--out", help="Folder to create: train/, test/ and recall.json."),
+    task: str = typer.Option("recall", "--task", help="recall (the only task that needs training data)."),
+    docs: int = typer.Option(2000, "--docs", min=1, help="Training documents."),
+    queries: int = typer.Option(200, "--queries", min=1, help="Test questions per distance."),
+    distances: str = typer.Option(None, "--distances", help="Test distances in bytes (16,64,256,1024,4096)."),
+    filler: list[str] = typer.Option(None, "--filler", help="Text files or folders. Default: the bundled corpus."),
+    seed: int = typer.Option(0, "--seed"),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+) -> None:
+    """Write training and test data for --task recall: `longctx train --data OUT/train`, then
+    `longctx probe --task recall --data OUT/test`."""
+    from longctx.probe import DEFAULT_RECALL_DISTANCES, RECALL_KEYS, RecallSpec, write_recall_data
+
+    setup_logging(quiet)
+    if task != "recall":
+        raise ConfigError(f"make-data writes data for --task recall only (copy and context need none), got {task!r}")
+    spec = RecallSpec(distances=parse_distances(distances, DEFAULT_RECALL_DISTANCES))
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError(f"--out {str(out)!r} exists and is not an empty folder; give a new folder")
+    fill = probe_filler(filler, None, strip=RECALL_KEYS) if filler else None
+    if fill is None:
+        from longctx.data import bundled_documents
+        from longctx.probe import load_filler
+
+        fill = load_filler(bundled_documents(), RECALL_KEYS)
+    if fill.longest < max(spec.distances) + 1024:
+        raise DataError(f"test distances up to {max(spec.distances):,} bytes need a filler document of "
+                        f"{max(spec.distances) + 1024:,} bytes; the longest has {fill.longest:,}")
+    try:
+        summary = write_recall_data(out, fill, spec, docs, queries, seed)
+    except OSError as e:
+        raise LongctxError(f"cannot write to --out {str(out)!r}: {e.strerror or e}") from None
+    log.info("wrote %s: %d training documents (%s bytes), %d test documents (%d questions per distance)",
+             out, summary["train_docs"], f"{summary['train_bytes']:,}", summary["test_docs"], queries)
+    log.info("next: longctx train --data %s ... ; longctx probe --task recall --data %s",
+             out / "train", out / "test")
+
+
+# --------------------------------------------------------------------------------------------------------------------
 # presets, version
 
 
