@@ -1,10 +1,11 @@
-"""Helpers shared by ``benchmarks/quality.py`` and ``benchmarks/sorting.py``.
+"""Helpers shared by the benchmark scripts (``quality.py``, ``reach.py``, ``sorting.py``, ...).
 
 * :func:`attention_window`: the number of tokens a decoder attends to exactly (token by token), the window to which
   the "memory cut" of ``quality.py`` and the window oracle of ``sorting.py`` are set;
 * :func:`machine_info`: what the figures were measured on;
 * :func:`write_report`: the JSON report on stdout and in a file;
 * :func:`parse_list`: comma lists of flags;
+* :func:`budget_overrides`, :func:`train_preset`: every preset trained alike, resumable run folders;
 * ``TINY_MODEL_OVERRIDES``: the tiny models of ``--smoke``.
 
 Not a script: import it from a sibling script (``sys.path`` holds the script's folder when it runs).
@@ -12,8 +13,12 @@ Not a script: import it from a sibling script (``sys.path`` holds the script's f
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import datetime
 import json
+import logging
+import math
 import os
 import platform
 import sys
@@ -22,7 +27,9 @@ from typing import Any
 
 import torch
 
-from longctx.config import ModelConfig
+from longctx.checkpoint import find_checkpoints, read_config
+from longctx.config import Config, ModelConfig
+from longctx.train import RunOptions, train
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -82,6 +89,67 @@ def attention_window(model: ModelConfig, seq_len: int) -> tuple[int, str]:
     if name == "perceiver_ar":
         return model.perceiver_ar.context, "perceiver_ar.context (inputs of the cross-attention)"
     return seq_len, f"train.seq_len (no window rule for decoder {name!r})"
+
+
+def budget_overrides(cfg: Config, args: argparse.Namespace, overrides: dict[str, Any]) -> dict[str, Any]:
+    """The keys that make every preset train alike: budget, seed, precision, threads, device. A budget shorter than
+    ten times the preset's warm-up gets a warm-up of a tenth of its steps (unless ``train.warmup_steps`` is set), so
+    that the learning rate reaches its peak and decays in short runs too."""
+    per_step = cfg.train.batch_size * cfg.train.seq_len
+    steps = max(1, math.ceil(args.tokens / per_step))
+    keys: dict[str, Any] = {"train.max_steps": steps, "train.max_tokens": args.tokens, "train.seed": args.seed,
+                            "train.precision": args.precision, "train.threads": args.threads,
+                            "train.device": args.device}
+    if "train.warmup_steps" not in overrides:
+        keys["train.warmup_steps"] = min(cfg.train.warmup_steps, steps // 10)
+    return keys
+
+
+def run_progress(out_dir: Path) -> tuple[Path | None, dict[str, Any]]:
+    """(newest complete checkpoint, its trainer_state.json) of a run folder; (None, {}) before the first one."""
+    found = find_checkpoints(out_dir)
+    if not found:
+        return None, {}
+    meta_file = found[-1] / "trainer_state.json"
+    meta = json.loads(meta_file.read_text(encoding="utf-8")) if meta_file.is_file() else {}
+    return found[-1], meta
+
+
+def check_same_model(checkpoint: Path, cfg: Config) -> None:
+    """Refuse to resume a run folder that holds another model (the tokenizer sets vocab_size and separator_id, so
+    they are not compared)."""
+    unset = {"vocab_size": None, "separator_id": None}
+    saved = dataclasses.asdict(read_config(checkpoint).model) | unset
+    wanted = dataclasses.asdict(cfg.model) | unset
+    if saved != wanted:
+        differ = sorted(k for k in wanted if saved.get(k) != wanted[k])
+        raise SystemExit(f"benchmark: {checkpoint.parent} holds a run of another model "
+                         f"(model.{', model.'.join(differ)} differ); give another --out-dir or delete that folder")
+
+
+def train_preset(preset: str, cfg: Config, overrides: dict[str, Any], out_dir: Path) -> None:
+    """Train (or resume) the run of ``preset`` until it reaches the budget; no-op when it already has."""
+    checkpoint, meta = run_progress(out_dir)
+    if checkpoint is not None:
+        check_same_model(checkpoint, cfg)
+        if meta.get("step", 0) >= cfg.train.max_steps:
+            log(f"{preset}: {out_dir} already holds {meta['step']} steps ({meta.get('tokens_seen', 0):,} tokens); "
+                "not training")
+            return
+        log(f"{preset}: resuming {checkpoint} at step {meta.get('step', 0)} of {cfg.train.max_steps}")
+    else:
+        log(f"{preset}: training {cfg.train.max_steps} steps in {out_dir}")
+    train(cfg, RunOptions(out_dir=out_dir, resume="auto", progress=False), overrides)
+
+
+def setup_logging() -> None:
+    """The trainer's progress lines (logger ``longctx``) on stderr."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("  %(message)s"))
+    logger = logging.getLogger("longctx")
+    logger.handlers[:] = [handler]
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
 
 
 def machine_info(threads: int) -> dict[str, Any]:

@@ -66,10 +66,8 @@ from __future__ import annotations
 
 import argparse
 import csv
-import dataclasses
 import io
 import json
-import logging
 import math
 import sys
 import time
@@ -84,18 +82,22 @@ from common import (  # noqa: E402
     RESULTS,
     TINY_MODEL_OVERRIDES,
     attention_window,
+    budget_overrides,
     log,
     machine_info,
     parse_list,
+    run_progress,
+    setup_logging,
     timestamp,
+    train_preset,
     write_report,
 )
 
-from longctx.checkpoint import find_checkpoints, load_checkpoint, read_config  # noqa: E402
+from longctx.checkpoint import load_checkpoint  # noqa: E402
 from longctx.config import Config, list_presets, load_config, parse_set_args  # noqa: E402
 from longctx.data import Document, discover, split_documents  # noqa: E402
 from longctx.scoring import EvalOptions, evaluate_documents  # noqa: E402
-from longctx.train import Interrupted, RunOptions, resolve_device, train  # noqa: E402
+from longctx.train import Interrupted, resolve_device  # noqa: E402
 
 DEFAULT_TOKENS = 10_240_000  # the presets' own budget: 5,000 steps of 8 lanes x 256 tokens
 DEFAULT_OUTPUT = RESULTS / "quality.json"
@@ -112,61 +114,6 @@ SMOKE_OVERRIDES = TINY_MODEL_OVERRIDES | {
 EVAL_FILE = "quality_eval.json"
 EVAL_VERSION = 1  # bump when the definition of a mode changes, so that cached evaluations are redone
 MODES = ("carry", "cut", "reset")
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# training
-
-
-def budget_overrides(cfg: Config, args: argparse.Namespace, overrides: dict[str, Any]) -> dict[str, Any]:
-    """The keys that make every preset train alike: budget, seed, precision, threads, device. A budget shorter than
-    ten times the preset's warm-up gets a warm-up of a tenth of its steps (unless ``train.warmup_steps`` is set), so
-    that the learning rate reaches its peak and decays in short runs too."""
-    per_step = cfg.train.batch_size * cfg.train.seq_len
-    steps = max(1, math.ceil(args.tokens / per_step))
-    keys: dict[str, Any] = {"train.max_steps": steps, "train.max_tokens": args.tokens, "train.seed": args.seed,
-                            "train.precision": args.precision, "train.threads": args.threads,
-                            "train.device": args.device}
-    if "train.warmup_steps" not in overrides:
-        keys["train.warmup_steps"] = min(cfg.train.warmup_steps, steps // 10)
-    return keys
-
-
-def run_progress(out_dir: Path) -> tuple[Path | None, dict[str, Any]]:
-    """(newest complete checkpoint, its trainer_state.json) of a run folder; (None, {}) before the first one."""
-    found = find_checkpoints(out_dir)
-    if not found:
-        return None, {}
-    meta_file = found[-1] / "trainer_state.json"
-    meta = json.loads(meta_file.read_text(encoding="utf-8")) if meta_file.is_file() else {}
-    return found[-1], meta
-
-
-def check_same_model(checkpoint: Path, cfg: Config) -> None:
-    """Refuse to resume a run folder that holds another model (the tokenizer sets vocab_size and separator_id, so
-    they are not compared)."""
-    unset = {"vocab_size": None, "separator_id": None}
-    saved = dataclasses.asdict(read_config(checkpoint).model) | unset
-    wanted = dataclasses.asdict(cfg.model) | unset
-    if saved != wanted:
-        differ = sorted(k for k in wanted if saved.get(k) != wanted[k])
-        raise SystemExit(f"quality: {checkpoint.parent} holds a run of another model (model.{', model.'.join(differ)} "
-                         "differ); give another --out-dir or delete that folder")
-
-
-def train_preset(preset: str, cfg: Config, overrides: dict[str, Any], out_dir: Path) -> None:
-    """Train (or resume) the run of ``preset`` until it reaches the budget; no-op when it already has."""
-    checkpoint, meta = run_progress(out_dir)
-    if checkpoint is not None:
-        check_same_model(checkpoint, cfg)
-        if meta.get("step", 0) >= cfg.train.max_steps:
-            log(f"{preset}: {out_dir} already holds {meta['step']} steps ({meta.get('tokens_seen', 0):,} tokens); "
-                "not training")
-            return
-        log(f"{preset}: resuming {checkpoint} at step {meta.get('step', 0)} of {cfg.train.max_steps}")
-    else:
-        log(f"{preset}: training {cfg.train.max_steps} steps in {out_dir}")
-    train(cfg, RunOptions(out_dir=out_dir, resume="auto", progress=False), overrides)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -379,16 +326,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if not args.presets or args.tokens < 1 or args.eval_bytes < 0 or args.threads < 0:
         p.error("--presets must name at least one preset, --tokens must be >= 1, --eval-bytes and --threads >= 0")
     return args
-
-
-def setup_logging() -> None:
-    """The trainer's progress lines (logger ``longctx``) on stderr."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("  %(message)s"))
-    logger = logging.getLogger("longctx")
-    logger.handlers[:] = [handler]
-    logger.setLevel(logging.INFO)
-    logger.propagate = False
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
