@@ -91,6 +91,33 @@ def attention_window(model: ModelConfig, seq_len: int) -> tuple[int, str]:
     return seq_len, f"train.seq_len (no window rule for decoder {name!r})"
 
 
+def theoretical_reach(model: ModelConfig) -> tuple[int | None, str]:
+    """(R, why): the farthest a token's information can travel forward through the decoder, in tokens; None when a
+    recurrent memory (running sums, a continuous long-term memory) carries some of it arbitrarily far.
+
+    A layer that reads the W - 1 tokens before a query moves information W - 1 tokens forward, so L such layers
+    reach L (W - 1) tokens back; Perceiver AR's one cross-attention reads context - 1 inputs back and its L - 1
+    latent layers latents - 1 more each; the Combiner reaches its own segment and S summarised segments per layer.
+    """
+    L = model.n_layer
+    name = model.decoder
+    if name == "transformer":
+        return L * (model.transformer.window - 1), f"{L} layers x (transformer.window - 1)"
+    if name == "xl":
+        return L * (model.xl.mem_len - 1), f"{L} layers x (xl.mem_len - 1)"
+    if name == "perceiver_ar":
+        p = model.perceiver_ar
+        return p.context - 1 + (L - 1) * (p.latents - 1), "context - 1 + (n_layer - 1) x (latents - 1)"
+    if name == "combiner":
+        c = model.combiner
+        return L * (c.segment * (c.max_summaries + 1) - 1), f"{L} layers x (segment x (max_summaries + 1) - 1)"
+    if name == "infinite":
+        return None, "the continuous long-term memory holds the whole past"
+    if name == "aft":
+        return None, f"aft-{model.aft.variant}: running sums over the whole past (far = {model.aft.far!r})"
+    return None, f"no rule for decoder {name!r}"
+
+
 def budget_overrides(cfg: Config, args: argparse.Namespace, overrides: dict[str, Any]) -> dict[str, Any]:
     """The keys that make every preset train alike: budget, seed, precision, threads, device. A budget shorter than
     ten times the preset's warm-up gets a warm-up of a tenth of its steps (unless ``train.warmup_steps`` is set), so

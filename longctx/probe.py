@@ -660,6 +660,7 @@ def plot_probe(reports: Sequence[dict[str, Any]], path: Path, marks: dict[str, i
     """One line per report (score against distance, log scale, error bars of 2 standard errors); ``marks`` draws a
     dotted vertical line per label (e.g. each decoder's theoretical reach)."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
@@ -678,6 +679,7 @@ def plot_probe(reports: Sequence[dict[str, Any]], path: Path, marks: dict[str, i
     else:
         ax.axhline(0.0, color="grey", linewidth=1)
     ax.set_xscale("log", base=2)
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:,.0f}"))
     ax.set_xlabel(UNITS[task])
     ax.set_ylabel({"copy": "bits per byte saved on the repeat", "context": "bits per byte the context beyond d is "
                    "worth", "recall": "accuracy of the value"}[task])

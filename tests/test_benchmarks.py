@@ -183,3 +183,19 @@ def test_aft_stall_counts_the_document_boundaries_lanes_cross(tmp_path):
     # the others lie inside the lanes, except any in the last < 64 tokens of a lane that no step reads
     assert len(whole) == 4 and 36 <= sum(whole) <= 38 and all(n >= 8 for n in whole)
     assert stall.boundaries_read(load_config("aft-local-small", {"data.tokenizer": "bpe"}), [1]) is None
+
+
+def test_reach_smoke(tmp_path):
+    report, _ = _run_with_runs("reach", tmp_path)
+    presets = report["presets"]
+    assert set(presets) == {"transformer-small", "aft-local-small"}
+    assert presets["transformer-small"]["theoretical_reach"] == 15  # 1 layer, window 16 (the tiny overrides)
+    assert presets["aft-local-small"]["theoretical_reach"] is None
+    for res in presets.values():
+        assert "error" not in res, res
+        assert [r["distance"] for r in res["recall"]["distances"]] == [16, 64]
+        assert res["recall"]["tokens_trained"] == 6 * 4 * 32
+        assert [r["distance"] for r in res["copy"]["distances"]] == [16, 64]
+        assert [r["distance"] for r in res["context"]["distances"]] == [8, 32]
+    # the tiny transformer sees 15 tokens back: the context beyond 32 tokens is worth nothing to it
+    assert abs(presets["transformer-small"]["context"]["distances"][1]["gain_bits_per_byte"]) < 1e-4
