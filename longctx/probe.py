@@ -543,6 +543,9 @@ def score_copy(model: LongContextLM, tokenizer: Tokenizer, filler: Filler, dista
                      "nll_repeat": float(np.mean([r for r, _ in pairs])),
                      "nll_control": float(np.mean([c for _, c in pairs])), "trials": len(pairs)})
     notes = ["nll_* are bits per byte of the repeated passage; gain = control - repeat"]
+    if tokenizer.kind != "byte":
+        notes.append("passages and filler were tokenized separately, so that the repeat is the same tokens as the "
+                     "first occurrence (the BPE tokens at their borders differ from those of the joined text)")
     return ProbeResult("copy", {"span": span, "trials": trials, "content": content, "seed": seed}, rows, notes)
 
 

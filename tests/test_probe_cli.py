@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from test_cli import Result, Workspace, assert_user_error, cli, ws  # noqa: F401  (fixtures)
+from test_cli import Result, Workspace, assert_user_error, bpe_ckpt, cli, ws  # noqa: F401  (fixtures)
 
 
 @pytest.fixture(scope="module")
@@ -77,3 +77,17 @@ def test_probe_plot(ws: Workspace, cli: Callable[..., Result], tmp_path: Path, m
     assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if the plot extra were not installed
     assert_user_error(cli("probe", "-m", ws.ckpt, "--plot", tmp_path / "q.png"), "pip install")
+
+
+def test_probe_a_bpe_checkpoint_says_how_it_tokenized(bpe_ckpt: Path, cli: Callable[..., Result],  # noqa: F811
+                                                      recall_dir: Path) -> None:
+    res = cli("probe", "-m", bpe_ckpt, "--distances", "16,64", "--trials", "2", "--json")
+    assert res.code == 0, res.err
+    report = json.loads(res.out)
+    assert any("tokenized separately" in note for note in report["notes"])
+    res = cli("probe", "-m", bpe_ckpt, "--task", "recall", "--data", recall_dir / "test", "--json")
+    assert res.code == 0, res.err
+    report = json.loads(res.out)
+    asked = sum(r["queries"] for r in report["distances"])
+    skipped = sum(int(n.split()[0]) for n in report["notes"] if "skipped" in n)
+    assert asked + skipped == 2 * 4  # every question is scored or counted as skipped, never silently lost
