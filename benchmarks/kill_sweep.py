@@ -122,7 +122,7 @@ def main() -> None:
             return
         found = RESUMED.search(stderr)
         step = int(found.group(1)) if found else 0
-        want = max(pending_check["newest"], pending_check["recoverable"])
+        want = max(pending_check["newest_after_kill"], pending_check["recoverable"])
         pending_check["next_start_resumed_at"] = step
         if step != want and not (want == 0 and not found):
             pending_check["problems"].append(f"the next start resumed at step {step}, not {want}")

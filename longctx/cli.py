@@ -8,6 +8,7 @@ Long flags also accept underscores (``--out_dir``), as LitGPT and nanoGPT users 
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import json
 import logging
@@ -583,3 +584,10 @@ def main(argv: list[str] | None = None) -> None:
     except BrokenPipeError:  # e.g. `longctx generate ... | head`
         sys.stderr.close()
         sys.exit(0)
+    except OSError as e:  # a path given longer than the system allows: any look at it fails, wherever it is made
+        if debug or e.errno != errno.ENAMETOOLONG:
+            raise
+        name = str(e.filename)
+        short = name if len(name) <= 80 else f"{name[:40]}...{name[-30:]}"
+        print(f"error: the path {short!r} is longer than this system allows; give a shorter one", file=sys.stderr)
+        sys.exit(2)

@@ -497,6 +497,15 @@ def test_generate_save_state_name_too_long_is_found_before_work(tmp_path):
     assert_user_error(res, "--save-state", "cannot be written (File name too long)")
 
 
+def test_paths_longer_than_the_system_allows_are_one_line(tmp_path):
+    from test_cli import assert_user_error, run_inprocess
+
+    long = str(tmp_path / ("x" * 300))
+    for args in (["info", long], ["eval", "-m", long], ["generate", "-m", long], ["plot", long],
+                 ["train", "-q", "--data", long, "--max-steps", "1", "--out-dir", str(tmp_path / "run")]):
+        assert_user_error(run_inprocess(tmp_path, *args), "is longer than this system allows")
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # loading while a training run prunes
 
