@@ -91,7 +91,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--random", type=int, default=40, help="random kills")
-    parser.add_argument("--aim-depth", type=int, default=6, help="kill at the 1st .. N-th call of each syscall set")
+    parser.add_argument("--aim-depth", type=int, default=8, help="kill at the 1st .. N-th call of each syscall set")
     parser.add_argument("--seed", type=int, default=20261203)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
@@ -121,17 +121,21 @@ def main() -> None:
         if pending_check is None:
             return
         found = RESUMED.search(stderr)
+        if "recovered" in stderr:
+            pending_check["recovered_on_next_start"] = True
+        if found is None and "model: " not in stderr:
+            return  # killed itself before it resumed or started afresh: the start after it is judged instead
         step = int(found.group(1)) if found else 0
         want = max(pending_check["newest_after_kill"], pending_check["recoverable"])
         pending_check["next_start_resumed_at"] = step
         if step != want and not (want == 0 and not found):
             pending_check["problems"].append(f"the next start resumed at step {step}, not {want}")
-        if "recovered" in stderr:
-            pending_check["recovered_on_next_start"] = True
         pending_check = None
 
     def after_kill(kind: str, **detail: Any) -> None:
         nonlocal newest, pending_check
+        if pending_check is not None:  # the start just killed never got to resume: its successor is judged
+            detail["previous_start_killed_before_resuming"] = True
         temporaries = [p.name for p in run.glob(".tmp-*")] if run.is_dir() else []
         held = recoverable(run) if run.is_dir() else 0
         newest, problems = check_run(run, newest)

@@ -68,7 +68,8 @@ def main() -> None:
             command = commands[calls % len(commands)]
             calls += 1
             saved = sys.stdout, sys.stderr
-            sys.stdout, sys.stderr = out, err = io.StringIO(), io.StringIO()
+            err = io.StringIO()
+            sys.stdout, sys.stderr = io.StringIO(), err
             try:
                 cli_main(command)
                 code = 0
