@@ -15,24 +15,28 @@ half-written checkpoint where a resume would find it.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from longctx import __version__
 from longctx.config import Config
 from longctx.decoders import State
-from longctx.errors import CheckpointError, ConfigError
+from longctx.errors import CheckpointError, ConfigError, LongctxError
 from longctx.model import LongContextLM, build_model
+from longctx.tempfiles import locked_temp, remove_stale
 from longctx.tokenizer import Tokenizer
 
 MODEL_FILE = "model.safetensors"
@@ -74,7 +78,14 @@ def _umask() -> int:
 
 
 def _save_tensors(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str]) -> None:
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path), metadata=metadata)
+    """Write a safetensors file. A failed write (disk full, read-only, name too long) raises ``OSError`` with the
+    system's errno: safetensors reports it as its own ``SafetensorError``, which callers would not recognise."""
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path), metadata=metadata)
+    except SafetensorError as e:
+        found = re.search(r"os error (\d+)", str(e))
+        code = int(found.group(1)) if found else errno.EIO
+        raise OSError(code, os.strerror(code) if found else str(e).splitlines()[0][:200], str(path)) from None
     os.chmod(path, 0o666 & ~_umask())  # safetensors writes 0600; the same permissions as the checkpoint's other files
     with open(path, "rb+") as f:
         os.fsync(f.fileno())
@@ -212,7 +223,11 @@ def find_latest_checkpoint(root: Path = Path("runs")) -> Path | None:
         return None
     candidates = [p for p in root.glob("*/step-*") if STEP_DIR.match(p.name) and (p / MODEL_FILE).is_file()]
     candidates += [p for p in root.glob("step-*") if STEP_DIR.match(p.name) and (p / MODEL_FILE).is_file()]
-    return max(candidates, key=lambda p: (p / MODEL_FILE).stat().st_mtime_ns, default=None)
+    written = []
+    for p in candidates:
+        with contextlib.suppress(FileNotFoundError):  # pruned by a training run since it was listed
+            written.append(((p / MODEL_FILE).stat().st_mtime_ns, p))
+    return max(written, key=lambda t: t[0], default=(0, None))[1]
 
 
 def resolve_checkpoint(path: Path) -> Path:
@@ -277,8 +292,36 @@ def load_weights(model: LongContextLM, file: Path) -> dict[str, str]:
 
 
 def load_checkpoint(path: str | Path) -> tuple[LongContextLM, Tokenizer, Config]:
-    """(model in eval mode on the CPU, tokenizer, config) from a checkpoint folder (or a run folder's newest)."""
-    path = resolve_checkpoint(Path(path))
+    """(model in eval mode on the CPU, tokenizer, config) from a checkpoint folder (or a run folder's newest, looked
+    up again if a training run prunes it while it is read)."""
+    model, tokenizer, config, _ = load_newest(lambda: resolve_checkpoint(Path(path)))
+    return model, tokenizer, config
+
+
+def load_newest(pick: Callable[[], Path]) -> tuple[LongContextLM, Tokenizer, Config, Path]:
+    """Load the checkpoint that ``pick`` names, and return it with its path.
+
+    A training run with ``--keep-last`` deletes its older checkpoints while readers may be loading them (it renames
+    the folder away first, so the folder vanishes at once). A checkpoint that vanishes while it is read is therefore
+    picked again once (the newest then); if the pick names no other checkpoint, or that one vanishes too, one
+    CheckpointError says so -- never "damaged", which would send the user after a problem the files do not have.
+    """
+    path = pick()
+    for attempt in range(2):
+        try:
+            return (*_load_folder(path), path)
+        except (LongctxError, OSError):
+            if path.exists():
+                raise  # a real problem of the files
+        gone = path
+        with contextlib.suppress(LongctxError):
+            path = pick() if attempt == 0 else gone
+        if path == gone or not path.exists():
+            break
+    raise CheckpointError(f"checkpoint {gone} was removed while it was read (a training run pruned it); run again")
+
+
+def _load_folder(path: Path) -> tuple[LongContextLM, Tokenizer, Config]:
     config = read_config(path)
     tokenizer = Tokenizer.from_file(str(path / TOKENIZER_FILE))
     if tokenizer.vocab_size != config.model.vocab_size:
@@ -319,13 +362,13 @@ def save_state(path: Path, saved: SavedState, config: Config, tokenizer: Tokeniz
     metadata = {"format": "longctx-state", "longctx_version": __version__, "state_class": type(saved.state).__name__,
                 "model_config": json.dumps(config.to_dict()["model"], sort_keys=True),
                 "tokenizer_sha256": tokenizer.sha256, "tokens": str(saved.tokens), "last_token": str(saved.last_token)}
-    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
     try:
-        _save_tensors(tmp, saved.state.to_tensors(), metadata)
-        os.replace(tmp, path)
-    except Exception as e:  # OSError, or safetensors' own error for an unwritable path
-        tmp.unlink(missing_ok=True)
-        raise CheckpointError(f"cannot write state file {str(path)!r}: {str(e).splitlines()[0][:120]}") from None
+        remove_stale(path.parent, path.name)  # temporaries of earlier writes of this file cut short by a kill
+        with locked_temp(path) as tmp:
+            _save_tensors(tmp, saved.state.to_tensors(), metadata)
+            os.replace(tmp, path)
+    except OSError as e:  # disk full, read-only folder, name too long (safetensors' own errors arrive as OSError)
+        raise CheckpointError(f"cannot write state file {str(path)!r}: {e.strerror or e}") from None
 
 
 def load_state(path: Path, model: LongContextLM, config: Config, tokenizer: Tokenizer) -> SavedState:

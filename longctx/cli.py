@@ -8,6 +8,7 @@ Long flags also accept underscores (``--out_dir``), as LitGPT and nanoGPT users 
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import json
 import logging
@@ -89,8 +90,11 @@ def pick_checkpoint(model: Path | None, flag: str = "--model PATH") -> Path:
     return found
 
 
-def load_for_inference(model_path: Path | None, device_name: str, threads: int) -> tuple[Any, Any, Config, Any]:
-    from longctx.checkpoint import load_checkpoint
+def load_for_inference(model_path: Path | None, device_name: str, threads: int
+                       ) -> tuple[Any, Any, Config, Any, Path]:
+    """(model on the device, tokenizer, config, device, the checkpoint loaded). A checkpoint that a training run
+    prunes while it is read is picked again once (:func:`longctx.checkpoint.load_newest`)."""
+    from longctx.checkpoint import load_newest
     from longctx.train import resolve_device
 
     if threads:
@@ -98,9 +102,8 @@ def load_for_inference(model_path: Path | None, device_name: str, threads: int) 
 
         torch.set_num_threads(threads)
     device = resolve_device(device_name)  # a wrong --device is found before the checkpoint is read
-    path = pick_checkpoint(model_path)
-    model, tokenizer, config = load_checkpoint(path)
-    return model.to(device), tokenizer, config, device
+    model, tokenizer, config, path = load_newest(lambda: pick_checkpoint(model_path))
+    return model.to(device), tokenizer, config, device, path
 
 
 def check_output(path: Path | None, flag: str) -> None:
@@ -108,13 +111,12 @@ def check_output(path: Path | None, flag: str) -> None:
     prompt is never lost to a bad output path at the end."""
     if path is None:
         return
-    if path.is_dir():
-        raise ConfigError(f"{flag} {str(path)!r} is a folder; give a file name")
     try:
+        if path.is_dir():
+            raise ConfigError(f"{flag} {str(path)!r} is a folder; give a file name")
         path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ConfigError(f"{flag} {str(path)!r}: cannot create its folder ({e.strerror or e}); give another path") \
-            from None
+    except OSError as e:  # a folder under a file, a read-only file system, a name too long
+        raise ConfigError(f"{flag} {str(path)!r} cannot be written ({e.strerror or e}); give another path") from None
     if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
         raise ConfigError(f"{flag} {str(path)!r} is not writable; give another path")
 
@@ -280,8 +282,7 @@ def eval_(
                           "(its segments: --seq-len)")
     check_output(output, "--output")
     check_output(per_position, "--per-position")
-    model = pick_checkpoint(model)  # once: named on stderr and recorded in the result
-    net, tokenizer, config, device = load_for_inference(model, device, threads)
+    net, tokenizer, config, device, model = load_for_inference(model, device, threads)  # recorded in the result
     docs = eval_documents(list(files or []), config)
     win = window or config.train.seq_len
     opts = EvalOptions(mode=mode, seq_len=seq_len or config.train.seq_len, window=win,
@@ -368,7 +369,7 @@ def generate(
     opts = SamplingOptions(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                            min_p=min_p, repetition_penalty=repetition_penalty, repeat_last_n=repeat_last_n,
                            seed=seed, stop=list(stop or []), ignore_eos=ignore_eos)
-    net, tokenizer, config, _ = load_for_inference(model, device, threads)
+    net, tokenizer, config, _, _ = load_for_inference(model, device, threads)
     start = read_state(load_state, net, config, tokenizer) if load_state is not None else None
     chunks, name = prompt_chunks(prompt, prompt_file, tokenizer)
     result = read_prompt(net, tokenizer, chunks, seq_len or config.train.seq_len, start=start, precision=precision,
@@ -416,11 +417,10 @@ def _samples(net: Any, tokenizer: Any, result: Any, opts: Any, num_samples: int,
 @app.command()
 def info(checkpoint: Path = typer.Argument(None, help="Checkpoint folder. Default: newest under runs/.")) -> None:
     """Print a checkpoint's config, parameter count, state size and learned quantities."""
-    from longctx.checkpoint import load_checkpoint
+    from longctx.checkpoint import load_newest
 
     setup_logging()
-    path = pick_checkpoint(checkpoint, flag="a CHECKPOINT argument")
-    model, tokenizer, config = load_checkpoint(path)
+    model, tokenizer, config, path = load_newest(lambda: pick_checkpoint(checkpoint, flag="a CHECKPOINT argument"))
     summary = {"checkpoint": str(path), "decoder": config.model.decoder, "parameters": model.num_parameters(),
                "state_bytes_per_stream": model.init_state(1).nbytes(), "tokenizer": tokenizer.kind,
                "vocab_size": tokenizer.vocab_size, **model.decoder.describe(), "config": config.to_dict()}
@@ -798,3 +798,10 @@ def main(argv: list[str] | None = None) -> None:
     except BrokenPipeError:  # e.g. `longctx generate ... | head`
         sys.stderr.close()
         sys.exit(0)
+    except OSError as e:  # a path given longer than the system allows: any look at it fails, wherever it is made
+        if debug or e.errno != errno.ENAMETOOLONG:
+            raise
+        name = str(e.filename)
+        short = name if len(name) <= 80 else f"{name[:40]}...{name[-30:]}"
+        print(f"error: the path {short!r} is longer than this system allows; give a shorter one", file=sys.stderr)
+        sys.exit(2)

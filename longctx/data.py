@@ -19,6 +19,7 @@ import io
 import json
 import logging
 import os
+import re
 import tarfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ import torch
 
 from longctx.config import DataConfig
 from longctx.errors import DataError
+from longctx.tempfiles import TEMP_NAME, locked_temp, remove_stale
 from longctx.tokenizer import Tokenizer
 
 BUNDLED = "shakespeare"
@@ -231,10 +233,9 @@ def _cache_is_intact(path: Path, meta_path: Path) -> bool:
 
 
 def _write_token_cache(docs: list[Document], tokenizer: Tokenizer, path: Path, dtype: np.dtype) -> dict:
-    """Tokenize ``docs`` into ``path`` (through a temporary file); returns the metadata with size and hash."""
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    """Tokenize ``docs`` into ``path`` (through a locked temporary); returns the metadata with size and hash."""
     h, n_tokens = hashlib.sha256(), 0
-    try:
+    with locked_temp(path) as tmp:
         with open(tmp, "wb") as out:
             for doc in docs:
                 for ids in (np.array([tokenizer.sep_id]), *(ids for ids, _ in iter_document_tokens(doc, tokenizer))):
@@ -243,24 +244,62 @@ def _write_token_cache(docs: list[Document], tokenizer: Tokenizer, path: Path, d
                     h.update(data)
                     n_tokens += len(ids)
         os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return {"documents": [d.name for d in docs], "tokens": n_tokens, "dtype": dtype.name,
             "tokenizer_sha256": tokenizer.sha256, "bytes": n_tokens * dtype.itemsize, "sha256": h.hexdigest()}
+
+
+OLD_TEMP_NAME = re.compile(r"^[0-9a-f]{24}\.tmp(?P<pid>\d+)$")  # the temporaries of longctx 0.x before this rule
+
+
+def remove_outdated_caches(root: Path, keep: Path) -> list[Path]:
+    """Delete caches that can never be used again: one of the files they were built from (named by absolute path in
+    their ``.json``) has changed since (it is newer than the cache), so its key -- names, sizes, mtimes -- no longer
+    matches. Caches of files that are gone are kept (a disk may only be unmounted). Returns the caches deleted."""
+    removed = []
+    for meta_path in root.glob("*.json"):
+        path = meta_path.with_suffix(".bin")
+        if path == keep:
+            continue
+        try:
+            built = path.stat().st_mtime_ns
+            names = json.loads(meta_path.read_text())["documents"]
+            outdated = any(os.path.isabs(n) and os.path.exists(n) and os.stat(n).st_mtime_ns > built for n in names)
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # being written or replaced by another process, or not ours
+        if outdated:
+            path.unlink(missing_ok=True)
+            meta_path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
 
 
 def build_token_cache(docs: list[Document], tokenizer: Tokenizer, root: Path) -> np.ndarray:
     """The memory-mapped token stream ``SEP doc1 SEP doc2 ...`` of ``docs``, built once and reused.
 
     A cache whose size or SHA-256 differs from what was recorded when it was written (truncated, modified) is
-    rebuilt, never used.
+    rebuilt, never used. Building one first deletes what is provably stale in ``root``: temporaries of builds whose
+    process died, and caches of files that have changed since. A failed write (disk full, read-only) is one
+    DataError.
     """
+    try:
+        return _build_token_cache(docs, tokenizer, root)
+    except OSError as e:
+        raise DataError(f"cannot write the token cache in {root}: {e.strerror or e}; free space there or point "
+                        "$LONGCTX_CACHE (or data.cache_dir) to another folder") from None
+
+
+def _build_token_cache(docs: list[Document], tokenizer: Tokenizer, root: Path) -> np.ndarray:
     dtype = token_dtype(tokenizer.vocab_size)
     root.mkdir(parents=True, exist_ok=True)
     (root / CACHE_MARKER).touch()  # so that `--data` over a folder holding the cache never trains on it
     path = root / f"{_cache_key(docs, tokenizer)}.bin"
     meta_path = path.with_suffix(".json")
     if not _cache_is_intact(path, meta_path):
+        for stale in remove_stale(root) + remove_stale(root, pattern=OLD_TEMP_NAME) + \
+                remove_outdated_caches(root, keep=path):
+            log.info("deleted %s from the token cache (%s)", stale.name,
+                     "an interrupted build" if TEMP_NAME.match(stale.name) or OLD_TEMP_NAME.match(stale.name)
+                     else "its documents have changed since")
         if path.exists():
             log.warning("token cache %s does not match its recorded size and hash (damaged, or written by an older "
                         "version); rebuilding it", path)

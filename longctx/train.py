@@ -183,20 +183,44 @@ def make_optimizer(model: LongContextLM, cfg: Any) -> torch.optim.AdamW:
 
 @contextlib.contextmanager
 def run_lock(out_dir: Path) -> Iterator[None]:
-    """One training process per folder. The OS drops the lock when the process dies, so it never stays stuck."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(out_dir / LOCK_FILE, os.O_CREAT | os.O_RDWR, 0o644)
+    """One training process per folder. The OS drops the lock when the process dies, so it never stays stuck.
+    Taking it is the run's first write: a folder that cannot be written (a file, under a file, read-only, a name
+    too long, a full disk) is one line before any work."""
+    try:
+        if out_dir.exists() and not out_dir.is_dir():
+            raise LongctxError(f"--out-dir {out_dir} is a file; give a folder")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(out_dir / LOCK_FILE, os.O_CREAT | os.O_RDWR, 0o644)
+    except OSError as e:
+        raise LongctxError(f"cannot write to --out-dir {out_dir}: {e.strerror or e}; give a writable folder") \
+            from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise LongctxError(f"another longctx train is writing to {out_dir}; wait for it or choose another "
                                "--out-dir") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, str(os.getpid()).encode())
+        except OSError as e:
+            raise LongctxError(f"cannot write to --out-dir {out_dir}: {e.strerror or e}; free space there or give "
+                               "another folder") from None
         yield
     finally:
         os.close(fd)
+
+
+@contextlib.contextmanager
+def writing(path: Path, last_checkpoint: Path | None = None) -> Iterator[None]:
+    """A failed write of a run file (disk full, quota, read-only) -> one line naming the file; the checkpoints
+    already written are untouched."""
+    try:
+        yield
+    except OSError as e:
+        kept = f"the last checkpoint ({last_checkpoint}) is intact; " if last_checkpoint else ""
+        raise LongctxError(f"cannot write {path}: {e.strerror or e}; {kept}free space and continue with "
+                           "--resume auto") from None
 
 
 def prepare_out_dir(run: RunOptions) -> list[Path]:
@@ -294,6 +318,11 @@ class MetricsLog:
     records in ``metrics.csv`` (fixed columns) and TensorBoard event files (``tensorboard/``)."""
 
     def __init__(self, path: Path, keep_up_to_step: int | None, loggers: tuple[str, ...] = ()) -> None:
+        with writing(path):
+            self._open(path, keep_up_to_step, loggers)
+        self.last_checkpoint: Path | None = None  # named when a write fails
+
+    def _open(self, path: Path, keep_up_to_step: int | None, loggers: tuple[str, ...]) -> None:
         self.path = path
         _trim(path, keep_up_to_step, _step_of)
         self.file = open(path, "a", encoding="utf-8")
@@ -314,6 +343,10 @@ class MetricsLog:
             self.tensorboard = SummaryWriter(str(path.parent / TENSORBOARD_DIR), purge_step=purge)
 
     def write(self, record: dict[str, Any]) -> None:
+        with writing(self.path, self.last_checkpoint):
+            self._write(record)
+
+    def _write(self, record: dict[str, Any]) -> None:
         safe = _json_safe(record)
         self.file.write(json.dumps(safe, allow_nan=False) + "\n")
         self.file.flush()
@@ -328,11 +361,16 @@ class MetricsLog:
             self.tensorboard.flush()
 
     def close(self) -> None:
-        self.file.close()
+        """Every record was flushed when written; a close that fails to flush a failed write again (a full disk)
+        must not hide the error that ends the run."""
+        with contextlib.suppress(OSError):
+            self.file.close()
         if self.csv is not None:
-            self.csv_file.close()
+            with contextlib.suppress(OSError):
+                self.csv_file.close()
         if self.tensorboard is not None:
-            self.tensorboard.close()
+            with contextlib.suppress(OSError):
+                self.tensorboard.close()
 
 
 def check_loggers(loggers: tuple[str, ...]) -> None:
@@ -387,7 +425,8 @@ def prepare_tokenizer(config: Config, resume_from: Path | None, init_from: Path 
         if tokenizer.vocab_size < config.data.vocab_size:
             log.info("the BPE tokenizer learned %d tokens (the corpus holds no more merges than that)",
                      tokenizer.vocab_size)
-        tokenizer.save(str(shared))
+        with writing(shared):
+            tokenizer.save(str(shared))
     distrib.barrier(dd)
     return tokenizer if dd.main else Tokenizer.from_file(str(shared))
 
@@ -501,6 +540,7 @@ class Trainer:
         self.states = [model.init_state(self.micro, device) for _ in range(self.accum)]
         self.last_checkpoint: Path | None = None
         self.last_val: dict[str, float] | None = None
+        self.metrics: MetricsLog | None = None  # told the newest checkpoint, which its write errors name
 
     # --------------------------------------------------------------------------------------------- state for resume
 
@@ -621,13 +661,15 @@ class Trainer:
         if self.dist.main:
             try:
                 save_checkpoint(path, self.model, self.config, self.tokenizer, state)
-            except OSError as e:  # disk full, quota, permissions: the previous checkpoints are untouched
+            except OSError as e:  # disk full, quota, read-only (safetensors' own errors arrive as OSError)
                 raise LongctxError(f"cannot write checkpoint {path}: {e.strerror or e}; the previous checkpoints "
                                    "are intact; free space and continue with --resume auto") from None
             for old in find_checkpoints(self.run.out_dir)[: -self.cfg.keep_last]:
                 remove_checkpoint(old)  # a kill during the deletion leaves no partial step-* folder
         distrib.barrier(self.dist)
         self.last_checkpoint = path
+        if self.metrics is not None:
+            self.metrics.last_checkpoint = path
         return path
 
     def run_validation(self) -> dict[str, float] | None:
@@ -832,10 +874,13 @@ def _train(config: Config, run: RunOptions, overrides: dict[str, Any], device: t
         log.info("resumed from %s (step %d, %s tokens seen)", resume_from, trainer.step, f"{trainer.tokens_seen:,}")
     metrics = None
     if dd.main:
-        (run.out_dir / CONFIG_FILE).write_text(config.to_json())
+        with writing(run.out_dir / CONFIG_FILE, trainer.last_checkpoint):
+            (run.out_dir / CONFIG_FILE).write_text(config.to_json())
         announce(config, model, train_tokens, val_tokens, device, run, dd)
         announce_validation(config, split[1], val_tokens)
         metrics = MetricsLog(run.out_dir / METRICS_FILE, trainer.step if resume_from else None, run.loggers)
+        metrics.last_checkpoint = trainer.last_checkpoint
+        trainer.metrics = metrics
     progress = dd.main and (run.progress if run.progress is not None else sys.stderr.isatty())
     try:
         return trainer.loop(metrics, progress)

@@ -303,3 +303,334 @@ def test_metrics_are_strict_json(tmp_path):
     assert records[0] == {"step": 1, "loss": None, "grad_norm": None, "learned": {"x": [None, 1.0]}}
     MetricsLog(path, keep_up_to_step=1).close()  # a resume at step 1 drops the later line, through a rename
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# failed writes: real full and read-only file systems (root only), injected errors, unwritable and too-long paths
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """``tmpfs(kb, readonly=False)``: a small file system of its own (skipped unless root and ``mount`` works)."""
+    import os
+
+    mounted = []
+
+    def mount(kb: int, readonly: bool = False) -> Path:
+        where = tmp_path / f"fs{len(mounted)}"
+        where.mkdir()
+        opts = f"size={kb}k" + (",ro" if readonly else "")
+        if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(where)],
+                                               capture_output=True).returncode != 0:
+            pytest.skip("needs root and a working mount for a small file system")
+        mounted.append(where)
+        return where
+
+    yield mount
+    for where in mounted:
+        subprocess.run(["umount", "-l", str(where)], capture_output=True)
+
+
+def _cli_train(tmp_path, out_dir, *extra: str, **keys):
+    """``longctx train -q`` of the tiny model, in this process; returns the Result."""
+    import json
+
+    from test_cli import run_inprocess
+
+    args = ["train", "-q", "--no-progress", "--preset", "transformer-small", "--out-dir", str(out_dir), *extra]
+    for key, value in tiny_overrides(tmp_path, **keys).items():
+        args += ["--set", f"{key}={json.dumps(value) if not isinstance(value, str) else value}"]
+    return run_inprocess(tmp_path, *args)
+
+
+def _fill(folder: Path) -> None:
+    """Fill the file system of ``folder`` to the last byte."""
+    import os
+
+    with open(folder / "filler", "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(b"\0" * 4096)
+        except OSError:
+            pass
+        os.fsync(f.fileno())
+
+
+def test_safetensors_own_error_on_a_full_disk_is_one_line(tmp_path, monkeypatch):
+    """A real full disk makes safetensors raise SafetensorError, not OSError (the writer is made to raise it)."""
+    from safetensors import SafetensorError
+
+    real = checkpoint_module.save_file
+    calls = {"n": 0}
+
+    def full_disk(tensors, filename, metadata=None):
+        calls["n"] += 1
+        if calls["n"] > 2:  # the first checkpoint (weights + trainer state) fits, the second does not
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        real(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(checkpoint_module, "save_file", full_disk)
+    cfg = load_config("transformer-small", tiny_overrides(tmp_path, **{"train.max_steps": 4,
+                                                                        "train.save_interval": 2}))
+    with pytest.raises(LongctxError, match="No space left on device.*previous checkpoints are intact"):
+        train(cfg, RunOptions(out_dir=tmp_path / "run", progress=False))
+    assert [p.name for p in find_checkpoints(tmp_path / "run")] == ["step-00000002"]
+    assert not list((tmp_path / "run").glob(".tmp-*"))
+    load_checkpoint(tmp_path / "run" / "step-00000002")
+
+
+def test_a_real_full_disk_during_checkpoints_is_one_line(tmp_path, tmpfs):
+    from test_cli import assert_user_error
+
+    disk = tmpfs(768)
+    run = disk / "run"
+    res = _cli_train(tmp_path, run, **{"train.max_steps": 40, "train.save_interval": 1, "train.keep_last": 40})
+    assert_user_error(res, "No space left on device")
+    found = find_checkpoints(run)
+    assert found and not list(run.glob(".tmp-*"))  # earlier checkpoints are there, no half-written one
+    for ckpt in found:
+        load_checkpoint(ckpt)
+
+
+def test_a_full_disk_for_the_lock_metrics_and_token_cache_is_one_line(tmp_path, tmpfs):
+    from test_cli import assert_user_error
+
+    disk = tmpfs(256)
+    (disk / "run").mkdir()
+    _fill(disk)
+    assert_user_error(_cli_train(tmp_path, disk / "run", **{"train.max_steps": 1}), "--out-dir",
+                      "No space left on device")
+    assert_user_error(_cli_train(tmp_path, tmp_path / "run", **{"train.max_steps": 1,
+                                                                  "data.cache_dir": str(disk / "cache")}),
+                      "token cache", "No space left on device")
+
+
+def test_a_failed_metrics_write_is_one_line_and_keeps_the_checkpoints(tmp_path, monkeypatch):
+    import errno
+
+    from longctx.train import MetricsLog
+
+    real = MetricsLog._write
+
+    def full_at_step_3(self, record):
+        if record.get("step") == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(self, record)
+
+    monkeypatch.setattr(MetricsLog, "_write", full_at_step_3)
+    with pytest.raises(LongctxError, match=r"metrics.jsonl: No space left on device; the last checkpoint "
+                                           r"\(.*step-00000002\) is intact"):
+        _run(tmp_path, tmp_path / "run", **{"train.max_steps": 4, "train.save_interval": 1, "train.keep_last": 5})
+    assert [p.name for p in find_checkpoints(tmp_path / "run")] == ["step-00000001", "step-00000002"]
+
+
+def test_out_dir_that_is_a_file_under_a_file_too_long_or_read_only_is_one_line(tmp_path, tmpfs):
+    from test_cli import assert_user_error
+
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file")
+    assert_user_error(_cli_train(tmp_path, blocker, **{"train.max_steps": 1}), "is a file")
+    assert_user_error(_cli_train(tmp_path, blocker / "run", **{"train.max_steps": 1}), "cannot write to --out-dir",
+                      "Not a directory")
+    assert_user_error(_cli_train(tmp_path, tmp_path / ("r" * 300), **{"train.max_steps": 1}), "File name too long")
+    assert_user_error(_cli_train(tmp_path, tmp_path / "run", **{"train.max_steps": 1,
+                                                                  "data.cache_dir": str(blocker / "cache")}),
+                      "token cache", "Not a directory")
+    assert blocker.read_text() == "a file"
+    readonly = tmpfs(64, readonly=True)
+    assert_user_error(_cli_train(tmp_path, readonly / "run", **{"train.max_steps": 1}), "Read-only file system")
+
+
+def _state_and_model(tmp_path):
+    from longctx.checkpoint import SavedState
+
+    cfg = load_config("transformer-small", tiny_overrides(tmp_path, **{"train.max_steps": 1}))
+    ckpt = train(cfg, RunOptions(out_dir=tmp_path / "run", progress=False)).last_checkpoint
+    model, tokenizer, config = load_checkpoint(ckpt)
+    return SavedState(model.init_state(1), tokens=0, last_token=0), config, tokenizer, ckpt
+
+
+def test_save_state_failures_are_one_line(tmp_path, tmpfs, monkeypatch):
+    """A read-only folder used to fail a second time in the cleanup (a traceback); a name near the system's limit
+    used to fail on its temporary's longer name."""
+    import os
+
+    from longctx.checkpoint import load_state, save_state
+    from longctx.errors import CheckpointError
+
+    saved, config, tokenizer, ckpt = _state_and_model(tmp_path)
+    long_name = tmp_path / ("s" * 250)
+    save_state(long_name, saved, config, tokenizer)
+    assert load_state(long_name, load_checkpoint(ckpt)[0], config, tokenizer).tokens == 0
+    assert os.listdir(tmp_path).count(long_name.name) == 1 and not list(tmp_path.glob(".tmp-*"))
+    with pytest.raises(CheckpointError, match="cannot write state file .*Not a directory"):
+        save_state(ckpt / "model.safetensors" / "state", saved, config, tokenizer)
+    readonly = tmpfs(64, readonly=True)
+    with pytest.raises(CheckpointError, match="cannot write state file .*Read-only file system"):
+        save_state(readonly / "state.safetensors", saved, config, tokenizer)
+
+
+def test_save_state_with_safetensors_failing_is_one_line(tmp_path, monkeypatch):
+    from safetensors import SafetensorError
+
+    from longctx.checkpoint import save_state
+    from longctx.errors import CheckpointError
+
+    saved, config, tokenizer, _ = _state_and_model(tmp_path)
+
+    def full(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"partial")
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(checkpoint_module, "save_file", full)
+    with pytest.raises(CheckpointError, match="No space left on device"):
+        save_state(tmp_path / "state.safetensors", saved, config, tokenizer)
+    assert not list(tmp_path.glob(".tmp-*")) and not (tmp_path / "state.safetensors").exists()
+
+
+def test_generate_save_state_name_too_long_is_found_before_work(tmp_path):
+    from test_cli import assert_user_error, run_inprocess
+
+    _, _, _, ckpt = _state_and_model(tmp_path)
+    res = run_inprocess(tmp_path, "generate", "-q", "-m", ckpt, "-p", "hi", "-n", "1", "--save-state",
+                        tmp_path / ("s" * 300))
+    assert_user_error(res, "--save-state", "cannot be written (File name too long)")
+
+
+def test_paths_longer_than_the_system_allows_are_one_line(tmp_path):
+    from test_cli import assert_user_error, run_inprocess
+
+    long = str(tmp_path / ("x" * 300))
+    for args in (["info", long], ["eval", "-m", long], ["generate", "-m", long], ["plot", long],
+                 ["train", "-q", "--data", long, "--max-steps", "1", "--out-dir", str(tmp_path / "run")]):
+        assert_user_error(run_inprocess(tmp_path, *args), "is longer than this system allows")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# loading while a training run prunes
+
+
+def _pruning_reader(monkeypatch):
+    """The first config read of a checkpoint stands for a training run writing the next step and pruning the one
+    being read (renamed away, as remove_checkpoint does)."""
+    import shutil
+
+    real = checkpoint_module.read_config
+    events = []
+
+    def read_config(path):
+        if not events:
+            newer = path.parent / f"step-{int(path.name.split('-')[1]) + 1:08d}"
+            shutil.copytree(path, newer)
+            checkpoint_module.remove_checkpoint(path)
+            events.append(newer)
+        return real(path)
+
+    monkeypatch.setattr(checkpoint_module, "read_config", read_config)
+    return events
+
+
+def test_a_checkpoint_pruned_while_it_is_read_is_picked_again(tmp_path, monkeypatch):
+    from test_cli import run_inprocess
+
+    run = tmp_path / "runs" / "tiny"
+    _run(tmp_path, run, **{"train.max_steps": 2, "train.save_interval": 1, "train.keep_last": 1})
+    events = _pruning_reader(monkeypatch)
+    res = run_inprocess(tmp_path, "info")  # no checkpoint named: the newest under runs/
+    assert res.code == 0, res.err
+    assert '"checkpoint": "runs/tiny/step-00000003"' in res.out and events
+    events.clear()
+    model, _, _ = load_checkpoint(run)  # a run folder: its newest, looked up again
+    assert [p.name for p in find_checkpoints(run)] == ["step-00000004"]
+
+
+def test_a_named_checkpoint_pruned_while_it_is_read_is_reported_as_such(tmp_path, monkeypatch):
+    from test_cli import assert_user_error, run_inprocess
+
+    run = tmp_path / "run"
+    _run(tmp_path, run, **{"train.max_steps": 1, "train.save_interval": 1})
+    _pruning_reader(monkeypatch)
+    res = run_inprocess(tmp_path, "info", run / "step-00000001")
+    line = assert_user_error(res, "step-00000001 was removed while it was read (a training run pruned it); run again")
+    assert "damaged" not in line
+
+
+def test_the_newest_checkpoint_is_found_while_one_is_deleted(tmp_path, monkeypatch):
+    from longctx.checkpoint import find_latest_checkpoint
+
+    for step in (1, 2):
+        (tmp_path / "a" / f"step-0000000{step}").mkdir(parents=True)
+        (tmp_path / "a" / f"step-0000000{step}" / "model.safetensors").write_bytes(b"x")
+    real_is_file = Path.is_file
+
+    def pruned_after_listing(self):  # the listing sees step 1, then the run deletes it before its mtime is read
+        found = real_is_file(self)
+        if found and self.parent.name == "step-00000001":
+            checkpoint_module.remove_checkpoint(self.parent)
+        return found
+
+    monkeypatch.setattr(Path, "is_file", pruned_after_listing)
+    assert find_latest_checkpoint(tmp_path).name == "step-00000002"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# stale temporaries and outdated token caches
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
+def test_temporaries_of_dead_writers_and_outdated_caches_are_deleted(tmp_path):
+    import fcntl
+    import os
+    import time
+
+    doc = tmp_path / "d.txt"
+    doc.write_text("some text to cache\n" * 50)
+    tok, root = Tokenizer.byte_level(), tmp_path / "cache"
+    build_token_cache(discover([str(doc)]), tok, root)
+    (first,) = root.glob("*.bin")
+    gone = tmp_path / "gone.txt"  # a cache of a file that no longer exists is kept: not provably stale
+    gone.write_text("other text\n" * 20)
+    build_token_cache(discover([str(gone)]), tok, root)
+    gone.unlink()
+    dead, alive = _dead_pid(), os.getppid()
+    stale = root / f".tmp-abc.bin-{dead}"
+    stale.mkdir()
+    (stale / ".tmpXYZ").write_bytes(b"\0" * 1000)
+    legacy = root / f"{'0' * 24}.tmp{dead}"
+    legacy.write_bytes(b"\0" * 1000)
+    running = root / f".tmp-def.bin-{alive}"
+    running.mkdir()
+    elsewhere = root / f".tmp-ghi.bin-{_dead_pid()}"  # a writer on another machine: its pid means nothing here,
+    elsewhere.mkdir()  # but it holds the lock
+    fd = os.open(elsewhere, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        time.sleep(0.01)
+        doc.write_text("the text has changed\n" * 50)  # newer than the first cache: it can never be used again
+        build_token_cache(discover([str(doc)]), tok, root)
+    finally:
+        os.close(fd)
+    assert not stale.exists() and not legacy.exists() and not first.exists()
+    assert not first.with_suffix(".json").exists()
+    assert running.exists() and elsewhere.exists()
+    assert len(list(root.glob("*.bin"))) == 2  # the new cache and the one of the vanished file
+
+
+def test_temporaries_of_killed_save_state_writes_are_deleted(tmp_path):
+    from longctx.checkpoint import save_state
+
+    saved, config, tokenizer, _ = _state_and_model(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    stale = out / f".tmp-state.st-{_dead_pid()}"
+    stale.mkdir()
+    (stale / ".tmpQWERTY").write_bytes(b"\0" * 1000)  # safetensors' own temporary, left by a kill
+    other = out / f".tmp-other.st-{_dead_pid()}"  # not this file's: left alone in a folder of the user's
+    other.mkdir()
+    save_state(out / "state.st", saved, config, tokenizer)
+    assert sorted(p.name for p in out.iterdir()) == sorted([other.name, "state.st"])
