@@ -604,8 +604,7 @@ def probe(
     check_output(plot_file, "--plot")
     if plot_file is not None:
         require_matplotlib("--plot")
-    path = pick_checkpoint(model)
-    net, tokenizer, config, dev = load_for_inference(path, device, threads)
+    net, tokenizer, config, dev, path = load_for_inference(model, device, threads)
     opts = ProbeOptions(seq_len=seq_len or config.train.seq_len, precision=precision,  # type: ignore[arg-type]
                         progress=sys.stderr.isatty() if progress is None else progress)
     net.eval()
