@@ -18,9 +18,9 @@ import dataclasses
 import pytest
 import test_contract as contract  # the shared contract checks (same folder; pytest puts it on sys.path)
 import torch
+from conftest import memory_length
 from torch import Tensor
 
-from conftest import memory_length
 from longctx.config import load_config
 from longctx.decoders import transformer as transformer_module
 from longctx.errors import ConfigError

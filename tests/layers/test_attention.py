@@ -92,13 +92,15 @@ def _kernel_inputs(T: int, M: int, dtype: torch.dtype) -> tuple[torch.Tensor, ..
 
 
 def _reference(q, keys, values, cache_valid, window):
-    """The naive masked softmax attention in float64 on the very inputs the kernel got (bf16 inputs are exact in
-    float64), so the tolerances below only cover the kernel's own rounding."""
+    """The naive masked softmax attention in float64 on the CPU on the very inputs the kernel got (bf16 inputs are
+    exact in float64), so the tolerances below only cover the kernel's own rounding."""
     T, M = q.shape[2], cache_valid.shape[1]
-    return dense(q.double(), keys.double(), values.double(), window_mask(T, M, window, cache_valid))
+    q64, k64, v64 = (t.cpu().double() for t in (q, keys, values))  # on the CPU, whatever the kernel's device
+    return dense(q64, k64, v64, window_mask(T, M, window, cache_valid.cpu())).to(q.device)
 
 
 KERNELS = ["banded", "sdpa"]
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]  # cuda: the path `auto` takes on a GPU
 
 
 def test_auto_is_banded_on_the_cpu_and_sdpa_elsewhere():
@@ -110,17 +112,18 @@ def test_auto_is_banded_on_the_cpu_and_sdpa_elsewhere():
         resolve_kernel("flash", torch.device("cpu"))
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("T, M, window", [(70, 7, 8), (150, 0, 5), (6, 9, 10), (1, 9, 10)])
-def test_kernel_equals_the_reference_in_fp32_with_gradients(kernel, T, M, window):
-    q, keys, values, cache_valid = _kernel_inputs(T, M, torch.float32)
+def test_kernel_equals_the_reference_in_fp32_with_gradients(kernel, T, M, window, device):
+    q, keys, values, cache_valid = (t.to(device) for t in _kernel_inputs(T, M, torch.float32))
     q, keys, values = (t.requires_grad_() for t in (q, keys, values))
     out = window_attention(kernel, q, keys, values, kernel_blocks(kernel, T, M, window, cache_valid))
     ref = _reference(q, keys, values, cache_valid, window)
     # float32 against float64: ~1e-7 relative rounding on O(1) outputs and gradients; 1e-5 is 100x that and far
     # below the effect of a mask one key off (checked below: > 1e-2)
     torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=0)
-    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(5))
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(5)).to(device)
     got = torch.autograd.grad(out, (q, keys, values), grad)
     want = torch.autograd.grad(ref, (q, keys, values), grad.double())
     for g, w in zip(got, want, strict=True):
@@ -129,11 +132,13 @@ def test_kernel_equals_the_reference_in_fp32_with_gradients(kernel, T, M, window
         assert (_reference(q, keys, values, cache_valid, window - 1) - ref).abs().max() > 1e-2
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kernel", KERNELS)
-def test_kernel_equals_the_reference_under_bf16_autocast(kernel):
+def test_kernel_equals_the_reference_under_bf16_autocast(kernel, device):
     T, M, window = 70, 7, 8
-    q, keys, values, cache_valid = _kernel_inputs(T, M, torch.bfloat16)  # what the layers feed it under autocast
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    # bf16 inputs: what the layers feed the kernel under autocast
+    q, keys, values, cache_valid = (t.to(device) for t in _kernel_inputs(T, M, torch.bfloat16))
+    with torch.autocast(device, dtype=torch.bfloat16):
         out = window_attention(kernel, q, keys, values, kernel_blocks(kernel, T, M, window, cache_valid))
     assert out.dtype == torch.bfloat16 and out.shape == q.shape
     ref = _reference(q, keys, values, cache_valid, window)
