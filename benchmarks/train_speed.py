@@ -14,9 +14,9 @@ accumulation::
 
 ``--precision bf16`` runs forward and loss under ``torch.autocast(device, dtype=torch.bfloat16)`` (parameters,
 gradients, optimizer and carried state stay fp32); ``fp32`` runs without autocast. ``--precision fp32,bf16`` measures
-both, each with a fresh model and optimizer from the same seed. After ``--warmup`` untimed steps, ``--steps`` steps are timed one
-by one (``time.perf_counter``); the report gives every step time and the median tokens/s = batch * seq_len / median
-step time. The data are uniform random tokens: the speed of these models does not depend on the text.
+both, each with a fresh model and optimizer from the same seed. After ``--warmup`` untimed steps, ``--steps`` steps are
+timed one by one (``time.perf_counter``); the report gives every step time and the median tokens/s = batch * seq_len /
+median step time. The data are uniform random tokens: the speed of these models does not depend on the text.
 
 Model FLOPs and MFU
 -------------------
