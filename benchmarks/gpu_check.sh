@@ -11,6 +11,7 @@
 # --skip-install, --quality-tokens N (training tokens per preset in the quality stage, default 2000000).
 set -uo pipefail
 cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the scripts import this checkout's longctx, whatever is installed
 
 device=cuda smoke=0 out="" budget=600 install=1 quality_tokens=2000000
 while (($#)); do
@@ -32,21 +33,27 @@ deadline=$(( $(date +%s) + budget ))
 failed=0
 
 # stage NAME LIMIT_S COMMAND...: runs COMMAND under `timeout` (at most LIMIT_S and what is left before the
-# deadline), its output in OUT/NAME.log; one line NAME, status, exit code, seconds in OUT/stages.tsv
+# deadline), its output in OUT/NAME.log; one line NAME, status, exit code, milliseconds in OUT/stages.tsv. Status:
+# ok, failed, timeout (its own limit: a failure) or deadline (cut by the global deadline: not a failure)
 stage() {
-  local name=$1 limit=$2 left rc t0 status
+  local name=$1 limit=$2 left rc t0 status clipped=0
   shift 2
   left=$(( deadline - $(date +%s) ))
   if (( left < 5 )); then
     printf '%s\tskipped\t\t0\n' "$name" >>"$out/stages.tsv"; echo "== $name: skipped (deadline)"; return 0
   fi
-  (( limit > left )) && limit=$left
+  (( limit > left )) && { limit=$left; clipped=1; }
   echo "== $name (at most ${limit} s)"
   t0=$(date +%s%N)
   timeout --kill-after=10 "$limit" "$@" >"$out/${name//\//_}.log" 2>&1
   rc=$?
-  status=ok; (( rc == 124 || rc == 137 )) && status=timeout; (( rc != 0 && rc != 124 && rc != 137 )) && status=failed
-  (( rc != 0 )) && failed=1
+  status=ok
+  if (( rc == 124 || rc == 137 )); then
+    status=timeout; ((clipped)) && status=deadline
+  elif (( rc )); then
+    status=failed
+  fi
+  [[ $status == timeout || $status == failed ]] && failed=1
   printf '%s\t%s\t%s\t%s\n' "$name" "$status" "$rc" "$(( ($(date +%s%N) - t0) / 1000000 ))" >>"$out/stages.tsv"
   echo "   $status (exit $rc), log: $out/${name//\//_}.log"
 }
@@ -54,10 +61,9 @@ stage() {
 # 1. install: keep a CUDA torch that is already there (the pinned CPU setup would replace it)
 if ((install)); then
   if python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
-    stage install 300 bash -c 'python -m pip install -q $(python -c "import tomllib
-p = tomllib.load(open(\"pyproject.toml\", \"rb\"))[\"project\"]
-print(\" \".join(d for d in p[\"dependencies\"] + p[\"optional-dependencies\"][\"dev\"] if not d.startswith(\"torch\")))") \
-      && python -m pip install -q --no-deps -e .'
+    deps=$(python -c 'import shlex, tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]
+print(shlex.join(d for d in p["dependencies"] + p["optional-dependencies"]["dev"] if not d.startswith("torch")))')
+    stage install 300 bash -c "python -m pip install -q $deps && python -m pip install -q --no-deps -e ."
   else
     stage install 300 python -m pip install -q "torch==2.13.0" -e ".[dev]"
   fi
@@ -69,7 +75,8 @@ fi
 # 2. tests: the gpu-marked tests first (they run where CUDA is available, and are skipped elsewhere), then the rest
 # of the suite. The smoke run stops after the first: the suite itself runs the smoke run (tests/test_gpu_check.py).
 if ((smoke)); then
-  stage tests-gpu 120 python -m pytest -q -m gpu --junitxml="$out/tests-gpu.xml" tests/layers tests/decoders/test_devices.py
+  stage tests-gpu 120 python -m pytest -q -m gpu --junitxml="$out/tests-gpu.xml" \
+    tests/layers tests/decoders/test_devices.py
 else
   stage tests-gpu 120 python -m pytest -q -m gpu --junitxml="$out/tests-gpu.xml"
   stage tests 240 python -m pytest -q -m "not gpu" --junitxml="$out/tests.xml"

@@ -1,5 +1,5 @@
 """``benchmarks/gpu_check.sh --device cpu --smoke`` runs end to end (every stage, tiny sizes, no install): the GPU
-check cannot rot unnoticed on machines without a GPU. About 35 s on an idle 2-core machine."""
+check cannot rot unnoticed on machines without a GPU. 30-45 s on a busy 2-core machine (load 6-10)."""
 
 from __future__ import annotations
 
