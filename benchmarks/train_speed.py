@@ -12,11 +12,11 @@ accumulation::
     optimizer.step(); optimizer.zero_grad()         # torch.optim.AdamW (foreach, as the trainer; see --adamw)
     state = out.state.detach()                      # truncated backprop through time
 
-``--precision bf16`` runs forward and loss under ``torch.autocast("cpu", dtype=torch.bfloat16)`` (parameters, gradients,
-optimizer and carried state stay fp32); ``fp32`` runs without autocast. ``--precision fp32,bf16`` measures both, each
-with a fresh model and optimizer from the same seed. After ``--warmup`` untimed steps, ``--steps`` steps are timed one
-by one (``time.perf_counter``); the report gives every step time and the median tokens/s = batch * seq_len / median
-step time. The data are uniform random tokens: the speed of these models does not depend on the text.
+``--precision bf16`` runs forward and loss under ``torch.autocast(device, dtype=torch.bfloat16)`` (parameters,
+gradients, optimizer and carried state stay fp32); ``fp32`` runs without autocast. ``--precision fp32,bf16`` measures
+both, each with a fresh model and optimizer from the same seed. After ``--warmup`` untimed steps, ``--steps`` steps are
+timed one by one (``time.perf_counter``); the report gives every step time and the median tokens/s = batch * seq_len /
+median step time. The data are uniform random tokens: the speed of these models does not depend on the text.
 
 Model FLOPs and MFU
 -------------------
@@ -55,6 +55,10 @@ How to run
     python benchmarks/train_speed.py --preset transformer-small --set model.transformer.window=128 --seq-len 512
     python benchmarks/train_speed.py --smoke                           # tiny config, 2 steps, a few seconds (CI)
     python benchmarks/train_speed.py --precision bf16 --profile 3      # + torch.profiler op table on stderr
+    python benchmarks/train_speed.py --device cuda --precision bf16 --batch-size 64 --peak-size 8192  # on a GPU
+
+On ``--device cuda`` the model, data and peak matmuls run on the GPU and every timing waits for the GPU
+(``torch.cuda.synchronize``) before reading the clock; the peak is then the GPU's measured matmul peak.
 
 The JSON report is printed on stdout and written to ``--output`` (default ``benchmarks/results/train_speed.json``;
 with ``--smoke`` the default is ``benchmarks/results/train_speed_smoke.json`` so that a smoke run never overwrites a
@@ -80,6 +84,7 @@ import torch
 
 from longctx.config import Config, load_config, parse_set_args
 from longctx.model import build_model
+from longctx.train import resolve_device
 
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "train_speed.json"
 SMOKE_OUTPUT = Path(__file__).resolve().parent / "results" / "train_speed_smoke.json"
@@ -135,18 +140,27 @@ def load_average() -> list[float] | None:
         return None
 
 
-def matmul_peak(dtype: torch.dtype, size: int, repeats: int) -> dict[str, Any]:
-    """Median FLOP/s of a square ``size`` x ``size`` matmul in ``dtype`` (2 * size^3 FLOPs per product)."""
+def synchronize(device: torch.device) -> None:
+    """Wait for the kernels queued on ``device`` (CUDA runs them asynchronously) before reading a clock."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_peak(dtype: torch.dtype, size: int, repeats: int,
+                device: torch.device = torch.device("cpu")) -> dict[str, Any]:
+    """Median FLOP/s of a square ``size`` x ``size`` matmul in ``dtype`` on ``device`` (2 * size^3 FLOPs each)."""
     gen = torch.Generator().manual_seed(0)
-    a = torch.randn(size, size, generator=gen).to(dtype)
-    b = torch.randn(size, size, generator=gen).to(dtype)
-    out = torch.empty(size, size, dtype=dtype)
+    a = torch.randn(size, size, generator=gen).to(device, dtype)
+    b = torch.randn(size, size, generator=gen).to(device, dtype)
+    out = torch.empty(size, size, dtype=dtype, device=device)
     for _ in range(2):  # warm up the kernel selection and the caches
         torch.mm(a, b, out=out)
     times = []
     for _ in range(repeats):
+        synchronize(device)
         t0 = time.perf_counter()
         torch.mm(a, b, out=out)
+        synchronize(device)
         times.append(time.perf_counter() - t0)
     flops = 2.0 * size**3
     median = statistics.median(times)
@@ -222,20 +236,22 @@ def make_optimizer(model: torch.nn.Module, cfg: Config, impl: str) -> torch.opti
 
 def run_precision(cfg: Config, precision: str, args: argparse.Namespace) -> dict[str, Any]:
     torch.manual_seed(args.seed)
-    model = build_model(cfg.model)
+    device = args.device
+    model = build_model(cfg.model).to(device)
     model.train()
     optimizer = make_optimizer(model, cfg, args.adamw)
     batch, seq_len = args.batch_size, args.seq_len
     n_steps = args.warmup + args.steps
     gen = torch.Generator().manual_seed(args.seed)
     data = torch.randint(0, cfg.model.vocab_size, (n_steps + args.profile, batch, seq_len + 1), generator=gen)
+    data = data.to(device)  # (steps, B, T + 1)
     state = model.init_state(batch)
     autocast = precision == "bf16"
 
     def step(i: int) -> float:
         nonlocal state
         tokens, targets = data[i, :, :-1], data[i, :, 1:]
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
             out = model(tokens, state, targets)
             loss = out.loss + out.aux_loss
         loss.backward()
@@ -250,8 +266,9 @@ def run_precision(cfg: Config, precision: str, args: argparse.Namespace) -> dict
         losses.append(step(i))
     times = []
     for i in range(args.warmup, n_steps):
+        synchronize(device)
         t0 = time.perf_counter()
-        losses.append(step(i))
+        losses.append(step(i))  # float(loss) waits for the device too
         times.append(time.perf_counter() - t0)
         log(f"  {precision} step {i - args.warmup + 1}/{args.steps}: {times[-1] * 1e3:.1f} ms")
 
@@ -291,6 +308,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="override one config key, e.g. --set model.n_layer=4 (repeatable)")
     p.add_argument("--precision", default="fp32,bf16", help="fp32, bf16 or a comma list (default fp32,bf16)")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (default 0 = torch's default)")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N, or auto")
     p.add_argument("--batch-size", type=int, default=None,
                    help="lanes per step (default: the preset's train.batch_size)")
     p.add_argument("--seq-len", type=int, default=None, help="tokens per lane and step (default: train.seq_len)")
@@ -341,14 +359,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise SystemExit("--batch-size and --seq-len must be >= 1")
     if args.threads:
         torch.set_num_threads(args.threads)
+    args.device = resolve_device(args.device)
     threads = torch.get_num_threads()
     load_start = load_average()
-    log(f"train_speed: {cfg.preset}, batch {args.batch_size} x seq {args.seq_len}, {threads} threads, "
+    log(f"train_speed: {cfg.preset} on {args.device}, batch {args.batch_size} x seq {args.seq_len}, {threads} threads, "
         f"{args.warmup} warmup + {args.steps} timed steps, precision {','.join(args.precisions)}")
 
-    peaks = {"fp32": matmul_peak(torch.float32, args.peak_size, args.peak_repeats)}
+    peaks = {"fp32": matmul_peak(torch.float32, args.peak_size, args.peak_repeats, args.device)}
     if "bf16" in args.precisions:
-        peaks["bf16"] = matmul_peak(torch.bfloat16, args.peak_size, args.peak_repeats)
+        peaks["bf16"] = matmul_peak(torch.bfloat16, args.peak_size, args.peak_repeats, args.device)
     for name, peak in peaks.items():
         log(f"  matmul peak {name}: {peak['flops_per_s'] / 1e9:.1f} GFLOP/s ({args.peak_size}^3, median)")
 
@@ -378,6 +397,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "python": platform.python_version(),
             "torch": torch.__version__,
             "threads": threads,
+            "device": str(args.device),
+            "cuda_device": torch.cuda.get_device_name(args.device) if args.device.type == "cuda" else None,
             "mkldnn": torch.backends.mkldnn.is_available(),
             "load_average_start": load_start,
             "load_average_end": load_average(),

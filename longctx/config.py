@@ -180,6 +180,8 @@ class PerceiverARConfig:
 
 
 DecoderName = Literal["transformer", "xl", "aft", "infinite", "perceiver_ar", "combiner"]
+AttentionKernel = Literal["auto", "banded", "sdpa"]
+WINDOW_ATTENTION_DECODERS = ("transformer", "perceiver_ar")  # the decoders whose attention model.attention_kernel picks
 
 
 @dataclass
@@ -197,6 +199,9 @@ class ModelConfig:
     init_std: float = 0.02
     separator_id: int = -1  # the document separator's token id; set from the tokenizer when training; -1 = none
     reset_at_separator: bool = True  # no information crosses a separator: the memory starts empty at each one
+    # sliding-window attention of transformer and perceiver_ar: "banded" (blocks of queries, float32 softmax),
+    # "sdpa" (F.scaled_dot_product_attention, one boolean mask), "auto" = banded on the CPU, sdpa elsewhere
+    attention_kernel: AttentionKernel = "auto"
     transformer: TransformerConfig = field(default_factory=TransformerConfig)
     xl: XLConfig = field(default_factory=XLConfig)
     aft: AFTConfig = field(default_factory=AFTConfig)
@@ -218,6 +223,9 @@ class ModelConfig:
                f"must be -1 (none) or a token id below model.vocab_size ({self.vocab_size}), got {self.separator_id}")
         _check(self.decoder != "aft" or self.d_model % self.aft.heads == 0, "model.d_model",
                f"({self.d_model}) must be divisible by model.aft.heads ({self.aft.heads})")
+        _check(self.attention_kernel == "auto" or self.decoder in WINDOW_ATTENTION_DECODERS, "model.attention_kernel",
+               f"applies to the {' and '.join(WINDOW_ATTENTION_DECODERS)} decoders only, not to {self.decoder!r}; "
+               f"got {self.attention_kernel!r}")
 
     @property
     def head_dim(self) -> int:

@@ -72,7 +72,7 @@ from longctx.config import ModelConfig
 from longctx.decoders.base import Decoder, DecoderOutput, State
 from longctx.decoders.transformer import WindowAttention
 from longctx.layers import RotaryEmbedding, init_linear
-from longctx.layers.attention import CPU_ALIGN, CPU_BLOCK, additive_mask, rotary_tables, window_blocks
+from longctx.layers.attention import Kernel, kernel_blocks, resolve_kernel, rotary_tables
 
 
 @dataclass(frozen=True)
@@ -164,15 +164,12 @@ class LatentBlock(nn.Module):
         return x + self.mlp(self.norm_mlp(x)), keys, values
 
 
-def attention_blocks(n_queries: int, n_cache: int, window: int, length: Tensor, on_cpu: bool) -> list:
+def attention_blocks(n_queries: int, n_cache: int, window: int, length: Tensor, kernel: Kernel) -> list:
     """The window pattern of :class:`WindowAttention` for a cache of ``n_cache`` slots whose newest ``length`` (B,)
-    are real: blocks with additive masks for the banded CPU kernel, else one block with a boolean mask."""
+    are real, in the form ``kernel`` takes (:func:`~longctx.layers.attention.kernel_blocks`)."""
     slots = torch.arange(n_cache, device=length.device)[None, :]  # (1, M)
     cache_valid = slots >= (n_cache - length[:, None])  # (B, M)
-    if not on_cpu:  # one block: the fused GPU kernels beat a loop over blocks
-        return window_blocks(n_queries, n_cache, window, cache_valid, max(n_queries, 1))
-    blocks = window_blocks(n_queries, n_cache, window, cache_valid, CPU_BLOCK, CPU_ALIGN)
-    return [(q0, q1, k0, k1, additive_mask(allowed)) for q0, q1, k0, k1, allowed in blocks]
+    return kernel_blocks(kernel, n_queries, n_cache, window, cache_valid)
 
 
 class PerceiverARDecoder(Decoder):
@@ -210,9 +207,9 @@ class PerceiverARDecoder(Decoder):
         if torch.is_autocast_enabled(x.device.type):  # cast once here rather than in every layer (same values)
             compute = torch.get_autocast_dtype(x.device.type)
             cos, sin = cos.to(compute), sin.to(compute)
-        on_cpu = x.device.type == "cpu"
-        cross_mask = attention_blocks(T, Mc, self.context, state.length, on_cpu)
-        latent_mask = attention_blocks(T, Ms, self.latents, state.length.clamp(max=Ms), on_cpu)
+        kernel = resolve_kernel(self.cfg.attention_kernel, x.device)
+        cross_mask = attention_blocks(T, Mc, self.context, state.length, kernel)
+        latent_mask = attention_blocks(T, Ms, self.latents, state.length.clamp(max=Ms), kernel)
 
         # cross-attention: the latent of each position over the inputs of its context window
         x, keys, values = self.cross(x, state.cross_keys, state.cross_values, cos, sin, cross_mask)

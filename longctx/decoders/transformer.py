@@ -28,14 +28,11 @@ from longctx.config import ModelConfig
 from longctx.decoders.base import Decoder, DecoderOutput, State
 from longctx.layers import RotaryEmbedding, init_linear
 from longctx.layers.attention import (
-    CPU_ALIGN,
-    CPU_BLOCK,
-    additive_mask,
     apply_rotary_full,
-    banded_attention,
+    kernel_blocks,
+    resolve_kernel,
     rotary_tables,
-    sdpa_blocks,
-    window_blocks,
+    window_attention,
 )
 from longctx.layers.block import PreNormBlock
 
@@ -52,13 +49,14 @@ class WindowAttention(nn.Module):
     """Multi-head causal attention of a segment over ``[cache ; segment]`` under a window mask.
 
     ``cos``/``sin`` are the (B, 1, T, Dh) tables of :func:`~longctx.layers.attention.rotary_tables`; ``mask`` is the
-    list of blocks of :func:`~longctx.layers.attention.window_blocks` (additive float masks on the CPU, boolean
-    elsewhere).
+    list of blocks of :func:`~longctx.layers.attention.kernel_blocks` for the kernel that ``cfg.attention_kernel``
+    selects on the device of ``x`` (:func:`~longctx.layers.attention.resolve_kernel`).
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.n_head, self.head_dim = cfg.n_head, cfg.head_dim
+        self.kernel = cfg.attention_kernel
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
         self.out_proj = nn.Linear(cfg.d_model, cfg.d_model)
         self.dropout = nn.Dropout(cfg.dropout)
@@ -76,11 +74,10 @@ class WindowAttention(nn.Module):
         values = torch.cat([cache_v.to(v.dtype), v], dim=2)
         if isinstance(mask, Tensor):  # a full boolean mask (B, 1, T, M + T), as window_mask gives
             y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
-        elif x.device.type == "cpu":
-            cache_grad = cache_k.requires_grad or cache_v.requires_grad
-            y = banded_attention(q, keys, values, mask, grad_start=0 if cache_grad else cache_k.shape[2])
         else:
-            y = sdpa_blocks(q, keys, values, mask)  # (B, H, T, Dh)
+            cache_grad = cache_k.requires_grad or cache_v.requires_grad
+            y = window_attention(resolve_kernel(self.kernel, x.device), q, keys, values, mask,
+                                 grad_start=0 if cache_grad else cache_k.shape[2])  # (B, H, T, Dh)
         y = y.transpose(1, 2).reshape(B, T, D)
         return self.dropout(self.out_proj(y)), keys, values
 
@@ -117,12 +114,9 @@ class TransformerDecoder(Decoder):
             cos, sin = cos.to(compute), sin.to(compute)
         slots = torch.arange(M, device=x.device)[None, :]  # (1, M)
         cache_valid = slots >= (M - state.length[:, None])  # (B, M): the newest `length` slots are real
-        on_cpu = x.device.type == "cpu"
-        if on_cpu:  # blocks of queries, each over the keys its windows reach: no dense T x (M + T) scores
-            blocks = window_blocks(T, M, self.window, cache_valid, CPU_BLOCK, CPU_ALIGN)
-            mask = [(q0, q1, k0, k1, additive_mask(allowed)) for q0, q1, k0, k1, allowed in blocks]
-        else:  # one block with a boolean mask: the fused GPU kernels beat a loop over blocks
-            mask = window_blocks(T, M, self.window, cache_valid, max(T, 1))
+        # banded: blocks of queries, each over the keys its windows reach (no dense T x (M + T) scores);
+        # sdpa: one block with a boolean mask (the fused GPU kernels beat a loop over blocks)
+        mask = kernel_blocks(resolve_kernel(self.cfg.attention_kernel, x.device), T, M, self.window, cache_valid)
 
         new_keys, new_values = [], []
         for layer, block in enumerate(self.blocks):

@@ -11,11 +11,16 @@ Sliding-window attention on the CPU (:func:`banded_attention`): a dense kernel o
 of :data:`CPU_BLOCK` queries, and each block only looks at the ``block + window - 1`` keys its window can reach. The
 scores and the softmax are computed in float32 also under bf16 autocast (as PyTorch's own CPU kernels do), the
 products with the probabilities and the gradients of q, k, v run in the input precision.
+
+Which kernel runs is an argument (``model.attention_kernel``, :func:`resolve_kernel`): ``banded`` (the blocks above)
+or ``sdpa`` (one block with a boolean mask through ``F.scaled_dot_product_attention``, the fused kernels of a GPU);
+``auto`` picks ``banded`` on the CPU and ``sdpa`` elsewhere. Both run on any device, so both are tested on the CPU.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -23,6 +28,18 @@ from torch.nn import functional as F
 
 CPU_BLOCK = 64  # queries per block of banded_attention on the CPU (32-96 measured about equally fast, window 256)
 CPU_ALIGN = 16  # key ranges widened to a multiple of this: float32 matmuls are ~10% faster on aligned shapes
+
+Kernel = Literal["banded", "sdpa"]
+
+
+def resolve_kernel(kernel: str, device: torch.device) -> Kernel:
+    """The kernel that ``model.attention_kernel`` selects on ``device``: ``auto`` is ``banded`` on the CPU and
+    ``sdpa`` elsewhere; ``banded`` and ``sdpa`` are taken as they are."""
+    if kernel == "auto":
+        return "banded" if device.type == "cpu" else "sdpa"
+    if kernel not in ("banded", "sdpa"):
+        raise ValueError(f"unknown attention kernel {kernel!r}: expected auto, banded or sdpa")
+    return kernel  # type: ignore[return-value]
 
 
 class RotaryEmbedding(nn.Module):
@@ -189,10 +206,29 @@ def banded_attention(q: Tensor, keys: Tensor, values: Tensor, blocks: list, grad
     return _BandedAttention.apply(q, keys, values, blocks, 1.0 / math.sqrt(q.shape[-1]), grad_start)
 
 
+def kernel_blocks(kernel: Kernel, n_queries: int, n_cache: int, window: int, cache_valid: Tensor) -> list:
+    """The blocks of :func:`window_blocks` in the form ``kernel`` takes: blocks of :data:`CPU_BLOCK` queries with
+    additive float32 masks for ``banded``, one block of all queries with a boolean mask for ``sdpa`` (the fused
+    kernels beat a loop over blocks)."""
+    if kernel == "sdpa":
+        return window_blocks(n_queries, n_cache, window, cache_valid, max(n_queries, 1))
+    blocks = window_blocks(n_queries, n_cache, window, cache_valid, CPU_BLOCK, CPU_ALIGN)
+    return [(q0, q1, k0, k1, additive_mask(allowed)) for q0, q1, k0, k1, allowed in blocks]
+
+
 def sdpa_blocks(q: Tensor, keys: Tensor, values: Tensor, blocks: list) -> Tensor:
-    """The same result with ``F.scaled_dot_product_attention`` per block (boolean masks); used off the CPU."""
+    """The same result with ``F.scaled_dot_product_attention`` per block (boolean masks): the ``sdpa`` kernel."""
     if not blocks:  # no queries
         return q.new_zeros(q.shape)
     outs = [F.scaled_dot_product_attention(q[:, :, q0:q1], keys[:, :, k0:k1], values[:, :, k0:k1], attn_mask=mask)
             for q0, q1, k0, k1, mask in blocks]
     return torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
+
+
+def window_attention(kernel: Kernel, q: Tensor, keys: Tensor, values: Tensor, blocks: list,
+                     grad_start: int = 0) -> Tensor:
+    """q (B, H, T, Dh) over keys/values (B, H, S, Dh) with the blocks of :func:`kernel_blocks` for ``kernel``
+    -> (B, H, T, Dh). ``grad_start`` as in :func:`banded_attention` (``sdpa`` leaves the gradients to autograd)."""
+    if kernel == "banded":
+        return banded_attention(q, keys, values, blocks, grad_start=grad_start)
+    return sdpa_blocks(q, keys, values, blocks)

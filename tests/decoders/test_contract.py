@@ -2,6 +2,7 @@
 
 Every test runs a tiny model (``tests/conftest.py``) in eval mode, fp32, on the CPU, through the public
 ``LongContextLM.init_state`` / ``forward``: a decoder registered later gets these tests without any change here.
+The checks put their inputs on the model's device, so ``test_cuda.py`` runs them on a GPU too (:func:`run_check`).
 
 Tolerances. Logits of the tiny models are ~0.1 in magnitude. Computing the same logits through different call
 patterns (one call, segments, token by token) only changes the order of fp32 accumulations (matmul blocking, softmax
@@ -14,7 +15,10 @@ same shapes use ``EXACT_ATOL = 1e-6``; "this changed" means a change larger than
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import random
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import safetensors.torch
@@ -35,7 +39,7 @@ CHANGED = 1e-5  # a real influence is >= ~5e-4 here; fp32 noise is <= ~1e-6
 
 def _tokens(model: LongContextLM, batch: int, length: int, seed: int = 0) -> Tensor:
     g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, model.cfg.vocab_size, (batch, length), generator=g)
+    return torch.randint(0, model.cfg.vocab_size, (batch, length), generator=g).to(model.device)
 
 
 def _run(model: LongContextLM, tokens: Tensor, state: State, sizes: list[int]) -> tuple[Tensor, State]:
@@ -83,6 +87,7 @@ def _with_separator(model: LongContextLM, reset: bool = True) -> tuple[LongConte
     """The same model (shared weights) with the last vocabulary id as its document separator."""
     sep = model.cfg.vocab_size - 1
     clone = LongContextLM(dataclasses.replace(model.cfg, separator_id=sep, reset_at_separator=reset)).eval()
+    clone.to(model.device)
     clone.load_state_dict(model.state_dict())
     return clone, sep
 
@@ -90,7 +95,7 @@ def _with_separator(model: LongContextLM, reset: bool = True) -> tuple[LongConte
 def _text(model: LongContextLM, length: int, seed: int) -> Tensor:
     """(length,) random tokens that are never the separator (the last id)."""
     g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, model.cfg.vocab_size - 1, (length,), generator=g)
+    return torch.randint(0, model.cfg.vocab_size - 1, (length,), generator=g).to(model.device)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -152,7 +157,7 @@ def test_causality(tiny_model: LongContextLM, tiny_memory_length: int, chunked: 
         base, _ = _run(model, tokens, model.init_state(2), sizes)
         for t in (0, mem // 2, mem + 1, length - 1):
             perturbed = tokens.clone()
-            perturbed[:, t] = (perturbed[:, t] + 1 + torch.arange(2)) % model.cfg.vocab_size
+            perturbed[:, t] = (perturbed[:, t] + 1 + torch.arange(2, device=model.device)) % model.cfg.vocab_size
             logits, _ = _run(model, perturbed, model.init_state(2), sizes)
             _close(logits[:, :t], base[:, :t], EXACT_ATOL)
             change_at_t = (logits[:, t] - base[:, t]).abs().amax(dim=-1)  # (B,)
@@ -187,7 +192,7 @@ def test_forward_never_mutates_its_input_state(tiny_model: LongContextLM, tiny_m
 def test_reset_rows_behave_like_a_fresh_state(tiny_model: LongContextLM, tiny_memory_length: int) -> None:
     model, mem = tiny_model, tiny_memory_length
     batch = 3
-    mask = torch.tensor([True, False, True])
+    mask = torch.tensor([True, False, True], device=model.device)
     history, nxt = _tokens(model, batch, 2 * mem + 3, seed=1), _tokens(model, batch, mem + 2, seed=2)
     with torch.no_grad():
         warm = model(history, model.init_state(batch)).state
@@ -284,7 +289,7 @@ def test_to_tensors_from_tensors_round_trip(tiny_model: LongContextLM, tiny_memo
         assert all(k.startswith("lane.") and isinstance(v, Tensor) for k, v in flat.items())
         # what checkpoint.py does: a flat dict through safetensors bytes
         loaded = safetensors.torch.load(safetensors.torch.save(flat))
-        rebuilt = type(state).from_tensors(loaded, prefix="lane.")
+        rebuilt = type(state).from_tensors(loaded, prefix="lane.").to(model.device)  # safetensors loads on the CPU
         assert type(rebuilt) is type(state)
         _assert_same_tensors(_snapshot(rebuilt), _snapshot(state))
         _close(model(tokens[:, 2 * mem + 1:], rebuilt).logits, expected, EXACT_ATOL)
@@ -309,7 +314,9 @@ def test_output_shapes_and_dtypes(tiny_model: LongContextLM) -> None:
     with torch.no_grad():
         out = model(tokens, state, targets=tokens)
     assert isinstance(out, LMOutput)
-    assert out.logits.shape == (B, T, V) and out.logits.dtype == torch.float32
+    autocast = torch.is_autocast_enabled(model.device.type)  # test_cuda.py runs this check under bf16 autocast too
+    logits_dtype = torch.get_autocast_dtype(model.device.type) if autocast else torch.float32
+    assert out.logits.shape == (B, T, V) and out.logits.dtype == logits_dtype
     assert torch.isfinite(out.logits).all()
     assert type(out.state) is type(state)
     for name, t in out.state.tensors().items():
@@ -374,8 +381,8 @@ def _documents(model: LongContextLM, sep: int, mem: int) -> tuple[Tensor, list[i
     for i, n in enumerate(lengths):
         tail = _text(model, width - n - 1 - len(doc), seed=20 + i)
         if i == 2:
-            tail = torch.cat([tail[:1], torch.tensor([sep]), doc[: len(tail) - 2]])
-        rows.append(torch.cat([_text(model, n, seed=30 + i), torch.tensor([sep]), doc, tail]))
+            tail = torch.cat([tail[:1], doc.new_tensor([sep]), doc[: len(tail) - 2]])
+        rows.append(torch.cat([_text(model, n, seed=30 + i), doc.new_tensor([sep]), doc, tail]))
         seps.append(n)
     return torch.stack(rows), seps, doc
 
@@ -388,7 +395,7 @@ def test_nothing_crosses_a_document_separator(tiny_model: LongContextLM, tiny_me
     tokens, seps, doc = _documents(model, sep, mem)
     n = 1 + len(doc)
     with torch.no_grad():
-        fresh = model(torch.cat([torch.tensor([sep]), doc])[None], model.init_state(1)).logits[0]  # (n, V)
+        fresh = model(torch.cat([doc.new_tensor([sep]), doc])[None], model.init_state(1)).logits[0]  # (n, V)
         width = tokens.shape[1]
         patterns = [[width], [1] * width] + [_random_partition(width, mem, seed) for seed in range(3)]
         for sizes in patterns:
@@ -408,7 +415,7 @@ def test_a_separator_after_carried_memory_resets_the_row(tiny_model: LongContext
     other = _text(model, 1 + len(doc), seed=3)
     with torch.no_grad():
         warm = model(torch.stack([history, history.flip(0)]), model.init_state(2)).state
-        nxt = torch.stack([torch.cat([torch.tensor([sep]), doc]), other])
+        nxt = torch.stack([torch.cat([doc.new_tensor([sep]), doc]), other])
         logits = model(nxt, warm).logits
         fresh = model(nxt[:1], model.init_state(1)).logits[0]
         kept = model(nxt[1:], warm.select(torch.tensor([1]))).logits[0]
@@ -426,3 +433,26 @@ def test_without_reset_information_crosses_the_separator(tiny_model: LongContext
         logits = model(tokens, model.init_state(3)).logits
     start = seps[1]
     assert (logits[1, start:start + 3] - logits[0, 0:3]).abs().amax() > CHANGED
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# the checks above as functions of a model, for other modules (test_attention_kernel.py, test_cuda.py)
+
+_CHECK_ARGS = {"tiny_model", "tiny_memory_length", "chunked"}
+
+
+def contract_checks() -> dict[str, Callable[..., None]]:
+    """The checks of this module that take only a model, its memory length and ``chunked``, by name."""
+    return {name: fn for name, fn in globals().items()
+            if name.startswith("test_") and callable(fn) and set(inspect.signature(fn).parameters) <= _CHECK_ARGS}
+
+
+def run_check(name: str, model: LongContextLM, memory_length: int) -> None:
+    """Run the check ``name`` of :func:`contract_checks` on ``model`` (both ``chunked`` values where it takes one)."""
+    fn = contract_checks()[name]
+    params = inspect.signature(fn).parameters
+    kwargs: dict[str, Any] = {"tiny_model": model}
+    if "tiny_memory_length" in params:
+        kwargs["tiny_memory_length"] = memory_length
+    for chunked in ([False, True] if "chunked" in params else [None]):
+        fn(**kwargs, **({} if chunked is None else {"chunked": chunked}))
