@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import codecs
 import hashlib
-import json
 import logging
 from collections.abc import Iterable, Iterator
 from functools import cached_property

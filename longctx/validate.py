@@ -13,10 +13,7 @@ import math
 import os
 import struct
 from pathlib import Path
-from typing import Any
-
-import torch
-from torch import Tensor
+from typing import TYPE_CHECKING, Any
 
 from longctx.errors import CheckpointError, LongctxError
 
@@ -26,9 +23,12 @@ MAX_DEPTH = 32  # nesting of JSON/TOML values; longctx writes at most 4 levels (
 MAX_INT_DIGITS = 20  # an int64 has at most 19 digits
 INT64_MAX = 2**63 - 1
 MAX_HEADER_BYTES = 100 << 20  # the safetensors format's own limit on its JSON header
-SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-                      "U8": torch.uint8, "BOOL": torch.bool}
+SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+                      "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}  # torch's names
+
+if TYPE_CHECKING:  # torch is imported where tensors are checked: the CLI's --help and config code never load it
+    import torch
+    from torch import Tensor
 
 ErrorType = type[LongctxError]
 _TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", list: "a list", dict: "an object",
@@ -61,7 +61,7 @@ def check_plain(data: Any, where: str, error: ErrorType = CheckpointError) -> An
         value, depth = stack.pop()
         if isinstance(value, dict | list):
             if depth > MAX_DEPTH:
-                raise error(f"{where} nests values more than {MAX_DEPTH} levels deep; it was not written by longctx")
+                raise error(f"{where} nests values more than {MAX_DEPTH} levels deep")
             stack.extend((v, depth + 1) for v in (value.values() if isinstance(value, dict) else value))
         elif isinstance(value, int) and not isinstance(value, bool) and abs(value) > INT64_MAX:
             raise error(f"{where} holds the integer {_short(value)}, beyond 64 bits")
@@ -74,10 +74,9 @@ def loads_json(text: str | bytes, where: str, error: ErrorType = CheckpointError
     try:
         data = json.loads(text, parse_int=_parse_int)
     except RecursionError:
-        raise error(f"{where} nests values more than {MAX_DEPTH} levels deep; it was not written by longctx") \
-            from None
+        raise error(f"{where} nests values more than {MAX_DEPTH} levels deep") from None
     except _HugeInt as e:
-        raise error(f"{where} holds {e}, beyond 64 bits; it was not written by longctx") from None
+        raise error(f"{where} holds {e}, beyond 64 bits") from None
     except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
         raise error(f"{where} is not {what} ({str(e).splitlines()[0][:100]}); the file is damaged") from None
     return check_plain(data, where, error)
@@ -133,6 +132,8 @@ def check_tensor(tensor: Tensor, name: str, where: str, shape: tuple[int, ...] |
         want = " ".join(filter(None, [shape is not None and str(tuple(shape)), dtype is not None and str(dtype)]))
         raise error(f"{where}: tensor {name} is {tuple(tensor.shape)} {tensor.dtype}, this model needs {want}; "
                     "the file belongs to another model or is damaged")
+    import torch
+
     if finite and tensor.is_floating_point() and not torch.isfinite(tensor).all():
         raise error(f"{where}: tensor {name} holds NaN or inf values; the file is damaged")
     return tensor
@@ -142,6 +143,8 @@ def read_safetensors_header(path: Path, error: ErrorType = CheckpointError
                             ) -> tuple[dict[str, tuple[torch.dtype | str, tuple[int, ...]]], dict[str, str]]:
     """({name: (dtype, shape)}, metadata) of a safetensors file from its header alone: no tensor is read, so a
     config can be checked against the weights before any memory is allocated for them."""
+    import torch
+
     damaged = f"{path} is not a readable safetensors file (%s); the checkpoint is truncated or damaged; " \
               "use another checkpoint"
     try:
@@ -170,9 +173,7 @@ def read_safetensors_header(path: Path, error: ErrorType = CheckpointError
                 and all(isinstance(n, int) and 0 <= n <= data_bytes for n in offsets)
                 and isinstance(entry.get("dtype"), str) and isinstance(metadata, dict)):
             raise error(damaged % f"a bad header entry for {name[:60]!r}")
-        tensors[name] = (SAFETENSORS_DTYPES.get(entry["dtype"], entry["dtype"]), tuple(shape))
+        dtype = SAFETENSORS_DTYPES.get(entry["dtype"])
+        tensors[name] = (getattr(torch, dtype) if dtype else entry["dtype"], tuple(shape))
     return tensors, metadata
 
-
-def numel(shape: tuple[int, ...]) -> int:
-    return math.prod(shape)
