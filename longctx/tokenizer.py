@@ -13,6 +13,7 @@ from __future__ import annotations
 import codecs
 import hashlib
 import logging
+import re
 from collections.abc import Iterable, Iterator
 from functools import cached_property
 from pathlib import Path
@@ -27,6 +28,10 @@ from longctx.validate import MAX_JSON_BYTES, loads_json, read_bytes
 
 SEPARATOR = "<|endoftext|>"  # joins documents in the training stream; starts every evaluated stream
 CHUNK_BYTES = 1 << 20  # incremental encoding reads this many bytes at a time
+# BPE encodes at most this many characters without whitespace in one call: one pre-token of n characters costs the
+# encoder ~270 bytes of memory per byte (a 4 MB run: ~1 GB); a longer run is cut at a character boundary
+MAX_RUN_CHARS = 1 << 16
+_LONG_RUN = re.compile(rf"\S{{{MAX_RUN_CHARS + 1},}}")
 log = logging.getLogger("longctx")
 
 
@@ -183,14 +188,29 @@ class Tokenizer:
         except UnicodeDecodeError as e:
             log.warning("%s: invalid UTF-8 at byte %d; replaced with U+FFFD", where, offset + e.start)
             text = data.decode("utf-8", errors="replace")
-        return np.asarray(self.hf.encode(text, add_special_tokens=False).ids, dtype=np.int64)
+        return self._encode_bpe(text)
+
+    def _encode_bpe(self, text: str) -> np.ndarray:
+        """BPE ids of ``text`` in bounded memory: a run of more than :data:`MAX_RUN_CHARS` characters without
+        whitespace is encoded in pieces of that many characters (as the byte tokenizer cuts anywhere), so the tokens
+        at each cut may differ from one call's; text with whitespace at least that often is encoded exactly."""
+        pieces, start = [], 0
+        for run in _LONG_RUN.finditer(text):
+            for cut in range(run.start() + MAX_RUN_CHARS, run.end(), MAX_RUN_CHARS):
+                pieces.append(text[start:cut])
+                start = cut
+        pieces.append(text[start:])
+        ids = [np.asarray(self.hf.encode(piece, add_special_tokens=False).ids, dtype=np.int64) for piece in pieces]
+        return np.concatenate(ids) if len(ids) > 1 else ids[0]
 
     def iter_encode(self, stream: BinaryIO, where: str = "<input>", chunk_bytes: int = CHUNK_BYTES
                     ) -> Iterator[tuple[np.ndarray, int]]:
         """Encode a binary stream in chunks: yields (ids, bytes read) with memory bounded by ``chunk_bytes``.
 
         Chunks are cut where pre-tokenization is unaffected (see :func:`_cut_point`), so the ids equal those of
-        one call; at most about 4 x ``chunk_bytes`` are held. Invalid UTF-8 is reported once per stream.
+        one call; at most about 4 x ``chunk_bytes`` are held, and BPE sees at most :data:`MAX_RUN_CHARS` characters
+        without whitespace at once (longer runs are cut, see :meth:`_encode_bpe`). Invalid UTF-8 is reported once
+        per stream.
         """
         pending = b""
         offset = 0
@@ -206,8 +226,7 @@ class Tokenizer:
             if not piece:
                 continue
             if warned:  # BPE only: report the first invalid sequence of a stream, replace the others silently
-                text = piece.decode("utf-8", errors="replace")
-                ids = np.asarray(self.hf.encode(text, add_special_tokens=False).ids, dtype=np.int64)
+                ids = self._encode_bpe(piece.decode("utf-8", errors="replace"))
             else:
                 ids = self.encode_bytes(piece, where, offset)
                 warned = self.kind == "bpe" and not _valid_utf8(piece)
