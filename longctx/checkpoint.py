@@ -338,12 +338,15 @@ def load_trainer_state(path: Path) -> TrainerState:
     meta = read_json(meta_file, "trainer state")
     where = str(meta_file)
     for key in ("step", "tokens_seen", "data_cursor", "elapsed_s", "lanes", "world_size"):
-        field(meta, key, float if key == "elapsed_s" else int, where, minimum=1 if key == "world_size" else 0)
-    field(meta, "val", (dict, type(None)), where)
+        if key in meta or key not in ("lanes", "world_size"):  # these two are optional
+            field(meta, key, float if key == "elapsed_s" else int, where, minimum=1 if key == "world_size" else 0)
+    if "val" in meta:
+        field(meta, "val", (dict, type(None)), where)
     for i, group in enumerate(field(meta, "param_groups", list, where)):
         group_where = f"{where}: param_groups[{i}]"
-        for n, idx in enumerate(field(group, "params", list, group_where)):
-            field({"params": idx}, "params", int, f"{group_where}[{n}]", minimum=0)
+        ids = field(group, "params", list, group_where)
+        if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in ids):
+            raise CheckpointError(f"{group_where}: params must be a list of parameter numbers; the file is damaged")
         for key in ("lr", "eps", "weight_decay"):
             field(group, key, float, group_where, minimum=0)
         betas = field(group, "betas", list, group_where)
