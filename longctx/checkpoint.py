@@ -124,7 +124,7 @@ def is_complete_checkpoint(folder: Path) -> bool:
     """Every file of a resumable checkpoint is there and readable (JSON parses, safetensors headers open)."""
     try:
         for name in (CONFIG_FILE, TRAINER_META):
-            json.loads((folder / name).read_text(encoding="utf-8"))
+            read_json(folder / name, "checkpoint file")
         for name in (MODEL_FILE, TRAINER_TENSORS):
             with safe_open(str(folder / name), framework="pt") as f:
                 f.keys()

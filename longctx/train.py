@@ -62,6 +62,7 @@ from longctx.distributed import Dist
 from longctx.errors import CheckpointError, ConfigError, LongctxError
 from longctx.model import LongContextLM, build_model
 from longctx.tokenizer import Tokenizer
+from longctx.validate import loads_json
 
 log = logging.getLogger("longctx")
 METRICS_FILE = "metrics.jsonl"
@@ -366,8 +367,8 @@ def _json_safe(value: Any) -> Any:
 
 def _step_of(line: str) -> int:
     try:
-        return int(json.loads(line).get("step", 0))
-    except (json.JSONDecodeError, AttributeError, ValueError):
+        return int(loads_json(line, "metrics.jsonl").get("step", 0))
+    except (LongctxError, AttributeError, TypeError, ValueError):
         return 0
 
 
