@@ -34,11 +34,9 @@ from longctx import __version__
 from longctx.config import Config, ModelConfig
 from longctx.decoders import State
 from longctx.errors import CheckpointError, ConfigError
-from longctx.model import LongContextLM, build_model
+from longctx.model import LongContextLM, build_model, check_model_size
 from longctx.tokenizer import Tokenizer
 from longctx.validate import check_tensor, field, read_json, read_safetensors_header
-
-MAX_IMPLIED_BYTES = 16 << 30  # buffers + one stream's state a checkpoint's config may imply beyond its weights
 
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -283,8 +281,7 @@ def load_weights(model: LongContextLM, file: Path) -> dict[str, str]:
 def check_weights_header(cfg: ModelConfig, file: Path) -> None:
     """Check ``cfg`` against the header of the weights ``file`` (names, shapes, dtypes) before anything is allocated:
     a hostile ``config.json`` (``n_layer = 10**9``, a huge ``d_model``) is refused by arithmetic and a model built on
-    the meta device, never by running the machine out of memory. Also refuses a config whose buffers and per-stream
-    state would exceed :data:`MAX_IMPLIED_BYTES`."""
+    the meta device (:func:`~longctx.model.check_model_size`), never by running the machine out of memory."""
     header, _ = read_safetensors_header(file)
     elements = sum(math.prod(shape) for _, shape in header.values())
     # every layer holds several tensors and an MLP (d_model x d_ff twice); the embedding is vocab_size x d_model
@@ -292,14 +289,7 @@ def check_weights_header(cfg: ModelConfig, file: Path) -> None:
         raise CheckpointError(f"{file} holds {len(header)} tensors of {elements:,} values in all, far fewer than its "
                               f"config.json implies (model.n_layer {cfg.n_layer}, d_model {cfg.d_model}, d_ff "
                               f"{cfg.d_ff}, vocab_size {cfg.vocab_size}); the files come from different models")
-    try:
-        with torch.device("meta"):  # shapes only: no memory
-            model = build_model(cfg)
-            implied = model.init_state(1, device="meta").nbytes()
-        implied += sum(b.numel() * b.element_size() for b in model.buffers())
-    except (RuntimeError, ValueError, OverflowError) as e:
-        raise CheckpointError(f"{file.parent / CONFIG_FILE} describes no buildable model "
-                              f"({str(e).splitlines()[0][:100]}); the checkpoint is damaged") from None
+    model = check_model_size(cfg, str(file.parent / CONFIG_FILE), CheckpointError)
     expected = {k: (v.dtype, tuple(v.shape)) for k, v in model.state_dict().items() if k != TIED}
     missing, unexpected = sorted(set(expected) - set(header)), sorted(set(header) - set(expected))
     if missing or unexpected:
@@ -311,9 +301,6 @@ def check_weights_header(cfg: ModelConfig, file: Path) -> None:
         if (dtype, shape) != expected[name]:
             raise CheckpointError(f"{file}: tensor {name} is {shape} {dtype}, the config needs {expected[name][1]} "
                                   f"{expected[name][0]}; the files come from different models")
-    if implied > MAX_IMPLIED_BYTES:
-        raise CheckpointError(f"{file.parent / CONFIG_FILE} implies {implied:,} bytes of buffers and state per "
-                              f"stream, more than the {MAX_IMPLIED_BYTES:,} longctx allows; the checkpoint is damaged")
 
 
 def load_checkpoint(path: str | Path) -> tuple[LongContextLM, Tokenizer, Config]:

@@ -60,7 +60,7 @@ from longctx.data import Document, Lanes, build_token_cache, cache_root, discove
 from longctx.decoders import State
 from longctx.distributed import Dist
 from longctx.errors import CheckpointError, ConfigError, LongctxError
-from longctx.model import LongContextLM, build_model
+from longctx.model import LongContextLM, build_model, check_model_size
 from longctx.tokenizer import Tokenizer
 from longctx.validate import loads_json
 
@@ -825,7 +825,8 @@ def _train(config: Config, run: RunOptions, overrides: dict[str, Any], device: t
     train_tokens, val_tokens = prepare_data(config, tokenizer, split)
     if dd.main:
         distrib.barrier(dd)
-    for source in (init_from, resume_from):  # before anything is allocated
+    check_model_size(config.model, "the config", ConfigError)  # before anything is allocated
+    for source in (init_from, resume_from):
         if source is not None:
             check_weights_header(config.model, source / "model.safetensors")
     model = build_model(config.model).to(device)

@@ -167,6 +167,11 @@ CASES: dict[str, tuple[Damage, Callable[[Path, Path], list], tuple[str, ...]]] =
                                       ("--set", "64 bits")),
     "--set with non-UTF-8 bytes": (lambda c, s, r: None,  # argv bytes that are not UTF-8 arrive as lone surrogates
                                    _print_config("--set", "mod\udcffel.n_layer=1"), ("--set", "UTF-8")),
+    "--set with a window of 10**15 (train)": (
+        lambda c, s, r: None,
+        lambda c, s: ["train", "--data", "data", *TINY, "--set", f"model.transformer.window={10**15}", "--max-steps",
+                      "1", "--out-dir", c.parent / "new", "-q"],
+        ("the config", "bytes of buffers and state")),
     "metrics.jsonl nested 10,000 deep (plot)": (lambda c, s, r: (c.parent / "metrics.jsonl").write_text(DEEP + "\n"),
                                                 lambda c, s: ["plot", c.parent, "-o", c.parent / "loss.png"],
                                                 ("metrics.jsonl:1", "levels deep")),
