@@ -420,25 +420,28 @@ def load_state(path: Path, model: LongContextLM, config: Config, tokenizer: Toke
     if not path.is_file():
         problem = "is not a file" if path.exists() else "does not exist"
         raise CheckpointError(f"state file {str(path)!r} {problem}; write one with --save-state")
-    tensors, meta = _read_weights(path)
+    header, meta = read_safetensors_header(path)  # checked before any tensor is read
     if meta.get("format") != "longctx-state":
         raise CheckpointError(f"{path} is not a state saved by longctx generate --save-state")
     if meta.get("model_config") != json.dumps(config.to_dict()["model"], sort_keys=True):
         raise CheckpointError(f"{path} was saved with a different model; use it with the checkpoint that wrote it")
     if meta.get("tokenizer_sha256") != tokenizer.sha256:
         raise CheckpointError(f"{path} was saved with a different tokenizer; use it with the checkpoint that wrote it")
-    template = model.init_state(1, device="cpu")
-    try:
-        state = type(template).from_tensors(tensors)
-    except KeyError as e:
-        raise CheckpointError(f"{path}: state tensor {e} is missing; the state belongs to another model") from None
+    empty = model.init_state(1, device="cpu")
+    template = empty.tensors()
+    for name in sorted(set(header) | set(template)):
+        if name not in template or name not in header:
+            problem = "is missing" if name in template else "is not part of this model's state"
+            raise CheckpointError(f"{path}: state tensor {name} {problem}; the state belongs to another model")
+        want = (template[name].dtype, tuple(template[name].shape))
+        if header[name] != want:
+            raise CheckpointError(f"{path}: state tensor {name} is {header[name][1]} {header[name][0]}, this model "
+                                  f"needs {want[1]} {want[0]} (one stream); the state belongs to another model or "
+                                  "is damaged")
+    tensors, _ = _read_weights(path)
+    state = type(empty).from_tensors(tensors)
     for name, t in state.tensors().items():
-        want = template.tensors()[name]
-        if t.shape != want.shape or t.dtype != want.dtype:
-            raise CheckpointError(f"{path}: state tensor {name} is {tuple(t.shape)} {t.dtype}, this model needs "
-                                  f"{tuple(want.shape)} {want.dtype} (one stream); the state belongs to another "
-                                  "model or is damaged")
-        check_tensor(t, name, str(path))
+        check_tensor(t, name, str(path), tuple(template[name].shape), template[name].dtype)
     counts: dict[str, int] = {}
     for key, limit in (("tokens", None), ("last_token", tokenizer.vocab_size - 1)):
         text = meta.get(key, "")
