@@ -18,11 +18,13 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import math
 import os
 import re
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from pathlib import Path
 from typing import Any
 
@@ -32,12 +34,13 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from longctx import __version__
-from longctx.config import Config
+from longctx.config import Config, ModelConfig
 from longctx.decoders import State
 from longctx.errors import CheckpointError, ConfigError, LongctxError
-from longctx.model import LongContextLM, build_model
+from longctx.model import LongContextLM, build_model, check_model_size
 from longctx.tempfiles import locked_temp, remove_stale
 from longctx.tokenizer import Tokenizer
+from longctx.validate import check_tensor, field, read_json, read_safetensors_header
 
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -93,10 +96,12 @@ def _save_tensors(path: Path, tensors: dict[str, Tensor], metadata: dict[str, st
 
 @dataclass
 class TrainerState:
-    """What resuming needs beyond the weights. ``tensors`` are flat (safetensors); ``meta`` is JSON."""
+    """What resuming needs beyond the weights. ``tensors`` are flat (safetensors); ``meta`` is JSON; ``folder`` is
+    the checkpoint it was read from (named in errors)."""
 
-    tensors: dict[str, Tensor] = field(default_factory=dict)
-    meta: dict[str, Any] = field(default_factory=dict)
+    tensors: dict[str, Tensor] = dataclass_field(default_factory=dict)
+    meta: dict[str, Any] = dataclass_field(default_factory=dict)
+    folder: Path | None = None
 
 
 def save_checkpoint(path: Path, model: LongContextLM, config: Config, tokenizer: Tokenizer,
@@ -128,7 +133,7 @@ def is_complete_checkpoint(folder: Path) -> bool:
     """Every file of a resumable checkpoint is there and readable (JSON parses, safetensors headers open)."""
     try:
         for name in (CONFIG_FILE, TRAINER_META):
-            json.loads((folder / name).read_text(encoding="utf-8"))
+            read_json(folder / name, "checkpoint file")
         for name in (MODEL_FILE, TRAINER_TENSORS):
             with safe_open(str(folder / name), framework="pt") as f:
                 f.keys()
@@ -248,10 +253,7 @@ def resolve_checkpoint(path: Path) -> Path:
 
 
 def read_config(path: Path) -> Config:
-    try:
-        data = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path / CONFIG_FILE} is not valid JSON ({e}); the checkpoint is damaged") from None
+    data = read_json(path / CONFIG_FILE, "config file")
     try:
         return Config.from_dict(data, where=str(path / CONFIG_FILE))
     except ConfigError as e:
@@ -291,6 +293,31 @@ def load_weights(model: LongContextLM, file: Path) -> dict[str, str]:
     return metadata
 
 
+def check_weights_header(cfg: ModelConfig, file: Path) -> None:
+    """Check ``cfg`` against the header of the weights ``file`` (names, shapes, dtypes) before anything is allocated:
+    a hostile ``config.json`` (``n_layer = 10**9``, a huge ``d_model``) is refused by arithmetic and a model built on
+    the meta device (:func:`~longctx.model.check_model_size`), never by running the machine out of memory."""
+    header, _ = read_safetensors_header(file)
+    elements = sum(math.prod(shape) for _, shape in header.values())
+    # every layer holds several tensors and an MLP (d_model x d_ff twice); the embedding is vocab_size x d_model
+    if cfg.n_layer > len(header) or max(cfg.vocab_size, 2 * cfg.d_ff) * cfg.d_model > elements:
+        raise CheckpointError(f"{file} holds {len(header)} tensors of {elements:,} values in all, far fewer than its "
+                              f"config.json implies (model.n_layer {cfg.n_layer}, d_model {cfg.d_model}, d_ff "
+                              f"{cfg.d_ff}, vocab_size {cfg.vocab_size}); the files come from different models")
+    model = check_model_size(cfg, str(file.parent / CONFIG_FILE), CheckpointError)
+    expected = {k: (v.dtype, tuple(v.shape)) for k, v in model.state_dict().items() if k != TIED}
+    missing, unexpected = sorted(set(expected) - set(header)), sorted(set(header) - set(expected))
+    if missing or unexpected:
+        detail = "; ".join(filter(None, [missing and f"missing {', '.join(missing[:4])}",
+                                         unexpected and f"unexpected {', '.join(unexpected[:4])}"]))
+        raise CheckpointError(f"{file} does not match its config.json ({detail}); the files come from "
+                              "different models")
+    for name, (dtype, shape) in header.items():
+        if (dtype, shape) != expected[name]:
+            raise CheckpointError(f"{file}: tensor {name} is {shape} {dtype}, the config needs {expected[name][1]} "
+                                  f"{expected[name][0]}; the files come from different models")
+
+
 def load_checkpoint(path: str | Path) -> tuple[LongContextLM, Tokenizer, Config]:
     """(model in eval mode on the CPU, tokenizer, config) from a checkpoint folder (or a run folder's newest, looked
     up again if a training run prunes it while it is read)."""
@@ -327,6 +354,7 @@ def _load_folder(path: Path) -> tuple[LongContextLM, Tokenizer, Config]:
     if tokenizer.vocab_size != config.model.vocab_size:
         raise CheckpointError(f"{path / TOKENIZER_FILE} has {tokenizer.vocab_size} tokens but the model has "
                               f"{config.model.vocab_size}; the tokenizer belongs to another model")
+    check_weights_header(config.model, path / MODEL_FILE)
     model = build_model(config.model)
     load_weights(model, path / MODEL_FILE)
     return model.eval(), tokenizer, config
@@ -337,12 +365,70 @@ def load_trainer_state(path: Path) -> TrainerState:
     if not tensors_file.is_file() or not meta_file.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} has no trainer state (it holds weights only); "
                               "continue from its weights with --init-from instead of --resume")
+    meta = read_json(meta_file, "trainer state")
+    where = str(meta_file)
+    for key in ("step", "tokens_seen", "data_cursor", "elapsed_s", "lanes", "world_size"):
+        if key in meta or key not in ("lanes", "world_size"):  # these two are optional
+            field(meta, key, float if key == "elapsed_s" else int, where, minimum=1 if key == "world_size" else 0)
+    if "val" in meta:
+        field(meta, "val", (dict, type(None)), where)
+    for i, group in enumerate(field(meta, "param_groups", list, where)):
+        group_where = f"{where}: param_groups[{i}]"
+        ids = field(group, "params", list, group_where)
+        if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in ids):
+            raise CheckpointError(f"{group_where}: params must be a list of parameter numbers; the file is damaged")
+        for key in ("lr", "eps", "weight_decay"):
+            field(group, key, float, group_where, minimum=0)
+        betas = field(group, "betas", list, group_where)
+        if len(betas) != 2 or not all(isinstance(b, float | int) and 0 <= b < 1 for b in betas):
+            raise CheckpointError(f"{group_where}: betas must be two numbers in [0, 1), got {betas!r:.40}; the file "
+                                  "is damaged")
     tensors, _ = _read_weights(tensors_file)
-    try:
-        meta = json.loads(meta_file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{meta_file} is not valid JSON ({e}); the checkpoint is damaged") from None
-    return TrainerState(tensors=tensors, meta=meta)
+    return TrainerState(tensors=tensors, meta=meta, folder=path)
+
+
+def check_trainer_state(saved: TrainerState, optimizer: torch.optim.Optimizer, template: State, prefix: str) -> None:
+    """The tensors of a trainer state fit the model being resumed, before any is used: optimizer moments of each
+    parameter's shape, lane states (prefixed ``prefix``) of ``template``'s shapes but the batch, RNG states of
+    torch's size, nothing non-finite. The JSON part was checked by :func:`load_trainer_state`."""
+    where = str((saved.folder or Path(".")) / TRAINER_TENSORS)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    saved_groups = saved.meta["param_groups"]
+    if [len(g["params"]) for g in saved_groups] != [len(g["params"]) for g in optimizer.param_groups] or \
+            [i for g in saved_groups for i in g["params"]] != list(range(len(params))):
+        raise CheckpointError(f"{(saved.folder or Path('.')) / TRAINER_META}: param_groups do not fit this model; "
+                              "resume with the same config or start from the weights only with --init-from")
+    lane_rows = set()
+    for key, tensor in saved.tensors.items():
+        if key.startswith("optimizer."):
+            _, idx, name = (key.split(".", 2) + ["", ""])[:3]
+            if not idx.isdigit() or int(idx) >= len(params) or name not in ("step", "exp_avg", "exp_avg_sq",
+                                                                            "max_exp_avg_sq"):
+                raise CheckpointError(f"{where}: tensor {key} is no AdamW state of this model; the file is damaged")
+            param = params[int(idx)]
+            shape, dtype = ((), torch.float32) if name == "step" else (tuple(param.shape), param.dtype)
+            check_tensor(tensor, key, where, shape, dtype)
+        elif key.startswith(prefix):
+            want = template.tensors().get(key[len(prefix):])
+            if want is None:
+                raise CheckpointError(f"{where}: {key} is no lane state of this decoder; the file is damaged")
+            if tensor.dim() != want.dim() or tensor.shape[1:] != want.shape[1:] or tensor.dtype != want.dtype:
+                raise CheckpointError(f"{where}: lane state {key} is {tuple(tensor.shape)} {tensor.dtype}, this "
+                                      f"model needs (lanes, {', '.join(map(str, want.shape[1:]))}) {want.dtype}; "
+                                      "the file belongs to another model or is damaged")
+            check_tensor(tensor, key, where)
+            lane_rows.add(tensor.shape[0])
+        elif key.startswith("rng.torch."):
+            check_tensor(tensor, key, where, tuple(torch.get_rng_state().shape), torch.uint8)
+        elif key == "rng.cuda":
+            check_tensor(tensor, key, where, dtype=torch.uint8)
+            if tensor.dim() != 1:
+                raise CheckpointError(f"{where}: tensor {key} must be one-dimensional; the file is damaged")
+        else:
+            raise CheckpointError(f"{where}: unexpected tensor {key}; the file was not written by longctx")
+    if len(lane_rows) > 1:
+        raise CheckpointError(f"{where}: the lane states disagree on the number of lanes ({sorted(lane_rows)}); "
+                              "the file is damaged")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -377,22 +463,33 @@ def load_state(path: Path, model: LongContextLM, config: Config, tokenizer: Toke
     if not path.is_file():
         problem = "is not a file" if path.exists() else "does not exist"
         raise CheckpointError(f"state file {str(path)!r} {problem}; write one with --save-state")
-    tensors, meta = _read_weights(path)
+    header, meta = read_safetensors_header(path)  # checked before any tensor is read
     if meta.get("format") != "longctx-state":
         raise CheckpointError(f"{path} is not a state saved by longctx generate --save-state")
     if meta.get("model_config") != json.dumps(config.to_dict()["model"], sort_keys=True):
         raise CheckpointError(f"{path} was saved with a different model; use it with the checkpoint that wrote it")
     if meta.get("tokenizer_sha256") != tokenizer.sha256:
         raise CheckpointError(f"{path} was saved with a different tokenizer; use it with the checkpoint that wrote it")
-    template = model.init_state(1, device="cpu")
-    try:
-        state = type(template).from_tensors(tensors)
-        for name, t in state.tensors().items():
-            want = template.tensors()[name]
-            if t.shape[1:] != want.shape[1:] or t.dtype != want.dtype:
-                raise ValueError(name)
-        return SavedState(state=state, tokens=int(meta["tokens"]), last_token=int(meta["last_token"]))
-    except (KeyError, ValueError) as e:
-        raise CheckpointError(f"{path}: state tensor {e} does not fit this model; the state belongs to another "
-                              "model") from None
-
+    empty = model.init_state(1, device="cpu")
+    template = empty.tensors()
+    for name in sorted(set(header) | set(template)):
+        if name not in template or name not in header:
+            problem = "is missing" if name in template else "is not part of this model's state"
+            raise CheckpointError(f"{path}: state tensor {name} {problem}; the state belongs to another model")
+        want = (template[name].dtype, tuple(template[name].shape))
+        if header[name] != want:
+            raise CheckpointError(f"{path}: state tensor {name} is {header[name][1]} {header[name][0]}, this model "
+                                  f"needs {want[1]} {want[0]} (one stream); the state belongs to another model or "
+                                  "is damaged")
+    tensors, _ = _read_weights(path)
+    state = type(empty).from_tensors(tensors)
+    for name, t in state.tensors().items():
+        check_tensor(t, name, str(path), tuple(template[name].shape), template[name].dtype)
+    counts: dict[str, int] = {}
+    for key, limit in (("tokens", None), ("last_token", tokenizer.vocab_size - 1)):
+        text = meta.get(key, "")
+        if not (text.isascii() and text.isdigit() and len(text) <= 19) or (limit is not None and int(text) > limit):
+            raise CheckpointError(f"{path}: metadata {key} must be an integer in [0, {limit or 2**63 - 1}], got "
+                                  f"{text[:40]!r}; the file is damaged")
+        counts[key] = int(text)
+    return SavedState(state=state, tokens=counts["tokens"], last_token=counts["last_token"])

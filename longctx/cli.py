@@ -24,6 +24,7 @@ import typer
 
 from longctx.config import DEFAULT_PRESET, Config, load_config, parse_set_args
 from longctx.errors import ConfigError, DataError, LongctxError
+from longctx.validate import loads_json
 
 log = logging.getLogger("longctx")
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
@@ -447,10 +448,10 @@ def plot(
             raise DataError(f"{str(run)!r} holds no {METRICS_FILE}; give run folders written by longctx train")
         records = []
         for n, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                raise DataError(f"{path}:{n} is not JSON; the metrics file is damaged") from None
+            record = loads_json(line, f"{path}:{n}", DataError, what="JSON")
+            if not isinstance(record, dict):
+                raise DataError(f"{path}:{n} is not a JSON object; the metrics file is damaged")
+            records.append(record)
         curves.append((str(run), records))
     check_output(output, "--output")
     try:

@@ -21,8 +21,13 @@ from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 from longctx.errors import ConfigError
+from longctx.validate import INT64_MAX, MAX_DEPTH, MAX_PRESET_BYTES, check_plain, loads_json, read_bytes
 
 DEFAULT_PRESET = "infinite-small"  # the ∞-former: the project's headline decoder
+# sanity limits that refuse a typo or a hostile config.json before a model is built: far beyond any model that fits
+# a machine, far below what exhausts one while building it
+MAX_LAYERS = 10_000
+MAX_PARAMETERS = 10**12
 
 
 def _check(condition: bool, key: str, message: str) -> None:
@@ -212,6 +217,11 @@ class ModelConfig:
     def __post_init__(self) -> None:
         for key in ("vocab_size", "n_layer", "n_head", "d_model", "d_ff"):
             _check(getattr(self, key) >= 1, f"model.{key}", f"must be >= 1, got {getattr(self, key)}")
+        _check(self.n_layer <= MAX_LAYERS, "model.n_layer", f"must be <= {MAX_LAYERS:,}, got {self.n_layer:,}")
+        lower_bound = self.d_model * (self.vocab_size + 2 * self.d_ff * self.n_layer)  # embedding + MLPs
+        _check(lower_bound <= MAX_PARAMETERS, "model", f"implies at least {lower_bound:,} parameters (n_layer "
+               f"{self.n_layer}, d_model {self.d_model}, d_ff {self.d_ff}, vocab_size {self.vocab_size}); the limit "
+               f"is {MAX_PARAMETERS:,}")
         _check(self.d_model % self.n_head == 0, "model.d_model",
                f"({self.d_model}) must be divisible by model.n_head ({self.n_head})")
         _check((self.d_model // self.n_head) % 2 == 0, "model.d_model",
@@ -371,6 +381,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"invalid config: {key} must be an integer, got {value!r}")
+        if abs(value) > INT64_MAX:
+            raise ConfigError(f"invalid config: {key} must fit in 64 bits, got {str(value)[:30]}...")
         return value
     if tp is bool:
         if not isinstance(value, bool):
@@ -445,28 +457,45 @@ def resolve_preset(preset: str) -> Path:
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
+    """A preset file (TOML, or JSON by its suffix) as a dict, through the checks of :mod:`longctx.validate`."""
+    raw = read_bytes(path, MAX_PRESET_BYTES, "preset", ConfigError)
+    where = f"preset {str(path)!r}"
+    if path.suffix == ".json":
+        data = loads_json(raw, where, ConfigError)
+        if not isinstance(data, dict):
+            raise ConfigError(f"{where} is not a JSON object of config sections")
+        return data
     try:
-        with open(path, "rb") as f:
-            if path.suffix == ".json":
-                data = json.load(f)
-                if not isinstance(data, dict):
-                    raise ConfigError(f"preset {str(path)!r} is not a JSON object of config sections")
-                return data
-            return tomllib.load(f)
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{where} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+    return check_plain(_toml(text, where), where, ConfigError)
+
+
+def _toml(text: str, where: str) -> dict[str, Any]:
+    """``tomllib.loads`` with its other failures (recursion, integers of thousands of digits) as one line."""
+    try:
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"preset {str(path)!r} is not valid TOML: {e}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"preset {str(path)!r} is not valid JSON: {e}") from None
-    except OSError as e:
-        raise ConfigError(f"cannot read preset {str(path)!r}: {e.strerror}") from None
+        raise ConfigError(f"{where} is not valid TOML: {e}") from None
+    except RecursionError:
+        raise ConfigError(f"{where} nests values more than {MAX_DEPTH} levels deep") from None
+    except ValueError as e:  # int() of more than 4300 digits
+        raise ConfigError(f"{where} holds an integer beyond 64 bits ({str(e)[:60]})") from None
 
 
 def parse_value(text: str) -> Any:
     """Parse a ``--set`` value: TOML syntax (numbers, true/false, ["lists"]), else the plain string."""
+    where = f"--set value {text if len(text) <= 40 else text[:37] + '...'!r}"
     try:
-        return tomllib.loads(f"v = {text}")["v"]
+        value = tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
         return text
+    except RecursionError:
+        raise ConfigError(f"{where} nests values more than {MAX_DEPTH} levels deep") from None
+    except ValueError:  # int() of more than 4300 digits
+        raise ConfigError(f"{where} holds an integer beyond 64 bits") from None
+    return check_plain(value, where, ConfigError)
 
 
 def _field_type(cls: type, dotted: str) -> Any:
@@ -524,6 +553,10 @@ def parse_set_args(items: list[str]) -> dict[str, str]:
     """``["train.lr=3e-4", ...]`` -> ``{"train.lr": "3e-4"}``."""
     out: dict[str, str] = {}
     for item in items:
+        try:
+            item.encode("utf-8")
+        except UnicodeEncodeError:  # bytes that are not UTF-8 arrive as lone surrogates
+            raise ConfigError(f"--set {item.encode('utf-8', 'replace').decode()[:60]!r} is not UTF-8 text") from None
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"--set expects KEY=VALUE (e.g. --set train.lr=3e-4), got {item!r}")

@@ -32,9 +32,10 @@ import numpy as np
 import torch
 
 from longctx.config import DataConfig
-from longctx.errors import DataError
+from longctx.errors import DataError, LongctxError
 from longctx.tempfiles import TEMP_NAME, locked_temp, remove_stale
 from longctx.tokenizer import Tokenizer
+from longctx.validate import read_json
 
 BUNDLED = "shakespeare"
 log = logging.getLogger("longctx")
@@ -226,9 +227,9 @@ def _cache_is_intact(path: Path, meta_path: Path) -> bool:
     if not path.is_file() or not meta_path.is_file():
         return False
     try:
-        meta = json.loads(meta_path.read_text())
+        meta = read_json(meta_path, "token cache record")
         return path.stat().st_size == meta["bytes"] and _file_sha256(path) == meta["sha256"]
-    except (OSError, ValueError, KeyError, TypeError):
+    except (LongctxError, OSError, ValueError, KeyError, TypeError):
         return False
 
 

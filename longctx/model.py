@@ -14,6 +14,7 @@ from torch.nn import functional as F
 
 from longctx.config import ModelConfig
 from longctx.decoders import DECODERS, DecoderOutput, State
+from longctx.errors import LongctxError
 
 
 @dataclass(frozen=True)
@@ -95,3 +96,23 @@ class LongContextLM(nn.Module):
 def build_model(cfg: ModelConfig) -> LongContextLM:
     """A freshly initialised model for ``cfg`` (on the CPU, fp32)."""
     return LongContextLM(cfg)
+
+
+MAX_IMPLIED_BYTES = 16 << 30  # buffers + one stream's state a config may imply: a sanity limit, far above any preset
+
+
+def check_model_size(cfg: ModelConfig, where: str, error: type[LongctxError]) -> LongContextLM:
+    """The model of ``cfg`` built on the meta device (shapes only, no memory), after checking that its buffers and
+    one stream's state stay under :data:`MAX_IMPLIED_BYTES`: a hostile or mistyped size (``window = 10**15``) is one
+    line naming ``where``, not an allocator traceback or an exhausted machine."""
+    try:
+        with torch.device("meta"):
+            model = build_model(cfg)
+            implied = model.init_state(1, device="meta").nbytes()
+        implied += sum(b.numel() * b.element_size() for b in model.buffers())
+    except (RuntimeError, ValueError, OverflowError) as e:
+        raise error(f"{where} describes no buildable model ({str(e).splitlines()[0][:100]})") from None
+    if implied > MAX_IMPLIED_BYTES:
+        raise error(f"{where} implies {implied:,} bytes of buffers and state per stream, more than the "
+                    f"{MAX_IMPLIED_BYTES:,} longctx allows")
+    return model

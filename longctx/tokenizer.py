@@ -12,20 +12,26 @@ from __future__ import annotations
 
 import codecs
 import hashlib
-import json
 import logging
+import re
 from collections.abc import Iterable, Iterator
 from functools import cached_property
-from typing import BinaryIO, Literal
+from pathlib import Path
+from typing import Any, BinaryIO, Literal
 
 import numpy as np
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from longctx.errors import CheckpointError
+from longctx.validate import MAX_JSON_BYTES, loads_json, read_bytes
 
 SEPARATOR = "<|endoftext|>"  # joins documents in the training stream; starts every evaluated stream
 CHUNK_BYTES = 1 << 20  # incremental encoding reads this many bytes at a time
+# BPE encodes at most this many characters without whitespace in one call: one pre-token of n characters costs the
+# encoder ~270 bytes of memory per byte (a 4 MB run: ~1 GB); a longer run is cut at a character boundary
+MAX_RUN_CHARS = 1 << 16
+_LONG_RUN = re.compile(rf"\S{{{MAX_RUN_CHARS + 1},}}")
 log = logging.getLogger("longctx")
 
 
@@ -109,9 +115,9 @@ class Tokenizer:
 
     @classmethod
     def from_str(cls, text: str, where: str = "tokenizer.json") -> Tokenizer:
+        merges = _check_structure(loads_json(text, where, what="a valid tokenizer file"), where)
         try:
             hf = HFTokenizer.from_str(text)
-            merges = json.loads(text).get("model", {}).get("merges")
         except Exception as e:  # tokenizers raises plain Exception subclasses for any parse problem
             raise CheckpointError(f"{where} is not a valid tokenizer file ({str(e).splitlines()[0][:120]}); "
                                   "use the tokenizer.json written by longctx train") from None
@@ -121,11 +127,14 @@ class Tokenizer:
 
     @classmethod
     def from_file(cls, path: str) -> Tokenizer:
+        """Read a ``tokenizer.json`` of at most :data:`~longctx.validate.MAX_JSON_BYTES` (its size is checked before
+        it is read)."""
+        data = read_bytes(Path(path), MAX_JSON_BYTES, "tokenizer file")
         try:
-            with open(path, encoding="utf-8") as f:
-                text = f.read()
-        except (OSError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"cannot read tokenizer {path!r}: {e}") from None
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise CheckpointError(f"{path} is not UTF-8 text (byte {e.start}); the tokenizer file is damaged") \
+                from None
         return cls.from_str(text, where=path)
 
     def to_str(self) -> str:
@@ -179,14 +188,29 @@ class Tokenizer:
         except UnicodeDecodeError as e:
             log.warning("%s: invalid UTF-8 at byte %d; replaced with U+FFFD", where, offset + e.start)
             text = data.decode("utf-8", errors="replace")
-        return np.asarray(self.hf.encode(text, add_special_tokens=False).ids, dtype=np.int64)
+        return self._encode_bpe(text)
+
+    def _encode_bpe(self, text: str) -> np.ndarray:
+        """BPE ids of ``text`` in bounded memory: a run of more than :data:`MAX_RUN_CHARS` characters without
+        whitespace is encoded in pieces of that many characters (as the byte tokenizer cuts anywhere), so the tokens
+        at each cut may differ from one call's; text with whitespace at least that often is encoded exactly."""
+        pieces, start = [], 0
+        for run in _LONG_RUN.finditer(text):
+            for cut in range(run.start() + MAX_RUN_CHARS, run.end(), MAX_RUN_CHARS):
+                pieces.append(text[start:cut])
+                start = cut
+        pieces.append(text[start:])
+        ids = [np.asarray(self.hf.encode(piece, add_special_tokens=False).ids, dtype=np.int64) for piece in pieces]
+        return np.concatenate(ids) if len(ids) > 1 else ids[0]
 
     def iter_encode(self, stream: BinaryIO, where: str = "<input>", chunk_bytes: int = CHUNK_BYTES
                     ) -> Iterator[tuple[np.ndarray, int]]:
         """Encode a binary stream in chunks: yields (ids, bytes read) with memory bounded by ``chunk_bytes``.
 
         Chunks are cut where pre-tokenization is unaffected (see :func:`_cut_point`), so the ids equal those of
-        one call; at most about 4 x ``chunk_bytes`` are held. Invalid UTF-8 is reported once per stream.
+        one call; at most about 4 x ``chunk_bytes`` are held, and BPE sees at most :data:`MAX_RUN_CHARS` characters
+        without whitespace at once (longer runs are cut, see :meth:`_encode_bpe`). Invalid UTF-8 is reported once
+        per stream.
         """
         pending = b""
         offset = 0
@@ -202,8 +226,7 @@ class Tokenizer:
             if not piece:
                 continue
             if warned:  # BPE only: report the first invalid sequence of a stream, replace the others silently
-                text = piece.decode("utf-8", errors="replace")
-                ids = np.asarray(self.hf.encode(text, add_special_tokens=False).ids, dtype=np.int64)
+                ids = self._encode_bpe(piece.decode("utf-8", errors="replace"))
             else:
                 ids = self.encode_bytes(piece, where, offset)
                 warned = self.kind == "bpe" and not _valid_utf8(piece)
@@ -211,6 +234,44 @@ class Tokenizer:
             yield ids, len(piece)
             if eof:
                 return
+
+
+def _check_structure(data: Any, where: str) -> list[Any]:
+    """A tokenizer file is one longctx writes: a byte-level BPE model whose ids (vocabulary and added tokens) are
+    exactly 0..V-1 and whose tokens are spelled in the byte alphabet, the ByteLevel pre-tokenizer and decoder, no
+    normalizer or post-processor (a ``Split`` regex, for one, would change the tokens and costs time unbounded by the
+    input). Returns the merges."""
+    def refuse(problem: str) -> CheckpointError:
+        return CheckpointError(f"{where}: {problem}; use the tokenizer.json written by longctx train")
+
+    if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
+        raise refuse("no tokenizer model")
+    model = data["model"]
+    vocab, merges, added = model.get("vocab"), model.get("merges"), data.get("added_tokens")
+    if model.get("type") != "BPE" or not isinstance(vocab, dict) or not isinstance(merges, list) \
+            or not isinstance(added, list) or not all(isinstance(t, dict) for t in added):
+        raise refuse("the model is not a byte-level BPE with a vocabulary, merges and added tokens")
+    for part in ("pre_tokenizer", "decoder"):
+        kind = data.get(part).get("type") if isinstance(data.get(part), dict) else data.get(part)
+        if kind != "ByteLevel":
+            raise refuse(f"its {part} is {kind!r}, not the ByteLevel one longctx writes")
+    for part in ("normalizer", "post_processor"):
+        if data.get(part) is not None:
+            raise refuse(f"it has a {part}, which longctx never writes")
+    if not all(isinstance(t.get("content"), str) for t in added):
+        raise refuse("an added token has no text")
+    tokens = {**{i: t for t, i in vocab.items()}, **{t.get("id"): t["content"] for t in added}}  # id -> token
+    size = len(tokens)
+    bad = next((i for i in tokens if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < size), None)
+    if bad is not None:
+        raise refuse(f"token id {bad!r} lies outside 0..{size - 1}")
+    if len(set(vocab.values())) != len(vocab) or any(vocab.get(t["content"], t["id"]) != t["id"] for t in added):
+        raise refuse("two tokens share an id")
+    alphabet = set(byte_alphabet())
+    specials = {t["content"] for t in added}
+    if any(set(token) - alphabet for token in vocab if token not in specials):
+        raise refuse("a token is not spelled in the byte alphabet")
+    return merges
 
 
 def _valid_utf8(data: bytes) -> bool:

@@ -41,6 +41,8 @@ from longctx import distributed as distrib
 from longctx.checkpoint import (
     CONFIG_FILE,
     TrainerState,
+    check_trainer_state,
+    check_weights_header,
     find_checkpoints,
     load_trainer_state,
     load_weights,
@@ -58,8 +60,9 @@ from longctx.data import Document, Lanes, build_token_cache, cache_root, discove
 from longctx.decoders import State
 from longctx.distributed import Dist
 from longctx.errors import CheckpointError, ConfigError, LongctxError
-from longctx.model import LongContextLM, build_model
+from longctx.model import LongContextLM, build_model, check_model_size
 from longctx.tokenizer import Tokenizer
+from longctx.validate import loads_json
 
 log = logging.getLogger("longctx")
 METRICS_FILE = "metrics.jsonl"
@@ -245,8 +248,9 @@ def prepare_out_dir(run: RunOptions) -> list[Path]:
 
 
 def clear_out_dir(entries: list[Path]) -> None:
+    """Delete what ``--overwrite`` replaces; a symbolic link is removed itself, never what it points to."""
     for p in entries:
-        shutil.rmtree(p) if p.is_dir() else p.unlink()
+        shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
 
 
 def check_init_from(init_from: Path, config: Config) -> None:
@@ -254,6 +258,7 @@ def check_init_from(init_from: Path, config: Config) -> None:
     tokenizer = Tokenizer.from_file(str(init_from / "tokenizer.json"))
     wanted = dataclasses.replace(config.model, vocab_size=tokenizer.vocab_size, separator_id=tokenizer.sep_id)
     try:
+        check_weights_header(wanted, init_from / "model.safetensors")
         load_weights(build_model(wanted), init_from / "model.safetensors")
     except CheckpointError:
         have = dataclasses.asdict(read_config(init_from).model)
@@ -400,8 +405,8 @@ def _json_safe(value: Any) -> Any:
 
 def _step_of(line: str) -> int:
     try:
-        return int(json.loads(line).get("step", 0))
-    except (json.JSONDecodeError, AttributeError, ValueError):
+        return int(loads_json(line, "metrics.jsonl").get("step", 0))
+    except (LongctxError, AttributeError, TypeError, ValueError):
         return 0
 
 
@@ -560,6 +565,7 @@ class Trainer:
 
     def restore(self, saved: TrainerState) -> None:
         meta, tensors = saved.meta, saved.tensors
+        check_trainer_state(saved, self.optimizer, self.states[0], STATE_PREFIX)
         optimizer_from_tensors(self.optimizer, tensors, meta["param_groups"])
         self.step, self.tokens_seen = int(meta["step"]), int(meta["tokens_seen"])
         self.cursor, self.elapsed = int(meta["data_cursor"]), float(meta["elapsed_s"])
@@ -861,6 +867,10 @@ def _train(config: Config, run: RunOptions, overrides: dict[str, Any], device: t
     train_tokens, val_tokens = prepare_data(config, tokenizer, split)
     if dd.main:
         distrib.barrier(dd)
+    check_model_size(config.model, "the config", ConfigError)  # before anything is allocated
+    for source in (init_from, resume_from):
+        if source is not None:
+            check_weights_header(config.model, source / "model.safetensors")
     model = build_model(config.model).to(device)
     for source in (init_from, resume_from):
         if source is not None:
