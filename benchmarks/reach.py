@@ -28,6 +28,7 @@ How to run
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import sys
 import time
@@ -35,6 +36,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -125,24 +127,52 @@ def text_filler(config: Config) -> Any:
     return load_filler(held_out or bundled_documents())
 
 
+CACHE_FILE = "reach_probe.json"  # in a text run's folder: the probes already made, keyed by checkpoint and settings
+CACHE_VERSION = 1  # bump when a probe's definition changes
+
+
+def probe_key(checkpoint: Path, task: str, args: argparse.Namespace) -> str:
+    """What a cached probe result depends on."""
+    settings = {"copy": (args.copy_distances, args.copy_span, args.copy_trials, args.seed),
+                "context": (args.context_distances, args.context_tokens)}[task]
+    return json.dumps([CACHE_VERSION, str(checkpoint), task, settings, args.precision])
+
+
 def run_text(preset: str, args: argparse.Namespace, opts: ProbeOptions) -> dict[str, Any]:
-    """Copy and context probes of the newest checkpoint in ``--text-runs/PRESET``."""
-    found = find_checkpoints(args.text_runs / preset)
+    """Copy and context probes of the newest checkpoint in ``--text-runs/PRESET``, reusing the results cached in
+    the run folder by an earlier run with the same checkpoint and settings."""
+    run_dir = args.text_runs / preset
+    found = find_checkpoints(run_dir)
     if not found:
-        raise RuntimeError(f"no checkpoint in {args.text_runs / preset}")
+        raise RuntimeError(f"no checkpoint in {run_dir}")
+    cache_path = run_dir / CACHE_FILE
+    cache = json.loads(cache_path.read_text(encoding="utf-8")) if cache_path.is_file() else {}
     model, tokenizer, config = load_checkpoint(found[-1])
-    filler = text_filler(config)
+    filler = None
     out: dict[str, Any] = {"checkpoint": str(found[-1])}
-    if "copy" in args.tasks:
-        report = score_copy(model, tokenizer, filler, args.copy_distances, args.copy_span, args.copy_trials, "text",
-                            args.seed, opts).to_dict()
-        out["copy"] = {"reach": reach(report["distances"], "gain_bits_per_byte", 0.0, MIN_GAIN), **report}
-    if "context" in args.tasks:
-        streams = [torch.cat([torch.tensor([tokenizer.sep_id]), torch.from_numpy(tokenizer.encode_bytes(t))]).numpy()
-                   for t in filler.texts]
-        report = score_context(model, tokenizer, streams, args.context_distances, args.context_tokens, opts).to_dict()
-        out["context"] = {"reach": reach(report["distances"], "gain_bits_per_byte", 0.0, MIN_GAIN), **report}
+    for task in ("copy", "context"):
+        if task not in args.tasks:
+            continue
+        key = probe_key(found[-1], task, args)
+        if key in cache:
+            log(f"{preset}: {task} probe of {found[-1].name} already made")
+            report = cache[key]
+        else:
+            filler = filler or text_filler(config)
+            report = probe_text(task, model, tokenizer, filler, args, opts)
+            cache[key] = report
+            cache_path.write_text(json.dumps(cache, indent=1), encoding="utf-8")
+        out[task] = {"reach": reach(report["distances"], "gain_bits_per_byte", 0.0, MIN_GAIN), **report}
     return out
+
+
+def probe_text(task: str, model: Any, tokenizer: Any, filler: Any, args: argparse.Namespace, opts: ProbeOptions
+               ) -> dict[str, Any]:
+    if task == "copy":
+        return score_copy(model, tokenizer, filler, args.copy_distances, args.copy_span, args.copy_trials, "text",
+                          args.seed, opts).to_dict()
+    streams = [np.concatenate([[tokenizer.sep_id], tokenizer.encode_bytes(t)]).astype(np.int64) for t in filler.texts]
+    return score_context(model, tokenizer, streams, args.context_distances, args.context_tokens, opts).to_dict()
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -209,3 +209,5 @@ def test_reach_smoke(tmp_path):
         assert [r["distance"] for r in res["context"]["distances"]] == [8, 32]
     # the tiny transformer sees 15 tokens back: the context beyond 32 tokens is worth nothing to it
     assert abs(presets["transformer-small"]["context"]["distances"][1]["gain_bits_per_byte"]) < 1e-4
+    cache = json.loads((tmp_path / "runs" / "transformer-small" / "reach_probe.json").read_text())
+    assert len(cache) == 2  # copy and context, reused by a second run with the same checkpoint and settings
