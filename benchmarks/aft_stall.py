@@ -59,7 +59,7 @@ from common import RESULTS, TINY_MODEL_OVERRIDES, log, machine_info, timestamp, 
 
 import longctx.train as train_module  # noqa: E402
 from longctx.checkpoint import load_weights  # noqa: E402
-from longctx.config import Config, load_config  # noqa: E402
+from longctx.config import Config, load_config, overrides_for  # noqa: E402
 from longctx.data import Lanes  # noqa: E402
 from longctx.decoders.aft import AFTMixer  # noqa: E402
 from longctx.errors import ConfigError  # noqa: E402
@@ -119,7 +119,7 @@ def boundaries_read(config: Config, steps: list[int]) -> list[list[int]] | None:
 
 def run_condition(name: str, preset: str, overrides: dict[str, Any], reset: bool, bias_rate: float,
                   out_dir: Path) -> dict[str, Any]:
-    config = load_config(preset, overrides)
+    config = load_config(preset, overrides_for(preset, overrides))
     log(f"aft_stall: {name} ({preset}, {config.train.max_steps} steps)")
     started = time.monotonic()
     with hooks(reset, bias_rate):
@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoke:
         overrides.update(TINY_MODEL_OVERRIDES)
     try:
-        config = load_config(args.preset, overrides)
+        config = load_config(args.preset, overrides_for(args.preset, overrides))
     except ConfigError as e:
         p.error(str(e))
     if config.model.decoder != "aft":

@@ -94,7 +94,7 @@ from common import (  # noqa: E402
 )
 
 from longctx.checkpoint import load_checkpoint  # noqa: E402
-from longctx.config import Config, list_presets, load_config, parse_set_args  # noqa: E402
+from longctx.config import Config, list_presets, load_config, overrides_for, parse_set_args  # noqa: E402
 from longctx.data import Document, discover, split_documents  # noqa: E402
 from longctx.scoring import EvalOptions, evaluate_documents  # noqa: E402
 from longctx.train import Interrupted, resolve_device  # noqa: E402
@@ -196,6 +196,7 @@ def evaluate_preset(checkpoint: Path, args: argparse.Namespace, device: torch.de
 def run_preset(preset: str, args: argparse.Namespace, overrides: dict[str, Any], device: torch.device
                ) -> dict[str, Any]:
     """Train (or resume, or skip) and evaluate one preset; the per-preset part of the report."""
+    overrides = overrides_for(preset, overrides)
     base = load_config(preset, overrides)
     full = overrides | budget_overrides(base, args, overrides)
     cfg = load_config(preset, full)

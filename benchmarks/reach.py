@@ -56,7 +56,7 @@ from common import (  # noqa: E402
 )
 
 from longctx.checkpoint import find_checkpoints, load_checkpoint  # noqa: E402
-from longctx.config import Config, list_presets, load_config, parse_set_args  # noqa: E402
+from longctx.config import Config, list_presets, load_config, overrides_for, parse_set_args  # noqa: E402
 from longctx.data import bundled_documents, discover, split_documents  # noqa: E402
 from longctx.probe import (  # noqa: E402
     DEFAULT_CONTEXT_DISTANCES,
@@ -263,12 +263,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results: dict[str, dict[str, Any]] = {}
     for preset in args.presets:
         log(f"reach: {preset}")
-        cfg = load_config(preset, overrides)
+        mine = overrides_for(preset, overrides)
+        cfg = load_config(preset, mine)
         bound, why = theoretical_reach(cfg.model)
         res: dict[str, Any] = {"decoder": cfg.model.decoder, "theoretical_reach": bound, "theoretical_reach_rule": why}
         try:
             if "recall" in args.tasks:
-                res["recall"] = run_recall(preset, args, overrides, ProbeOptions(seq_len=cfg.train.seq_len,
+                res["recall"] = run_recall(preset, args, mine, ProbeOptions(seq_len=cfg.train.seq_len,
                                                                                  precision=args.precision))
             if {"copy", "context"} & set(args.tasks):
                 res.update(run_text(preset, args, opts))

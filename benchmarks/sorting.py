@@ -103,7 +103,7 @@ from common import (  # noqa: E402
 )
 
 from longctx.checkpoint import optimizer_from_tensors, optimizer_to_tensors  # noqa: E402
-from longctx.config import Config, list_presets, load_config, parse_set_args  # noqa: E402
+from longctx.config import Config, list_presets, load_config, overrides_for, parse_set_args  # noqa: E402
 from longctx.errors import ConfigError  # noqa: E402
 from longctx.model import LongContextLM, build_model  # noqa: E402
 from longctx.train import lr_at, make_optimizer, resolve_device  # noqa: E402
@@ -342,6 +342,7 @@ def teacher_forced_baselines(args: argparse.Namespace, length: int, windows: lis
 def run_pair(preset: str, length: int, args: argparse.Namespace, overrides: dict[str, Any], device: torch.device
              ) -> dict[str, Any]:
     """Train (resume, or reuse) and evaluate one preset at one sequence length."""
+    overrides = overrides_for(preset, overrides)
     cfg = load_config(preset, overrides | {"model.vocab_size": VOCAB, "train.max_steps": args.steps})
     t = cfg.train
     cfg = load_config(preset, overrides | {"model.vocab_size": VOCAB, "train.max_steps": args.steps,
@@ -448,7 +449,7 @@ DEFINITION = {
 def preset_window(preset: str, overrides: dict[str, Any]) -> int | None:
     """The exact window of a preset under the overrides; None when it does not load (its pair reports why)."""
     try:
-        cfg = load_config(preset, overrides)
+        cfg = load_config(preset, overrides_for(preset, overrides))
     except ConfigError:
         return None
     return attention_window(cfg.model, cfg.train.seq_len)[0]

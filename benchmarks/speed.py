@@ -51,7 +51,7 @@ from typing import Any
 
 import torch
 
-from longctx.config import Config, list_presets, load_config, parse_set_args
+from longctx.config import Config, list_presets, load_config, overrides_for, parse_set_args
 from longctx.errors import LongctxError
 from longctx.model import build_model
 
@@ -72,7 +72,7 @@ def log(message: str) -> None:
 
 def preset_config(preset: str, args: argparse.Namespace) -> Config:
     """The preset with ``--smoke``'s tiny sizes and then ``--set``'s overrides applied."""
-    return load_config(preset, (SMOKE if args.smoke else {}) | args.overrides)
+    return load_config(preset, overrides_for(preset, (SMOKE if args.smoke else {}) | args.overrides))
 
 
 # --------------------------------------------------------------------------------------------------------------------

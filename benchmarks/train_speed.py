@@ -82,7 +82,7 @@ from typing import Any
 
 import torch
 
-from longctx.config import Config, load_config, parse_set_args
+from longctx.config import Config, load_config, overrides_for, parse_set_args
 from longctx.model import build_model
 from longctx.train import resolve_device
 
@@ -350,7 +350,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     overrides: dict[str, Any] = dict(SMOKE_OVERRIDES) if args.smoke else {}
     overrides.update(parse_set_args(args.overrides))
-    cfg = load_config(args.preset, overrides)
+    cfg = load_config(args.preset, overrides_for(args.preset, overrides))
     if args.batch_size is None:
         args.batch_size = 2 if args.smoke else cfg.train.batch_size
     if args.seq_len is None:

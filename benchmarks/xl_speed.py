@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from longctx.config import Config, load_config
+from longctx.config import Config, load_config, overrides_for
 from longctx.decoders.xl import XLDecoder
 from longctx.model import LongContextLM, build_model
 from longctx.train import make_optimizer
@@ -52,7 +52,7 @@ def log(message: str) -> None:
 
 
 def load(preset: str, smoke: bool) -> Config:
-    return load_config(preset, SMOKE if smoke else None)  # every model config has both sub-configs
+    return load_config(preset, overrides_for(preset, SMOKE) if smoke else None)
 
 
 def set_span_ratio(model: LongContextLM, ratio: float) -> None:

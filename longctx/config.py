@@ -546,7 +546,44 @@ def load_config(preset_or_path: str | None = None, overrides: dict[str, Any] | N
     for dotted, value in (overrides or {}).items():
         set_dotted(data, dotted, value)
     data["preset"] = name
+    _check_decoder_sections(data, overrides or {}, str(path))
     return Config.from_dict(data, where=str(path))
+
+
+DECODER_SECTIONS: tuple[str, ...] = get_args(DecoderName)  # model.<decoder>.* holds that decoder's options
+
+
+def _other_decoder(key: str, decoder: str) -> str | None:
+    """The decoder whose section ``key`` (dotted) sets, if that is not ``decoder``."""
+    parts = key.split(".")
+    if len(parts) >= 3 and parts[0] == "model" and parts[1] in DECODER_SECTIONS and parts[1] != decoder:
+        return parts[1]
+    return None
+
+
+def _check_decoder_sections(data: dict[str, Any], overrides: dict[str, Any], where: str) -> None:
+    """An option of a decoder that the config does not use would be ignored without a word: refuse it, whether it
+    comes from ``--set`` or from the preset file (unless ``model.decoder`` was overridden: a preset written for one
+    decoder keeps its own section when the user switches to another)."""
+    model = data.get("model")
+    decoder = model.get("decoder", ModelConfig.decoder) if isinstance(model, dict) else ModelConfig.decoder
+    for key in overrides:
+        other = _other_decoder(key, decoder)
+        if other is not None:
+            raise ConfigError(f"{key} is an option of the {other} decoder, but this config's decoder is {decoder!r}; "
+                              f"drop it, or also set model.decoder={other}")
+    if "model.decoder" in overrides or not isinstance(model, dict):
+        return
+    for section in DECODER_SECTIONS:
+        if section != decoder and section in model:
+            raise ConfigError(f"{where} sets [model.{section}] but its decoder is {decoder!r}; remove that table")
+
+
+def overrides_for(preset: str, overrides: dict[str, Any]) -> dict[str, Any]:
+    """``overrides`` without the options of decoders that ``preset`` (with ``overrides``' ``model.decoder``) does not
+    use: how a benchmark applies one set of ``--set`` keys to presets of different decoders."""
+    decoder = overrides.get("model.decoder") or load_config(preset).model.decoder
+    return {k: v for k, v in overrides.items() if _other_decoder(k, str(decoder)) is None}
 
 
 def parse_set_args(items: list[str]) -> dict[str, str]:

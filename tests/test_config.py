@@ -211,3 +211,27 @@ def test_parse_set_args() -> None:
     for bad in ("train.lr", "=3", " =3"):
         with pytest.raises(ConfigError, match="KEY=VALUE"):
             parse_set_args([bad])
+
+
+def test_options_of_a_decoder_the_config_does_not_use_are_refused() -> None:
+    with pytest.raises(ConfigError, match="model.infinite.mem_len is an option of the infinite decoder"):
+        load_config("xl-small", {"model.infinite.mem_len": 5})
+    # switching the decoder makes its section apply (the preset's own section stays, unused)
+    assert load_config("xl-small", {"model.decoder": "infinite", "model.infinite.mem_len": 8}).model.infinite.mem_len \
+        == 8
+
+
+def test_a_preset_file_with_another_decoders_table_is_refused(tmp_path) -> None:
+    preset = tmp_path / "mine.toml"
+    preset.write_text('[model]\ndecoder = "xl"\n\n[model.infinite]\nmem_len = 8\n')
+    with pytest.raises(ConfigError, match=r"sets \[model.infinite\] but its decoder is 'xl'"):
+        load_config(str(preset))
+
+
+def test_overrides_for_keeps_each_decoders_own_options() -> None:
+    from longctx.config import overrides_for
+
+    mixed = {"model.d_model": "64", "model.xl.mem_len": "16", "model.infinite.mem_len": "16"}
+    assert overrides_for("xl-small", mixed) == {"model.d_model": "64", "model.xl.mem_len": "16"}
+    assert overrides_for("xl-small", mixed | {"model.decoder": "infinite"}) == {
+        "model.d_model": "64", "model.infinite.mem_len": "16", "model.decoder": "infinite"}
