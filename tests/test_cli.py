@@ -221,6 +221,14 @@ def test_train_help_lists_the_flags(cli: Callable[..., Result]) -> None:
         assert flag in res.out, flag
 
 
+def test_max_time_help_says_what_it_bounds(tmp_path: Path) -> None:
+    """Issue 18, defect 11: --max-time is the training loop's budget; the final validation and checkpoint come on top."""
+    res = run_inprocess(tmp_path, "train", "--help")
+    assert res.code == 0, res.err
+    max_time = " ".join(res.out.split("--max-time", 1)[1].split("--", 1)[0].replace("│", " ").split())
+    assert "training loop" in max_time and "come on top" in max_time, max_time
+
+
 def test_subcommand_help_for_eval_generate_info(cli: Callable[..., Result]) -> None:
     for command, flag in (("eval", "--per-position"), ("generate", "--save-state"), ("info", "checkpoint")):
         res = cli(command, "--help")

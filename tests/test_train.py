@@ -141,6 +141,20 @@ def test_held_out_documents_are_named_and_a_too_short_one_is_warned_about(tmp_pa
                for m, r in zip(messages, caplog.records))
 
 
+def test_bpe_prints_the_size_it_learned(tmp_path, caplog):
+    """Issue 18, defect 12: --vocab-size 100000 on a small corpus learns far fewer tokens; the size said is the real one."""
+    import logging
+
+    cfg = load_config("transformer-small", tiny_overrides(tmp_path, **{
+        "train.max_steps": 1, "data.tokenizer": "bpe", "data.vocab_size": 100000}))
+    with caplog.at_level(logging.INFO, logger="longctx"):
+        train(cfg, RunOptions(out_dir=tmp_path / "run", progress=False))
+    learned = json.loads((find_checkpoints(tmp_path / "run")[-1] / "config.json").read_text())["model"]["vocab_size"]
+    messages = [r.getMessage() for r in caplog.records]
+    assert learned < 100000 and any(f"learned {learned} tokens" in m for m in messages), messages
+    assert not any("(100000 tokens)" in m for m in messages), messages
+
+
 def test_non_finite_loss_skips_steps_then_stops(tmp_path, monkeypatch):
     cfg = load_config("transformer-small", tiny_overrides(
         tmp_path, **{"train.max_steps": 10, "train.max_bad_steps": 3, "train.save_interval": 2}))

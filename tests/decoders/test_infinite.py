@@ -11,6 +11,7 @@ the queries that read the previous version; with the gate written out as loops),
 from __future__ import annotations
 
 import inspect
+import json
 import math
 from collections.abc import Callable
 from typing import Any
@@ -424,6 +425,31 @@ def test_presets_build(preset: str, sticky: bool) -> None:
     info = model.decoder.describe()
     assert info["sticky"] == sticky and info["n_basis"] == config.model.infinite.n_basis
     assert info["ltm_out"] == config.model.infinite.ltm_out and info["gate"] == config.model.infinite.gate
+
+
+def test_tiny_preset_is_the_quick_starts_and_trains(tmp_path) -> None:
+    """infinite-tiny: the default decoder in its official form, narrowed for a CPU quick start; its warm-up ends well
+    inside its run, and it trains a couple of steps on a sliver of the bundled corpus (batch and data shrunk)."""
+    from longctx.train import RunOptions, train
+
+    config = load_config("infinite-tiny")
+    assert config.model.decoder == "infinite" and config.model.infinite.gate
+    assert config.model.infinite.ltm_out == "separate"
+    assert (config.model.n_layer, config.model.d_model, config.train.seq_len) == (4, 128, 128)
+    assert config.model.infinite.mem_len == config.model.infinite.ltm_block == config.train.seq_len
+    assert config.train.warmup_steps <= config.train.max_steps // 4
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(2):
+        (data / f"doc{i}.txt").write_text("To be, or not to be, that is the question. " * 30)
+    tiny = load_config("infinite-tiny", {"train.batch_size": 2, "train.max_steps": 2, "train.threads": 1,
+                                         "train.eval_tokens": 512, "data.paths": [str(data)],
+                                         "data.cache_dir": str(tmp_path / "cache")})
+    out = tmp_path / "run"
+    train(tiny, RunOptions(out_dir=out, progress=False))
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "val_loss" in r] == [2]
+    assert all(math.isfinite(r["loss"]) for r in records if "loss" in r)
 
 
 @pytest.mark.parametrize("key,value", [("n_basis", 0), ("n_basis", 5), ("sigmas", []), ("sigmas", [0.01, -1.0]),
