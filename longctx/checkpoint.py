@@ -94,6 +94,10 @@ def _save_tensors(path: Path, tensors: dict[str, Tensor], metadata: dict[str, st
         os.fsync(f.fileno())
 
 
+MAX_LANES = 1 << 16  # lanes a trainer state may hold (a hostile header cannot make the loader allocate more)
+MAX_RNG_BYTES = 1 << 20  # a CUDA generator state is a few kB
+
+
 @dataclass
 class TrainerState:
     """What resuming needs beyond the weights. ``tensors`` are flat (safetensors); ``meta`` is JSON; ``folder`` is
@@ -383,47 +387,72 @@ def load_trainer_state(path: Path) -> TrainerState:
         if len(betas) != 2 or not all(isinstance(b, float | int) and 0 <= b < 1 for b in betas):
             raise CheckpointError(f"{group_where}: betas must be two numbers in [0, 1), got {betas!r:.40}; the file "
                                   "is damaged")
-    tensors, _ = _read_weights(tensors_file)
-    return TrainerState(tensors=tensors, meta=meta, folder=path)
+    return TrainerState(meta=meta, folder=path)  # tensors: read by check_trainer_state, after their header
 
 
 def check_trainer_state(saved: TrainerState, optimizer: torch.optim.Optimizer, template: State, prefix: str) -> None:
     """The tensors of a trainer state fit the model being resumed, before any is used: optimizer moments of each
     parameter's shape, lane states (prefixed ``prefix``) of ``template``'s shapes but the batch, RNG states of
-    torch's size, nothing non-finite. The JSON part was checked by :func:`load_trainer_state`."""
-    where = str((saved.folder or Path(".")) / TRAINER_TENSORS)
+    torch's size, nothing non-finite. The JSON part was checked by :func:`load_trainer_state`. A state read from a
+    folder is checked by its safetensors header first and only then read into ``saved.tensors``, so a file that
+    claims huge tensors is refused before any memory is allocated for them."""
+    folder = saved.folder or Path(".")
+    where = str(folder / TRAINER_TENSORS)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     saved_groups = saved.meta["param_groups"]
     if [len(g["params"]) for g in saved_groups] != [len(g["params"]) for g in optimizer.param_groups] or \
             [i for g in saved_groups for i in g["params"]] != list(range(len(params))):
-        raise CheckpointError(f"{(saved.folder or Path('.')) / TRAINER_META}: param_groups do not fit this model; "
+        raise CheckpointError(f"{folder / TRAINER_META}: param_groups do not fit this model; "
                               "resume with the same config or start from the weights only with --init-from")
-    lane_rows = set()
+    if not saved.tensors and saved.folder is not None:
+        header, _ = read_safetensors_header(folder / TRAINER_TENSORS)
+        _check_trainer_shapes({k: (shape, dtype) for k, (dtype, shape) in header.items()}, where, params, template,
+                              prefix)
+        saved.tensors, _ = _read_weights(folder / TRAINER_TENSORS)
+    _check_trainer_shapes({k: (tuple(t.shape), t.dtype) for k, t in saved.tensors.items()}, where, params, template,
+                          prefix)
     for key, tensor in saved.tensors.items():
+        check_tensor(tensor, key, where)  # nothing non-finite
+
+
+def _check_trainer_shapes(shapes: dict[str, tuple[tuple[int, ...], Any]], where: str, params: list[Tensor],
+                          template: State, prefix: str) -> None:
+    """Names, shapes and dtypes of a trainer state's tensors (from its header or the tensors themselves)."""
+    lane_rows = set()
+
+    def expect(key: str, shape: tuple[int, ...], dtype: Any, want_shape: tuple[int, ...] | None,
+               want_dtype: torch.dtype) -> None:
+        if (want_shape is not None and tuple(shape) != tuple(want_shape)) or dtype != want_dtype:
+            want = " ".join(filter(None, [want_shape is not None and str(tuple(want_shape)), str(want_dtype)]))
+            raise CheckpointError(f"{where}: tensor {key} is {tuple(shape)} {dtype}, this model needs {want}; "
+                                  "the file belongs to another model or is damaged")
+
+    for key, (shape, dtype) in shapes.items():
         if key.startswith("optimizer."):
             _, idx, name = (key.split(".", 2) + ["", ""])[:3]
             if not idx.isdigit() or int(idx) >= len(params) or name not in ("step", "exp_avg", "exp_avg_sq",
                                                                             "max_exp_avg_sq"):
                 raise CheckpointError(f"{where}: tensor {key} is no AdamW state of this model; the file is damaged")
             param = params[int(idx)]
-            shape, dtype = ((), torch.float32) if name == "step" else (tuple(param.shape), param.dtype)
-            check_tensor(tensor, key, where, shape, dtype)
+            expect(key, shape, dtype, *(((), torch.float32) if name == "step" else (tuple(param.shape), param.dtype)))
         elif key.startswith(prefix):
             want = template.tensors().get(key[len(prefix):])
             if want is None:
                 raise CheckpointError(f"{where}: {key} is no lane state of this decoder; the file is damaged")
-            if tensor.dim() != want.dim() or tensor.shape[1:] != want.shape[1:] or tensor.dtype != want.dtype:
-                raise CheckpointError(f"{where}: lane state {key} is {tuple(tensor.shape)} {tensor.dtype}, this "
-                                      f"model needs (lanes, {', '.join(map(str, want.shape[1:]))}) {want.dtype}; "
-                                      "the file belongs to another model or is damaged")
-            check_tensor(tensor, key, where)
-            lane_rows.add(tensor.shape[0])
+            if len(shape) != want.dim() or tuple(shape[1:]) != tuple(want.shape[1:]) or dtype != want.dtype:
+                raise CheckpointError(f"{where}: lane state {key} is {tuple(shape)} {dtype}, this model needs "
+                                      f"(lanes, {', '.join(map(str, want.shape[1:]))}) {want.dtype}; the file "
+                                      "belongs to another model or is damaged")
+            if not 1 <= shape[0] <= MAX_LANES:
+                raise CheckpointError(f"{where}: lane state {key} holds {shape[0]:,} lanes (at most {MAX_LANES:,}); "
+                                      "the file is damaged")
+            lane_rows.add(shape[0])
         elif key.startswith("rng.torch."):
-            check_tensor(tensor, key, where, tuple(torch.get_rng_state().shape), torch.uint8)
+            expect(key, shape, dtype, tuple(torch.get_rng_state().shape), torch.uint8)
         elif key == "rng.cuda":
-            check_tensor(tensor, key, where, dtype=torch.uint8)
-            if tensor.dim() != 1:
-                raise CheckpointError(f"{where}: tensor {key} must be one-dimensional; the file is damaged")
+            expect(key, shape, dtype, None, torch.uint8)
+            if len(shape) != 1 or shape[0] > MAX_RNG_BYTES:
+                raise CheckpointError(f"{where}: tensor {key} must be one-dimensional and small; the file is damaged")
         else:
             raise CheckpointError(f"{where}: unexpected tensor {key}; the file was not written by longctx")
     if len(lane_rows) > 1:

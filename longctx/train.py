@@ -564,8 +564,8 @@ class Trainer:
         return TrainerState(tensors=tensors, meta=meta)
 
     def restore(self, saved: TrainerState) -> None:
+        check_trainer_state(saved, self.optimizer, self.states[0], STATE_PREFIX)  # reads the tensors once checked
         meta, tensors = saved.meta, saved.tensors
-        check_trainer_state(saved, self.optimizer, self.states[0], STATE_PREFIX)
         optimizer_from_tensors(self.optimizer, tensors, meta["param_groups"])
         self.step, self.tokens_seen = int(meta["step"]), int(meta["tokens_seen"])
         self.cursor, self.elapsed = int(meta["data_cursor"]), float(meta["elapsed_s"])

@@ -284,3 +284,29 @@ def test_bpe_cuts_a_long_run_without_losing_bytes() -> None:
     text = "ab" + "é" * MAX_RUN_CHARS + "cat" * 5 + " the mat"  # one run of 2 x MAX_RUN_CHARS + 15 bytes
     ids = tok.encode_text(text)
     assert tok.decode(ids.tolist()) == text
+
+
+def test_a_trainer_state_claiming_huge_tensors_is_refused_before_it_is_read(root: Path, tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A sparse trainer_state.safetensors whose header claims a 1 GiB optimizer moment: refused by its header, and
+    the tensors are never read (reading them would allocate what the header claims)."""
+    import struct
+
+    import longctx.checkpoint as checkpoint
+
+    ckpt = tmp_path / "run" / "step-00000002"
+    shutil.copytree(root / "runs" / "ck" / "step-00000002", ckpt)
+    n = 1 << 28  # float32 values: 1 GiB
+    header = json.dumps({"optimizer.0.exp_avg": {"dtype": "F32", "shape": [n], "data_offsets": [0, 4 * n]}}).encode()
+    with open(ckpt / "trainer_state.safetensors", "wb") as f:
+        f.write(struct.pack("<Q", len(header)) + header)
+        f.truncate(8 + len(header) + 4 * n)  # sparse: no disk used
+    real_read = checkpoint._read_weights
+
+    def read_weights(file: Path) -> object:
+        assert file.name != "trainer_state.safetensors", "the trainer state was read before its header was checked"
+        return real_read(file)
+
+    monkeypatch.setattr(checkpoint, "_read_weights", read_weights)
+    assert_user_error(run_inprocess(root, *_resume(ckpt, ckpt)), "trainer_state.safetensors", "optimizer.0.exp_avg",
+                      f"({n},)")
