@@ -149,7 +149,8 @@ def run_text(preset: str, args: argparse.Namespace, opts: ProbeOptions) -> dict[
     cache = json.loads(cache_path.read_text(encoding="utf-8")) if cache_path.is_file() else {}
     model, tokenizer, config = load_checkpoint(found[-1])
     filler = None
-    out: dict[str, Any] = {"checkpoint": str(found[-1])}
+    bound, why = theoretical_reach(config.model)  # of the model trained there, whatever overrides it had
+    out: dict[str, Any] = {"checkpoint": str(found[-1]), "theoretical_reach": bound, "theoretical_reach_rule": why}
     for task in ("copy", "context"):
         if task not in args.tasks:
             continue

@@ -563,8 +563,9 @@ def _other_decoder(key: str, decoder: str) -> str | None:
 
 def _check_decoder_sections(data: dict[str, Any], overrides: dict[str, Any], where: str) -> None:
     """An option of a decoder that the config does not use would be ignored without a word: refuse it, whether it
-    comes from ``--set`` or from the preset file (unless ``model.decoder`` was overridden: a preset written for one
-    decoder keeps its own section when the user switches to another)."""
+    comes from ``--set`` or from the preset file. A preset file may hold other decoders' tables at their defaults
+    (``--print-config`` writes every table), and keeps its own table when ``--set model.decoder`` switches to
+    another decoder."""
     model = data.get("model")
     decoder = model.get("decoder", ModelConfig.decoder) if isinstance(model, dict) else ModelConfig.decoder
     for key in overrides:
@@ -574,8 +575,13 @@ def _check_decoder_sections(data: dict[str, Any], overrides: dict[str, Any], whe
                               f"drop it, or also set model.decoder={other}")
     if "model.decoder" in overrides or not isinstance(model, dict):
         return
+    defaults = ModelConfig()
     for section in DECODER_SECTIONS:
-        if section != decoder and section in model:
+        table = model.get(section)
+        if section == decoder or table is None:
+            continue
+        unused = dataclasses.asdict(getattr(defaults, section))
+        if not isinstance(table, dict) or any(unused.get(k, object()) != v for k, v in table.items()):
             raise ConfigError(f"{where} sets [model.{section}] but its decoder is {decoder!r}; remove that table")
 
 

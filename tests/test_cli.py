@@ -222,7 +222,7 @@ def test_train_help_lists_the_flags(cli: Callable[..., Result]) -> None:
 
 
 def test_max_time_help_says_what_it_bounds(tmp_path: Path) -> None:
-    """Issue 18, defect 11: --max-time is the training loop's budget; the final validation and checkpoint come on top."""
+    """--max-time is the training loop's budget; the final validation and checkpoint come on top."""
     res = run_inprocess(tmp_path, "train", "--help")
     assert res.code == 0, res.err
     max_time = " ".join(res.out.split("--max-time", 1)[1].split("--", 1)[0].replace("│", " ").split())

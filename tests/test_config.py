@@ -226,6 +226,8 @@ def test_a_preset_file_with_another_decoders_table_is_refused(tmp_path) -> None:
     preset.write_text('[model]\ndecoder = "xl"\n\n[model.infinite]\nmem_len = 8\n')
     with pytest.raises(ConfigError, match=r"sets \[model.infinite\] but its decoder is 'xl'"):
         load_config(str(preset))
+    preset.write_text('[model]\ndecoder = "xl"\n\n[model.infinite]\nmem_len = 256\n')  # the default: harmless
+    assert load_config(str(preset)).model.decoder == "xl"
 
 
 def test_overrides_for_keeps_each_decoders_own_options() -> None:

@@ -1,4 +1,4 @@
-"""The README's commands agree with the presets (issue 18): no `longctx train --max-steps N` example stops before
+"""The README's commands agree with the presets: no `longctx train --max-steps N` example stops before
 its preset's warm-up ends, unless it sets --warmup-steps itself."""
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from longctx.checkpoint import find_checkpoints, load_checkpoint
-from longctx.config import load_config
+from longctx.config import load_config, overrides_for
 from longctx.data import bundled_documents
 from longctx.errors import LongctxError
 from longctx.train import RunOptions, lr_at, train
@@ -111,7 +111,8 @@ def test_overwrite_deletes_nothing_when_the_command_is_wrong(tmp_path):
         tmp_path, **{"train.max_steps": 1, "data.paths": [str(tmp_path / "nodir")]}))
     with pytest.raises(DataError):
         train(bad_data, RunOptions(out_dir=keep, overwrite=True, progress=False))
-    xl = load_config("xl-small", tiny_overrides(tmp_path, **{"train.max_steps": 1, "model.xl.mem_len": 16}))
+    xl = load_config("xl-small", overrides_for("xl-small", tiny_overrides(tmp_path, **{"train.max_steps": 1,
+                                                                           "model.xl.mem_len": 16})))
     with pytest.raises(ConfigError, match=r"--init-from .*model.decoder = \"transformer\" there, \"xl\" here"):
         train(xl, RunOptions(out_dir=keep, overwrite=True, init_from=str(find_checkpoints(keep)[-1]),
                              progress=False))
@@ -142,7 +143,7 @@ def test_held_out_documents_are_named_and_a_too_short_one_is_warned_about(tmp_pa
 
 
 def test_bpe_prints_the_size_it_learned(tmp_path, caplog):
-    """Issue 18, defect 12: --vocab-size 100000 on a small corpus learns far fewer tokens; the size said is the real one."""
+    """--vocab-size 100000 on a small corpus learns far fewer tokens; the size said is the real one."""
     import logging
 
     cfg = load_config("transformer-small", tiny_overrides(tmp_path, **{
@@ -241,7 +242,8 @@ def test_position_parameters_move_position_lr_scale_times_faster():
 
 def test_final_validation_and_learned_spans_reach_metrics(tmp_path):
     out = tmp_path / "run"
-    cfg = load_config("xl-span-small", tiny_overrides(tmp_path, **{"train.max_steps": 3, "model.xl.mem_len": 16}))
+    cfg = load_config("xl-span-small", overrides_for("xl-span-small", tiny_overrides(
+        tmp_path, **{"train.max_steps": 3, "model.xl.mem_len": 16})))
     train(cfg, RunOptions(out_dir=out, progress=False))
     records = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
     final = [r for r in records if "val_loss" in r]
