@@ -6,6 +6,8 @@ The model knows no decoder internals: it builds ``DECODERS[cfg.decoder]`` and sp
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -91,6 +93,23 @@ class LongContextLM(nn.Module):
             aux = aux + out.aux_loss * ((b - a) / T)
             state, stats = out.state, out.stats
         return DecoderOutput(hidden=torch.cat(hidden, dim=1), state=state, aux_loss=aux, stats=stats)
+
+
+@contextlib.contextmanager
+def inference(model: nn.Module, precision: str = "fp32") -> Iterator[None]:
+    """Eval mode, no autograd and, for ``precision="bf16"``, bf16 autocast on the model's device; the model's training
+    flag is restored afterwards, also when the block raises (Ctrl-C in a long evaluation)."""
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
+    device = getattr(model, "device", None) or next(model.parameters()).device
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode(), autocast:
+            yield
+    finally:
+        model.train(was_training)
 
 
 def build_model(cfg: ModelConfig) -> LongContextLM:

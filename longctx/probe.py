@@ -26,13 +26,12 @@ with the filler around it: a repeated passage is the same tokens as its first oc
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
 import random
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -43,7 +42,7 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from longctx.errors import ConfigError, DataError
-from longctx.model import LongContextLM
+from longctx.model import LongContextLM, inference
 from longctx.tokenizer import Tokenizer
 
 log = logging.getLogger("longctx")
@@ -84,31 +83,13 @@ class ProbeOptions:
             raise ConfigError(f"probe batch_rows must be >= 1, got {self.batch_rows}")
 
 
-def _autocast(model: LongContextLM, precision: str) -> contextlib.AbstractContextManager[Any]:
-    if precision == "bf16":
-        return torch.autocast(device_type=model.device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-@contextlib.contextmanager
-def evaluating(model: LongContextLM) -> Iterator[None]:
-    """Eval mode and no autograd inside; the model's training flag restored after (also on an exception)."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            yield
-    finally:
-        model.train(was_training)
-
-
 def read_rows(model: LongContextLM, rows: np.ndarray, opts: ProbeOptions) -> tuple[np.ndarray, np.ndarray]:
     """Read streams rows (B, N) int64 from an empty memory in carry mode; (nll, argmax), each (B, N - 1).
 
     ``nll[:, i]`` (float64, nats) and ``argmax[:, i]`` are the prediction of token ``i + 1`` from tokens ``0..i``.
-    Runs under :func:`evaluating`.
+    Runs under :func:`longctx.model.inference` (eval mode, no autograd, bf16 autocast if asked).
     """
-    with evaluating(model):
+    with inference(model, opts.precision):
         return _read_rows(model, rows, opts)
 
 
@@ -120,8 +101,7 @@ def _read_rows(model: LongContextLM, rows: np.ndarray, opts: ProbeOptions) -> tu
     argmax = np.empty((B, N - 1), dtype=np.int64)
     for a in range(0, N - 1, opts.seq_len):
         b = min(a + opts.seq_len, N - 1)
-        with _autocast(model, opts.precision):
-            out = model(tokens[:, a:b], state)  # logits (B, T, V)
+        out = model(tokens[:, a:b], state)  # logits (B, T, V)
         state = out.state
         logits = out.logits.float()  # (B, T, V)
         targets = tokens[:, a + 1:b + 1]  # (B, T)

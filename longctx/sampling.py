@@ -21,7 +21,7 @@ import sys
 import time
 from collections import deque
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -34,7 +34,7 @@ from tqdm import tqdm
 from longctx.checkpoint import SavedState
 from longctx.decoders import State
 from longctx.errors import ConfigError, DataError
-from longctx.model import LongContextLM
+from longctx.model import LongContextLM, inference
 from longctx.tokenizer import Tokenizer
 
 RECENT_TOKENS = 1024  # prompt tokens kept for the repetition penalty by default (>= any sensible --repeat-last-n)
@@ -168,17 +168,10 @@ def next_token(logits: Tensor, opts: SamplingOptions, recent: Sequence[int], gen
 
 @contextmanager
 def _inference(model: LongContextLM, precision: str) -> Iterator[None]:
-    """eval mode (restored afterwards), no autograd, and bf16 autocast when asked."""
+    """:func:`longctx.model.inference` after the precision is checked with a one-line error."""
     _check_precision(precision)
-    was_training = model.training
-    model.eval()
-    device = model.device
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
-    try:
-        with torch.inference_mode(), autocast:
-            yield
-    finally:
-        model.train(was_training)
+    with inference(model, precision):
+        yield
 
 
 def _synchronize(device: torch.device) -> None:

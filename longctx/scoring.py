@@ -43,7 +43,7 @@ from tqdm import tqdm
 from longctx.data import Document, iter_document_tokens
 from longctx.decoders import State
 from longctx.errors import CheckpointError, ConfigError, DataError, LongctxError
-from longctx.model import LongContextLM
+from longctx.model import LongContextLM, inference
 from longctx.tokenizer import Tokenizer
 
 log = logging.getLogger("longctx")
@@ -226,16 +226,10 @@ class _Evaluator:
     def budget_spent(self) -> bool:
         return self.remaining is not None and self.remaining <= 0
 
-    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
-        if self.opts.precision == "bf16":
-            return torch.autocast(device_type=self.model.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
-
     def _nll(self, window: np.ndarray, n_score: int, state: State) -> tuple[np.ndarray, State]:
         """Per-token NLL (n_score,) float64 of the last ``n_score`` tokens of ``window`` (T + 1,), and the state."""
         tokens = torch.from_numpy(window).to(self.model.device)  # (T + 1,) int64
-        with self._autocast():
-            out = self.model(tokens[None, :-1], state)  # logits (1, T, V)
+        out = self.model(tokens[None, :-1], state)  # logits (1, T, V), under bf16 autocast if asked
         logits = out.logits[0, -n_score:].float()  # (n, V) fp32
         nll = F.cross_entropy(logits, tokens[-n_score:], reduction="none")  # (n,) fp32
         return nll.double().cpu().numpy(), out.state  # (n,) float64
@@ -316,13 +310,11 @@ def evaluate_documents(model: LongContextLM, tokenizer: Tokenizer, docs: list[Do
     _check_inputs(model, tokenizer, docs)
     sizes = [d.size for d in docs]  # size 0: a stream of unknown length (stdin, a pipe); emptiness shows when read
     evaluator = _Evaluator(model, tokenizer, opts, sum(sizes) if all(sizes) else None)
-    was_training = model.training
-    model.eval()
     start = time.perf_counter()
     tallies: list[_Tally] = []
     interrupted = False
     try:
-        with torch.inference_mode(), evaluator.bar:
+        with inference(model, opts.precision), evaluator.bar:
             for doc in docs:
                 if evaluator.budget_spent():
                     break
@@ -336,8 +328,6 @@ def evaluate_documents(model: LongContextLM, tokenizer: Tokenizer, docs: list[Do
             current.truncated = True  # its bytes: those of the scored tokens
             current.elapsed_s = time.perf_counter() - start - sum(t.elapsed_s for t in tallies)
             tallies.append(current)
-    finally:
-        model.train(was_training)
     elapsed_s = time.perf_counter() - start
     result = _result(opts, tallies, evaluator, elapsed_s, model.init_state(1).nbytes())
     if interrupted:

@@ -60,7 +60,7 @@ from longctx.data import Document, Lanes, build_token_cache, cache_root, discove
 from longctx.decoders import State
 from longctx.distributed import Dist
 from longctx.errors import CheckpointError, ConfigError, LongctxError
-from longctx.model import LongContextLM, build_model, check_model_size
+from longctx.model import LongContextLM, build_model, check_model_size, inference
 from longctx.tokenizer import Tokenizer
 from longctx.validate import loads_json
 
@@ -465,7 +465,6 @@ def announce_validation(config: Config, val_docs: list[Document], val_tokens: np
 # validation
 
 
-@torch.inference_mode()
 def validate(model: LongContextLM, tokens: np.ndarray, tokenizer: Tokenizer, config: Config, device: torch.device,
              ) -> dict[str, float] | None:
     """Loss and bits per byte on the held-out stream, read in carry mode over up to ``batch_size`` lanes."""
@@ -475,20 +474,17 @@ def validate(model: LongContextLM, tokens: np.ndarray, tokenizer: Tokenizer, con
     if len(tokens) < cfg.seq_len + 1:
         return None
     lanes = Lanes(tokens[: min(len(tokens), budget + n_lanes)], n_lanes, cfg.seq_len)
-    was_training = model.training
-    model.eval()
-    state = model.init_state(n_lanes, device)
     nll, count, n_bytes = 0.0, 0, 0
     lengths = torch.from_numpy(tokenizer.token_lengths)
-    for index in range(lanes.segments_per_epoch):
-        x, y = lanes.batch(index, range(n_lanes))
-        with autocast(device, cfg.precision):
+    with inference(model, cfg.precision):
+        state = model.init_state(n_lanes, device)
+        for index in range(lanes.segments_per_epoch):
+            x, y = lanes.batch(index, range(n_lanes))
             out = model(x.to(device), state, y.to(device))
-        state = out.state
-        nll += out.loss.item() * y.numel()
-        count += y.numel()
-        n_bytes += int(lengths[y].sum())
-    model.train(was_training)
+            state = out.state
+            nll += out.loss.item() * y.numel()
+            count += y.numel()
+            n_bytes += int(lengths[y].sum())
     loss = nll / count
     return {"val_loss": loss, "val_ppl": math.exp(min(loss, 700.0)), "val_bpb": nll / (max(n_bytes, 1) * math.log(2)),
             "val_tokens": count}
