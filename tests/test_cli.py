@@ -677,10 +677,16 @@ def test_info_prints_json(cli: Callable[..., Result], ws: Workspace) -> None:
     assert info["config"]["model"]["d_model"] == 32
 
 
-def test_info_of_a_run_folder_uses_its_newest_checkpoint(cli: Callable[..., Result], ws: Workspace) -> None:
-    res = cli("info", ws.run_dir)
+def test_info_of_a_run_folder_uses_its_newest_checkpoint(cli: Callable[..., Result], ws: Workspace,
+                                                         tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(ws.run_dir, run)
+    res = cli("train", "--resume", "auto", "--out-dir", run, "--max-steps", "4", "--threads", "1", "-q")
     assert res.code == 0, res.err
-    assert json.loads(res.out)["parameters"] > 0
+    assert [c.name for c in find_checkpoints(run)] == ["step-00000003", "step-00000004"]
+    res = cli("info", run)
+    assert res.code == 0, res.err
+    assert json.loads(res.out)["checkpoint"] == str(run / "step-00000004")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -898,13 +904,15 @@ def test_output_folders_are_created(cli: Callable[..., Result], ws: Workspace, t
     assert (tmp_path / "c" / "s.st").is_file()
 
 
-def test_resume_says_that_model_and_data_overrides_are_ignored(cli: Callable[..., Result], ws: Workspace,
-                                                               tmp_path: Path) -> None:
+def test_resume_refuses_a_changed_model(cli: Callable[..., Result], ws: Workspace, tmp_path: Path) -> None:
     run = tmp_path / "run"
     shutil.copytree(ws.run_dir, run)
     res = cli("train", "--resume", "auto", "--out-dir", run, "--max-steps", "4", "--set", "model.d_model=64",
               "--threads", "1")
-    assert any(line.startswith(("warning:", "error:")) and "model.d_model" in line for line in res.err.splitlines())
+    assert res.code == 2, res.err
+    errors = [line for line in res.err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "model.d_model cannot change" in errors[0] and "--init-from" in errors[0], res.err
+    assert [c.name for c in find_checkpoints(run)] == ["step-00000003"]  # nothing trained, nothing removed
 
 
 def test_checkpoint_finds_its_held_out_data_from_another_folder(ws: Workspace, tmp_path: Path) -> None:
