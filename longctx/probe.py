@@ -649,18 +649,21 @@ def plot_probe(reports: Sequence[dict[str, Any]], path: Path, marks: dict[str, i
     from matplotlib import pyplot as plt
 
     task = reports[0]["task"]
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    colours = plt.get_cmap("tab10" if len(reports) <= 10 else "tab20").colors
     for i, report in enumerate(reports):
         rows = report["distances"]
         label = report.get("label") or report.get("preset") or report.get("decoder") or f"run {i}"
+        colour = colours[i % len(colours)]
         ax.errorbar([r["distance"] for r in rows], [r[SCORE_KEYS[task]] for r in rows],
-                    yerr=[2 * r["stderr"] for r in rows], marker="o", capsize=3, color=f"C{i % 10}", label=label)
+                    yerr=[2 * r["stderr"] for r in rows], marker="o", capsize=3, color=colour, label=label)
         if marks and label in marks:
-            ax.axvline(marks[label], color=f"C{i % 10}", linestyle=":", alpha=0.7)
+            ax.axvline(marks[label], color=colour, linestyle=":", alpha=0.7)
     if task == "recall":
         ax.axhline(reports[0].get("chance", 0.1), color="grey", linewidth=1, label="chance")
     else:
         ax.axhline(0.0, color="grey", linewidth=1)
+        ax.set_yscale("symlog", linthresh=1e-3)  # gains span 1e-4 to 1 bit per byte: linear below 0.001
     ax.set_xscale("log", base=2)
     ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:,.0f}"))
     ax.set_xlabel(UNITS[task])
