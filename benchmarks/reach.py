@@ -29,14 +29,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import sys
 import time
 import traceback
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -65,6 +63,7 @@ from longctx.probe import (  # noqa: E402
     RECALL_KEYS,
     ProbeOptions,
     RecallSpec,
+    document_stream,
     load_filler,
     plot_probe,
     reach,
@@ -172,7 +171,7 @@ def probe_text(task: str, model: Any, tokenizer: Any, filler: Any, args: argpars
     if task == "copy":
         return score_copy(model, tokenizer, filler, args.copy_distances, args.copy_span, args.copy_trials, "text",
                           args.seed, opts).to_dict()
-    streams = [np.concatenate([[tokenizer.sep_id], tokenizer.encode_bytes(t)]).astype(np.int64) for t in filler.texts]
+    streams = [document_stream(tokenizer, t) for t in filler.texts]
     return score_context(model, tokenizer, streams, args.context_distances, args.context_tokens, opts).to_dict()
 
 
@@ -190,7 +189,7 @@ def plot(results: dict[str, dict[str, Any]], tasks: list[str], path: Path) -> bo
     for task in tasks:
         reports, marks = [], {}
         for preset, res in results.items():
-            entry = res.get(task) if task != "recall" else res.get("recall")
+            entry = res.get(task)
             if not entry or "distances" not in entry:
                 continue
             reports.append({**entry, "label": preset})
@@ -255,7 +254,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     setup_logging()
     if args.threads:
         torch.set_num_threads(args.threads)
-    random.seed(args.seed)
     overrides: dict[str, Any] = dict(SMOKE_OVERRIDES) if args.smoke else {}
     overrides.update(parse_set_args(args.overrides))
     device = resolve_device(args.device)

@@ -454,14 +454,11 @@ def plot(
             records.append(record)
         curves.append((str(run), records))
     check_output(output, "--output")
-    try:
-        import matplotlib
+    require_matplotlib("longctx plot")
+    import matplotlib
 
-        matplotlib.use("Agg")
-        from matplotlib import pyplot as plt
-    except ImportError:
-        raise ConfigError("longctx plot needs matplotlib: pip install 'longctx[plot]' (or pip install matplotlib)") \
-            from None
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
     fig, ax = plt.subplots(figsize=(8, 5))
     for i, (name, records) in enumerate(curves):
         colour = f"C{i % 10}"
@@ -528,7 +525,8 @@ def probe_filler(files: list[str] | None, config: Config | None, strip: str = ""
         if held_out:
             log.info("filler: the %d held-out documents of the checkpoint's training data", len(held_out))
             return load_filler(held_out, strip)
-    log.info("filler: the bundled corpus (the checkpoint's held-out documents are not available)")
+    if config is not None:
+        log.info("filler: the bundled corpus (the checkpoint's held-out documents are not available)")
     return load_filler(bundled_documents(), strip)
 
 
@@ -579,6 +577,7 @@ def probe(
         DEFAULT_CONTEXT_DISTANCES,
         DEFAULT_COPY_DISTANCES,
         ProbeOptions,
+        document_stream,
         format_probe,
         plot_probe,
         score_context,
@@ -615,7 +614,7 @@ def probe(
                                 content, seed, opts)  # type: ignore[arg-type]
         elif task == "context":
             fill = probe_filler(filler, config)
-            streams = [_stream(tokenizer, t) for t in fill.texts]
+            streams = [document_stream(tokenizer, t) for t in fill.texts]
             result = score_context(net, tokenizer, streams, ladder, tokens, opts)
         else:
             assert spec is not None and data is not None
@@ -640,12 +639,6 @@ def probe(
         plot_probe([report], plot_file)
         log.info("wrote %s", plot_file)
     typer.echo(json.dumps(report) if json_out else format_probe(report))
-
-
-def _stream(tokenizer: Any, text: bytes) -> Any:
-    import numpy as np
-
-    return np.concatenate([[tokenizer.sep_id], tokenizer.encode_bytes(text)]).astype(np.int64)
 
 
 def require_matplotlib(flag: str) -> None:
@@ -677,12 +670,7 @@ def probe_make_data(
     spec = RecallSpec(distances=parse_distances(distances, DEFAULT_RECALL_DISTANCES))
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(f"--out {str(out)!r} exists and is not an empty folder; give a new folder")
-    fill = probe_filler(filler, None, strip=RECALL_KEYS) if filler else None
-    if fill is None:
-        from longctx.data import bundled_documents
-        from longctx.probe import load_filler
-
-        fill = load_filler(bundled_documents(), RECALL_KEYS)
+    fill = probe_filler(filler, None, strip=RECALL_KEYS)
     if fill.longest < max(spec.distances) + 1024:
         raise DataError(f"test distances up to {max(spec.distances):,} bytes need a filler document of "
                         f"{max(spec.distances) + 1024:,} bytes; the longest has {fill.longest:,}")

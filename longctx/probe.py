@@ -172,6 +172,11 @@ class Filler:
         return text[start:end]
 
 
+def document_stream(tokenizer: Tokenizer, data: bytes) -> np.ndarray:
+    """A document as eval reads it: the separator, then its tokens (N + 1,) int64."""
+    return np.concatenate([[tokenizer.sep_id], tokenizer.encode_bytes(data)]).astype(np.int64)
+
+
 def load_filler(docs: Sequence[Any], strip: str = "") -> Filler:
     """The filler texts of ``docs`` (:class:`longctx.data.Document`), with the characters of ``strip`` removed."""
     texts, names = [], []
