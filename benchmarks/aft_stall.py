@@ -84,9 +84,11 @@ def hooks(reset: bool, bias_rate: float) -> Iterator[None]:
     if reset:
         train_module.Trainer = ResetTrainer
     if bias_rate != 1.0:
+
         def scaled(self: AFTMixer) -> torch.Tensor | None:
             b = log_bias(self)
             return None if b is None else bias_rate * b  # (H, s): b(δ) = R θ(δ)
+
         AFTMixer.log_bias = scaled
     try:
         yield
@@ -114,35 +116,49 @@ def boundaries_read(config: Config, steps: list[int]) -> list[list[int]] | None:
     lanes = Lanes(tokens, config.train.batch_size, config.train.seq_len)
     starts = [b * lanes.lane_len for b in range(lanes.n_lanes)]
     reads = [min(n, lanes.segments_per_epoch) * lanes.seq_len for n in steps]
-    return [[int((tokens[a + 1: a + read] == tokenizer.sep_id).sum()) for a in starts] for read in reads]
+    return [[int((tokens[a + 1 : a + read] == tokenizer.sep_id).sum()) for a in starts] for read in reads]
 
 
-def run_condition(name: str, preset: str, overrides: dict[str, Any], reset: bool, bias_rate: float,
-                  out_dir: Path) -> dict[str, Any]:
+def run_condition(
+    name: str, preset: str, overrides: dict[str, Any], reset: bool, bias_rate: float, out_dir: Path
+) -> dict[str, Any]:
     config = load_config(preset, overrides_for(preset, overrides))
     log(f"aft_stall: {name} ({preset}, {config.train.max_steps} steps)")
     started = time.monotonic()
     with hooks(reset, bias_rate):
-        result = train_module.train(config, train_module.RunOptions(out_dir=out_dir, overwrite=True,
-                                                                    progress=False))
+        result = train_module.train(config, train_module.RunOptions(out_dir=out_dir, overwrite=True, progress=False))
         biases = max_bias(config, result.last_checkpoint) if result.last_checkpoint else None
     records = [json.loads(line) for line in (out_dir / train_module.METRICS_FILE).read_text().splitlines()]
     losses = {r["step"]: r["loss"] for r in records if "loss" in r}
     last = [losses[s] for s in sorted(losses)[-3:]]
-    return {"preset": preset, "decoder": config.model.decoder, "reset_every_step": reset, "bias_rate": bias_rate,
-            "steps": result.steps, "tokens": result.tokens, "train_wall_s": time.monotonic() - started,
-            "loss_last3": sum(last) / len(last) if last else None, "val_at_end": result.val,
-            "max_bias_per_layer": biases, "losses": losses}
+    return {
+        "preset": preset,
+        "decoder": config.model.decoder,
+        "reset_every_step": reset,
+        "bias_rate": bias_rate,
+        "steps": result.steps,
+        "tokens": result.tokens,
+        "train_wall_s": time.monotonic() - started,
+        "loss_last3": sum(last) / len(last) if last else None,
+        "val_at_end": result.val,
+        "max_bias_per_layer": biases,
+        "losses": losses,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--preset", default="aft-local-small", help="the AFT preset to diagnose")
-    p.add_argument("--reference", default="transformer-small", help="a preset trained as it is, for comparison "
-                   "('' for none)")
+    p.add_argument(
+        "--reference", default="transformer-small", help="a preset trained as it is, for comparison ('' for none)"
+    )
     p.add_argument("--steps", type=int, default=None, help="training steps per condition (default 150)")
-    p.add_argument("--schedule-steps", type=int, default=None,
-                   help="the learning-rate schedule is that of a run of this many steps (default 245)")
+    p.add_argument(
+        "--schedule-steps",
+        type=int,
+        default=None,
+        help="the learning-rate schedule is that of a run of this many steps (default 245)",
+    )
     p.add_argument("--bias-rate", type=float, default=30.0, help="R: the biases are R * θ (default 30)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     p.add_argument("--eval-tokens", type=int, default=None, help="validation tokens at the end (default 32768)")
@@ -157,9 +173,14 @@ def main(argv: list[str] | None = None) -> int:
     if steps < 1 or schedule < steps:
         p.error(f"need 1 <= --steps ({steps}) <= --schedule-steps ({schedule})")
     overrides: dict[str, Any] = {
-        "train.max_steps": steps, "train.lr_decay_steps": schedule, "train.threads": args.threads,
-        "train.log_interval": 1 if args.smoke else 10, "train.eval_interval": steps, "train.save_interval": steps,
-        "train.eval_tokens": args.eval_tokens or (512 if args.smoke else 32768)}
+        "train.max_steps": steps,
+        "train.lr_decay_steps": schedule,
+        "train.threads": args.threads,
+        "train.log_interval": 1 if args.smoke else 10,
+        "train.eval_interval": steps,
+        "train.save_interval": steps,
+        "train.eval_tokens": args.eval_tokens or (512 if args.smoke else 32768),
+    }
     overrides.update(OLD_FORM)
     if args.smoke:
         overrides.update(TINY_MODEL_OVERRIDES)
@@ -168,11 +189,16 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         p.error(str(e))
     if config.model.decoder != "aft":
-        p.error(f"--preset {args.preset} is not an AFT preset; give one of aft-simple-small, aft-local-small, "
-                "aft-conv-small, aft-full-small")
-    conditions = [("carried", args.preset, False, 1.0), ("reset", args.preset, True, 1.0),
-                  (f"carried, bias x {args.bias_rate:g}", args.preset, False, args.bias_rate),
-                  (f"reset, bias x {args.bias_rate:g}", args.preset, True, args.bias_rate)]
+        p.error(
+            f"--preset {args.preset} is not an AFT preset; give one of aft-simple-small, aft-local-small, "
+            "aft-conv-small, aft-full-small"
+        )
+    conditions = [
+        ("carried", args.preset, False, 1.0),
+        ("reset", args.preset, True, 1.0),
+        (f"carried, bias x {args.bias_rate:g}", args.preset, False, args.bias_rate),
+        (f"reset, bias x {args.bias_rate:g}", args.preset, True, args.bias_rate),
+    ]
     if args.reference:
         conditions.append((f"reference {args.reference}", args.reference, False, 1.0))
     started = time.monotonic()
@@ -181,12 +207,24 @@ def main(argv: list[str] | None = None) -> int:
     results = {}
     for i, (name, preset, reset, rate) in enumerate(conditions):
         results[name] = run_condition(name, preset, overrides, reset, rate, args.out_dir / f"condition-{i}")
-    report = {"benchmark": "aft_stall", "timestamp": timestamp(), "argv": sys.argv[1:] if argv is None else argv,
-              "smoke": args.smoke, "machine": machine_info(args.threads),
-              "settings": {"preset": args.preset, "reference": args.reference, "steps": steps,
-                           "schedule_steps": schedule, "bias_rate": args.bias_rate, "overrides": overrides},
-              "document_boundaries_read": boundaries, "conditions": results,
-              "wall_s": time.monotonic() - started}
+    report = {
+        "benchmark": "aft_stall",
+        "timestamp": timestamp(),
+        "argv": sys.argv[1:] if argv is None else argv,
+        "smoke": args.smoke,
+        "machine": machine_info(args.threads),
+        "settings": {
+            "preset": args.preset,
+            "reference": args.reference,
+            "steps": steps,
+            "schedule_steps": schedule,
+            "bias_rate": args.bias_rate,
+            "overrides": overrides,
+        },
+        "document_boundaries_read": boundaries,
+        "conditions": results,
+        "wall_s": time.monotonic() - started,
+    }
     output = args.output or (RESULTS / ("aft_stall_smoke.json" if args.smoke else "aft_stall.json"))
     write_report(report, output)
     return 0

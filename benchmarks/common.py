@@ -35,12 +35,24 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 # tiny sizes for every decoder (keys of unused decoders are harmless): windows of 16, 1 layer of width 32 (--smoke)
 TINY_MODEL_OVERRIDES = {
-    "model.n_layer": "1", "model.d_model": "32", "model.n_head": "2", "model.d_ff": "64",
-    "model.transformer.window": "16", "model.xl.mem_len": "16", "model.infinite.mem_len": "16",
-    "model.infinite.ltm_block": "16", "model.infinite.n_basis": "32", "model.infinite.n_samples": "32",
-    "model.aft.window": "8", "model.aft.max_distance": "32", "model.combiner.segment": "8",
-    "model.combiner.max_summaries": "3", "model.perceiver_ar.context": "32", "model.perceiver_ar.latents": "16",
-    "train.seq_len": "32", "train.batch_size": "4",
+    "model.n_layer": "1",
+    "model.d_model": "32",
+    "model.n_head": "2",
+    "model.d_ff": "64",
+    "model.transformer.window": "16",
+    "model.xl.mem_len": "16",
+    "model.infinite.mem_len": "16",
+    "model.infinite.ltm_block": "16",
+    "model.infinite.n_basis": "32",
+    "model.infinite.n_samples": "32",
+    "model.aft.window": "8",
+    "model.aft.max_distance": "32",
+    "model.combiner.segment": "8",
+    "model.combiner.max_summaries": "3",
+    "model.perceiver_ar.context": "32",
+    "model.perceiver_ar.latents": "16",
+    "train.seq_len": "32",
+    "train.batch_size": "4",
 }
 
 
@@ -124,9 +136,14 @@ def budget_overrides(cfg: Config, args: argparse.Namespace, overrides: dict[str,
     that the learning rate reaches its peak and decays in short runs too."""
     per_step = cfg.train.batch_size * cfg.train.seq_len
     steps = max(1, math.ceil(args.tokens / per_step))
-    keys: dict[str, Any] = {"train.max_steps": steps, "train.max_tokens": args.tokens, "train.seed": args.seed,
-                            "train.precision": args.precision, "train.threads": args.threads,
-                            "train.device": args.device}
+    keys: dict[str, Any] = {
+        "train.max_steps": steps,
+        "train.max_tokens": args.tokens,
+        "train.seed": args.seed,
+        "train.precision": args.precision,
+        "train.threads": args.threads,
+        "train.device": args.device,
+    }
     if "train.warmup_steps" not in overrides:
         keys["train.warmup_steps"] = min(cfg.train.warmup_steps, steps // 10)
     return keys
@@ -150,8 +167,10 @@ def check_same_model(checkpoint: Path, cfg: Config) -> None:
     wanted = dataclasses.asdict(cfg.model) | unset
     if saved != wanted:
         differ = sorted(k for k in wanted if saved.get(k) != wanted[k])
-        raise SystemExit(f"benchmark: {checkpoint.parent} holds a run of another model "
-                         f"(model.{', model.'.join(differ)} differ); give another --out-dir or delete that folder")
+        raise SystemExit(
+            f"benchmark: {checkpoint.parent} holds a run of another model "
+            f"(model.{', model.'.join(differ)} differ); give another --out-dir or delete that folder"
+        )
 
 
 def train_preset(preset: str, cfg: Config, overrides: dict[str, Any], out_dir: Path) -> None:
@@ -160,8 +179,10 @@ def train_preset(preset: str, cfg: Config, overrides: dict[str, Any], out_dir: P
     if checkpoint is not None:
         check_same_model(checkpoint, cfg)
         if meta.get("step", 0) >= cfg.train.max_steps:
-            log(f"{preset}: {out_dir} already holds {meta['step']} steps ({meta.get('tokens_seen', 0):,} tokens); "
-                "not training")
+            log(
+                f"{preset}: {out_dir} already holds {meta['step']} steps ({meta.get('tokens_seen', 0):,} tokens); "
+                "not training"
+            )
             return
         log(f"{preset}: resuming {checkpoint} at step {meta.get('step', 0)} of {cfg.train.max_steps}")
     else:
@@ -191,9 +212,16 @@ def machine_info(threads: int) -> dict[str, Any]:
         load = [round(x, 2) for x in os.getloadavg()]
     except (AttributeError, OSError):
         load = None
-    return {"cpu_model": cpu, "cpu_count": os.cpu_count(), "platform": platform.platform(),
-            "python": platform.python_version(), "torch": torch.__version__, "threads": threads,
-            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None, "load_average": load}
+    return {
+        "cpu_model": cpu,
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "threads": threads,
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "load_average": load,
+    }
 
 
 def timestamp() -> str:

@@ -50,12 +50,46 @@ RESUMED = re.compile(r"resumed from \S+ \(step (\d+),")
 
 
 def train_command(out_dir: Path, data: Path, steps: int) -> list[str]:
-    sets = {"model.n_layer": 1, "model.d_model": 32, "model.n_head": 2, "model.d_ff": 64,
-            "model.transformer.window": 16, "train.lr_decay_steps": steps, "train.warmup_steps": 2,
-            "train.eval_interval": 10**6, "train.micro_batch_size": 2}
-    cmd = [sys.executable, "-m", "longctx", "train", "--preset", "transformer-small", "--no-progress", "--data",
-           str(data), "--out-dir", str(out_dir), "--max-steps", str(steps), "--seq-len", "16", "--batch-size", "4",
-           "--threads", "1", "--save-interval", "1", "--keep-last", "2", "--log-interval", "1", "--resume", "auto"]
+    sets = {
+        "model.n_layer": 1,
+        "model.d_model": 32,
+        "model.n_head": 2,
+        "model.d_ff": 64,
+        "model.transformer.window": 16,
+        "train.lr_decay_steps": steps,
+        "train.warmup_steps": 2,
+        "train.eval_interval": 10**6,
+        "train.micro_batch_size": 2,
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "longctx",
+        "train",
+        "--preset",
+        "transformer-small",
+        "--no-progress",
+        "--data",
+        str(data),
+        "--out-dir",
+        str(out_dir),
+        "--max-steps",
+        str(steps),
+        "--seq-len",
+        "16",
+        "--batch-size",
+        "4",
+        "--threads",
+        "1",
+        "--save-interval",
+        "1",
+        "--keep-last",
+        "2",
+        "--log-interval",
+        "1",
+        "--resume",
+        "auto",
+    ]
     for key, value in sets.items():
         cmd += ["--set", f"{key}={value}"]
     return cmd
@@ -82,8 +116,11 @@ def check_run(run: Path, newest_before: int) -> tuple[int, list[str]]:
 
 def recoverable(run: Path) -> int:
     """The newest step held complete under a temporary name (a kill between the write and its rename)."""
-    steps = [int(m.group(1)) for p in run.glob(".tmp-*")
-             if (m := re.fullmatch(r"\.tmp-(?:old-)?step-(\d+)-\d+", p.name)) and is_complete_checkpoint(p)]
+    steps = [
+        int(m.group(1))
+        for p in run.glob(".tmp-*")
+        if (m := re.fullmatch(r"\.tmp-(?:old-)?step-(\d+)-\d+", p.name)) and is_complete_checkpoint(p)
+    ]
     return max(steps, default=0)
 
 
@@ -139,8 +176,14 @@ def main() -> None:
         temporaries = [p.name for p in run.glob(".tmp-*")] if run.is_dir() else []
         held = recoverable(run) if run.is_dir() else 0
         newest, problems = check_run(run, newest)
-        event = {"kind": kind, **detail, "newest_after_kill": newest, "temporaries_left": len(temporaries),
-                 "recoverable": held, "problems": problems}
+        event = {
+            "kind": kind,
+            **detail,
+            "newest_after_kill": newest,
+            "temporaries_left": len(temporaries),
+            "recoverable": held,
+            "problems": problems,
+        }
         events.append(event)
         pending_check = event
 
@@ -167,14 +210,24 @@ def main() -> None:
     aimed: list[tuple[str, int, bool]] = [(name, n, False) for name in AIMS for n in range(1, args.aim_depth + 1)]
     aimed += [(name, n, True) for name in AIMS for n in range(1, 4)]
     strace_missing = strace is None
-    for name, n, finished in ([] if strace_missing else aimed):
+    for name, n, finished in [] if strace_missing else aimed:
         if finished and newest < args.steps:  # finish the run first: the aimed kills then hit a resume of it
             done = subprocess.run(cmd, env=env, capture_output=True, text=True)
             note_start(done.stderr)
             assert done.returncode == 0, done.stderr[-2000:]
             newest, _ = check_run(run, newest)
-        traced = [strace, "-f", "-qq", "-o", "/dev/null", "-e", f"trace={AIMS[name]}", "-e",
-                  f"inject={AIMS[name]}:signal=KILL:when={n}", *cmd]
+        traced = [
+            strace,
+            "-f",
+            "-qq",
+            "-o",
+            "/dev/null",
+            "-e",
+            f"trace={AIMS[name]}",
+            "-e",
+            f"inject={AIMS[name]}:signal=KILL:when={n}",
+            *cmd,
+        ]
         done = subprocess.run(traced, env=env, capture_output=True, text=True)
         note_start(done.stderr)
         killed = done.returncode in (-signal.SIGKILL, 128 + signal.SIGKILL)
@@ -183,8 +236,16 @@ def main() -> None:
         if killed:
             after_kill("aimed", syscall=name, when=n, finished_run=finished)
         else:
-            events.append({"kind": "aimed", "syscall": name, "when": n, "finished_run": finished,
-                           "not_reached": True, "problems": []})
+            events.append(
+                {
+                    "kind": "aimed",
+                    "syscall": name,
+                    "when": n,
+                    "finished_run": finished,
+                    "not_reached": True,
+                    "problems": [],
+                }
+            )
 
     # 4. finish
     final = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -200,18 +261,26 @@ def main() -> None:
     random_kills = [e for e in events if e["kind"] == "random"]
     aimed_kills = [e for e in events if e["kind"] == "aimed" and not e.get("not_reached")]
     report = {
-        "steps": args.steps, "save_interval": 1, "keep_last": 2, "seed": args.seed,
+        "steps": args.steps,
+        "save_interval": 1,
+        "keep_last": 2,
+        "seed": args.seed,
         "random_kills": len(random_kills),
         "random_kills_leaving_a_temporary": sum(e["temporaries_left"] > 0 for e in random_kills),
-        "aimed_kills": len(aimed_kills), "strace": strace or "not installed",
+        "aimed_kills": len(aimed_kills),
+        "strace": strace or "not installed",
         "aimed_by_syscall": {name: sum(e.get("syscall") == name for e in aimed_kills) for name in AIMS},
         "aimed_on_a_finished_run": sum(bool(e.get("finished_run")) for e in aimed_kills),
         "aimed_not_reached": sum(bool(e.get("not_reached")) for e in events),
         "kills_followed_by_a_recovery": sum(bool(e.get("recovered_on_next_start")) for e in events),
-        "problems": [f"{e['kind']} {e.get('syscall', '')}#{e.get('when', '')}: {p}" for e in events
-                     for p in e["problems"]] + problems,
-        "final_step": newest, "final_weights_equal_uninterrupted_bit_for_bit": equal,
-        "wall_s": round(time.monotonic() - started, 1), "events": events,
+        "problems": [
+            f"{e['kind']} {e.get('syscall', '')}#{e.get('when', '')}: {p}" for e in events for p in e["problems"]
+        ]
+        + problems,
+        "final_step": newest,
+        "final_weights_equal_uninterrupted_bit_for_bit": equal,
+        "wall_s": round(time.monotonic() - started, 1),
+        "events": events,
     }
     print(json.dumps({k: v for k, v in report.items() if k != "events"}, indent=2))
     if args.out is not None:

@@ -26,8 +26,12 @@ from pathlib import Path
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=60.0)
-    parser.add_argument("--code", type=Path, default=Path(__file__).resolve().parent.parent,
-                        help="import longctx from this checkout (default: this one)")
+    parser.add_argument(
+        "--code",
+        type=Path,
+        default=Path(__file__).resolve().parent.parent,
+        help="import longctx from this checkout (default: this one)",
+    )
     parser.add_argument("--out", type=Path, default=None, help="write the counts as JSON here")
     args = parser.parse_args()
     out_file = args.out.resolve() if args.out is not None else None
@@ -46,16 +50,58 @@ def main() -> None:
         with doc.open() as f:
             (data / doc.name.split("/")[-1]).write_bytes(f.read()[:20000])
     (work / "eval.txt").write_text("To be, or not to be, that is the question.\n" * 4)
-    env = os.environ | {"OMP_NUM_THREADS": "1", "LONGCTX_CACHE": str(work / "cache"),
-                        "PYTHONPATH": str(Path(longctx.__file__).parent.parent)}
+    env = os.environ | {
+        "OMP_NUM_THREADS": "1",
+        "LONGCTX_CACHE": str(work / "cache"),
+        "PYTHONPATH": str(Path(longctx.__file__).parent.parent),
+    }
     trainer = subprocess.Popen(
-        [sys.executable, "-m", "longctx", "train", "--no-progress", "-q", "--preset", "transformer-small", "--data",
-         str(data), "--out-dir", "runs/tiny", "--max-steps", "1000000", "--save-interval", "1", "--keep-last", "1",
-         "--seq-len", "16", "--batch-size", "4", "--threads", "1", "--set", "model.n_layer=1", "--set",
-         "model.d_model=32", "--set", "model.n_head=2", "--set", "model.d_ff=64", "--set",
-         "train.eval_interval=1000000"], cwd=work, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    commands = [["info"], ["eval", "--max-tokens", "64", "--threads", "1", "eval.txt"],
-                ["generate", "-p", "To be", "-n", "4", "--seed", "1", "--threads", "1"]]
+        [
+            sys.executable,
+            "-m",
+            "longctx",
+            "train",
+            "--no-progress",
+            "-q",
+            "--preset",
+            "transformer-small",
+            "--data",
+            str(data),
+            "--out-dir",
+            "runs/tiny",
+            "--max-steps",
+            "1000000",
+            "--save-interval",
+            "1",
+            "--keep-last",
+            "1",
+            "--seq-len",
+            "16",
+            "--batch-size",
+            "4",
+            "--threads",
+            "1",
+            "--set",
+            "model.n_layer=1",
+            "--set",
+            "model.d_model=32",
+            "--set",
+            "model.n_head=2",
+            "--set",
+            "model.d_ff=64",
+            "--set",
+            "train.eval_interval=1000000",
+        ],
+        cwd=work,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    commands = [
+        ["info"],
+        ["eval", "--max-tokens", "64", "--threads", "1", "eval.txt"],
+        ["generate", "-p", "To be", "-n", "4", "--seed", "1", "--threads", "1"],
+    ]
     outcomes: collections.Counter[str] = collections.Counter()
     examples: dict[str, str] = {}
     os.chdir(work)
@@ -85,16 +131,27 @@ def main() -> None:
                 outcomes["ok"] += 1
             elif code > 0:
                 line = [ln for ln in err.getvalue().splitlines() if ln.startswith("error:")][-1:] or ["?"]
-                kind = ("error: removed while read" if "removed while it was read" in line[0] else
-                        "error: truncated or damaged" if "damaged" in line[0] else "error: other")
+                kind = (
+                    "error: removed while read"
+                    if "removed while it was read" in line[0]
+                    else "error: truncated or damaged"
+                    if "damaged" in line[0]
+                    else "error: other"
+                )
                 outcomes[kind] += 1
                 examples.setdefault(kind, line[0][:200])
     finally:
         trainer.kill()
         trainer.wait()
     steps = max((int(p.name.split("-")[1]) for p in (work / "runs" / "tiny").glob("step-*")), default=0)
-    report = {"seconds": args.seconds, "code": str(Path(longctx.__file__).parent.parent), "calls": calls,
-              "training_steps_pruned_during_the_race": steps, "outcomes": dict(outcomes), "examples": examples}
+    report = {
+        "seconds": args.seconds,
+        "code": str(Path(longctx.__file__).parent.parent),
+        "calls": calls,
+        "training_steps_pruned_during_the_race": steps,
+        "outcomes": dict(outcomes),
+        "examples": examples,
+    }
     print(json.dumps(report, indent=2))
     if out_file is not None:
         out_file.parent.mkdir(parents=True, exist_ok=True)

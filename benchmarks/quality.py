@@ -108,7 +108,10 @@ SMOKE_PRESETS = "transformer-small,infinite-small"
 SMOKE_TOKENS = 6 * 4 * 32  # 6 steps of 4 lanes x 32 tokens
 SMOKE_EVAL_BYTES = 1500
 SMOKE_OVERRIDES = TINY_MODEL_OVERRIDES | {
-    "train.warmup_steps": "2", "train.log_interval": "2", "train.eval_interval": "1000", "train.eval_tokens": "512",
+    "train.warmup_steps": "2",
+    "train.log_interval": "2",
+    "train.eval_interval": "1000",
+    "train.eval_tokens": "512",
     "train.save_interval": "1000",
 }
 EVAL_FILE = "quality_eval.json"
@@ -149,25 +152,44 @@ def eval_options(window: int, seq_len: int, precision: str) -> dict[str, EvalOpt
     """The three readings of the module docstring, for an exact attention window of ``window`` tokens."""
     w = max(window, 1)
     common: dict[str, Any] = {"per_position_buckets": True, "precision": precision}
-    return {"carry": EvalOptions(mode="carry", seq_len=seq_len, **common),
-            "cut": EvalOptions(mode="sliding", window=2 * w, stride=w, **common),
-            "reset": EvalOptions(mode="sliding", window=w + 1, stride=w, **common)}
+    return {
+        "carry": EvalOptions(mode="carry", seq_len=seq_len, **common),
+        "cut": EvalOptions(mode="sliding", window=2 * w, stride=w, **common),
+        "reset": EvalOptions(mode="sliding", window=w + 1, stride=w, **common),
+    }
 
 
 def summarize_eval(result: dict[str, Any]) -> dict[str, Any]:
     """The figures of one evaluation, with the standard error of bits per byte."""
     bpb_per_nat = result["tokens"] / (result["bytes"] * math.log(2)) if result["bytes"] else math.inf
-    keys = ("mode", "seq_len", "window", "stride", "tokens", "bytes", "loss", "loss_stderr", "bits_per_byte",
-            "tokens_per_s", "elapsed_s")
+    keys = (
+        "mode",
+        "seq_len",
+        "window",
+        "stride",
+        "tokens",
+        "bytes",
+        "loss",
+        "loss_stderr",
+        "bits_per_byte",
+        "tokens_per_s",
+        "elapsed_s",
+    )
     return {k: result[k] for k in keys if k in result} | {
-        "bits_per_byte_stderr": result["loss_stderr"] * bpb_per_nat, "per_position": result["per_position"]}
+        "bits_per_byte_stderr": result["loss_stderr"] * bpb_per_nat,
+        "per_position": result["per_position"],
+    }
 
 
 def evaluate_preset(checkpoint: Path, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     """carry / cut / reset evaluations of ``checkpoint``; reused from ``quality_eval.json`` when nothing changed."""
     cache = checkpoint.parent / EVAL_FILE
-    key = {"version": EVAL_VERSION, "checkpoint": checkpoint.name, "eval_bytes": args.eval_bytes,
-           "precision": args.precision}
+    key = {
+        "version": EVAL_VERSION,
+        "checkpoint": checkpoint.name,
+        "eval_bytes": args.eval_bytes,
+        "precision": args.precision,
+    }
     if cache.is_file():
         saved = json.loads(cache.read_text(encoding="utf-8"))
         if saved.get("key") == key:
@@ -177,14 +199,20 @@ def evaluate_preset(checkpoint: Path, args: argparse.Namespace, device: torch.de
     model.to(device)
     docs = held_out_documents(cfg, args.eval_bytes)
     window, rule = attention_window(cfg.model, cfg.train.seq_len)
-    evaluation: dict[str, Any] = {"window": window, "window_rule": rule, "documents": [d.name for d in docs],
-                                  "parameters": model.num_parameters(),
-                                  "state_bytes": model.init_state(1).nbytes()}
+    evaluation: dict[str, Any] = {
+        "window": window,
+        "window_rule": rule,
+        "documents": [d.name for d in docs],
+        "parameters": model.num_parameters(),
+        "state_bytes": model.init_state(1).nbytes(),
+    }
     for mode, opts in eval_options(window, cfg.train.seq_len, args.precision).items():
         result = summarize_eval(evaluate_documents(model, tokenizer, docs, opts))
         evaluation[mode] = result
-        log(f"  {mode:<5}: bpb {result['bits_per_byte']:.4f} +/- {result['bits_per_byte_stderr']:.4f} "
-            f"({result['tokens']:,} tokens, {result['tokens_per_s']:,.0f} tokens/s)")
+        log(
+            f"  {mode:<5}: bpb {result['bits_per_byte']:.4f} +/- {result['bits_per_byte_stderr']:.4f} "
+            f"({result['tokens']:,} tokens, {result['tokens_per_s']:,.0f} tokens/s)"
+        )
     cache.write_text(json.dumps({"key": key, "evaluation": evaluation}, indent=1), encoding="utf-8")
     return evaluation
 
@@ -193,8 +221,9 @@ def evaluate_preset(checkpoint: Path, args: argparse.Namespace, device: torch.de
 # one preset
 
 
-def run_preset(preset: str, args: argparse.Namespace, overrides: dict[str, Any], device: torch.device
-               ) -> dict[str, Any]:
+def run_preset(
+    preset: str, args: argparse.Namespace, overrides: dict[str, Any], device: torch.device
+) -> dict[str, Any]:
     """Train (or resume, or skip) and evaluate one preset; the per-preset part of the report."""
     overrides = overrides_for(preset, overrides)
     base = load_config(preset, overrides)
@@ -210,15 +239,26 @@ def run_preset(preset: str, args: argparse.Namespace, overrides: dict[str, Any],
     tokens, elapsed = int(meta.get("tokens_seen", 0)), float(meta.get("elapsed_s", 0.0))
     carry, cut, reset = (evaluation[m] for m in MODES)
     return {
-        "decoder": cfg.model.decoder, "run_dir": str(out_dir), "checkpoint": str(checkpoint),
-        "steps": int(meta.get("step", 0)), "tokens_trained": tokens, "train_wall_s": elapsed,
-        "train_tokens_per_s": tokens / elapsed if elapsed > 0 else None, "val_at_end": meta.get("val"),
-        "parameters": evaluation["parameters"], "state_bytes": evaluation["state_bytes"],
-        "window": evaluation["window"], "window_rule": evaluation["window_rule"],
-        "carry_bpb": carry["bits_per_byte"], "cut_bpb": cut["bits_per_byte"], "reset_bpb": reset["bits_per_byte"],
+        "decoder": cfg.model.decoder,
+        "run_dir": str(out_dir),
+        "checkpoint": str(checkpoint),
+        "steps": int(meta.get("step", 0)),
+        "tokens_trained": tokens,
+        "train_wall_s": elapsed,
+        "train_tokens_per_s": tokens / elapsed if elapsed > 0 else None,
+        "val_at_end": meta.get("val"),
+        "parameters": evaluation["parameters"],
+        "state_bytes": evaluation["state_bytes"],
+        "window": evaluation["window"],
+        "window_rule": evaluation["window_rule"],
+        "carry_bpb": carry["bits_per_byte"],
+        "cut_bpb": cut["bits_per_byte"],
+        "reset_bpb": reset["bits_per_byte"],
         "delta_bpb": cut["bits_per_byte"] - carry["bits_per_byte"],
         "reset_delta_bpb": reset["bits_per_byte"] - carry["bits_per_byte"],
-        "evaluation": {m: evaluation[m] for m in MODES}, "documents": evaluation["documents"], "learned": learned,
+        "evaluation": {m: evaluation[m] for m in MODES},
+        "documents": evaluation["documents"],
+        "learned": learned,
     }
 
 
@@ -242,8 +282,9 @@ def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
         writer = csv.writer(f)
         writer.writerow(["preset", "decoder", "mode", "start", "end", "mean_nll", "count"])
         for r in rows:
-            writer.writerow([r["preset"], r["decoder"], r["mode"], r["start"], r["end"], f"{r['mean_nll']:.6f}",
-                             r["count"]])
+            writer.writerow(
+                [r["preset"], r["decoder"], r["mode"], r["start"], r["end"], f"{r['mean_nll']:.6f}", r["count"]]
+            )
 
 
 def per_position_stem(output: Path) -> str:
@@ -259,6 +300,7 @@ def plot_per_position(rows: list[dict[str, Any]], path: Path) -> bool:
     """Two panels: carry-mode mean NLL by position, and cut - carry by position; False if matplotlib is missing."""
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
@@ -271,19 +313,31 @@ def plot_per_position(rows: list[dict[str, Any]], path: Path) -> bool:
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
     colours = plt.get_cmap("tab20").colors  # 20 distinct colours; the default cycle repeats after 10 presets
     for i, (preset, modes) in enumerate(curves.items()):
-        style = {"marker": ".", "label": preset, "color": colours[(2 * i) % 20 + (2 * i) // 20 % 2],
-                 "linestyle": "-" if i % 2 == 0 else "--"}
+        style = {
+            "marker": ".",
+            "label": preset,
+            "color": colours[(2 * i) % 20 + (2 * i) // 20 % 2],
+            "linestyle": "-" if i % 2 == 0 else "--",
+        }
         carry = modes.get("carry", {})
         xs = sorted(carry)
         left.plot([carry[s][0] for s in xs], [carry[s][1] for s in xs], **style)
         cut = modes.get("cut", {})
         both = [s for s in xs if s in cut]
         right.plot([carry[s][0] for s in both], [cut[s][1] - carry[s][1] for s in both], **style)
-    left.set(xscale="log", xlabel="token position in the document", ylabel="mean NLL (nats/token)",
-             title="carry mode: loss by position")
+    left.set(
+        xscale="log",
+        xlabel="token position in the document",
+        ylabel="mean NLL (nats/token)",
+        title="carry mode: loss by position",
+    )
     right.axhline(0.0, color="grey", linewidth=0.8)
-    right.set(xscale="log", xlabel="token position in the document", ylabel="cut - carry (nats/token)",
-              title="what the memory beyond the window buys, by position")
+    right.set(
+        xscale="log",
+        xlabel="token position in the document",
+        ylabel="cut - carry (nats/token)",
+        title="what the memory beyond the window buys, by position",
+    )
     left.legend(fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -298,24 +352,48 @@ def plot_per_position(rows: list[dict[str, Any]], path: Path) -> bool:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--presets", default=None, help="comma list of presets (default: every bundled preset; "
-                   f"{SMOKE_PRESETS} with --smoke)")
-    p.add_argument("--tokens", type=int, default=None,
-                   help=f"training tokens per preset (default {DEFAULT_TOKENS:,}; {SMOKE_TOKENS} with --smoke)")
-    p.add_argument("--eval-bytes", type=int, default=None,
-                   help=f"bytes of each held-out document to score, 0 = all (default 0; {SMOKE_EVAL_BYTES} with "
-                        "--smoke)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override one config key for every preset, e.g. --set train.eval_tokens=16384 (repeatable)")
+    p.add_argument(
+        "--presets",
+        default=None,
+        help=f"comma list of presets (default: every bundled preset; {SMOKE_PRESETS} with --smoke)",
+    )
+    p.add_argument(
+        "--tokens",
+        type=int,
+        default=None,
+        help=f"training tokens per preset (default {DEFAULT_TOKENS:,}; {SMOKE_TOKENS} with --smoke)",
+    )
+    p.add_argument(
+        "--eval-bytes",
+        type=int,
+        default=None,
+        help=f"bytes of each held-out document to score, 0 = all (default 0; {SMOKE_EVAL_BYTES} with --smoke)",
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one config key for every preset, e.g. --set train.eval_tokens=16384 (repeatable)",
+    )
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (default 0 = torch's default)")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="training and evaluation")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, ... (default auto)")
     p.add_argument("--seed", type=int, default=1337, help="training seed, the same for every preset (default 1337)")
-    p.add_argument("--out-dir", type=Path, default=None,
-                   help=f"run folders, one per preset (default {DEFAULT_RUNS}; {SMOKE_RUNS} with --smoke)")
-    p.add_argument("--output", type=Path, default=None,
-                   help=f"JSON report (default {DEFAULT_OUTPUT}; {SMOKE_OUTPUT} with --smoke); the per-position CSV "
-                        "and plot are written next to it")
+    p.add_argument(
+        "--out-dir",
+        type=Path,
+        default=None,
+        help=f"run folders, one per preset (default {DEFAULT_RUNS}; {SMOKE_RUNS} with --smoke)",
+    )
+    p.add_argument(
+        "--output",
+        type=Path,
+        default=None,
+        help=f"JSON report (default {DEFAULT_OUTPUT}; {SMOKE_OUTPUT} with --smoke); the per-position CSV "
+        "and plot are written next to it",
+    )
     p.add_argument("--smoke", action="store_true", help="tiny models, tiny budget, 2 presets: seconds (CI)")
     args = p.parse_args(argv)
     smoke = args.smoke
@@ -355,11 +433,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     write_csv(rows, csv_path)
     plotted = plot_per_position(rows, png_path)
     report = {
-        "benchmark": "quality", "timestamp": timestamp(), "argv": sys.argv[1:] if argv is None else list(argv),
-        "smoke": args.smoke, "machine": machine_info(torch.get_num_threads()),
-        "settings": {"presets": args.presets, "tokens": args.tokens, "eval_bytes": args.eval_bytes,
-                     "precision": args.precision, "seed": args.seed, "device": str(device),
-                     "out_dir": str(args.out_dir), "overrides": overrides},
+        "benchmark": "quality",
+        "timestamp": timestamp(),
+        "argv": sys.argv[1:] if argv is None else list(argv),
+        "smoke": args.smoke,
+        "machine": machine_info(torch.get_num_threads()),
+        "settings": {
+            "presets": args.presets,
+            "tokens": args.tokens,
+            "eval_bytes": args.eval_bytes,
+            "precision": args.precision,
+            "seed": args.seed,
+            "device": str(device),
+            "out_dir": str(args.out_dir),
+            "overrides": overrides,
+        },
         "definitions": {
             "carry": "memory carried through each held-out document (longctx eval --ppl)",
             "cut": "sliding windows of 2W tokens, stride W, empty memory: every token sees W..2W-1 preceding tokens",
@@ -368,15 +456,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "delta_bpb": "cut_bpb - carry_bpb: what memory beyond the window buys (positive = it helps)",
             "reset_delta_bpb": "reset_bpb - carry_bpb",
         },
-        "presets": results, "per_position_csv": str(csv_path), "per_position_png": str(png_path) if plotted else None,
+        "presets": results,
+        "per_position_csv": str(csv_path),
+        "per_position_png": str(png_path) if plotted else None,
         "wall_s": time.monotonic() - started,
     }
     write_report(report, args.output)
     for preset, res in results.items():
         if "error" not in res:
-            log(f"{preset:<24} carry {res['carry_bpb']:.4f}  cut {res['cut_bpb']:.4f}  delta {res['delta_bpb']:+.4f}"
+            log(
+                f"{preset:<24} carry {res['carry_bpb']:.4f}  cut {res['cut_bpb']:.4f}  delta {res['delta_bpb']:+.4f}"
                 f"  reset {res['reset_bpb']:.4f}  bpb | {res['tokens_trained']:,} tokens, "
-                f"{res['train_tokens_per_s'] or 0:,.0f} tok/s")
+                f"{res['train_tokens_per_s'] or 0:,.0f} tok/s"
+            )
     if any("error" in res for res in results.values()):
         raise SystemExit(1)
     return report

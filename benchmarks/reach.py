@@ -81,7 +81,10 @@ DEFAULT_RUNS = RESULTS / "reach-runs"
 SMOKE_RUNS = RESULTS / "reach-runs-smoke"
 SMOKE_PRESETS = "transformer-small,aft-local-small"
 SMOKE_OVERRIDES = TINY_MODEL_OVERRIDES | {
-    "train.warmup_steps": "2", "train.log_interval": "2", "train.eval_interval": "1000", "train.eval_tokens": "512",
+    "train.warmup_steps": "2",
+    "train.log_interval": "2",
+    "train.eval_interval": "1000",
+    "train.eval_tokens": "512",
     "train.save_interval": "1000",
 }
 
@@ -101,8 +104,7 @@ def recall_data(args: argparse.Namespace) -> Path:
     return folder
 
 
-def run_recall(preset: str, args: argparse.Namespace, overrides: dict[str, Any], opts: ProbeOptions
-               ) -> dict[str, Any]:
+def run_recall(preset: str, args: argparse.Namespace, overrides: dict[str, Any], opts: ProbeOptions) -> dict[str, Any]:
     """Train ``preset`` on the recall data (or resume, or skip) and score its test set."""
     folder = recall_data(args)
     spec = RecallSpec.from_json((folder / "recall.json").read_text(encoding="utf-8"), str(folder / "recall.json"))
@@ -116,8 +118,12 @@ def run_recall(preset: str, args: argparse.Namespace, overrides: dict[str, Any],
     model, tokenizer, _ = load_checkpoint(checkpoint)
     texts = [p.read_bytes() for p in sorted((folder / "test").glob("*.txt"))]
     report = score_recall(model, tokenizer, texts, spec, opts).to_dict()
-    return {"checkpoint": str(checkpoint), "tokens_trained": int(meta.get("tokens_seen", 0)),
-            "reach": reach(report["distances"], "accuracy", report["chance"]), **report}
+    return {
+        "checkpoint": str(checkpoint),
+        "tokens_trained": int(meta.get("tokens_seen", 0)),
+        "reach": reach(report["distances"], "accuracy", report["chance"]),
+        **report,
+    }
 
 
 def text_filler(config: Config) -> Any:
@@ -132,8 +138,10 @@ CACHE_VERSION = 1  # bump when a probe's definition changes
 
 def probe_key(checkpoint: Path, task: str, args: argparse.Namespace) -> str:
     """What a cached probe result depends on."""
-    settings = {"copy": (args.copy_distances, args.copy_span, args.copy_trials, args.seed),
-                "context": (args.context_distances, args.context_tokens)}[task]
+    settings = {
+        "copy": (args.copy_distances, args.copy_span, args.copy_trials, args.seed),
+        "context": (args.context_distances, args.context_tokens),
+    }[task]
     return json.dumps([CACHE_VERSION, str(checkpoint), task, settings, args.precision])
 
 
@@ -166,11 +174,13 @@ def run_text(preset: str, args: argparse.Namespace, opts: ProbeOptions) -> dict[
     return out
 
 
-def probe_text(task: str, model: Any, tokenizer: Any, filler: Any, args: argparse.Namespace, opts: ProbeOptions
-               ) -> dict[str, Any]:
+def probe_text(
+    task: str, model: Any, tokenizer: Any, filler: Any, args: argparse.Namespace, opts: ProbeOptions
+) -> dict[str, Any]:
     if task == "copy":
-        return score_copy(model, tokenizer, filler, args.copy_distances, args.copy_span, args.copy_trials, "text",
-                          args.seed, opts).to_dict()
+        return score_copy(
+            model, tokenizer, filler, args.copy_distances, args.copy_span, args.copy_trials, "text", args.seed, opts
+        ).to_dict()
     streams = [document_stream(tokenizer, t) for t in filler.texts]
     return score_context(model, tokenizer, streams, args.context_distances, args.context_tokens, opts).to_dict()
 
@@ -209,8 +219,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--presets", default=None, help="comma list (default: every bundled preset)")
     p.add_argument("--tasks", default="recall,copy,context", help="comma list of recall, copy, context")
     p.add_argument("--tokens", type=int, default=4_096_000, help="recall: training tokens per preset")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="recall: override one config key for every preset (repeatable)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="recall: override one config key for every preset (repeatable)",
+    )
     p.add_argument("--text-runs", type=Path, default=None, help="copy, context: run folders of quality.py")
     p.add_argument("--recall-docs", type=int, default=4000, help="recall: training documents")
     p.add_argument("--recall-queries", type=int, default=200, help="recall: test questions per distance")
@@ -225,8 +241,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--out-dir", type=Path, default=None, help=f"recall runs and data (default {DEFAULT_RUNS})")
-    p.add_argument("--output", type=Path, default=None, help=f"JSON report (default {DEFAULT_OUTPUT}); the figures "
-                   "are written next to it")
+    p.add_argument(
+        "--output",
+        type=Path,
+        default=None,
+        help=f"JSON report (default {DEFAULT_OUTPUT}); the figures are written next to it",
+    )
     p.add_argument("--smoke", action="store_true", help="tiny models, data and budget: seconds (CI)")
     args = p.parse_args(argv)
     args.presets = parse_list(args.presets or (SMOKE_PRESETS if args.smoke else ",".join(list_presets())))
@@ -268,8 +288,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         res: dict[str, Any] = {"decoder": cfg.model.decoder, "theoretical_reach": bound, "theoretical_reach_rule": why}
         try:
             if "recall" in args.tasks:
-                res["recall"] = run_recall(preset, args, mine, ProbeOptions(seq_len=cfg.train.seq_len,
-                                                                                 precision=args.precision))
+                res["recall"] = run_recall(
+                    preset, args, mine, ProbeOptions(seq_len=cfg.train.seq_len, precision=args.precision)
+                )
             if {"copy", "context"} & set(args.tasks):
                 res.update(run_text(preset, args, opts))
         except Interrupted as e:
@@ -281,11 +302,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         results[preset] = res
     plotted = plot(results, args.tasks, args.output)
     report = {
-        "benchmark": "reach", "timestamp": timestamp(), "argv": sys.argv[1:] if argv is None else list(argv),
-        "smoke": args.smoke, "machine": machine_info(torch.get_num_threads()),
-        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()} | {
-            "device": str(device), "overrides": overrides},
-        "presets": results, "figures": [f"{args.output.stem}_{t}.png" for t in args.tasks] if plotted else [],
+        "benchmark": "reach",
+        "timestamp": timestamp(),
+        "argv": sys.argv[1:] if argv is None else list(argv),
+        "smoke": args.smoke,
+        "machine": machine_info(torch.get_num_threads()),
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+        | {"device": str(device), "overrides": overrides},
+        "presets": results,
+        "figures": [f"{args.output.stem}_{t}.png" for t in args.tasks] if plotted else [],
         "wall_s": time.monotonic() - started,
     }
     write_report(report, args.output)

@@ -115,15 +115,26 @@ TRAIN_SPLIT, EVAL_SPLIT = 0, 1
 VERSION = 1  # bump when the task or the training changes, so that saved runs are not mixed with new ones
 
 # one preset per decoder (combiner and perceiver-ar when their presets exist)
-DECODER_PRESETS = ("transformer-small", "xl-small", "infinite-small", "aft-local-small", "combiner-small",
-                   "perceiver-ar-small")
+DECODER_PRESETS = (
+    "transformer-small",
+    "xl-small",
+    "infinite-small",
+    "aft-local-small",
+    "combiner-small",
+    "perceiver-ar-small",
+)
 DEFAULT_LENGTHS = "1024,4096,8192"
 DEFAULT_OUTPUT = RESULTS / "sorting.json"
 SMOKE_OUTPUT = RESULTS / "sorting_smoke.json"
 DEFAULT_RUNS = RESULTS / "sorting-runs"
 SMOKE_RUNS = RESULTS / "sorting-runs-smoke"
-TASK_OVERRIDES = {"model.n_layer": "2", "model.d_model": "64", "model.n_head": "2", "model.d_ff": "256",
-                  "train.lr": "3e-3"}
+TASK_OVERRIDES = {
+    "model.n_layer": "2",
+    "model.d_model": "64",
+    "model.n_head": "2",
+    "model.d_ff": "256",
+    "train.lr": "3e-3",
+}
 DEFAULT_STEPS = 3000
 SMOKE_OVERRIDES = TINY_MODEL_OVERRIDES
 
@@ -180,8 +191,7 @@ def read_prefix(model: LongContextLM, tokens: torch.Tensor, seg_len: int) -> Any
     return state
 
 
-def train_step(model: LongContextLM, batch: torch.Tensor, seg_len: int, bptt: int
-               ) -> tuple[torch.Tensor, float, int]:
+def train_step(model: LongContextLM, batch: torch.Tensor, seg_len: int, bptt: int) -> tuple[torch.Tensor, float, int]:
     """(loss to backpropagate, mean target NLL, tokens read) of one batch of examples (B, L + 21).
 
     The inputs ``batch[:, :-1]`` are read in segments aligned to their end; the last ``bptt`` segments (and at least
@@ -195,17 +205,19 @@ def train_step(model: LongContextLM, batch: torch.Tensor, seg_len: int, bptt: in
     state = read_prefix(model, inputs[:, :split], seg_len)
     nll = aux = torch.zeros((), device=batch.device)
     for start, end in segment_bounds(n - split, seg_len):
-        out = model(inputs[:, split + start: split + end], state)
+        out = model(inputs[:, split + start : split + end], state)
         logits = out.logits.float().flatten(0, 1)  # (B * t, V)
-        nll = nll + F.cross_entropy(logits, targets[:, split + start: split + end].flatten(), ignore_index=-100,
-                                    reduction="sum")
+        nll = nll + F.cross_entropy(
+            logits, targets[:, split + start : split + end].flatten(), ignore_index=-100, reduction="sum"
+        )
         state, aux = out.state, aux + out.aux_loss
     target_loss = nll / (batch.shape[0] * N_SYMBOLS)
     return target_loss + aux, target_loss.item(), inputs.numel()
 
 
-def load_progress(run_dir: Path, model: LongContextLM, optimizer: torch.optim.Optimizer, key: dict[str, Any]
-                  ) -> dict[str, Any]:
+def load_progress(
+    run_dir: Path, model: LongContextLM, optimizer: torch.optim.Optimizer, key: dict[str, Any]
+) -> dict[str, Any]:
     """Restore the newest saved checkpoint of ``run_dir`` into model and optimizer; its progress dict, or a fresh one.
     A checkpoint made with other settings (``key``) is refused."""
     for name in ("checkpoint", "checkpoint.old"):  # .old: a crash between the two renames of save_progress
@@ -213,18 +225,22 @@ def load_progress(run_dir: Path, model: LongContextLM, optimizer: torch.optim.Op
         if (folder / "progress.json").is_file():
             progress = json.loads((folder / "progress.json").read_text(encoding="utf-8"))
             if progress["key"] != key:
-                raise SystemExit(f"sorting: {run_dir} holds a run with other settings ({progress['key']}); give "
-                                 "another --out-dir or delete that folder")
+                raise SystemExit(
+                    f"sorting: {run_dir} holds a run with other settings ({progress['key']}); give "
+                    "another --out-dir or delete that folder"
+                )
             load_model(model, str(folder / "model.safetensors"))
-            optimizer_from_tensors(optimizer, load_file(str(folder / "optimizer.safetensors")),
-                                   progress["param_groups"])
+            optimizer_from_tensors(
+                optimizer, load_file(str(folder / "optimizer.safetensors")), progress["param_groups"]
+            )
             log(f"  resumed from {folder} at step {progress['step']}")
             return progress
     return {"key": key, "step": 0, "elapsed_s": 0.0, "tokens": 0, "losses": []}
 
 
-def save_progress(run_dir: Path, model: LongContextLM, optimizer: torch.optim.Optimizer,
-                  progress: dict[str, Any]) -> None:
+def save_progress(
+    run_dir: Path, model: LongContextLM, optimizer: torch.optim.Optimizer, progress: dict[str, Any]
+) -> None:
     """Weights, optimizer moments (safetensors) and progress (JSON), written aside and renamed into place."""
     tmp, final, old = run_dir / "checkpoint.tmp", run_dir / "checkpoint", run_dir / "checkpoint.old"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -240,8 +256,9 @@ def save_progress(run_dir: Path, model: LongContextLM, optimizer: torch.optim.Op
     shutil.rmtree(old, ignore_errors=True)
 
 
-def train_model(model: LongContextLM, cfg: Config, args: argparse.Namespace, length: int, run_dir: Path,
-                key: dict[str, Any]) -> dict[str, Any]:
+def train_model(
+    model: LongContextLM, cfg: Config, args: argparse.Namespace, length: int, run_dir: Path, key: dict[str, Any]
+) -> dict[str, Any]:
     """Train ``args.steps`` steps (resuming from ``run_dir``); the progress dict (step, elapsed_s, tokens, losses)."""
     t = cfg.train
     optimizer = make_optimizer(model, t)
@@ -261,8 +278,9 @@ def train_model(model: LongContextLM, cfg: Config, args: argparse.Namespace, len
         else:
             log(f"  step {step + 1}: non-finite loss, step skipped")
         optimizer.zero_grad(set_to_none=True)
-        progress.update(step=step + 1, tokens=progress["tokens"] + n_tokens,
-                        elapsed_s=elapsed0 + time.monotonic() - started)
+        progress.update(
+            step=step + 1, tokens=progress["tokens"] + n_tokens, elapsed_s=elapsed0 + time.monotonic() - started
+        )
         progress["losses"].append(round(target_loss, 5))
         if (step + 1) % args.log_every == 0 or step + 1 == args.steps:
             rate = progress["tokens"] / max(progress["elapsed_s"], 1e-9)
@@ -277,8 +295,9 @@ def train_model(model: LongContextLM, cfg: Config, args: argparse.Namespace, len
 
 
 @torch.inference_mode()
-def evaluate_model(model: LongContextLM, args: argparse.Namespace, length: int, seg_len: int, batch_size: int
-                   ) -> dict[str, float]:
+def evaluate_model(
+    model: LongContextLM, args: argparse.Namespace, length: int, seg_len: int, batch_size: int
+) -> dict[str, float]:
     """Teacher-forced token accuracy, greedy exact match and greedy token accuracy on the held-out examples."""
     model.eval()
     forced, greedy, exact, n = 0, 0, 0, 0
@@ -289,7 +308,7 @@ def evaluate_model(model: LongContextLM, args: argparse.Namespace, length: int, 
         state = read_prefix(model, batch[:, :length], seg_len)  # after x_1..x_L
         logits = model(batch[:, length:-1], state).logits  # (b, 20, V): inputs SEP, y_1..y_19
         forced += int((logits.argmax(-1) == target).sum())
-        token, decoded = batch[:, length:length + 1], []  # (b, 1) SEP
+        token, decoded = batch[:, length : length + 1], []  # (b, 1) SEP
         for _ in range(N_SYMBOLS):
             out = model(token, state)
             state, token = out.state, out.logits[:, -1].argmax(-1, keepdim=True)  # (b, 1)
@@ -298,8 +317,11 @@ def evaluate_model(model: LongContextLM, args: argparse.Namespace, length: int, 
         greedy += int(hits.sum())
         exact += int(hits.all(dim=1).sum())
         n += size
-    return {"token_accuracy": forced / (n * N_SYMBOLS), "exact_match": exact / n,
-            "greedy_token_accuracy": greedy / (n * N_SYMBOLS)}
+    return {
+        "token_accuracy": forced / (n * N_SYMBOLS),
+        "exact_match": exact / n,
+        "greedy_token_accuracy": greedy / (n * N_SYMBOLS),
+    }
 
 
 def window_oracle(args: argparse.Namespace, length: int, window: int) -> dict[str, float]:
@@ -339,18 +361,37 @@ def teacher_forced_baselines(args: argparse.Namespace, length: int, windows: lis
 # one (preset, length)
 
 
-def run_pair(preset: str, length: int, args: argparse.Namespace, overrides: dict[str, Any], device: torch.device
-             ) -> dict[str, Any]:
+def run_pair(
+    preset: str, length: int, args: argparse.Namespace, overrides: dict[str, Any], device: torch.device
+) -> dict[str, Any]:
     """Train (resume, or reuse) and evaluate one preset at one sequence length."""
     overrides = overrides_for(preset, overrides)
     cfg = load_config(preset, overrides | {"model.vocab_size": VOCAB, "train.max_steps": args.steps})
     t = cfg.train
-    cfg = load_config(preset, overrides | {"model.vocab_size": VOCAB, "train.max_steps": args.steps,
-                                           "train.warmup_steps": min(t.warmup_steps, args.steps // 10)})
+    cfg = load_config(
+        preset,
+        overrides
+        | {
+            "model.vocab_size": VOCAB,
+            "train.max_steps": args.steps,
+            "train.warmup_steps": min(t.warmup_steps, args.steps // 10),
+        },
+    )
     run_dir = args.out_dir / f"{preset}-L{length}"
-    key = {"version": VERSION, "preset": preset, "length": length, "seed": args.seed, "bptt": args.bptt_segments,
-           "model": cfg.to_dict()["model"], "batch_size": t.batch_size, "seq_len": t.seq_len,
-           "lr": t.lr, "min_lr": t.min_lr, "weight_decay": t.weight_decay, "grad_clip": t.grad_clip}
+    key = {
+        "version": VERSION,
+        "preset": preset,
+        "length": length,
+        "seed": args.seed,
+        "bptt": args.bptt_segments,
+        "model": cfg.to_dict()["model"],
+        "batch_size": t.batch_size,
+        "seq_len": t.seq_len,
+        "lr": t.lr,
+        "min_lr": t.min_lr,
+        "weight_decay": t.weight_decay,
+        "grad_clip": t.grad_clip,
+    }
     done_key = key | {"steps": args.steps, "eval_examples": args.eval_examples}
     done = run_dir / "result.json"
     if done.is_file() and (saved := json.loads(done.read_text(encoding="utf-8"))).get("key") == done_key:
@@ -364,18 +405,27 @@ def run_pair(preset: str, length: int, args: argparse.Namespace, overrides: dict
     accuracy = evaluate_model(model, args, length, t.seq_len, t.batch_size)
     window, rule = attention_window(cfg.model, t.seq_len)
     losses = progress["losses"]
-    tail = losses[-max(1, len(losses) // 10):]
+    tail = losses[-max(1, len(losses) // 10) :]
     result = {
-        "decoder": cfg.model.decoder, "length": length, "parameters": model.num_parameters(),
-        "state_bytes": model.init_state(1).nbytes(), "steps": progress["step"],
-        "train_wall_s": progress["elapsed_s"], "train_tokens_per_s": progress["tokens"] / max(progress["elapsed_s"],
-                                                                                               1e-9),
-        "final_loss": sum(tail) / len(tail), "eval_wall_s": time.monotonic() - eval_start, **accuracy,
-        "window": window, "window_rule": rule, "window_oracle": window_oracle(args, length, window),
+        "decoder": cfg.model.decoder,
+        "length": length,
+        "parameters": model.num_parameters(),
+        "state_bytes": model.init_state(1).nbytes(),
+        "steps": progress["step"],
+        "train_wall_s": progress["elapsed_s"],
+        "train_tokens_per_s": progress["tokens"] / max(progress["elapsed_s"], 1e-9),
+        "final_loss": sum(tail) / len(tail),
+        "eval_wall_s": time.monotonic() - eval_start,
+        **accuracy,
+        "window": window,
+        "window_rule": rule,
+        "window_oracle": window_oracle(args, length, window),
     }
-    log(f"  {preset} L={length}: token accuracy {result['token_accuracy']:.3f}, exact match "
+    log(
+        f"  {preset} L={length}: token accuracy {result['token_accuracy']:.3f}, exact match "
         f"{result['exact_match']:.3f} (window oracle {result['window_oracle']['token_accuracy']:.3f}), "
-        f"final loss {result['final_loss']:.3f}, {result['train_wall_s']:.0f} s")
+        f"final loss {result['final_loss']:.3f}, {result['train_wall_s']:.0f} s"
+    )
     done.write_text(json.dumps({"key": done_key, "result": result}, indent=1), encoding="utf-8")
     return result
 
@@ -386,28 +436,51 @@ def run_pair(preset: str, length: int, args: argparse.Namespace, overrides: dict
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--presets", default=None, help="comma list of presets (default: one per decoder, those of "
-                   f"{', '.join(DECODER_PRESETS)} that exist; transformer-small,infinite-small with --smoke)")
-    p.add_argument("--lengths", default=None, help=f"symbols per example, comma list (default {DEFAULT_LENGTHS}; "
-                   "64 with --smoke)")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps per (preset, length) (default "
-                   f"{DEFAULT_STEPS}; 3 with --smoke)")
+    p.add_argument(
+        "--presets",
+        default=None,
+        help="comma list of presets (default: one per decoder, those of "
+        f"{', '.join(DECODER_PRESETS)} that exist; transformer-small,infinite-small with --smoke)",
+    )
+    p.add_argument(
+        "--lengths", default=None, help=f"symbols per example, comma list (default {DEFAULT_LENGTHS}; 64 with --smoke)"
+    )
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help=f"optimizer steps per (preset, length) (default {DEFAULT_STEPS}; 3 with --smoke)",
+    )
     p.add_argument("--eval-examples", type=int, default=None, help="held-out examples (default 200; 8 with --smoke)")
     p.add_argument("--bptt-segments", type=int, default=1, help="segments backpropagated per example (default 1)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override one config key for every preset (after the small sizes), e.g. --set train.lr=3e-4")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one config key for every preset (after the small sizes), e.g. --set train.lr=3e-4",
+    )
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (default 0 = torch's default)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, ... (default auto)")
     p.add_argument("--seed", type=int, default=0, help="seed of the examples and of the initial weights (default 0)")
     p.add_argument("--log-every", type=int, default=10, help="steps between progress lines (default 10)")
     p.add_argument("--save-every", type=int, default=100, help="steps between checkpoints (default 100)")
-    p.add_argument("--out-dir", type=Path, default=None,
-                   help=f"run folders, one per (preset, length) (default {DEFAULT_RUNS}; {SMOKE_RUNS} with --smoke)")
-    p.add_argument("--output", type=Path, default=None,
-                   help=f"JSON report (default {DEFAULT_OUTPUT}; {SMOKE_OUTPUT} with --smoke)")
+    p.add_argument(
+        "--out-dir",
+        type=Path,
+        default=None,
+        help=f"run folders, one per (preset, length) (default {DEFAULT_RUNS}; {SMOKE_RUNS} with --smoke)",
+    )
+    p.add_argument(
+        "--output", type=Path, default=None, help=f"JSON report (default {DEFAULT_OUTPUT}; {SMOKE_OUTPUT} with --smoke)"
+    )
     p.add_argument("--smoke", action="store_true", help="tiny models, length 64, 3 steps, 2 presets: seconds (CI)")
-    p.add_argument("--baselines-only", action="store_true",
-                   help="train nothing: report the teacher-forced baselines of the lengths and presets' windows")
+    p.add_argument(
+        "--baselines-only",
+        action="store_true",
+        help="train nothing: report the teacher-forced baselines of the lengths and presets' windows",
+    )
     args = p.parse_args(argv)
     smoke = args.smoke
     default = ",".join(p for p in DECODER_PRESETS if p in list_presets())
@@ -432,17 +505,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 DEFINITION = {
     "vocabulary": "symbols 0..19, SEP = 20",
     "example": "x_1..x_L SEP y_1..y_20; x_t ~ (1 - t/L) p + (t/L) q with p, q = integer weights 1..9 normalised; "
-               "y = the 20 symbols by decreasing count in x, ties by increasing id; "
-               "rng = numpy default_rng([seed, split, index, L]), split 0 = train, 1 = eval",
+    "y = the 20 symbols by decreasing count in x, ties by increasing id; "
+    "rng = numpy default_rng([seed, split, index, L]), split 0 = train, 1 = eval",
     "loss": "mean cross-entropy of y_1..y_20 only",
     "streaming": "segments of train.seq_len aligned to the example's end, memory carried within an example and empty "
-                 "at its start; only the last bptt_segments segments backpropagated",
+    "at its start; only the last bptt_segments segments backpropagated",
     "token_accuracy": "teacher-forced argmax accuracy on y_1..y_20",
     "exact_match": "greedy decoding of 20 tokens after SEP equals y exactly",
     "window_oracle": "exact counting of the last W symbols only (W = the decoder's exact attention window)",
     "teacher_forced_baselines": "rules given the true earlier targets, as token_accuracy is: elimination = the "
-                                "smallest id not yet named; window_counter[W] = the unnamed symbol most frequent in "
-                                "the last W symbols",
+    "smallest id not yet named; window_counter[W] = the unnamed symbol most frequent in "
+    "the last W symbols",
 }
 
 
@@ -476,12 +549,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 result = {"error": f"{type(e).__name__}: {e}"}
             results.setdefault(preset, {})[str(length)] = result
     report = {
-        "benchmark": "sorting", "timestamp": timestamp(), "argv": sys.argv[1:] if argv is None else list(argv),
-        "smoke": args.smoke, "machine": machine_info(torch.get_num_threads()),
-        "settings": {"presets": args.presets, "lengths": args.lengths, "steps": args.steps,
-                     "eval_examples": args.eval_examples, "bptt_segments": args.bptt_segments, "seed": args.seed,
-                     "device": str(device), "out_dir": str(args.out_dir), "overrides": overrides},
-        "task": DEFINITION, "chance_token_accuracy": 1 / N_SYMBOLS, "teacher_forced_baselines": baselines,
+        "benchmark": "sorting",
+        "timestamp": timestamp(),
+        "argv": sys.argv[1:] if argv is None else list(argv),
+        "smoke": args.smoke,
+        "machine": machine_info(torch.get_num_threads()),
+        "settings": {
+            "presets": args.presets,
+            "lengths": args.lengths,
+            "steps": args.steps,
+            "eval_examples": args.eval_examples,
+            "bptt_segments": args.bptt_segments,
+            "seed": args.seed,
+            "device": str(device),
+            "out_dir": str(args.out_dir),
+            "overrides": overrides,
+        },
+        "task": DEFINITION,
+        "chance_token_accuracy": 1 / N_SYMBOLS,
+        "teacher_forced_baselines": baselines,
         "results": results,
         "wall_s": time.monotonic() - started,
     }

@@ -61,8 +61,14 @@ import xl_speed  # noqa: E402  (the interleaved training step and the x-transfor
 
 HERE = Path(__file__).resolve().parent
 PARTS = ("train", "infer", "rss")
-SMOKE = {"model.n_layer": 1, "model.d_model": 32, "model.n_head": 2, "model.d_ff": 64, "train.batch_size": 2,
-         "train.seq_len": 32}
+SMOKE = {
+    "model.n_layer": 1,
+    "model.d_model": 32,
+    "model.n_head": 2,
+    "model.d_ff": 64,
+    "train.batch_size": 2,
+    "train.seq_len": 32,
+}
 SMOKE_PRESETS = "transformer-small,infinite-small,aft-local-small"
 
 
@@ -91,11 +97,19 @@ class PerceiverARPytorchRun(xl_speed.TrainRun):
 
         m, context = config.model, config.model.perceiver_ar.context
         gen = torch.Generator().manual_seed(0)
-        self.inputs = torch.randint(1, m.vocab_size, (config.train.batch_size, context + config.train.seq_len + 1),
-                                    generator=gen)  # token 0 is the package's ignore index
-        return PerceiverAR(num_tokens=m.vocab_size, dim=m.d_model, depth=m.n_layer - 1, heads=m.n_head,
-                           dim_head=m.head_dim, ff_mult=m.d_ff // m.d_model, max_seq_len=context + config.train.seq_len,
-                           cross_attn_seq_len=context).train()
+        self.inputs = torch.randint(
+            1, m.vocab_size, (config.train.batch_size, context + config.train.seq_len + 1), generator=gen
+        )  # token 0 is the package's ignore index
+        return PerceiverAR(
+            num_tokens=m.vocab_size,
+            dim=m.d_model,
+            depth=m.n_layer - 1,
+            heads=m.n_head,
+            dim_head=m.head_dim,
+            ff_mult=m.d_ff // m.d_model,
+            max_seq_len=context + config.train.seq_len,
+            cross_attn_seq_len=context,
+        ).train()
 
     def loss(self) -> torch.Tensor:
         return self.model(self.inputs[:, :-1], labels=self.inputs[:, 1:])
@@ -103,18 +117,20 @@ class PerceiverARPytorchRun(xl_speed.TrainRun):
 
 def measure_training(presets: list[str], args: argparse.Namespace) -> dict[str, Any]:
     """Tokens/s and MFU of every preset (and the optional reference) per precision, interleaved step by step."""
-    peaks = {p: train_speed.matmul_peak(torch.float32 if p == "fp32" else torch.bfloat16, args.peak_size, 5)
-             for p in args.precisions}
+    peaks = {
+        p: train_speed.matmul_peak(torch.float32 if p == "fp32" else torch.bfloat16, args.peak_size, 5)
+        for p in args.precisions
+    }
     out: dict[str, Any] = {"matmul_peak_flops_per_s": {p: v["flops_per_s"] for p, v in peaks.items()}, "runs": {}}
     for precision in args.precisions:
         configs = {p: preset_config(p, args) for p in presets}
         runs: dict[str, xl_speed.TrainRun] = {p: xl_speed.TrainRun(c, precision, args.seed) for p, c in configs.items()}
         if args.xtransformers:
-            runs["x-transformers-xl"] = xl_speed.XTransformersRun(preset_config("xl-small", args), precision,
-                                                                  args.seed)
+            runs["x-transformers-xl"] = xl_speed.XTransformersRun(preset_config("xl-small", args), precision, args.seed)
         if args.perceiver_ar_pytorch and precision == "fp32":  # its masks overflow bf16 (the issue's figure: fp32)
-            runs["perceiver-ar-pytorch"] = PerceiverARPytorchRun(preset_config("perceiver-ar-small", args),
-                                                                 precision, args.seed)
+            runs["perceiver-ar-pytorch"] = PerceiverARPytorchRun(
+                preset_config("perceiver-ar-small", args), precision, args.seed
+            )
         for i in range(args.warmup + args.train_steps):
             for run in runs.values():
                 run.step(timed=i >= args.warmup)
@@ -147,7 +163,7 @@ def measure_inference(preset: str, args: argparse.Namespace) -> dict[str, Any]:
         state = model.init_state(1)
         t0 = time.perf_counter()
         for start in range(0, length, seq_len):
-            state = model(prompt[:, start:start + seq_len], state).state
+            state = model(prompt[:, start : start + seq_len], state).state
         ingest[str(length)] = length / (time.perf_counter() - t0)
         states[length], tokens[length] = state, prompt[:, -1:]
         log(f"  {preset}: prompt of {length:,} tokens read at {ingest[str(length)]:,.0f} tokens/s")
@@ -160,10 +176,14 @@ def measure_inference(preset: str, args: argparse.Namespace) -> dict[str, Any]:
             states[length], tokens[length] = out.state, out.logits[:, -1].argmax(-1, keepdim=True)
     latency = {str(length): statistics.median(t) for length, t in times.items()}
     log(f"  {preset}: decode " + ", ".join(f"{v * 1e3:.2f} ms/token after {k}" for k, v in latency.items()))
-    return {"ingest_tokens_per_s": ingest, "decode_latency_s": latency,
-            "flatness": latency[str(lengths[-1])] / latency[str(lengths[0])],
-            "state_bytes": states[lengths[-1]].nbytes(), "state_bytes_empty": model.init_state(1).nbytes(),
-            "parameters": model.num_parameters()}
+    return {
+        "ingest_tokens_per_s": ingest,
+        "decode_latency_s": latency,
+        "flatness": latency[str(lengths[-1])] / latency[str(lengths[0])],
+        "state_bytes": states[lengths[-1]].nbytes(),
+        "state_bytes_empty": model.init_state(1).nbytes(),
+        "parameters": model.num_parameters(),
+    }
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -186,7 +206,7 @@ def corpus_file(folder: Path, megabytes: float) -> Path:
     with open(path, "wb") as f:
         written = 0
         while written < size:
-            chunk = corpus[:size - written]
+            chunk = corpus[: size - written]
             f.write(chunk)
             written += len(chunk)
     return path
@@ -204,17 +224,35 @@ def measure_eval_rss(preset: str, path: Path, args: argparse.Namespace) -> dict[
     opts = EvalOptions(mode="carry", seq_len=cfg.train.seq_len)
     result = evaluate_documents(model, Tokenizer.byte_level(), discover([str(path)]), opts)
     rss = result["peak_rss_bytes"]  # the eval report's own figure: this process's high-water mark
-    log(f"  {preset}: eval of {path.stat().st_size / 1e6:g} MB: peak RSS {rss / 2**20:,.1f} MiB, "
-        f"{result['tokens_per_s']:,.0f} tokens/s")
-    return {"bytes": path.stat().st_size, "tokens": result["tokens"], "tokens_per_s": result["tokens_per_s"],
-            "peak_rss_bytes": rss, "parameters": model.num_parameters()}
+    log(
+        f"  {preset}: eval of {path.stat().st_size / 1e6:g} MB: peak RSS {rss / 2**20:,.1f} MiB, "
+        f"{result['tokens_per_s']:,.0f} tokens/s"
+    )
+    return {
+        "bytes": path.stat().st_size,
+        "tokens": result["tokens"],
+        "tokens_per_s": result["tokens_per_s"],
+        "peak_rss_bytes": rss,
+        "parameters": model.num_parameters(),
+    }
 
 
 def run_child(args: argparse.Namespace, *extra: str) -> dict[str, Any]:
     """This script in a fresh process (so that its peak RSS is its own); returns the JSON it prints last."""
-    cmd = [sys.executable, __file__, *extra, "--threads", str(args.threads), "--seed", str(args.seed),
-           "--prompt-lengths", ",".join(map(str, args.lengths)), "--gen-tokens", str(args.gen_tokens),
-           *(f"--set={key}={value}" for key, value in args.overrides.items())]
+    cmd = [
+        sys.executable,
+        __file__,
+        *extra,
+        "--threads",
+        str(args.threads),
+        "--seed",
+        str(args.seed),
+        "--prompt-lengths",
+        ",".join(map(str, args.lengths)),
+        "--gen-tokens",
+        str(args.gen_tokens),
+        *(f"--set={key}={value}" for key, value in args.overrides.items()),
+    ]
     done = subprocess.run(cmd + (["--smoke"] if args.smoke else []), capture_output=True, text=True)
     sys.stderr.write(done.stderr)
     if done.returncode != 0:
@@ -234,8 +272,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--train-steps", type=int, default=10, help="timed training steps per preset (default 10)")
     p.add_argument("--warmup", type=int, default=2, help="untimed training steps per preset (default 2)")
     p.add_argument("--xtransformers", action="store_true", help="also train x-transformers' XL at xl-small's size")
-    p.add_argument("--perceiver-ar-pytorch", action="store_true",
-                   help="also train perceiver-ar-pytorch's PerceiverAR at perceiver-ar-small's size")
+    p.add_argument(
+        "--perceiver-ar-pytorch",
+        action="store_true",
+        help="also train perceiver-ar-pytorch's PerceiverAR at perceiver-ar-small's size",
+    )
     p.add_argument("--peak-size", type=int, default=2048, help="square matmul size of the peak (default 2048)")
     p.add_argument("--prompt-lengths", default="1000,10000,100000", help="prompt tokens before decoding")
     p.add_argument("--gen-tokens", type=int, default=32, help="timed single-token steps per prompt (default 32)")
@@ -243,8 +284,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--work-dir", type=Path, default=None, help="where the eval inputs are written (default: temp)")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override one config key for every preset and part, e.g. --set model.d_model=64 (repeatable)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one config key for every preset and part, e.g. --set model.d_model=64 (repeatable)",
+    )
     p.add_argument("--smoke", action="store_true", help="tiny models, short prompts and inputs, 2 steps (CI)")
     p.add_argument("--output", type=Path, default=None, help="JSON report (default benchmarks/results/speed.json)")
     p.add_argument("--child-infer", default="", help=argparse.SUPPRESS)  # internal: one preset in this process
@@ -288,10 +335,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return result
     presets = [x.strip() for x in args.presets.split(",") if x.strip()] or list_presets()
     report: dict[str, Any] = {
-        "benchmark": "speed", "argv": sys.argv[1:] if argv is None else argv, "smoke": args.smoke,
-        "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"), "torch": torch.__version__,
-        "cpu": train_speed.cpu_model(), "threads": args.threads, "load_average_start": train_speed.load_average(),
-        "presets": presets, "parts": args.parts, "overrides": args.overrides}
+        "benchmark": "speed",
+        "argv": sys.argv[1:] if argv is None else argv,
+        "smoke": args.smoke,
+        "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "cpu": train_speed.cpu_model(),
+        "threads": args.threads,
+        "load_average_start": train_speed.load_average(),
+        "presets": presets,
+        "parts": args.parts,
+        "overrides": args.overrides,
+    }
     if "train" in args.parts:
         log(f"speed: training, {len(presets)} presets interleaved, {args.train_steps} timed steps per precision")
         report["train"] = measure_training(presets, args)
@@ -309,8 +364,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for preset in presets:
                 log(f"speed: eval peak RSS, {preset}")
                 rows = [run_child(args, "--child-rss", preset, str(f)) for f in files]
-                report["rss"][preset] = {"runs": rows, "rss_growth": rows[-1]["peak_rss_bytes"] /
-                                         rows[0]["peak_rss_bytes"], "eval_tokens_per_s": rows[-1]["tokens_per_s"]}
+                report["rss"][preset] = {
+                    "runs": rows,
+                    "rss_growth": rows[-1]["peak_rss_bytes"] / rows[0]["peak_rss_bytes"],
+                    "eval_tokens_per_s": rows[-1]["tokens_per_s"],
+                }
     report["load_average_end"] = train_speed.load_average()
     text = json.dumps(report, indent=2)
     args.output.parent.mkdir(parents=True, exist_ok=True)

@@ -146,8 +146,9 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def matmul_peak(dtype: torch.dtype, size: int, repeats: int,
-                device: torch.device = torch.device("cpu")) -> dict[str, Any]:
+def matmul_peak(
+    dtype: torch.dtype, size: int, repeats: int, device: torch.device = torch.device("cpu")
+) -> dict[str, Any]:
     """Median FLOP/s of a square ``size`` x ``size`` matmul in ``dtype`` on ``device`` (2 * size^3 FLOPs each)."""
     gen = torch.Generator().manual_seed(0)
     a = torch.randn(size, size, generator=gen).to(device, dtype)
@@ -164,9 +165,15 @@ def matmul_peak(dtype: torch.dtype, size: int, repeats: int,
         times.append(time.perf_counter() - t0)
     flops = 2.0 * size**3
     median = statistics.median(times)
-    return {"size": size, "dtype": str(dtype).removeprefix("torch."), "repeats": repeats,
-            "times_s": [round(t, 6) for t in times], "median_s": median, "flops_per_s": flops / median,
-            "best_flops_per_s": flops / min(times)}
+    return {
+        "size": size,
+        "dtype": str(dtype).removeprefix("torch."),
+        "repeats": repeats,
+        "times_s": [round(t, 6) for t in times],
+        "median_s": median,
+        "flops_per_s": flops / median,
+        "best_flops_per_s": flops / min(times),
+    }
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -304,29 +311,49 @@ def run_precision(cfg: Config, precision: str, args: argparse.Namespace) -> dict
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--preset", default="transformer-small", help="preset name or TOML path (default transformer-small)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override one config key, e.g. --set model.n_layer=4 (repeatable)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one config key, e.g. --set model.n_layer=4 (repeatable)",
+    )
     p.add_argument("--precision", default="fp32,bf16", help="fp32, bf16 or a comma list (default fp32,bf16)")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (default 0 = torch's default)")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N, or auto")
-    p.add_argument("--batch-size", type=int, default=None,
-                   help="lanes per step (default: the preset's train.batch_size)")
+    p.add_argument(
+        "--batch-size", type=int, default=None, help="lanes per step (default: the preset's train.batch_size)"
+    )
     p.add_argument("--seq-len", type=int, default=None, help="tokens per lane and step (default: train.seq_len)")
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 20; 2 with --smoke)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps before timing (default 3; 1 with --smoke)")
-    p.add_argument("--adamw", choices=["default", "forloop", "foreach", "fused"], default="foreach",
-                   help="AdamW implementation: foreach (default, as longctx.train builds it), fused, forloop, or "
-                        "default (torch's own choice)")
+    p.add_argument(
+        "--adamw",
+        choices=["default", "forloop", "foreach", "fused"],
+        default="foreach",
+        help="AdamW implementation: foreach (default, as longctx.train builds it), fused, forloop, or "
+        "default (torch's own choice)",
+    )
     p.add_argument("--peak-size", type=int, default=None, help="square matmul size of the peak (default 2048)")
     p.add_argument("--peak-repeats", type=int, default=None, help="timed matmuls for the peak (default 7)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--profile", type=int, default=0, metavar="STEPS",
-                   help="after timing, profile this many steps with torch.profiler and print the op table on stderr")
+    p.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="STEPS",
+        help="after timing, profile this many steps with torch.profiler and print the op table on stderr",
+    )
     p.add_argument("--profile-rows", type=int, default=30, help="rows of the profiler table (default 30)")
     p.add_argument("--smoke", action="store_true", help="tiny config, 2 steps: checks that the script runs (CI)")
-    p.add_argument("--output", type=Path, default=None,
-                   help="JSON report path (default benchmarks/results/train_speed.json; "
-                        "benchmarks/results/train_speed_smoke.json with --smoke)")
+    p.add_argument(
+        "--output",
+        type=Path,
+        default=None,
+        help="JSON report path (default benchmarks/results/train_speed.json; "
+        "benchmarks/results/train_speed_smoke.json with --smoke)",
+    )
     args = p.parse_args(argv)
     args.precisions = [x.strip() for x in args.precision.split(",") if x.strip()]
     bad = [x for x in args.precisions if x not in ("fp32", "bf16")]
@@ -362,8 +389,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args.device = resolve_device(args.device)
     threads = torch.get_num_threads()
     load_start = load_average()
-    log(f"train_speed: {cfg.preset} on {args.device}, batch {args.batch_size} x seq {args.seq_len}, {threads} threads, "
-        f"{args.warmup} warmup + {args.steps} timed steps, precision {','.join(args.precisions)}")
+    log(
+        f"train_speed: {cfg.preset} on {args.device}, batch {args.batch_size} x seq {args.seq_len}, {threads} threads, "
+        f"{args.warmup} warmup + {args.steps} timed steps, precision {','.join(args.precisions)}"
+    )
 
     peaks = {"fp32": matmul_peak(torch.float32, args.peak_size, args.peak_repeats, args.device)}
     if "bf16" in args.precisions:
@@ -380,8 +409,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         run["mfu"] = achieved / peaks[precision]["flops_per_s"]
         run["mfu_vs_fp32_peak"] = achieved / peaks["fp32"]["flops_per_s"]
         runs.append(run)
-        log(f"  {precision}: {run['tokens_per_s']:.0f} tokens/s (median step {run['median_step_s'] * 1e3:.1f} ms), "
-            f"{achieved / 1e9:.1f} GFLOP/s, MFU {run['mfu'] * 100:.1f}%")
+        log(
+            f"  {precision}: {run['tokens_per_s']:.0f} tokens/s (median step {run['median_step_s'] * 1e3:.1f} ms), "
+            f"{achieved / 1e9:.1f} GFLOP/s, MFU {run['mfu'] * 100:.1f}%"
+        )
 
     report: dict[str, Any] = {
         "benchmark": "train_speed",
@@ -404,8 +435,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "load_average_end": load_average(),
         },
         "settings": {
-            "batch_size": args.batch_size, "seq_len": args.seq_len, "steps": args.steps, "warmup": args.warmup,
-            "adamw": args.adamw, "grad_clip": 1.0, "seed": args.seed,
+            "batch_size": args.batch_size,
+            "seq_len": args.seq_len,
+            "steps": args.steps,
+            "warmup": args.warmup,
+            "adamw": args.adamw,
+            "grad_clip": 1.0,
+            "seed": args.seed,
         },
         "model": cfg.to_dict()["model"],
         "flops": flops,

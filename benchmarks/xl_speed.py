@@ -42,9 +42,19 @@ from longctx.model import LongContextLM, build_model
 from longctx.train import make_optimizer
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SMOKE = {"model.n_layer": 2, "model.d_model": 64, "model.n_head": 2, "model.d_ff": 128, "model.xl.mem_len": 32,
-         "model.transformer.window": 32, "model.xl.span_ramp": 4.0, "model.xl.span_cache_multiple": 8,
-         "train.seq_len": 32, "train.batch_size": 2, "train.micro_batch_size": 2}
+SMOKE = {
+    "model.n_layer": 2,
+    "model.d_model": 64,
+    "model.n_head": 2,
+    "model.d_ff": 128,
+    "model.xl.mem_len": 32,
+    "model.transformer.window": 32,
+    "model.xl.span_ramp": 4.0,
+    "model.xl.span_cache_multiple": 8,
+    "train.seq_len": 32,
+    "train.batch_size": 2,
+    "train.micro_batch_size": 2,
+}
 
 
 def log(message: str) -> None:
@@ -117,9 +127,13 @@ class XTransformersRun(TrainRun):
         m = config.model
         self.mems = None
         return TransformerWrapper(
-            num_tokens=m.vocab_size, max_seq_len=config.train.seq_len, max_mem_len=m.xl.mem_len,
-            attn_layers=Decoder(dim=m.d_model, depth=m.n_layer, heads=m.n_head, ff_mult=m.d_ff // m.d_model,
-                                rel_pos_bias=True)).train()
+            num_tokens=m.vocab_size,
+            max_seq_len=config.train.seq_len,
+            max_mem_len=m.xl.mem_len,
+            attn_layers=Decoder(
+                dim=m.d_model, depth=m.n_layer, heads=m.n_head, ff_mult=m.d_ff // m.d_model, rel_pos_bias=True
+            ),
+        ).train()
 
     def loss(self) -> torch.Tensor:
         logits, self.mems = self.model(self.data[:, :-1], mems=self.mems, return_mems=True)  # mems: detached
@@ -136,8 +150,14 @@ def bench_train(presets: list[str], precisions: list[str], args: argparse.Namesp
             for run in runs.values():
                 run.step(timed=i >= args.warmup)
         for preset, run in runs.items():
-            out.append({"preset": preset, "precision": precision, "tokens_per_s": run.tokens_per_s(),
-                        "step_times_s": [round(t, 4) for t in run.times]})
+            out.append(
+                {
+                    "preset": preset,
+                    "precision": precision,
+                    "tokens_per_s": run.tokens_per_s(),
+                    "step_times_s": [round(t, 4) for t in run.times],
+                }
+            )
             log(f"  train {preset:18s} {precision}: {run.tokens_per_s():8.0f} tokens/s")
     return out
 
@@ -149,7 +169,7 @@ def bench_train(presets: list[str], precisions: list[str], args: argparse.Namesp
 @torch.no_grad()
 def read(model: LongContextLM, tokens: torch.Tensor, seq_len: int, state: Any) -> Any:
     for start in range(0, tokens.shape[1], seq_len):
-        state = model(tokens[:, start:start + seq_len], state).state
+        state = model(tokens[:, start : start + seq_len], state).state
     return state
 
 
@@ -174,11 +194,20 @@ def bench_eval(preset: str, ratios: list[float], args: argparse.Namespace) -> li
         decoder = model.decoder
         assert isinstance(decoder, XLDecoder)
         rate = args.eval_tokens / statistics.median(times[ratio])
-        out.append({"preset": preset, "span": ratio * mem_len, "span_ratio": ratio, "tokens_per_s": rate,
-                    "cache_slots_per_layer": decoder.state_slots(trim=True),
-                    "state_bytes": model.init_state(1).nbytes()})
-        log(f"  eval {preset} span {ratio * mem_len:.0f}/{mem_len}: {rate:8.0f} tokens/s, "
-            f"state {model.init_state(1).nbytes():,} bytes")
+        out.append(
+            {
+                "preset": preset,
+                "span": ratio * mem_len,
+                "span_ratio": ratio,
+                "tokens_per_s": rate,
+                "cache_slots_per_layer": decoder.state_slots(trim=True),
+                "state_bytes": model.init_state(1).nbytes(),
+            }
+        )
+        log(
+            f"  eval {preset} span {ratio * mem_len:.0f}/{mem_len}: {rate:8.0f} tokens/s, "
+            f"state {model.init_state(1).nbytes():,} bytes"
+        )
     return out
 
 
@@ -190,9 +219,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--presets", default="xl-small,xl-span-small", help="comma list of xl presets")
     p.add_argument("--baseline", default="transformer-small", help="preset trained alongside ('' for none)")
-    p.add_argument("--xtransformers", action="store_true",
-                   help="also train x-transformers' XL recurrence at the size of the first preset (the issue's "
-                        "reference; needs the x-transformers package)")
+    p.add_argument(
+        "--xtransformers",
+        action="store_true",
+        help="also train x-transformers' XL recurrence at the size of the first preset (the issue's "
+        "reference; needs the x-transformers package)",
+    )
     p.add_argument("--only", choices=["train", "eval"], action="append", help="run only these parts")
     p.add_argument("--precision", default="fp32,bf16", help="training precisions: fp32, bf16 or both")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: stable on a shared machine)")
@@ -217,9 +249,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     presets = [p for p in args.presets.split(",") if p]
     parts = args.only or ["train", "eval"]
-    report: dict[str, Any] = {"benchmark": "xl_speed", "torch": torch.__version__, "threads": args.threads,
-                              "machine": platform.machine(), "smoke": args.smoke,
-                              "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    report: dict[str, Any] = {
+        "benchmark": "xl_speed",
+        "torch": torch.__version__,
+        "threads": args.threads,
+        "machine": platform.machine(),
+        "smoke": args.smoke,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
     if "train" in parts:
         log("training (round robin over the models)")
         trained = presets + ([args.baseline] if args.baseline else [])

@@ -19,10 +19,18 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 # The public names load their modules on first use, so that `longctx --help` and `--version` never import torch.
-_LAZY = {"load_checkpoint": "longctx.checkpoint", "Config": "longctx.config", "ModelConfig": "longctx.config",
-         "load_config": "longctx.config", "LMOutput": "longctx.model", "LongContextLM": "longctx.model",
-         "build_model": "longctx.model", "generate": "longctx.api", "stream": "longctx.api",
-         "evaluate": "longctx.api"}
+_LAZY = {
+    "load_checkpoint": "longctx.checkpoint",
+    "Config": "longctx.config",
+    "ModelConfig": "longctx.config",
+    "load_config": "longctx.config",
+    "LMOutput": "longctx.model",
+    "LongContextLM": "longctx.model",
+    "build_model": "longctx.model",
+    "generate": "longctx.api",
+    "stream": "longctx.api",
+    "evaluate": "longctx.api",
+}
 
 if TYPE_CHECKING:
     from longctx.api import evaluate, generate, stream
@@ -37,5 +45,16 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'longctx' has no attribute {name!r}")
 
 
-__all__ = ["Config", "LMOutput", "LongContextLM", "ModelConfig", "__version__", "build_model", "evaluate", "generate",
-           "load_checkpoint", "load_config", "stream"]
+__all__ = [
+    "Config",
+    "LMOutput",
+    "LongContextLM",
+    "ModelConfig",
+    "__version__",
+    "build_model",
+    "evaluate",
+    "generate",
+    "load_checkpoint",
+    "load_config",
+    "stream",
+]

@@ -108,8 +108,9 @@ class TrainerState:
     folder: Path | None = None
 
 
-def save_checkpoint(path: Path, model: LongContextLM, config: Config, tokenizer: Tokenizer,
-                    trainer_state: TrainerState | None = None) -> Path:
+def save_checkpoint(
+    path: Path, model: LongContextLM, config: Config, tokenizer: Tokenizer, trainer_state: TrainerState | None = None
+) -> Path:
     """Write a checkpoint folder atomically (temporary folder + rename). Returns ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -173,11 +174,17 @@ def remove_checkpoint(path: Path) -> None:
     shutil.rmtree(doomed, ignore_errors=True)
 
 
-def _write_checkpoint_files(folder: Path, model: LongContextLM, config: Config, tokenizer: Tokenizer,
-                            trainer_state: TrainerState | None) -> None:
+def _write_checkpoint_files(
+    folder: Path, model: LongContextLM, config: Config, tokenizer: Tokenizer, trainer_state: TrainerState | None
+) -> None:
     weights = {k: v for k, v in model.state_dict().items() if k != TIED}
-    metadata = {"format": "pt", "longctx_version": __version__, "decoder": config.model.decoder,
-                "config": json.dumps(config.to_dict()), "decoder_info": json.dumps(model.decoder.describe())}
+    metadata = {
+        "format": "pt",
+        "longctx_version": __version__,
+        "decoder": config.model.decoder,
+        "config": json.dumps(config.to_dict()),
+        "decoder_info": json.dumps(model.decoder.describe()),
+    }
     _save_tensors(folder / MODEL_FILE, weights, metadata)
     _write_json(folder / CONFIG_FILE, config.to_dict())
     (folder / TOKENIZER_FILE).write_text(tokenizer.to_str(), encoding="utf-8")
@@ -197,8 +204,9 @@ def optimizer_to_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, Te
     return tensors, sd["param_groups"]
 
 
-def optimizer_from_tensors(optimizer: torch.optim.Optimizer, tensors: dict[str, Tensor],
-                           param_groups: list[dict[str, Any]]) -> None:
+def optimizer_from_tensors(
+    optimizer: torch.optim.Optimizer, tensors: dict[str, Tensor], param_groups: list[dict[str, Any]]
+) -> None:
     state: dict[int, dict[str, Tensor]] = {}
     for key, value in tensors.items():
         if key.startswith("optimizer."):
@@ -208,8 +216,10 @@ def optimizer_from_tensors(optimizer: torch.optim.Optimizer, tensors: dict[str, 
     try:
         optimizer.load_state_dict({"state": state, "param_groups": groups})
     except (ValueError, KeyError) as e:
-        raise CheckpointError(f"the optimizer state does not fit this model ({e}); resume with the same config "
-                              "or start from the weights only with --init-from") from None
+        raise CheckpointError(
+            f"the optimizer state does not fit this model ({e}); resume with the same config "
+            "or start from the weights only with --init-from"
+        ) from None
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -245,14 +255,16 @@ def resolve_checkpoint(path: Path) -> Path:
     if not path.exists():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist; give a folder written by longctx train")
     if not path.is_dir():
-        raise CheckpointError(f"checkpoint {str(path)!r} is not a folder; give the checkpoint folder "
-                              f"(the one holding {MODEL_FILE})")
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} is not a folder; give the checkpoint folder (the one holding {MODEL_FILE})"
+        )
     if not (path / MODEL_FILE).exists() and (ckpts := find_checkpoints(path)):
         return ckpts[-1]
     missing = [f for f in (MODEL_FILE, CONFIG_FILE, TOKENIZER_FILE) if not (path / f).is_file()]
     if missing:
-        raise CheckpointError(f"checkpoint {str(path)!r} is missing {', '.join(missing)}; "
-                              "give a complete folder written by longctx train")
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} is missing {', '.join(missing)}; give a complete folder written by longctx train"
+        )
     return path
 
 
@@ -261,8 +273,9 @@ def read_config(path: Path) -> Config:
     try:
         return Config.from_dict(data, where=str(path / CONFIG_FILE))
     except ConfigError as e:
-        raise CheckpointError(f"{path / CONFIG_FILE}: {e}; the checkpoint was not written by this version "
-                              "of longctx or was edited") from None
+        raise CheckpointError(
+            f"{path / CONFIG_FILE}: {e}; the checkpoint was not written by this version of longctx or was edited"
+        ) from None
 
 
 def _read_weights(file: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
@@ -271,8 +284,10 @@ def _read_weights(file: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
             metadata = f.metadata() or {}
         return load_file(str(file)), metadata
     except Exception as e:  # safetensors raises its own error types for truncated or foreign files
-        raise CheckpointError(f"{file} is not a readable safetensors file ({str(e).splitlines()[0][:100]}); "
-                              "the checkpoint is truncated or damaged; use another checkpoint") from None
+        raise CheckpointError(
+            f"{file} is not a readable safetensors file ({str(e).splitlines()[0][:100]}); "
+            "the checkpoint is truncated or damaged; use another checkpoint"
+        ) from None
 
 
 def load_weights(model: LongContextLM, file: Path) -> dict[str, str]:
@@ -282,15 +297,23 @@ def load_weights(model: LongContextLM, file: Path) -> dict[str, str]:
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     if missing or unexpected:
-        detail = "; ".join(filter(None, [missing and f"missing {', '.join(missing[:4])}",
-                                         unexpected and f"unexpected {', '.join(unexpected[:4])}"]))
-        raise CheckpointError(f"{file} does not match its config.json ({detail}); the files come from "
-                              "different models")
+        detail = "; ".join(
+            filter(
+                None,
+                [
+                    missing and f"missing {', '.join(missing[:4])}",
+                    unexpected and f"unexpected {', '.join(unexpected[:4])}",
+                ],
+            )
+        )
+        raise CheckpointError(f"{file} does not match its config.json ({detail}); the files come from different models")
     for name, tensor in tensors.items():
         want = expected[name]
         if tensor.shape != want.shape or tensor.dtype != want.dtype:
-            raise CheckpointError(f"{file}: tensor {name} is {tuple(tensor.shape)} {tensor.dtype}, the config needs "
-                                  f"{tuple(want.shape)} {want.dtype}; the files come from different models")
+            raise CheckpointError(
+                f"{file}: tensor {name} is {tuple(tensor.shape)} {tensor.dtype}, the config needs "
+                f"{tuple(want.shape)} {want.dtype}; the files come from different models"
+            )
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise CheckpointError(f"{file}: tensor {name} holds NaN or inf values; use an earlier checkpoint")
     model.load_state_dict(tensors, strict=False)
@@ -305,21 +328,31 @@ def check_weights_header(cfg: ModelConfig, file: Path) -> None:
     elements = sum(math.prod(shape) for _, shape in header.values())
     # every layer holds several tensors and an MLP (d_model x d_ff twice); the embedding is vocab_size x d_model
     if cfg.n_layer > len(header) or max(cfg.vocab_size, 2 * cfg.d_ff) * cfg.d_model > elements:
-        raise CheckpointError(f"{file} holds {len(header)} tensors of {elements:,} values in all, far fewer than its "
-                              f"config.json implies (model.n_layer {cfg.n_layer}, d_model {cfg.d_model}, d_ff "
-                              f"{cfg.d_ff}, vocab_size {cfg.vocab_size}); the files come from different models")
+        raise CheckpointError(
+            f"{file} holds {len(header)} tensors of {elements:,} values in all, far fewer than its "
+            f"config.json implies (model.n_layer {cfg.n_layer}, d_model {cfg.d_model}, d_ff "
+            f"{cfg.d_ff}, vocab_size {cfg.vocab_size}); the files come from different models"
+        )
     model = check_model_size(cfg, str(file.parent / CONFIG_FILE), CheckpointError)
     expected = {k: (v.dtype, tuple(v.shape)) for k, v in model.state_dict().items() if k != TIED}
     missing, unexpected = sorted(set(expected) - set(header)), sorted(set(header) - set(expected))
     if missing or unexpected:
-        detail = "; ".join(filter(None, [missing and f"missing {', '.join(missing[:4])}",
-                                         unexpected and f"unexpected {', '.join(unexpected[:4])}"]))
-        raise CheckpointError(f"{file} does not match its config.json ({detail}); the files come from "
-                              "different models")
+        detail = "; ".join(
+            filter(
+                None,
+                [
+                    missing and f"missing {', '.join(missing[:4])}",
+                    unexpected and f"unexpected {', '.join(unexpected[:4])}",
+                ],
+            )
+        )
+        raise CheckpointError(f"{file} does not match its config.json ({detail}); the files come from different models")
     for name, (dtype, shape) in header.items():
         if (dtype, shape) != expected[name]:
-            raise CheckpointError(f"{file}: tensor {name} is {shape} {dtype}, the config needs {expected[name][1]} "
-                                  f"{expected[name][0]}; the files come from different models")
+            raise CheckpointError(
+                f"{file}: tensor {name} is {shape} {dtype}, the config needs {expected[name][1]} "
+                f"{expected[name][0]}; the files come from different models"
+            )
 
 
 def load_checkpoint(path: str | Path) -> tuple[LongContextLM, Tokenizer, Config]:
@@ -356,8 +389,10 @@ def _load_folder(path: Path) -> tuple[LongContextLM, Tokenizer, Config]:
     config = read_config(path)
     tokenizer = Tokenizer.from_file(str(path / TOKENIZER_FILE))
     if tokenizer.vocab_size != config.model.vocab_size:
-        raise CheckpointError(f"{path / TOKENIZER_FILE} has {tokenizer.vocab_size} tokens but the model has "
-                              f"{config.model.vocab_size}; the tokenizer belongs to another model")
+        raise CheckpointError(
+            f"{path / TOKENIZER_FILE} has {tokenizer.vocab_size} tokens but the model has "
+            f"{config.model.vocab_size}; the tokenizer belongs to another model"
+        )
     check_weights_header(config.model, path / MODEL_FILE)
     model = build_model(config.model)
     load_weights(model, path / MODEL_FILE)
@@ -367,8 +402,10 @@ def _load_folder(path: Path) -> tuple[LongContextLM, Tokenizer, Config]:
 def load_trainer_state(path: Path) -> TrainerState:
     tensors_file, meta_file = path / TRAINER_TENSORS, path / TRAINER_META
     if not tensors_file.is_file() or not meta_file.is_file():
-        raise CheckpointError(f"checkpoint {str(path)!r} has no trainer state (it holds weights only); "
-                              "continue from its weights with --init-from instead of --resume")
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} has no trainer state (it holds weights only); "
+            "continue from its weights with --init-from instead of --resume"
+        )
     meta = read_json(meta_file, "trainer state")
     where = str(meta_file)
     for key in ("step", "tokens_seen", "data_cursor", "elapsed_s", "lanes", "world_size"):
@@ -385,8 +422,9 @@ def load_trainer_state(path: Path) -> TrainerState:
             field(group, key, float, group_where, minimum=0)
         betas = field(group, "betas", list, group_where)
         if len(betas) != 2 or not all(isinstance(b, float | int) and 0 <= b < 1 for b in betas):
-            raise CheckpointError(f"{group_where}: betas must be two numbers in [0, 1), got {betas!r:.40}; the file "
-                                  "is damaged")
+            raise CheckpointError(
+                f"{group_where}: betas must be two numbers in [0, 1), got {betas!r:.40}; the file is damaged"
+            )
     return TrainerState(meta=meta, folder=path)  # tensors: read by check_trainer_state, after their header
 
 
@@ -400,52 +438,67 @@ def check_trainer_state(saved: TrainerState, optimizer: torch.optim.Optimizer, t
     where = str(folder / TRAINER_TENSORS)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     saved_groups = saved.meta["param_groups"]
-    if [len(g["params"]) for g in saved_groups] != [len(g["params"]) for g in optimizer.param_groups] or \
-            [i for g in saved_groups for i in g["params"]] != list(range(len(params))):
-        raise CheckpointError(f"{folder / TRAINER_META}: param_groups do not fit this model; "
-                              "resume with the same config or start from the weights only with --init-from")
+    if [len(g["params"]) for g in saved_groups] != [len(g["params"]) for g in optimizer.param_groups] or [
+        i for g in saved_groups for i in g["params"]
+    ] != list(range(len(params))):
+        raise CheckpointError(
+            f"{folder / TRAINER_META}: param_groups do not fit this model; "
+            "resume with the same config or start from the weights only with --init-from"
+        )
     if not saved.tensors and saved.folder is not None:
         header, _ = read_safetensors_header(folder / TRAINER_TENSORS)
-        _check_trainer_shapes({k: (shape, dtype) for k, (dtype, shape) in header.items()}, where, params, template,
-                              prefix)
+        _check_trainer_shapes(
+            {k: (shape, dtype) for k, (dtype, shape) in header.items()}, where, params, template, prefix
+        )
         saved.tensors, _ = _read_weights(folder / TRAINER_TENSORS)
-    _check_trainer_shapes({k: (tuple(t.shape), t.dtype) for k, t in saved.tensors.items()}, where, params, template,
-                          prefix)
+    _check_trainer_shapes(
+        {k: (tuple(t.shape), t.dtype) for k, t in saved.tensors.items()}, where, params, template, prefix
+    )
     for key, tensor in saved.tensors.items():
         check_tensor(tensor, key, where)  # nothing non-finite
 
 
-def _check_trainer_shapes(shapes: dict[str, tuple[tuple[int, ...], Any]], where: str, params: list[Tensor],
-                          template: State, prefix: str) -> None:
+def _check_trainer_shapes(
+    shapes: dict[str, tuple[tuple[int, ...], Any]], where: str, params: list[Tensor], template: State, prefix: str
+) -> None:
     """Names, shapes and dtypes of a trainer state's tensors (from its header or the tensors themselves)."""
     lane_rows = set()
 
-    def expect(key: str, shape: tuple[int, ...], dtype: Any, want_shape: tuple[int, ...] | None,
-               want_dtype: torch.dtype) -> None:
+    def expect(
+        key: str, shape: tuple[int, ...], dtype: Any, want_shape: tuple[int, ...] | None, want_dtype: torch.dtype
+    ) -> None:
         if (want_shape is not None and tuple(shape) != tuple(want_shape)) or dtype != want_dtype:
             want = " ".join(filter(None, [want_shape is not None and str(tuple(want_shape)), str(want_dtype)]))
-            raise CheckpointError(f"{where}: tensor {key} is {tuple(shape)} {dtype}, this model needs {want}; "
-                                  "the file belongs to another model or is damaged")
+            raise CheckpointError(
+                f"{where}: tensor {key} is {tuple(shape)} {dtype}, this model needs {want}; "
+                "the file belongs to another model or is damaged"
+            )
 
     for key, (shape, dtype) in shapes.items():
         if key.startswith("optimizer."):
             _, idx, name = (key.split(".", 2) + ["", ""])[:3]
-            if not idx.isdigit() or int(idx) >= len(params) or name not in ("step", "exp_avg", "exp_avg_sq",
-                                                                            "max_exp_avg_sq"):
+            if (
+                not idx.isdigit()
+                or int(idx) >= len(params)
+                or name not in ("step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+            ):
                 raise CheckpointError(f"{where}: tensor {key} is no AdamW state of this model; the file is damaged")
             param = params[int(idx)]
             expect(key, shape, dtype, *(((), torch.float32) if name == "step" else (tuple(param.shape), param.dtype)))
         elif key.startswith(prefix):
-            want = template.tensors().get(key[len(prefix):])
+            want = template.tensors().get(key[len(prefix) :])
             if want is None:
                 raise CheckpointError(f"{where}: {key} is no lane state of this decoder; the file is damaged")
             if len(shape) != want.dim() or tuple(shape[1:]) != tuple(want.shape[1:]) or dtype != want.dtype:
-                raise CheckpointError(f"{where}: lane state {key} is {tuple(shape)} {dtype}, this model needs "
-                                      f"(lanes, {', '.join(map(str, want.shape[1:]))}) {want.dtype}; the file "
-                                      "belongs to another model or is damaged")
+                raise CheckpointError(
+                    f"{where}: lane state {key} is {tuple(shape)} {dtype}, this model needs "
+                    f"(lanes, {', '.join(map(str, want.shape[1:]))}) {want.dtype}; the file "
+                    "belongs to another model or is damaged"
+                )
             if not 1 <= shape[0] <= MAX_LANES:
-                raise CheckpointError(f"{where}: lane state {key} holds {shape[0]:,} lanes (at most {MAX_LANES:,}); "
-                                      "the file is damaged")
+                raise CheckpointError(
+                    f"{where}: lane state {key} holds {shape[0]:,} lanes (at most {MAX_LANES:,}); the file is damaged"
+                )
             lane_rows.add(shape[0])
         elif key.startswith("rng.torch."):
             expect(key, shape, dtype, tuple(torch.get_rng_state().shape), torch.uint8)
@@ -456,8 +509,9 @@ def _check_trainer_shapes(shapes: dict[str, tuple[tuple[int, ...], Any]], where:
         else:
             raise CheckpointError(f"{where}: unexpected tensor {key}; the file was not written by longctx")
     if len(lane_rows) > 1:
-        raise CheckpointError(f"{where}: the lane states disagree on the number of lanes ({sorted(lane_rows)}); "
-                              "the file is damaged")
+        raise CheckpointError(
+            f"{where}: the lane states disagree on the number of lanes ({sorted(lane_rows)}); the file is damaged"
+        )
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -474,9 +528,15 @@ class SavedState:
 def save_state(path: Path, saved: SavedState, config: Config, tokenizer: Tokenizer) -> None:
     """Write a decoder state with the model config and tokenizer it belongs to (safetensors + JSON metadata)."""
     path = Path(path)
-    metadata = {"format": "longctx-state", "longctx_version": __version__, "state_class": type(saved.state).__name__,
-                "model_config": json.dumps(config.to_dict()["model"], sort_keys=True),
-                "tokenizer_sha256": tokenizer.sha256, "tokens": str(saved.tokens), "last_token": str(saved.last_token)}
+    metadata = {
+        "format": "longctx-state",
+        "longctx_version": __version__,
+        "state_class": type(saved.state).__name__,
+        "model_config": json.dumps(config.to_dict()["model"], sort_keys=True),
+        "tokenizer_sha256": tokenizer.sha256,
+        "tokens": str(saved.tokens),
+        "last_token": str(saved.last_token),
+    }
     try:
         remove_stale(path.parent, path.name)  # temporaries of earlier writes of this file cut short by a kill
         with locked_temp(path) as tmp:
@@ -507,9 +567,11 @@ def load_state(path: Path, model: LongContextLM, config: Config, tokenizer: Toke
             raise CheckpointError(f"{path}: state tensor {name} {problem}; the state belongs to another model")
         want = (template[name].dtype, tuple(template[name].shape))
         if header[name] != want:
-            raise CheckpointError(f"{path}: state tensor {name} is {header[name][1]} {header[name][0]}, this model "
-                                  f"needs {want[1]} {want[0]} (one stream); the state belongs to another model or "
-                                  "is damaged")
+            raise CheckpointError(
+                f"{path}: state tensor {name} is {header[name][1]} {header[name][0]}, this model "
+                f"needs {want[1]} {want[0]} (one stream); the state belongs to another model or "
+                "is damaged"
+            )
     tensors, _ = _read_weights(path)
     state = type(empty).from_tensors(tensors)
     for name, t in state.tensors().items():
@@ -518,7 +580,9 @@ def load_state(path: Path, model: LongContextLM, config: Config, tokenizer: Toke
     for key, limit in (("tokens", None), ("last_token", tokenizer.vocab_size - 1)):
         text = meta.get(key, "")
         if not (text.isascii() and text.isdigit() and len(text) <= 19) or (limit is not None and int(text) > limit):
-            raise CheckpointError(f"{path}: metadata {key} must be an integer in [0, {limit or 2**63 - 1}], got "
-                                  f"{text[:40]!r}; the file is damaged")
+            raise CheckpointError(
+                f"{path}: metadata {key} must be an integer in [0, {limit or 2**63 - 1}], got "
+                f"{text[:40]!r}; the file is damaged"
+            )
         counts[key] = int(text)
     return SavedState(state=state, tokens=counts["tokens"], last_token=counts["last_token"])

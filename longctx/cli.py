@@ -27,8 +27,13 @@ from longctx.errors import ConfigError, DataError, LongctxError
 from longctx.validate import loads_json
 
 log = logging.getLogger("longctx")
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
-                  help="Train, evaluate and sample long-context language models with bounded memory.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    help="Train, evaluate and sample long-context language models with bounded memory.",
+)
 
 RUNS_ROOT = Path("runs")
 UsageError = typer.BadParameter.__base__  # typer's (vendored) click UsageError: bad flags, missing values
@@ -85,14 +90,14 @@ def pick_checkpoint(model: Path | None, flag: str = "--model PATH") -> Path:
         return found
     found = find_latest_checkpoint(RUNS_ROOT)
     if found is None:
-        raise LongctxError(f"no checkpoint given and none under {RUNS_ROOT}/; train one with `longctx train` "
-                           f"or give {flag}")
+        raise LongctxError(
+            f"no checkpoint given and none under {RUNS_ROOT}/; train one with `longctx train` or give {flag}"
+        )
     log.info("using the most recent checkpoint: %s", found)
     return found
 
 
-def load_for_inference(model_path: Path | None, device_name: str, threads: int
-                       ) -> tuple[Any, Any, Config, Any, Path]:
+def load_for_inference(model_path: Path | None, device_name: str, threads: int) -> tuple[Any, Any, Config, Any, Path]:
     """(model on the device, tokenizer, config, device, the checkpoint loaded). A checkpoint that a training run
     prunes while it is read is picked again once (:func:`longctx.checkpoint.load_newest`)."""
     from longctx.checkpoint import load_newest
@@ -148,25 +153,40 @@ def open_input(path: str, what: str) -> tuple[str, BinaryIO]:
 
 @app.command()
 def train(
-    data: list[str] = typer.Option(None, "--data", help="Text files, folders or globs (each file is one document). "
-                                   "Default: the bundled Shakespeare corpus."),
-    preset: str = typer.Option(None, "--preset", help=f"Preset name (models/NAME.toml) or TOML path. Default: "
-                               f"{DEFAULT_PRESET}; on --resume: the resumed run's."),
+    data: list[str] = typer.Option(
+        None,
+        "--data",
+        help="Text files, folders or globs (each file is one document). Default: the bundled Shakespeare corpus.",
+    ),
+    preset: str = typer.Option(
+        None,
+        "--preset",
+        help=f"Preset name (models/NAME.toml) or TOML path. Default: {DEFAULT_PRESET}; on --resume: the resumed run's.",
+    ),
     set_: list[str] = typer.Option(None, "--set", help="Override a config key: --set train.lr=3e-4 (repeatable)."),
     out_dir: Path = typer.Option(None, "--out-dir", help="Run folder. Default: runs/<preset>."),
-    resume: str = typer.Option(None, "--resume", help="'auto' (newest checkpoint in --out-dir, if any) or a "
-                               "checkpoint folder."),
+    resume: str = typer.Option(
+        None, "--resume", help="'auto' (newest checkpoint in --out-dir, if any) or a checkpoint folder."
+    ),
     init_from: Path = typer.Option(None, "--init-from", help="Start a new run from this checkpoint's weights."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace what a non-empty --out-dir holds."),
     print_config: bool = typer.Option(False, "--print-config", help="Print the effective config as JSON and exit."),
     max_steps: int = typer.Option(None, "--max-steps", min=1, help="Optimizer steps (train.max_steps)."),
     max_tokens: int = typer.Option(None, "--max-tokens", min=0, help="Token budget; 0 = none."),
-    max_time: float = typer.Option(None, "--max-time", min=0, help="Time budget in seconds of the training loop "
-                                   "(the final validation and checkpoint come on top); 0 = none."),
+    max_time: float = typer.Option(
+        None,
+        "--max-time",
+        min=0,
+        help="Time budget in seconds of the training loop (the final validation and checkpoint come on top); 0 = none.",
+    ),
     seq_len: int = typer.Option(None, "--seq-len", min=1, help="Tokens per segment and lane."),
     batch_size: int = typer.Option(None, "--batch-size", min=1, help="Lanes per optimizer step."),
-    micro_batch_size: int = typer.Option(None, "--micro-batch-size", min=1, help="Lanes per forward/backward "
-                                         "(gradient accumulation); default: all lanes of a process."),
+    micro_batch_size: int = typer.Option(
+        None,
+        "--micro-batch-size",
+        min=1,
+        help="Lanes per forward/backward (gradient accumulation); default: all lanes of a process.",
+    ),
     lr: float = typer.Option(None, "--lr", min=0, help="Peak learning rate."),
     warmup_steps: int = typer.Option(None, "--warmup-steps", min=0),
     precision: str = typer.Option(None, "--precision", help="fp32 or bf16 (autocast)."),
@@ -181,9 +201,13 @@ def train(
     tokenizer: str = typer.Option(None, "--tokenizer", help="byte (default) or bpe (trained on the corpus)."),
     vocab_size: int = typer.Option(None, "--vocab-size", min=1, help="BPE vocabulary size."),
     progress: bool = typer.Option(None, "--progress/--no-progress", help="Progress bar (default: on a terminal)."),
-    logger: list[str] = typer.Option(None, "--logger", help="Also log to: csv (metrics.csv) or tensorboard "
-                                     "(tensorboard/; needs the tensorboard package). Repeatable; metrics.jsonl "
-                                     "is always written."),
+    logger: list[str] = typer.Option(
+        None,
+        "--logger",
+        help="Also log to: csv (metrics.csv) or tensorboard "
+        "(tensorboard/; needs the tensorboard package). Repeatable; metrics.jsonl "
+        "is always written.",
+    ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Only warnings and errors on stderr."),
 ) -> None:
     """Train a model (default: the default preset on the bundled corpus). Resumable; checkpoints in safetensors."""
@@ -191,13 +215,28 @@ def train(
     from longctx.train import train as run_training
 
     setup_logging(quiet)
-    flags = {"train.max_steps": max_steps, "train.max_tokens": max_tokens, "train.max_time": max_time,
-             "train.seq_len": seq_len, "train.batch_size": batch_size, "train.micro_batch_size": micro_batch_size,
-             "train.lr": lr, "train.warmup_steps": warmup_steps, "train.precision": precision,
-             "train.threads": threads, "train.seed": seed, "train.device": device, "train.compile": compile_,
-             "train.log_interval": log_interval, "train.eval_interval": eval_interval,
-             "train.save_interval": save_interval, "train.keep_last": keep_last, "data.tokenizer": tokenizer,
-             "data.vocab_size": vocab_size, "data.paths": list(data) if data else None}
+    flags = {
+        "train.max_steps": max_steps,
+        "train.max_tokens": max_tokens,
+        "train.max_time": max_time,
+        "train.seq_len": seq_len,
+        "train.batch_size": batch_size,
+        "train.micro_batch_size": micro_batch_size,
+        "train.lr": lr,
+        "train.warmup_steps": warmup_steps,
+        "train.precision": precision,
+        "train.threads": threads,
+        "train.seed": seed,
+        "train.device": device,
+        "train.compile": compile_,
+        "train.log_interval": log_interval,
+        "train.eval_interval": eval_interval,
+        "train.save_interval": save_interval,
+        "train.keep_last": keep_last,
+        "data.tokenizer": tokenizer,
+        "data.vocab_size": vocab_size,
+        "data.paths": list(data) if data else None,
+    }
     given_preset, preset = preset, preset or DEFAULT_PRESET
     config, overrides = build_config(preset, flags, set_)
     if print_config:
@@ -210,8 +249,14 @@ def train(
         from longctx.checkpoint import resolve_checkpoint
 
         out_dir = resolve_checkpoint(Path(resume)).parent
-    run = RunOptions(out_dir=out_dir or RUNS_ROOT / name, resume=resume, init_from=str(init_from) if init_from
-                     else None, overwrite=overwrite, progress=progress, loggers=tuple(logger or ()))
+    run = RunOptions(
+        out_dir=out_dir or RUNS_ROOT / name,
+        resume=resume,
+        init_from=str(init_from) if init_from else None,
+        overwrite=overwrite,
+        progress=progress,
+        loggers=tuple(logger or ()),
+    )
     run_training(config, run, overrides)
 
 
@@ -226,8 +271,9 @@ def eval_documents(files: list[str], config: Config) -> list[Any]:
         try:
             found = discover(config.data.paths)
         except DataError as e:
-            raise DataError(f"the checkpoint's training data is no longer where it was ({e}); give FILE arguments "
-                            "to evaluate") from None
+            raise DataError(
+                f"the checkpoint's training data is no longer where it was ({e}); give FILE arguments to evaluate"
+            ) from None
         _, held_out = split_documents(found, config.data.val_docs)
         if not held_out:
             raise DataError("the checkpoint's training data has no held-out documents; give FILE arguments")
@@ -250,14 +296,20 @@ def eval_documents(files: list[str], config: Config) -> list[Any]:
 
 @app.command("eval")
 def eval_(
-    files: list[str] = typer.Argument(None, help="Files to evaluate ('-' = stdin). Default: the held-out documents "
-                                      "of the checkpoint's training data."),
-    ppl: bool = typer.Option(True, "--ppl", show_default=False,
-                             help="Measure loss, perplexity and bits per byte: the only task, so optional."),
+    files: list[str] = typer.Argument(
+        None, help="Files to evaluate ('-' = stdin). Default: the held-out documents of the checkpoint's training data."
+    ),
+    ppl: bool = typer.Option(
+        True,
+        "--ppl",
+        show_default=False,
+        help="Measure loss, perplexity and bits per byte: the only task, so optional.",
+    ),
     model: Path = typer.Option(None, "--model", "-m", help="Checkpoint folder. Default: newest under runs/."),
     mode: str = typer.Option("carry", "--mode", help="carry (memory carried through each file) or sliding."),
-    seq_len: int = typer.Option(None, "--seq-len", min=1, help="carry: tokens per forward call. Default: training "
-                                "seq_len."),
+    seq_len: int = typer.Option(
+        None, "--seq-len", min=1, help="carry: tokens per forward call. Default: training seq_len."
+    ),
     window: int = typer.Option(None, "--window", "--ctx-size", "-c", min=1, help="sliding: tokens per window."),
     stride: int = typer.Option(None, "--stride", min=1, help="sliding: step between windows (default window/2)."),
     max_tokens: int = typer.Option(0, "--max-tokens", min=0, help="Stop after this many tokens (0 = all)."),
@@ -279,23 +331,38 @@ def eval_(
     if precision not in ("fp32", "bf16"):
         raise ConfigError(f"--precision must be fp32 or bf16, got {precision!r}")
     if mode == "carry" and (window is not None or stride is not None):
-        raise ConfigError("--window/-c and --stride apply to --mode sliding; carry mode reads each file whole "
-                          "(its segments: --seq-len)")
+        raise ConfigError(
+            "--window/-c and --stride apply to --mode sliding; carry mode reads each file whole "
+            "(its segments: --seq-len)"
+        )
     check_output(output, "--output")
     check_output(per_position, "--per-position")
     net, tokenizer, config, device, model = load_for_inference(model, device, threads)  # recorded in the result
     docs = eval_documents(list(files or []), config)
     win = window or config.train.seq_len
-    opts = EvalOptions(mode=mode, seq_len=seq_len or config.train.seq_len, window=win,
-                       stride=stride or max(1, win // 2),
-                       max_tokens=max_tokens, per_position_buckets=per_position is not None,
-                       progress=sys.stderr.isatty() if progress is None else progress, precision=precision,
-                       partial_on_interrupt=True, log_interval_s=EVAL_LOG_INTERVAL_S)
+    opts = EvalOptions(
+        mode=mode,
+        seq_len=seq_len or config.train.seq_len,
+        window=win,
+        stride=stride or max(1, win // 2),
+        max_tokens=max_tokens,
+        per_position_buckets=per_position is not None,
+        progress=sys.stderr.isatty() if progress is None else progress,
+        precision=precision,
+        partial_on_interrupt=True,
+        log_interval_s=EVAL_LOG_INTERVAL_S,
+    )
     result = evaluate_documents(net, tokenizer, docs, opts)
     from longctx import __version__
 
-    result.update(checkpoint=str(model), longctx_version=__version__, decoder=config.model.decoder,
-                  preset=config.preset, tokenizer=tokenizer.kind, device=str(device))
+    result.update(
+        checkpoint=str(model),
+        longctx_version=__version__,
+        decoder=config.model.decoder,
+        preset=config.preset,
+        tokenizer=tokenizer.kind,
+        device=str(device),
+    )
     if result.get("partial") and not result["tokens"]:
         raise Interrupted("interrupted before any token was scored; nothing to report")
     if output is not None:
@@ -313,8 +380,10 @@ def eval_(
     else:
         typer.echo(format_report(result))
     if result.get("partial"):
-        raise Interrupted(f"interrupted: the result above is partial, over the {result['tokens']:,} tokens scored "
-                          f"so far{' (also written to ' + str(output) + ')' if output is not None else ''}")
+        raise Interrupted(
+            f"interrupted: the result above is partial, over the {result['tokens']:,} tokens scored "
+            f"so far{' (also written to ' + str(output) + ')' if output is not None else ''}"
+        )
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -367,19 +436,47 @@ def generate(
     setup_logging(quiet)
     check_output(save_state, "--save-state")  # before a long prompt is read
     seed = random.randrange(2**31) if seed is None else seed
-    opts = SamplingOptions(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                           min_p=min_p, repetition_penalty=repetition_penalty, repeat_last_n=repeat_last_n,
-                           seed=seed, stop=list(stop or []), ignore_eos=ignore_eos)
+    opts = SamplingOptions(
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        min_p=min_p,
+        repetition_penalty=repetition_penalty,
+        repeat_last_n=repeat_last_n,
+        seed=seed,
+        stop=list(stop or []),
+        ignore_eos=ignore_eos,
+    )
     net, tokenizer, config, _, _ = load_for_inference(model, device, threads)
     start = read_state(load_state, net, config, tokenizer) if load_state is not None else None
     chunks, name = prompt_chunks(prompt, prompt_file, tokenizer)
-    result = read_prompt(net, tokenizer, chunks, seq_len or config.train.seq_len, start=start, precision=precision,
-                         keep_recent=max(RECENT_TOKENS, repeat_last_n), progress=sys.stderr.isatty() and not quiet)
+    result = read_prompt(
+        net,
+        tokenizer,
+        chunks,
+        seq_len or config.train.seq_len,
+        start=start,
+        precision=precision,
+        keep_recent=max(RECENT_TOKENS, repeat_last_n),
+        progress=sys.stderr.isatty() and not quiet,
+    )
     rate = result.prompt_tokens / max(result.elapsed_s, 1e-9)
-    log.info("prompt: %s tokens from %s in %.2f s (%s tok/s); state %s bytes; seed %d; temperature %g, top-k %d, "
-             "top-p %g, min-p %g, repetition penalty %g", f"{result.prompt_tokens:,}", name, result.elapsed_s,
-             f"{rate:,.0f}", f"{result.saved.state.nbytes():,}", seed, temperature, top_k, top_p, min_p,
-             repetition_penalty)
+    log.info(
+        "prompt: %s tokens from %s in %.2f s (%s tok/s); state %s bytes; seed %d; temperature %g, top-k %d, "
+        "top-p %g, min-p %g, repetition penalty %g",
+        f"{result.prompt_tokens:,}",
+        name,
+        result.elapsed_s,
+        f"{rate:,.0f}",
+        f"{result.saved.state.nbytes():,}",
+        seed,
+        temperature,
+        top_k,
+        top_p,
+        min_p,
+        repetition_penalty,
+    )
     if save_state is not None:
         write_state(save_state, result.saved, config, tokenizer)
         log.info("state after %s tokens saved to %s", f"{result.saved.tokens:,}", save_state)
@@ -391,8 +488,7 @@ def generate(
         raise typer.Exit(0) from None
 
 
-def _samples(net: Any, tokenizer: Any, result: Any, opts: Any, num_samples: int, stream: bool,
-             precision: str) -> None:
+def _samples(net: Any, tokenizer: Any, result: Any, opts: Any, num_samples: int, stream: bool, precision: str) -> None:
     """Sample ``num_samples`` continuations of the prompt read into ``result``; text to stdout, statistics to stderr."""
     from longctx.sampling import sample
 
@@ -407,8 +503,13 @@ def _samples(net: Any, tokenizer: Any, result: Any, opts: Any, num_samples: int,
         sys.stdout.write("\n")
         sys.stdout.flush()
         elapsed = time.perf_counter() - started
-        log.info("generated %d tokens in %.2f s (%.1f tok/s); stopped by %s", len(out.tokens), elapsed,
-                 len(out.tokens) / max(elapsed, 1e-9), out.stop_reason)
+        log.info(
+            "generated %d tokens in %.2f s (%.1f tok/s); stopped by %s",
+            len(out.tokens),
+            elapsed,
+            len(out.tokens) / max(elapsed, 1e-9),
+            out.stop_reason,
+        )
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -422,9 +523,16 @@ def info(checkpoint: Path = typer.Argument(None, help="Checkpoint folder. Defaul
 
     setup_logging()
     model, tokenizer, config, path = load_newest(lambda: pick_checkpoint(checkpoint, flag="a CHECKPOINT argument"))
-    summary = {"checkpoint": str(path), "decoder": config.model.decoder, "parameters": model.num_parameters(),
-               "state_bytes_per_stream": model.init_state(1).nbytes(), "tokenizer": tokenizer.kind,
-               "vocab_size": tokenizer.vocab_size, **model.decoder.describe(), "config": config.to_dict()}
+    summary = {
+        "checkpoint": str(path),
+        "decoder": config.model.decoder,
+        "parameters": model.num_parameters(),
+        "state_bytes_per_stream": model.init_state(1).nbytes(),
+        "tokenizer": tokenizer.kind,
+        "vocab_size": tokenizer.vocab_size,
+        **model.decoder.describe(),
+        "config": config.to_dict(),
+    }
     typer.echo(json.dumps(summary, indent=2))
 
 
@@ -459,6 +567,7 @@ def plot(
 
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
+
     fig, ax = plt.subplots(figsize=(8, 5))
     for i, (name, records) in enumerate(curves):
         colour = f"C{i % 10}"
@@ -536,26 +645,39 @@ def recall_spec_for(folder: Path) -> Any:
     for where in (folder / RECALL_SPEC, folder.parent / RECALL_SPEC):
         if where.is_file():
             return RecallSpec.from_json(where.read_text(encoding="utf-8"), str(where))
-    raise DataError(f"no {RECALL_SPEC} in {str(folder)!r} or its parent; give the test/ folder that "
-                    "`longctx probe make-data` wrote")
+    raise DataError(
+        f"no {RECALL_SPEC} in {str(folder)!r} or its parent; give the test/ folder that `longctx probe make-data` wrote"
+    )
 
 
 @probe_app.callback(invoke_without_command=True)
 def probe(
     ctx: typer.Context,
-    task: str = typer.Option("copy", "--task", help="copy (zero-shot), context (zero-shot) or recall (needs "
-                             "training on `longctx probe make-data` data)."),
+    task: str = typer.Option(
+        "copy",
+        "--task",
+        help="copy (zero-shot), context (zero-shot) or recall (needs training on `longctx probe make-data` data).",
+    ),
     model: Path = typer.Option(None, "--model", "-m", help="Checkpoint folder. Default: newest under runs/."),
-    distances: str = typer.Option(None, "--distances", help="Comma list. copy: bytes between the two occurrences "
-                                  "(64,256,1024,4096,16384); context: tokens of context kept (32,64,...,16384); "
-                                  "recall: the distances of the test data."),
+    distances: str = typer.Option(
+        None,
+        "--distances",
+        help="Comma list. copy: bytes between the two occurrences "
+        "(64,256,1024,4096,16384); context: tokens of context kept (32,64,...,16384); "
+        "recall: the distances of the test data.",
+    ),
     span: int = typer.Option(64, "--span", min=4, help="copy: bytes of the planted passage."),
-    content: str = typer.Option("text", "--content", help="copy: text (a passage from elsewhere in the filler) or "
-                                "random (letters and digits)."),
+    content: str = typer.Option(
+        "text", "--content", help="copy: text (a passage from elsewhere in the filler) or random (letters and digits)."
+    ),
     trials: int = typer.Option(32, "--trials", min=2, help="copy: trials per distance."),
     tokens: int = typer.Option(16384, "--tokens", min=256, help="context: tokens scored (the same at every d)."),
-    filler: list[str] = typer.Option(None, "--filler", help="copy, context: text files or folders. Default: the "
-                                     "checkpoint's held-out documents, else the bundled corpus."),
+    filler: list[str] = typer.Option(
+        None,
+        "--filler",
+        help="copy, context: text files or folders. Default: the "
+        "checkpoint's held-out documents, else the bundled corpus.",
+    ),
     data: Path = typer.Option(None, "--data", help="recall: the test/ folder written by `longctx probe make-data`."),
     seq_len: int = typer.Option(None, "--seq-len", min=1, help="Tokens per forward call. Default: training seq_len."),
     seed: int = typer.Option(0, "--seed"),
@@ -605,13 +727,15 @@ def probe(
     if plot_file is not None:
         require_matplotlib("--plot")
     net, tokenizer, config, dev, path = load_for_inference(model, device, threads)
-    opts = ProbeOptions(seq_len=seq_len or config.train.seq_len, precision=precision,  # type: ignore[arg-type]
-                        progress=sys.stderr.isatty() if progress is None else progress)
+    opts = ProbeOptions(
+        seq_len=seq_len or config.train.seq_len,
+        precision=precision,  # type: ignore[arg-type]
+        progress=sys.stderr.isatty() if progress is None else progress,
+    )
     net.eval()
     with torch.inference_mode():
         if task == "copy":
-            result = score_copy(net, tokenizer, probe_filler(filler, config), ladder, span, trials,
-                                content, seed, opts)  # type: ignore[arg-type]
+            result = score_copy(net, tokenizer, probe_filler(filler, config), ladder, span, trials, content, seed, opts)  # type: ignore[arg-type]
         elif task == "context":
             fill = probe_filler(filler, config)
             streams = [document_stream(tokenizer, t) for t in fill.texts]
@@ -622,13 +746,21 @@ def probe(
                 spec.distances = ladder
             texts = [p.read_bytes() for p in sorted(data.glob("*.txt"))]
             if not texts:
-                raise DataError(f"--data {str(data)!r} holds no .txt files; give the test/ folder of "
-                                "`longctx probe make-data`")
+                raise DataError(
+                    f"--data {str(data)!r} holds no .txt files; give the test/ folder of `longctx probe make-data`"
+                )
             result = score_recall(net, tokenizer, texts, spec, opts)
     from longctx import __version__
 
-    result.settings.update(checkpoint=str(path), decoder=config.model.decoder, preset=config.preset,
-                           seq_len=opts.seq_len, precision=precision, device=str(dev), longctx_version=__version__)
+    result.settings.update(
+        checkpoint=str(path),
+        decoder=config.model.decoder,
+        preset=config.preset,
+        seq_len=opts.seq_len,
+        precision=precision,
+        device=str(dev),
+        longctx_version=__version__,
+    )
     report = result.to_dict()
     if output is not None:
         try:
@@ -645,8 +777,7 @@ def require_matplotlib(flag: str) -> None:
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        raise ConfigError(f"{flag} needs matplotlib: pip install 'longctx[plot]' (or pip install matplotlib)") \
-            from None
+        raise ConfigError(f"{flag} needs matplotlib: pip install 'longctx[plot]' (or pip install matplotlib)") from None
 
 
 @probe_app.command("make-data")
@@ -672,16 +803,23 @@ def probe_make_data(
         raise ConfigError(f"--out {str(out)!r} exists and is not an empty folder; give a new folder")
     fill = probe_filler(filler, None, strip=RECALL_KEYS)
     if fill.longest < max(spec.distances) + 1024:
-        raise DataError(f"test distances up to {max(spec.distances):,} bytes need a filler document of "
-                        f"{max(spec.distances) + 1024:,} bytes; the longest has {fill.longest:,}")
+        raise DataError(
+            f"test distances up to {max(spec.distances):,} bytes need a filler document of "
+            f"{max(spec.distances) + 1024:,} bytes; the longest has {fill.longest:,}"
+        )
     try:
         summary = write_recall_data(out, fill, spec, docs, queries, seed)
     except OSError as e:
         raise LongctxError(f"cannot write to --out {str(out)!r}: {e.strerror or e}") from None
-    log.info("wrote %s: %d training documents (%s bytes), %d test documents (%d questions per distance)",
-             out, summary["train_docs"], f"{summary['train_bytes']:,}", summary["test_docs"], queries)
-    log.info("next: longctx train --data %s ... ; longctx probe --task recall --data %s",
-             out / "train", out / "test")
+    log.info(
+        "wrote %s: %d training documents (%s bytes), %d test documents (%d questions per distance)",
+        out,
+        summary["train_docs"],
+        f"{summary['train_bytes']:,}",
+        summary["test_docs"],
+        queries,
+    )
+    log.info("next: longctx train --data %s ... ; longctx probe --task recall --data %s", out / "train", out / "test")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -704,10 +842,12 @@ def presets() -> None:
             model = build_model(config.model)
         state = model.init_state(1, device="meta").nbytes()
         default = " (default)" if name == DEFAULT_PRESET else ""
-        rows.append((name + default, config.model.decoder, f"{model.num_parameters() / 1e6:.2f} M",
-                     f"{state / 1e6:.2f} MB"))
-    widths = [max(len(r[i]) for r in rows + [("preset", "decoder", "parameters", "state per stream")])
-              for i in range(4)]
+        rows.append(
+            (name + default, config.model.decoder, f"{model.num_parameters() / 1e6:.2f} M", f"{state / 1e6:.2f} MB")
+        )
+    widths = [
+        max(len(r[i]) for r in rows + [("preset", "decoder", "parameters", "state per stream")]) for i in range(4)
+    ]
     for row in [("preset", "decoder", "parameters", "state per stream"), *rows]:
         typer.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
 
@@ -721,8 +861,11 @@ def _version(value: bool) -> None:
 
 
 @app.callback()
-def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
-                                       help="Print the version and exit.")) -> None:
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
     """Train, evaluate and sample long-context language models with bounded memory."""
 
 
@@ -765,8 +908,9 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(2)
         if debug:
             raise
-        where = f"longctx {e.ctx.info_name} --help" if e.ctx is not None and e.ctx.parent is not None else \
-            "longctx --help"
+        where = (
+            f"longctx {e.ctx.info_name} --help" if e.ctx is not None and e.ctx.parent is not None else "longctx --help"
+        )
         print(f"error: {e.format_message()} (see {where})", file=sys.stderr)
         sys.exit(2)
     except typer.Abort:  # Ctrl-C inside a prompt or a click callback

@@ -69,8 +69,11 @@ class XLConfig:
         _check(0.0 < self.span_ramp < math.inf, "model.xl.span_ramp", f"must be a number > 0, got {self.span_ramp}")
         _check(0.0 <= self.span_init <= 1.0, "model.xl.span_init", f"must be in [0, 1], got {self.span_init}")
         _check(0.0 <= self.span_loss < math.inf, "model.xl.span_loss", f"must be >= 0, got {self.span_loss}")
-        _check(self.span_cache_multiple >= 1, "model.xl.span_cache_multiple",
-               f"must be >= 1, got {self.span_cache_multiple}")
+        _check(
+            self.span_cache_multiple >= 1,
+            "model.xl.span_cache_multiple",
+            f"must be >= 1, got {self.span_cache_multiple}",
+        )
 
 
 @dataclass
@@ -132,18 +135,27 @@ class InfiniteConfig:
     def __post_init__(self) -> None:
         for key in ("mem_len", "ltm_block", "n_basis", "n_samples", "sticky_bins"):
             _check(getattr(self, key) >= 1, f"model.infinite.{key}", f"must be >= 1, got {getattr(self, key)}")
-        _check(len(self.sigmas) >= 1 and all(0.0 < s < math.inf for s in self.sigmas), "model.infinite.sigmas",
-               f"must be a non-empty list of numbers > 0, got {self.sigmas}")
-        _check(self.n_basis % max(1, len(self.sigmas)) == 0, "model.infinite.n_basis",
-               f"({self.n_basis}) must be a multiple of the number of model.infinite.sigmas ({len(self.sigmas)})")
+        _check(
+            len(self.sigmas) >= 1 and all(0.0 < s < math.inf for s in self.sigmas),
+            "model.infinite.sigmas",
+            f"must be a non-empty list of numbers > 0, got {self.sigmas}",
+        )
+        _check(
+            self.n_basis % max(1, len(self.sigmas)) == 0,
+            "model.infinite.n_basis",
+            f"({self.n_basis}) must be a multiple of the number of model.infinite.sigmas ({len(self.sigmas)})",
+        )
         _check(0.0 < self.ridge < math.inf, "model.infinite.ridge", f"must be a number > 0, got {self.ridge}")
         _check(0.0 < self.tau < 1.0, "model.infinite.tau", f"must be in (0, 1), got {self.tau}")
         _check(0.0 < self.min_var < math.inf, "model.infinite.min_var", f"must be a number > 0, got {self.min_var}")
         _check(0.0 <= self.kl_weight < math.inf, "model.infinite.kl_weight", f"must be >= 0, got {self.kl_weight}")
         _check(0.0 < self.kl_sigma0 < math.inf, "model.infinite.kl_sigma0", f"must be > 0, got {self.kl_sigma0}")
         _check(math.isfinite(self.kl_mu0), "model.infinite.kl_mu0", f"must be a finite number, got {self.kl_mu0}")
-        _check(self.ltm_out in ("shared", "separate"), "model.infinite.ltm_out",
-               f"must be 'shared' or 'separate', got {self.ltm_out!r}")
+        _check(
+            self.ltm_out in ("shared", "separate"),
+            "model.infinite.ltm_out",
+            f"must be 'shared' or 'separate', got {self.ltm_out!r}",
+        )
 
 
 @dataclass
@@ -177,10 +189,16 @@ class PerceiverARConfig:
 
     def __post_init__(self) -> None:
         _check(self.latents >= 1, "model.perceiver_ar.latents", f"must be >= 1, got {self.latents}")
-        _check(self.context >= self.latents, "model.perceiver_ar.context",
-               f"({self.context}) must be >= model.perceiver_ar.latents ({self.latents})")
-        _check(0.0 <= self.rotary_fraction <= 1.0, "model.perceiver_ar.rotary_fraction",
-               f"must be in [0, 1], got {self.rotary_fraction}")
+        _check(
+            self.context >= self.latents,
+            "model.perceiver_ar.context",
+            f"({self.context}) must be >= model.perceiver_ar.latents ({self.latents})",
+        )
+        _check(
+            0.0 <= self.rotary_fraction <= 1.0,
+            "model.perceiver_ar.rotary_fraction",
+            f"must be in [0, 1], got {self.rotary_fraction}",
+        )
         _check(1.0 < self.rope_base < math.inf, "model.perceiver_ar.rope_base", f"must be > 1, got {self.rope_base}")
 
 
@@ -219,23 +237,42 @@ class ModelConfig:
             _check(getattr(self, key) >= 1, f"model.{key}", f"must be >= 1, got {getattr(self, key)}")
         _check(self.n_layer <= MAX_LAYERS, "model.n_layer", f"must be <= {MAX_LAYERS:,}, got {self.n_layer:,}")
         lower_bound = self.d_model * (self.vocab_size + 2 * self.d_ff * self.n_layer)  # embedding + MLPs
-        _check(lower_bound <= MAX_PARAMETERS, "model", f"implies at least {lower_bound:,} parameters (n_layer "
-               f"{self.n_layer}, d_model {self.d_model}, d_ff {self.d_ff}, vocab_size {self.vocab_size}); the limit "
-               f"is {MAX_PARAMETERS:,}")
-        _check(self.d_model % self.n_head == 0, "model.d_model",
-               f"({self.d_model}) must be divisible by model.n_head ({self.n_head})")
-        _check((self.d_model // self.n_head) % 2 == 0, "model.d_model",
-               f"/ model.n_head must be even for rotary positions, got {self.d_model // self.n_head}")
+        _check(
+            lower_bound <= MAX_PARAMETERS,
+            "model",
+            f"implies at least {lower_bound:,} parameters (n_layer "
+            f"{self.n_layer}, d_model {self.d_model}, d_ff {self.d_ff}, vocab_size {self.vocab_size}); the limit "
+            f"is {MAX_PARAMETERS:,}",
+        )
+        _check(
+            self.d_model % self.n_head == 0,
+            "model.d_model",
+            f"({self.d_model}) must be divisible by model.n_head ({self.n_head})",
+        )
+        _check(
+            (self.d_model // self.n_head) % 2 == 0,
+            "model.d_model",
+            f"/ model.n_head must be even for rotary positions, got {self.d_model // self.n_head}",
+        )
         _check(0.0 <= self.dropout < 1.0, "model.dropout", f"must be in [0, 1), got {self.dropout}")
         _check(self.norm_eps > 0, "model.norm_eps", f"must be > 0, got {self.norm_eps}")
         _check(self.init_std > 0, "model.init_std", f"must be > 0, got {self.init_std}")
-        _check(-1 <= self.separator_id < self.vocab_size, "model.separator_id",
-               f"must be -1 (none) or a token id below model.vocab_size ({self.vocab_size}), got {self.separator_id}")
-        _check(self.decoder != "aft" or self.d_model % self.aft.heads == 0, "model.d_model",
-               f"({self.d_model}) must be divisible by model.aft.heads ({self.aft.heads})")
-        _check(self.attention_kernel == "auto" or self.decoder in WINDOW_ATTENTION_DECODERS, "model.attention_kernel",
-               f"applies to the {' and '.join(WINDOW_ATTENTION_DECODERS)} decoders only, not to {self.decoder!r}; "
-               f"got {self.attention_kernel!r}")
+        _check(
+            -1 <= self.separator_id < self.vocab_size,
+            "model.separator_id",
+            f"must be -1 (none) or a token id below model.vocab_size ({self.vocab_size}), got {self.separator_id}",
+        )
+        _check(
+            self.decoder != "aft" or self.d_model % self.aft.heads == 0,
+            "model.d_model",
+            f"({self.d_model}) must be divisible by model.aft.heads ({self.aft.heads})",
+        )
+        _check(
+            self.attention_kernel == "auto" or self.decoder in WINDOW_ATTENTION_DECODERS,
+            "model.attention_kernel",
+            f"applies to the {' and '.join(WINDOW_ATTENTION_DECODERS)} decoders only, not to {self.decoder!r}; "
+            f"got {self.attention_kernel!r}",
+        )
 
     @property
     def head_dim(self) -> int:
@@ -303,22 +340,49 @@ class TrainConfig:
     max_bad_steps: int = 5  # consecutive non-finite losses before training stops
 
     def __post_init__(self) -> None:
-        for key in ("seq_len", "batch_size", "max_steps", "log_interval",
-                    "eval_interval", "save_interval", "keep_last", "max_bad_steps"):
+        for key in (
+            "seq_len",
+            "batch_size",
+            "max_steps",
+            "log_interval",
+            "eval_interval",
+            "save_interval",
+            "keep_last",
+            "max_bad_steps",
+        ):
             _check(getattr(self, key) >= 1, f"train.{key}", f"must be >= 1, got {getattr(self, key)}")
-        for key in ("micro_batch_size", "max_tokens", "max_time", "warmup_steps", "lr_decay_steps", "eval_tokens",
-                    "threads", "weight_decay", "grad_clip", "min_lr"):
+        for key in (
+            "micro_batch_size",
+            "max_tokens",
+            "max_time",
+            "warmup_steps",
+            "lr_decay_steps",
+            "eval_tokens",
+            "threads",
+            "weight_decay",
+            "grad_clip",
+            "min_lr",
+        ):
             _check(getattr(self, key) >= 0, f"train.{key}", f"must be >= 0, got {getattr(self, key)}")
         _check(0 < self.lr < math.inf, "train.lr", f"must be a finite number > 0, got {self.lr}")
-        _check(0 < self.position_lr_scale < math.inf, "train.position_lr_scale",
-               f"must be a finite number > 0, got {self.position_lr_scale}")
+        _check(
+            0 < self.position_lr_scale < math.inf,
+            "train.position_lr_scale",
+            f"must be a finite number > 0, got {self.position_lr_scale}",
+        )
         _check(self.min_lr <= self.lr, "train.min_lr", f"({self.min_lr}) must be <= train.lr ({self.lr})")
         _check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "train.beta1/beta2", "must be in [0, 1)")
         divisible = self.micro_batch_size == 0 or self.batch_size % self.micro_batch_size == 0
-        _check(divisible, "train.batch_size",
-               f"({self.batch_size}) must be a multiple of train.micro_batch_size ({self.micro_batch_size})")
-        _check(self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda", "mps"), "train.device",
-               f"must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
+        _check(
+            divisible,
+            "train.batch_size",
+            f"({self.batch_size}) must be a multiple of train.micro_batch_size ({self.micro_batch_size})",
+        )
+        _check(
+            self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda", "mps"),
+            "train.device",
+            f"must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}",
+        )
 
 
 @dataclass
@@ -444,8 +508,9 @@ def resolve_preset(preset: str) -> Path:
     path = Path(preset).expanduser()
     if path.suffix in (".toml", ".json") or path.exists():
         if not path.is_file():
-            raise ConfigError(f"preset file {preset!r} does not exist; give a TOML file or one of: "
-                              f"{', '.join(list_presets())}")
+            raise ConfigError(
+                f"preset file {preset!r} does not exist; give a TOML file or one of: {', '.join(list_presets())}"
+            )
         return path
     candidate = preset_dir() / f"{preset}.toml"
     if candidate.is_file():
@@ -571,8 +636,10 @@ def _check_decoder_sections(data: dict[str, Any], overrides: dict[str, Any], whe
     for key in overrides:
         other = _other_decoder(key, decoder)
         if other is not None:
-            raise ConfigError(f"{key} is an option of the {other} decoder, but this config's decoder is {decoder!r}; "
-                              f"drop it, or also set model.decoder={other}")
+            raise ConfigError(
+                f"{key} is an option of the {other} decoder, but this config's decoder is {decoder!r}; "
+                f"drop it, or also set model.decoder={other}"
+            )
     if "model.decoder" in overrides or not isinstance(model, dict):
         return
     defaults = ModelConfig()

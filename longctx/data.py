@@ -89,8 +89,11 @@ def _file_document(path: Path) -> Document:
 def _expand(pattern: str) -> list[Path]:
     path = Path(pattern).expanduser()
     if path.is_dir():
-        return sorted(p for p in path.rglob("*") if p.is_file() and not any(
-            part.startswith(".") for part in p.relative_to(path).parts))
+        return sorted(
+            p
+            for p in path.rglob("*")
+            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
+        )
     if path.exists():
         if not path.is_file():
             raise DataError(f"data path {pattern!r} is not a regular file or folder; give text files or folders")
@@ -116,7 +119,8 @@ def _in_run_folder(path: Path, marked: dict[Path, bool]) -> bool:
     folder = path.parent
     if folder not in marked:
         marked[folder] = any((folder / m).exists() for m in RUN_MARKERS) or (
-            folder.parent != folder and _in_run_folder(folder, marked))
+            folder.parent != folder and _in_run_folder(folder, marked)
+        )
     return marked[folder]
 
 
@@ -179,7 +183,7 @@ def split_documents(docs: list[Document], val_docs: int) -> tuple[list[Document]
     n_val = min(val_docs, len(docs) // 4) if len(docs) >= 2 else 0
     if val_docs and len(docs) >= 2:
         n_val = max(n_val, 1)
-    return docs[: len(docs) - n_val], docs[len(docs) - n_val:]
+    return docs[: len(docs) - n_val], docs[len(docs) - n_val :]
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -245,8 +249,14 @@ def _write_token_cache(docs: list[Document], tokenizer: Tokenizer, path: Path, d
                     h.update(data)
                     n_tokens += len(ids)
         os.replace(tmp, path)
-    return {"documents": [d.name for d in docs], "tokens": n_tokens, "dtype": dtype.name,
-            "tokenizer_sha256": tokenizer.sha256, "bytes": n_tokens * dtype.itemsize, "sha256": h.hexdigest()}
+    return {
+        "documents": [d.name for d in docs],
+        "tokens": n_tokens,
+        "dtype": dtype.name,
+        "tokenizer_sha256": tokenizer.sha256,
+        "bytes": n_tokens * dtype.itemsize,
+        "sha256": h.hexdigest(),
+    }
 
 
 OLD_TEMP_NAME = re.compile(r"^[0-9a-f]{24}\.tmp(?P<pid>\d+)$")  # the temporaries of longctx 0.x before this rule
@@ -285,8 +295,10 @@ def build_token_cache(docs: list[Document], tokenizer: Tokenizer, root: Path) ->
     try:
         return _build_token_cache(docs, tokenizer, root)
     except OSError as e:
-        raise DataError(f"cannot write the token cache in {root}: {e.strerror or e}; free space there or point "
-                        "$LONGCTX_CACHE (or data.cache_dir) to another folder") from None
+        raise DataError(
+            f"cannot write the token cache in {root}: {e.strerror or e}; free space there or point "
+            "$LONGCTX_CACHE (or data.cache_dir) to another folder"
+        ) from None
 
 
 def _build_token_cache(docs: list[Document], tokenizer: Tokenizer, root: Path) -> np.ndarray:
@@ -296,14 +308,22 @@ def _build_token_cache(docs: list[Document], tokenizer: Tokenizer, root: Path) -
     path = root / f"{_cache_key(docs, tokenizer)}.bin"
     meta_path = path.with_suffix(".json")
     if not _cache_is_intact(path, meta_path):
-        for stale in remove_stale(root) + remove_stale(root, pattern=OLD_TEMP_NAME) + \
-                remove_outdated_caches(root, keep=path):
-            log.info("deleted %s from the token cache (%s)", stale.name,
-                     "an interrupted build" if TEMP_NAME.match(stale.name) or OLD_TEMP_NAME.match(stale.name)
-                     else "its documents have changed since")
+        for stale in (
+            remove_stale(root) + remove_stale(root, pattern=OLD_TEMP_NAME) + remove_outdated_caches(root, keep=path)
+        ):
+            log.info(
+                "deleted %s from the token cache (%s)",
+                stale.name,
+                "an interrupted build"
+                if TEMP_NAME.match(stale.name) or OLD_TEMP_NAME.match(stale.name)
+                else "its documents have changed since",
+            )
         if path.exists():
-            log.warning("token cache %s does not match its recorded size and hash (damaged, or written by an older "
-                        "version); rebuilding it", path)
+            log.warning(
+                "token cache %s does not match its recorded size and hash (damaged, or written by an older "
+                "version); rebuilding it",
+                path,
+            )
         meta_path.unlink(missing_ok=True)
         meta = _write_token_cache(docs, tokenizer, path, dtype)
         meta_path.write_text(json.dumps(meta, indent=1))
@@ -338,9 +358,11 @@ class Lanes:
         self.segments_per_epoch = (self.lane_len - 1) // seq_len
         if self.segments_per_epoch < 1:
             need = n_lanes * (seq_len + 1)
-            raise DataError(f"the training data has {len(tokens):,} tokens, fewer than one segment per lane "
-                            f"({n_lanes} lanes x {seq_len + 1} = {need:,}); give more data or lower "
-                            "--batch-size / --seq-len")
+            raise DataError(
+                f"the training data has {len(tokens):,} tokens, fewer than one segment per lane "
+                f"({n_lanes} lanes x {seq_len + 1} = {need:,}); give more data or lower "
+                "--batch-size / --seq-len"
+            )
 
     def is_epoch_start(self, index: int) -> bool:
         return index % self.segments_per_epoch == 0
@@ -348,7 +370,9 @@ class Lanes:
     def batch(self, index: int, lanes: range) -> tuple[torch.Tensor, torch.Tensor]:
         """Inputs and targets (len(lanes), T) int64 for segment ``index`` of the given lanes."""
         start = (index % self.segments_per_epoch) * self.seq_len
-        rows = [self.tokens[lane * self.lane_len + start: lane * self.lane_len + start + self.seq_len + 1]
-                for lane in lanes]
+        rows = [
+            self.tokens[lane * self.lane_len + start : lane * self.lane_len + start + self.seq_len + 1]
+            for lane in lanes
+        ]
         block = torch.from_numpy(np.stack(rows).astype(np.int64))  # (b, T + 1)
         return block[:, :-1], block[:, 1:]

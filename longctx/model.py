@@ -132,6 +132,8 @@ def check_model_size(cfg: ModelConfig, where: str, error: type[LongctxError]) ->
     except (RuntimeError, ValueError, OverflowError) as e:
         raise error(f"{where} describes no buildable model ({str(e).splitlines()[0][:100]})") from None
     if implied > MAX_IMPLIED_BYTES:
-        raise error(f"{where} implies {implied:,} bytes of buffers and state per stream, more than the "
-                    f"{MAX_IMPLIED_BYTES:,} longctx allows")
+        raise error(
+            f"{where} implies {implied:,} bytes of buffers and state per stream, more than the "
+            f"{MAX_IMPLIED_BYTES:,} longctx allows"
+        )
     return model

@@ -104,14 +104,15 @@ def _read_rows(model: LongContextLM, rows: np.ndarray, opts: ProbeOptions) -> tu
         out = model(tokens[:, a:b], state)  # logits (B, T, V)
         state = out.state
         logits = out.logits.float()  # (B, T, V)
-        targets = tokens[:, a + 1:b + 1]  # (B, T)
+        targets = tokens[:, a + 1 : b + 1]  # (B, T)
         nll[:, a:b] = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none").double().cpu().numpy()
         argmax[:, a:b] = logits.argmax(dim=-1).cpu().numpy()
     return nll, argmax
 
 
-def read_streams(model: LongContextLM, streams: Sequence[np.ndarray], opts: ProbeOptions,
-                 bar: tqdm | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
+def read_streams(
+    model: LongContextLM, streams: Sequence[np.ndarray], opts: ProbeOptions, bar: tqdm | None = None
+) -> list[tuple[np.ndarray, np.ndarray]]:
     """(nll, argmax) of each stream (N_i,), as :func:`read_rows`; streams of equal length share forward calls."""
     by_length: dict[int, list[int]] = {}
     for i, s in enumerate(streams):
@@ -119,7 +120,7 @@ def read_streams(model: LongContextLM, streams: Sequence[np.ndarray], opts: Prob
     results: list[tuple[np.ndarray, np.ndarray] | None] = [None] * len(streams)
     for indices in by_length.values():
         for k in range(0, len(indices), opts.batch_rows):
-            group = indices[k:k + opts.batch_rows]
+            group = indices[k : k + opts.batch_rows]
             nll, argmax = read_rows(model, np.stack([streams[i] for i in group]), opts)
             for row, i in enumerate(group):
                 results[i] = (nll[row], argmax[row])
@@ -162,8 +163,10 @@ class Filler:
         """``n_bytes`` (or up to 3 fewer, to end on a character boundary) of one document, from a random start."""
         candidates = [t for t in self.texts if len(t) >= n_bytes]
         if not candidates:
-            raise DataError(f"the filler has no document of {n_bytes:,} bytes (the longest has {self.longest:,}); "
-                            "give longer --filler files or smaller --distances")
+            raise DataError(
+                f"the filler has no document of {n_bytes:,} bytes (the longest has {self.longest:,}); "
+                "give longer --filler files or smaller --distances"
+            )
         text = rng.choice(candidates)
         start = _utf8_start(text, rng.randrange(len(text) - n_bytes + 1))
         end = start + n_bytes
@@ -224,8 +227,9 @@ class RecallSpec:
         if not 1 <= self.min_gap <= self.max_gap:
             raise ConfigError(f"recall gaps must satisfy 1 <= min_gap <= max_gap, got {self.min_gap}, {self.max_gap}")
         if not 64 <= self.min_length <= self.max_length:
-            raise ConfigError(f"recall document lengths must satisfy 64 <= min <= max, got {self.min_length}, "
-                              f"{self.max_length}")
+            raise ConfigError(
+                f"recall document lengths must satisfy 64 <= min <= max, got {self.min_length}, {self.max_length}"
+            )
         if self.event_every < 8 or self.queries_per_key < 1:
             raise ConfigError("recall event_every must be >= 8 and queries_per_key >= 1")
         if not self.distances or min(self.distances) < 6:
@@ -254,7 +258,7 @@ def _assemble(filler: str, events: list[tuple[int, str]]) -> str:
     out, used, end = [], 0, 0
     for start, text in sorted(events):
         take = start - end
-        out.append(filler[used:used + take])
+        out.append(filler[used : used + take])
         used += take
         out.append(text)
         end = start + len(text)
@@ -262,8 +266,7 @@ def _assemble(filler: str, events: list[tuple[int, str]]) -> str:
     return "".join(out)
 
 
-def _place(rng: random.Random, length: int, wanted: list[list[int]], taken: list[tuple[int, int]]
-           ) -> list[int] | None:
+def _place(rng: random.Random, length: int, wanted: list[list[int]], taken: list[tuple[int, int]]) -> list[int] | None:
     """Shift a group of event starts (offsets from the group's first) to a random place in ``[0, length)`` where
     none overlaps ``taken`` (start, end) intervals; None if 20 tries fail. ``wanted`` holds one group's offsets."""
     offsets = wanted[0]
@@ -278,15 +281,16 @@ def _place(rng: random.Random, length: int, wanted: list[list[int]], taken: list
     return None
 
 
-def recall_document(rng: random.Random, filler: Filler, spec: RecallSpec, length: int,
-                    groups: list[list[int]]) -> tuple[str, list[list[int]]]:
+def recall_document(
+    rng: random.Random, filler: Filler, spec: RecallSpec, length: int, groups: list[list[int]]
+) -> tuple[str, list[list[int]]]:
     """A document of about ``length`` characters: filler with one key per group of event offsets (the first event
     states the value, the others ask for it); and the groups that did not fit."""
     body = filler.slice(rng, length).decode("utf-8", errors="replace")
     keys = rng.sample(spec.keys, min(len(spec.keys), len(groups)))
     events: list[tuple[int, str]] = []
     taken: list[tuple[int, int]] = []
-    left = groups[len(keys):]
+    left = groups[len(keys) :]
     for key, offsets in zip(keys, groups):
         starts = _place(rng, len(body), [offsets], taken)
         if starts is None:
@@ -297,7 +301,7 @@ def recall_document(rng: random.Random, filler: Filler, spec: RecallSpec, length
             events.append((s, _event(key, value)))
             taken.append((s, s + EVENT_CHARS))
     n_filler = len(body) - sum(len(t) for _, t in events)
-    return _assemble(body[:max(n_filler, 0)], events), left
+    return _assemble(body[: max(n_filler, 0)], events), left
 
 
 def _log_uniform(rng: random.Random, lo: int, hi: int) -> int:
@@ -310,8 +314,9 @@ def training_document(rng: random.Random, filler: Filler, spec: RecallSpec) -> s
     n_keys = max(1, min(len(spec.keys), length // (spec.event_every * (1 + spec.queries_per_key))))
     groups = []
     for _ in range(n_keys):
-        gaps = sorted(_log_uniform(rng, spec.min_gap, min(spec.max_gap, length // 2))
-                      for _ in range(spec.queries_per_key))
+        gaps = sorted(
+            _log_uniform(rng, spec.min_gap, min(spec.max_gap, length // 2)) for _ in range(spec.queries_per_key)
+        )
         offsets = [0]
         for g in gaps:  # later events at least one event apart
             offsets.append(max(g, offsets[-1] + EVENT_CHARS + 1))
@@ -331,15 +336,17 @@ def recall_test_documents(rng: random.Random, filler: Filler, spec: RecallSpec, 
         groups = sorted(pending[:per_doc], key=lambda g: -g[1])  # the long ones first: they need the most room
         text, left = recall_document(rng, filler, spec, length, groups)
         if len(left) == len(groups):
-            raise DataError(f"cannot plant recall questions at {groups[0][1]:,} characters in a {length:,}-character "
-                            "document")
+            raise DataError(
+                f"cannot plant recall questions at {groups[0][1]:,} characters in a {length:,}-character document"
+            )
         docs.append(text)
         pending = left + pending[per_doc:]
     return docs
 
 
-def write_recall_data(out: Path, filler: Filler, spec: RecallSpec, n_docs: int, queries: int, seed: int
-                      ) -> dict[str, Any]:
+def write_recall_data(
+    out: Path, filler: Filler, spec: RecallSpec, n_docs: int, queries: int, seed: int
+) -> dict[str, Any]:
     """``out/train/`` (``n_docs`` training documents), ``out/test/`` and ``out/recall.json``; a summary dict."""
     rng = random.Random(seed)
     for name in ("train", "test"):
@@ -352,8 +359,14 @@ def write_recall_data(out: Path, filler: Filler, spec: RecallSpec, n_docs: int, 
     tests = recall_test_documents(rng, filler, spec, queries)
     for i, text in enumerate(tests):
         (out / "test" / f"recall-{i:06d}.txt").write_text(text, encoding="utf-8")
-    summary = {**asdict(spec), "seed": seed, "train_docs": n_docs, "train_bytes": n_bytes,
-               "test_docs": len(tests), "queries_per_distance": queries}
+    summary = {
+        **asdict(spec),
+        "seed": seed,
+        "train_docs": n_docs,
+        "train_bytes": n_bytes,
+        "test_docs": len(tests),
+        "queries_per_distance": queries,
+    }
     (out / RECALL_SPEC).write_text(json.dumps(summary, indent=2, ensure_ascii=False), encoding="utf-8")
     return summary
 
@@ -427,8 +440,9 @@ def _token_offsets(ids: np.ndarray, tokenizer: Tokenizer) -> np.ndarray:
     return np.concatenate([[0], np.cumsum(lengths)])
 
 
-def score_recall(model: LongContextLM, tokenizer: Tokenizer, texts: Sequence[bytes], spec: RecallSpec,
-                 opts: ProbeOptions) -> ProbeResult:
+def score_recall(
+    model: LongContextLM, tokenizer: Tokenizer, texts: Sequence[bytes], spec: RecallSpec, opts: ProbeOptions
+) -> ProbeResult:
     """Greedy accuracy of every question's value, by distance (bucketed to the nearest of ``spec.distances``)."""
     streams, questions = [], []
     unclean = 0
@@ -445,8 +459,14 @@ def score_recall(model: LongContextLM, tokenizer: Tokenizer, texts: Sequence[byt
             found.append((t + 1, q))  # stream position: after the separator
         streams.append(np.concatenate([[tokenizer.sep_id], ids]).astype(np.int64))
         questions.append(found)
-    bar = tqdm(total=sum(len(s) for s in streams), unit="tok", desc="probe recall", file=sys.stderr,
-               disable=not opts.progress, dynamic_ncols=True)
+    bar = tqdm(
+        total=sum(len(s) for s in streams),
+        unit="tok",
+        desc="probe recall",
+        file=sys.stderr,
+        disable=not opts.progress,
+        dynamic_ncols=True,
+    )
     with bar:
         read = read_streams(model, streams, opts, bar)
     hits: dict[int, list[float]] = {d: [] for d in spec.distances}
@@ -480,12 +500,13 @@ def _passage(rng: random.Random, filler: Filler, span: int, content: str) -> byt
     start = text.find(b" ") + 1
     if start == 0 or start + span > len(text):
         start = 0
-    piece = text[start:start + span]
-    return piece[:len(piece.decode("utf-8", errors="ignore").encode("utf-8"))]  # no character cut at the end
+    piece = text[start : start + span]
+    return piece[: len(piece.decode("utf-8", errors="ignore").encode("utf-8"))]  # no character cut at the end
 
 
-def copy_trial(rng: random.Random, filler: Filler, tokenizer: Tokenizer, span: int, distance: int, content: str
-               ) -> tuple[np.ndarray, np.ndarray, int, int]:
+def copy_trial(
+    rng: random.Random, filler: Filler, tokenizer: Tokenizer, span: int, distance: int, content: str
+) -> tuple[np.ndarray, np.ndarray, int, int]:
     """(repeat stream, control stream, tokens of the repeat, its bytes). Both streams are
     ``SEP prefix first filler repeat``; the first occurrence is the repeat's passage or another one."""
     context = filler.slice(rng, PREFIX_BYTES + distance)
@@ -497,22 +518,43 @@ def copy_trial(rng: random.Random, filler: Filler, tokenizer: Tokenizer, span: i
     sep = np.array([tokenizer.sep_id], dtype=np.int64)
     prefix, gap, repeat = enc(context[:cut]), enc(context[cut:]), enc(passage)
     first, control = enc(passage), enc(other)
-    return (np.concatenate([sep, prefix, first, gap, repeat]), np.concatenate([sep, prefix, control, gap, repeat]),
-            len(repeat), len(passage))
+    return (
+        np.concatenate([sep, prefix, first, gap, repeat]),
+        np.concatenate([sep, prefix, control, gap, repeat]),
+        len(repeat),
+        len(passage),
+    )
 
 
-def score_copy(model: LongContextLM, tokenizer: Tokenizer, filler: Filler, distances: Sequence[int], span: int,
-               trials: int, content: Literal["text", "random"], seed: int, opts: ProbeOptions) -> ProbeResult:
+def score_copy(
+    model: LongContextLM,
+    tokenizer: Tokenizer,
+    filler: Filler,
+    distances: Sequence[int],
+    span: int,
+    trials: int,
+    content: Literal["text", "random"],
+    seed: int,
+    opts: ProbeOptions,
+) -> ProbeResult:
     """Bits per byte the first occurrence of a passage saves on its repeat, per distance (mean over trials)."""
     need = PREFIX_BYTES + max(distances)
     if filler.longest < need:
-        raise DataError(f"--distances up to {max(distances):,} bytes need a filler document of {need:,} bytes; the "
-                        f"longest has {filler.longest:,}: give longer --filler files or smaller --distances")
+        raise DataError(
+            f"--distances up to {max(distances):,} bytes need a filler document of {need:,} bytes; the "
+            f"longest has {filler.longest:,}: give longer --filler files or smaller --distances"
+        )
     rng = random.Random(seed)
     plan = [(d, copy_trial(rng, filler, tokenizer, span, d, content)) for d in distances for _ in range(trials)]
     streams = [s for _, (rep, ctl, _, _) in plan for s in (rep, ctl)]
-    bar = tqdm(total=sum(len(s) for s in streams), unit="tok", desc="probe copy", file=sys.stderr,
-               disable=not opts.progress, dynamic_ncols=True)
+    bar = tqdm(
+        total=sum(len(s) for s in streams),
+        unit="tok",
+        desc="probe copy",
+        file=sys.stderr,
+        disable=not opts.progress,
+        dynamic_ncols=True,
+    )
     with bar:
         read = read_streams(model, streams, opts, bar)
     per_distance: dict[int, list[tuple[float, float]]] = {d: [] for d in distances}
@@ -524,13 +566,22 @@ def score_copy(model: LongContextLM, tokenizer: Tokenizer, filler: Filler, dista
     for d in distances:
         pairs = per_distance[d]
         gain, se = _mean_stderr([c - r for r, c in pairs])
-        rows.append({"distance": d, "gain_bits_per_byte": gain, "stderr": se,
-                     "nll_repeat": float(np.mean([r for r, _ in pairs])),
-                     "nll_control": float(np.mean([c for _, c in pairs])), "trials": len(pairs)})
+        rows.append(
+            {
+                "distance": d,
+                "gain_bits_per_byte": gain,
+                "stderr": se,
+                "nll_repeat": float(np.mean([r for r, _ in pairs])),
+                "nll_control": float(np.mean([c for _, c in pairs])),
+                "trials": len(pairs),
+            }
+        )
     notes = ["nll_* are bits per byte of the repeated passage; gain = control - repeat"]
     if tokenizer.kind != "byte":
-        notes.append("passages and filler were tokenized separately, so that the repeat is the same tokens as the "
-                     "first occurrence (the BPE tokens at their borders differ from those of the joined text)")
+        notes.append(
+            "passages and filler were tokenized separately, so that the repeat is the same tokens as the "
+            "first occurrence (the BPE tokens at their borders differ from those of the joined text)"
+        )
     return ProbeResult("copy", {"span": span, "trials": trials, "content": content, "seed": seed}, rows, notes)
 
 
@@ -547,11 +598,17 @@ def _cut_windows(stream: np.ndarray, first: int, n: int, d: int) -> tuple[np.nda
     ``a = first + k * s`` and scores its last ``s`` predictions."""
     s = max(1, d // 2)
     starts = range(first, first + n, s)
-    return np.stack([stream[a - d:a + s] for a in starts]), s
+    return np.stack([stream[a - d : a + s] for a in starts]), s
 
 
-def score_context(model: LongContextLM, tokenizer: Tokenizer, streams: Sequence[np.ndarray], distances: Sequence[int],
-                  tokens: int, opts: ProbeOptions) -> ProbeResult:
+def score_context(
+    model: LongContextLM,
+    tokenizer: Tokenizer,
+    streams: Sequence[np.ndarray],
+    distances: Sequence[int],
+    tokens: int,
+    opts: ProbeOptions,
+) -> ProbeResult:
     """What the context beyond ``d`` tokens is worth: mean NLL with the memory cut to ``d`` (to ``1.5 d``) tokens
     minus with the memory carried from the start of the document, on the same tokens, in bits per byte.
 
@@ -566,24 +623,27 @@ def score_context(model: LongContextLM, tokenizer: Tokenizer, streams: Sequence[
     long_enough = [s for s in streams if len(s) >= need]
     if not long_enough:
         longest = max((len(s) for s in streams), default=0)
-        raise DataError(f"--distances up to {ladder[-1]:,} tokens need a document of at least {need:,} tokens; the "
-                        f"longest filler document has {longest:,}: give longer files or smaller --distances")
+        raise DataError(
+            f"--distances up to {ladder[-1]:,} tokens need a document of at least {need:,} tokens; the "
+            f"longest filler document has {longest:,}: give longer files or smaller --distances"
+        )
     plan, left = [], tokens
     for i, s in enumerate(long_enough):
         n = min(len(s) - first - step_max, -(-left // (len(long_enough) - i)))
         n -= n % SE_BLOCK if n > SE_BLOCK else 0
         if n > 0:
-            plan.append((s[:first + n + step_max], n))  # the last window may read past the scored tokens
+            plan.append((s[: first + n + step_max], n))  # the last window may read past the scored tokens
             left -= n
         if left <= 0:
             break
     total = sum(first + n for _, n in plan) + sum(_cut_cost(n, d) for _, n in plan for d in ladder)
-    bar = tqdm(total=total, unit="tok", desc="probe context", file=sys.stderr, disable=not opts.progress,
-               dynamic_ncols=True)
+    bar = tqdm(
+        total=total, unit="tok", desc="probe context", file=sys.stderr, disable=not opts.progress, dynamic_ncols=True
+    )
     rows = []
     with bar:
-        carried = [nll[first - 1:] for nll, _ in read_streams(model, [s[:first + n] for s, n in plan], opts, bar)]
-        lengths = [tokenizer.token_lengths[s[first:first + n]] for s, n in plan]  # (n,) bytes of each scored token
+        carried = [nll[first - 1 :] for nll, _ in read_streams(model, [s[: first + n] for s, n in plan], opts, bar)]
+        lengths = [tokenizer.token_lengths[s[first : first + n]] for s, n in plan]  # (n,) bytes of each scored token
         for d in ladder:
             diffs = []
             for (s, n), base in zip(plan, carried):
@@ -591,8 +651,10 @@ def score_context(model: LongContextLM, tokenizer: Tokenizer, streams: Sequence[
                 cut = np.concatenate([r[0][-step:] for r in read_streams(model, list(windows), opts, bar)])[:n]
                 diffs.append(cut - base)  # (n,) nats
             rows.append(_context_row(d, diffs, lengths))
-    notes = ["cut to d: each scored token read with d to 1.5 d tokens of context, from an empty state",
-             f"standard errors over blocks of {SE_BLOCK} tokens"]
+    notes = [
+        "cut to d: each scored token read with d to 1.5 d tokens of context, from an empty state",
+        f"standard errors over blocks of {SE_BLOCK} tokens",
+    ]
     return ProbeResult("context", {"tokens": sum(n for _, n in plan), "first_position": first}, rows, notes)
 
 
@@ -605,11 +667,15 @@ def _context_row(d: int, diffs: list[np.ndarray], lengths: list[np.ndarray]) -> 
     """Gain in bits per byte (sum of NLL differences over the bytes of the scored tokens) and its standard error
     over blocks of SE_BLOCK tokens."""
     diff, n_bytes = np.concatenate(diffs), np.concatenate(lengths).astype(np.float64)
-    blocks = [(diff[k:k + SE_BLOCK].sum(), n_bytes[k:k + SE_BLOCK].sum()) for k in range(0, len(diff), SE_BLOCK)]
+    blocks = [(diff[k : k + SE_BLOCK].sum(), n_bytes[k : k + SE_BLOCK].sum()) for k in range(0, len(diff), SE_BLOCK)]
     per_block = [nll / (b * LN2) for nll, b in blocks if b > 0]
     _, se = _mean_stderr(per_block)
-    return {"distance": d, "gain_bits_per_byte": float(diff.sum() / (n_bytes.sum() * LN2)), "stderr": se,
-            "tokens": int(len(diff))}
+    return {
+        "distance": d,
+        "gain_bits_per_byte": float(diff.sum() / (n_bytes.sum() * LN2)),
+        "stderr": se,
+        "tokens": int(len(diff)),
+    }
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -617,16 +683,21 @@ def _context_row(d: int, diffs: list[np.ndarray], lengths: list[np.ndarray]) -> 
 
 
 SCORE_KEYS = {"copy": "gain_bits_per_byte", "context": "gain_bits_per_byte", "recall": "accuracy"}
-UNITS = {"copy": "bytes between the occurrences", "context": "tokens of context kept",
-         "recall": "bytes to the previous occurrence"}
+UNITS = {
+    "copy": "bytes between the occurrences",
+    "context": "tokens of context kept",
+    "recall": "bytes to the previous occurrence",
+}
 
 
 def format_probe(report: dict[str, Any]) -> str:
     """The human-readable table of a probe's report."""
     task = report["task"]
     key = SCORE_KEYS[task]
-    lines = [f"longctx probe --task {task}: {report.get('preset') or report.get('decoder')} "
-             f"({report.get('checkpoint', '?')}) | distance = {UNITS[task]}"]
+    lines = [
+        f"longctx probe --task {task}: {report.get('preset') or report.get('decoder')} "
+        f"({report.get('checkpoint', '?')}) | distance = {UNITS[task]}"
+    ]
     for row in report["distances"]:
         line = f"  {row['distance']:>7,}  {key} = {row[key]:+.4f} +/- {row['stderr']:.4f}"
         if task == "copy":
@@ -638,8 +709,11 @@ def format_probe(report: dict[str, Any]) -> str:
         lines.append(line)
     baseline = report.get("chance", 0.0)
     found = reach(report["distances"], key, baseline, 0.0 if task == "recall" else MIN_GAIN)
-    lines.append(f"  reach: {found:,}" if found is not None else "  reach: none (no distance is 2 standard errors "
-                 "above " + ("chance)" if task == "recall" else "zero)"))
+    lines.append(
+        f"  reach: {found:,}"
+        if found is not None
+        else "  reach: none (no distance is 2 standard errors above " + ("chance)" if task == "recall" else "zero)")
+    )
     lines += [f"  note: {n}" for n in report.get("notes", [])]
     return "\n".join(lines)
 
@@ -660,8 +734,15 @@ def plot_probe(reports: Sequence[dict[str, Any]], path: Path, marks: dict[str, i
         rows = report["distances"]
         label = report.get("label") or report.get("preset") or report.get("decoder") or f"run {i}"
         colour = colours[i % len(colours)]
-        ax.errorbar([r["distance"] for r in rows], [r[SCORE_KEYS[task]] for r in rows],
-                    yerr=[2 * r["stderr"] for r in rows], marker="o", capsize=3, color=colour, label=label)
+        ax.errorbar(
+            [r["distance"] for r in rows],
+            [r[SCORE_KEYS[task]] for r in rows],
+            yerr=[2 * r["stderr"] for r in rows],
+            marker="o",
+            capsize=3,
+            color=colour,
+            label=label,
+        )
         if marks and label in marks:
             ax.axvline(marks[label], color=colour, linestyle=":", alpha=0.7)
     if task == "recall":
@@ -672,8 +753,13 @@ def plot_probe(reports: Sequence[dict[str, Any]], path: Path, marks: dict[str, i
     ax.set_xscale("log", base=2)
     ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:,.0f}"))
     ax.set_xlabel(UNITS[task])
-    ax.set_ylabel({"copy": "bits per byte saved on the repeat", "context": "bits per byte the context beyond d is "
-                   "worth", "recall": "accuracy of the value"}[task])
+    ax.set_ylabel(
+        {
+            "copy": "bits per byte saved on the repeat",
+            "context": "bits per byte the context beyond d is worth",
+            "recall": "accuracy of the value",
+        }[task]
+    )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

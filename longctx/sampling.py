@@ -189,8 +189,10 @@ def _as_ids(chunk: Any) -> np.ndarray:
 def _check_ids(ids: np.ndarray, vocab_size: int) -> None:
     if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
         bad = int(ids.min()) if int(ids.min()) < 0 else int(ids.max())
-        raise DataError(f"prompt token id {bad} is outside the model's vocabulary ({vocab_size} tokens); "
-                        "the tokenizer does not belong to this checkpoint")
+        raise DataError(
+            f"prompt token id {bad} is outside the model's vocabulary ({vocab_size} tokens); "
+            "the tokenizer does not belong to this checkpoint"
+        )
 
 
 def _feed(model: LongContextLM, ids: np.ndarray, state: State) -> State:
@@ -206,9 +208,16 @@ class PromptResult:
     recent: list[int] = field(default_factory=list)  # the most recent prompt tokens (repetition-penalty history)
 
 
-def read_prompt(model: LongContextLM, tokenizer: Tokenizer, chunks: Iterable[np.ndarray], seq_len: int,
-                start: SavedState | None = None, precision: str = "fp32", keep_recent: int = RECENT_TOKENS,
-                progress: bool = False) -> PromptResult:
+def read_prompt(
+    model: LongContextLM,
+    tokenizer: Tokenizer,
+    chunks: Iterable[np.ndarray],
+    seq_len: int,
+    start: SavedState | None = None,
+    precision: str = "fp32",
+    keep_recent: int = RECENT_TOKENS,
+    progress: bool = False,
+) -> PromptResult:
     """Read the prompt ``chunks`` (int64 token ids) in segments of ``seq_len``, carrying the state.
 
     A fresh stream starts with the separator, as in training (``SEP doc ...``); with ``start`` (a loaded state) its
@@ -235,8 +244,9 @@ def read_prompt(model: LongContextLM, tokenizer: Tokenizer, chunks: Iterable[np.
         _check_ids(pending, vocab_size)
         recent.append(start.last_token)
     prompt_tokens = fed = 0
-    bar = tqdm(unit="tok", unit_scale=True, desc="prompt", file=sys.stderr, disable=not progress, delay=1.0,
-               dynamic_ncols=True)
+    bar = tqdm(
+        unit="tok", unit_scale=True, desc="prompt", file=sys.stderr, disable=not progress, delay=1.0, dynamic_ncols=True
+    )
     with _inference(model, precision), bar:
         for chunk in chunks:
             ids = _as_ids(chunk)
@@ -249,17 +259,18 @@ def read_prompt(model: LongContextLM, tokenizer: Tokenizer, chunks: Iterable[np.
             buffer = np.concatenate([pending, ids])
             full = (buffer.size - 1) // seq_len  # whole segments that leave at least one token pending
             for i in range(full):
-                state = _feed(model, buffer[i * seq_len:(i + 1) * seq_len], state)
+                state = _feed(model, buffer[i * seq_len : (i + 1) * seq_len], state)
                 bar.update(seq_len)
             fed += full * seq_len
-            pending = buffer[full * seq_len:].copy()  # < seq_len + 1 tokens; the chunk itself is released
+            pending = buffer[full * seq_len :].copy()  # < seq_len + 1 tokens; the chunk itself is released
         if pending.size > 1:
             state = _feed(model, pending[:-1], state)
             fed += pending.size - 1
         _synchronize(device)
     saved = SavedState(state=state, tokens=before + fed, last_token=int(pending[-1]))
-    return PromptResult(saved=saved, prompt_tokens=prompt_tokens, elapsed_s=time.perf_counter() - t0,
-                        recent=list(recent))
+    return PromptResult(
+        saved=saved, prompt_tokens=prompt_tokens, elapsed_s=time.perf_counter() - t0, recent=list(recent)
+    )
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -293,7 +304,7 @@ class _TextOut:
             return False
         hits = [i for i in (self.held.find(s) for s in self.stops) if i >= 0]
         if hits:
-            self._emit(self.held[:min(hits)])
+            self._emit(self.held[: min(hits)])
             self.held = ""
             return True
         cut = len(self.held)  # the earliest position whose tail could still grow into a stop string
@@ -324,8 +335,14 @@ class SampleResult:
     saved: SavedState | None = None  # the state after the sample (its last sampled token pending), to continue it
 
 
-def iter_sample(model: LongContextLM, tokenizer: Tokenizer, prompt: PromptResult, opts: SamplingOptions,
-                sample_index: int = 0, precision: str = "fp32") -> Generator[str, None, SampleResult]:
+def iter_sample(
+    model: LongContextLM,
+    tokenizer: Tokenizer,
+    prompt: PromptResult,
+    opts: SamplingOptions,
+    sample_index: int = 0,
+    precision: str = "fp32",
+) -> Generator[str, None, SampleResult]:
     """Sample one continuation of ``prompt`` (which is not changed) with the carried state, yielding its text.
 
     Yields each piece of text once it is final (never a split UTF-8 character, never (a possible start of) a stop
@@ -370,13 +387,20 @@ def iter_sample(model: LongContextLM, tokenizer: Tokenizer, prompt: PromptResult
             out.finish()
     yield from pieces
     saved = SavedState(state=state, tokens=prompt.saved.tokens + fed, last_token=token)
-    return SampleResult(text=out.text, tokens=tokens, stop_reason=reason, elapsed_s=time.perf_counter() - t0,
-                        saved=saved)
+    return SampleResult(
+        text=out.text, tokens=tokens, stop_reason=reason, elapsed_s=time.perf_counter() - t0, saved=saved
+    )
 
 
-def sample(model: LongContextLM, tokenizer: Tokenizer, prompt: PromptResult, opts: SamplingOptions,
-           sample_index: int = 0, on_text: Callable[[str], None] | None = None, precision: str = "fp32"
-           ) -> SampleResult:
+def sample(
+    model: LongContextLM,
+    tokenizer: Tokenizer,
+    prompt: PromptResult,
+    opts: SamplingOptions,
+    sample_index: int = 0,
+    on_text: Callable[[str], None] | None = None,
+    precision: str = "fp32",
+) -> SampleResult:
     """:func:`iter_sample` run to its end; ``on_text`` receives each piece of text once it is final."""
     pieces = iter_sample(model, tokenizer, prompt, opts, sample_index, precision)
     while True:

@@ -79,8 +79,10 @@ class EvalOptions:
         if self.mode == "sliding" and self.window < 2:
             raise ConfigError(f"eval window must be >= 2 in sliding mode, got {self.window}")
         if self.mode == "sliding" and not 1 <= self.stride < self.window:
-            raise ConfigError(f"eval stride must be between 1 and window - 1 ({self.window - 1}) so that every "
-                              f"scored token has context, got {self.stride}")
+            raise ConfigError(
+                f"eval stride must be between 1 and window - 1 ({self.window - 1}) so that every "
+                f"scored token has context, got {self.stride}"
+            )
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -129,11 +131,17 @@ def _metrics(tokens: int, n_bytes: int, nll_sum: float, nll_sq: float, elapsed_s
     loss_stderr = math.sqrt(variance / tokens)
     ppl = _exp(loss)
     return {
-        "tokens": tokens, "bytes": n_bytes, "nll_sum": nll_sum, "loss": loss, "loss_stderr": loss_stderr,
-        "ppl": ppl, "ppl_stderr": ppl * loss_stderr,
+        "tokens": tokens,
+        "bytes": n_bytes,
+        "nll_sum": nll_sum,
+        "loss": loss,
+        "loss_stderr": loss_stderr,
+        "ppl": ppl,
+        "ppl_stderr": ppl * loss_stderr,
         "bits_per_byte": nll_sum / (n_bytes * LN2) if n_bytes else math.inf,
         "byte_perplexity": _exp(nll_sum / n_bytes) if n_bytes else math.inf,
-        "elapsed_s": elapsed_s, "tokens_per_s": tokens / elapsed_s if elapsed_s > 0 else 0.0,
+        "elapsed_s": elapsed_s,
+        "tokens_per_s": tokens / elapsed_s if elapsed_s > 0 else 0.0,
     }
 
 
@@ -179,7 +187,7 @@ class _StreamBuffer:
 
     def window(self, begin: int, end: int) -> np.ndarray:
         """``stream[begin:end]`` (shorter at the end of the stream); ``begin`` never decreases between calls."""
-        self._buf = self._buf[max(begin - self._start, 0):]
+        self._buf = self._buf[max(begin - self._start, 0) :]
         self._start = begin
         while len(self._buf) < end - begin and not self._eof:
             chunk = next(self._chunks, None)
@@ -211,8 +219,7 @@ def _windows(opts: EvalOptions) -> Iterator[tuple[int, int, int]]:
 class _Evaluator:
     """Scores documents one after the other, keeping the max_tokens budget, position buckets and the progress bar."""
 
-    def __init__(self, model: LongContextLM, tokenizer: Tokenizer, opts: EvalOptions, total_bytes: int | None
-                 ) -> None:
+    def __init__(self, model: LongContextLM, tokenizer: Tokenizer, opts: EvalOptions, total_bytes: int | None) -> None:
         self.model, self.tokenizer, self.opts = model, tokenizer, opts
         self.remaining: int | None = opts.max_tokens or None  # None: no limit
         self.pos_sum = np.zeros(N_BUCKETS, dtype=np.float64)  # (N_BUCKETS,) NLL summed per position bucket
@@ -220,8 +227,15 @@ class _Evaluator:
         self.run_nll, self.run_tokens = 0.0, 0  # for the running ppl of the bar
         self.current: _Tally | None = None  # the document being scored
         self.started = self.last_log = time.perf_counter()
-        self.bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="eval", file=sys.stderr,
-                        disable=not opts.progress, dynamic_ncols=True)
+        self.bar = tqdm(
+            total=total_bytes,
+            unit="B",
+            unit_scale=True,
+            desc="eval",
+            file=sys.stderr,
+            disable=not opts.progress,
+            dynamic_ncols=True,
+        )
 
     def budget_spent(self) -> bool:
         return self.remaining is not None and self.remaining <= 0
@@ -250,8 +264,12 @@ class _Evaluator:
         now = time.perf_counter()
         if self.opts.log_interval_s and not self.opts.progress and now - self.last_log >= self.opts.log_interval_s:
             self.last_log = now
-            log.info("eval: %s tokens, running ppl %.4f, %s tokens/s", f"{self.run_tokens:,}",
-                     _exp(self.run_nll / self.run_tokens), f"{self.run_tokens / max(now - self.started, 1e-9):,.0f}")
+            log.info(
+                "eval: %s tokens, running ppl %.4f, %s tokens/s",
+                f"{self.run_tokens:,}",
+                _exp(self.run_nll / self.run_tokens),
+                f"{self.run_tokens / max(now - self.started, 1e-9):,.0f}",
+            )
         self.bar.update(int(self.tokenizer.token_lengths[targets].sum()))
 
     def document(self, doc: Document) -> _Tally:
@@ -271,7 +289,7 @@ class _Evaluator:
                     break
                 fresh = self.opts.mode == "sliding"
                 nll, state = self._nll(window, end - score_from, self.model.init_state(1) if fresh else state)
-                self._record(tally, nll, window[score_from - begin:], score_from)
+                self._record(tally, nll, window[score_from - begin :], score_from)
                 if self.budget_spent():
                     tally.truncated = True
                     break
@@ -284,8 +302,14 @@ class _Evaluator:
         rows = []
         for b in np.flatnonzero(self.pos_count):
             count = int(self.pos_count[b])
-            rows.append({"start": 2 ** int(b), "end": 2 ** (int(b) + 1), "mean_nll": float(self.pos_sum[b] / count),
-                         "count": count})
+            rows.append(
+                {
+                    "start": 2 ** int(b),
+                    "end": 2 ** (int(b) + 1),
+                    "mean_nll": float(self.pos_sum[b] / count),
+                    "count": count,
+                }
+            )
         return rows
 
 
@@ -293,12 +317,15 @@ def _check_inputs(model: LongContextLM, tokenizer: Tokenizer, docs: list[Documen
     if not docs:
         raise DataError("no documents to evaluate; give at least one file with text")
     if tokenizer.vocab_size > model.cfg.vocab_size:
-        raise CheckpointError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only "
-                              f"{model.cfg.vocab_size}; use the tokenizer.json saved with the checkpoint")
+        raise CheckpointError(
+            f"the tokenizer has {tokenizer.vocab_size} tokens but the model only "
+            f"{model.cfg.vocab_size}; use the tokenizer.json saved with the checkpoint"
+        )
 
 
-def evaluate_documents(model: LongContextLM, tokenizer: Tokenizer, docs: list[Document],
-                       opts: EvalOptions) -> dict[str, Any]:
+def evaluate_documents(
+    model: LongContextLM, tokenizer: Tokenizer, docs: list[Document], opts: EvalOptions
+) -> dict[str, Any]:
     """Perplexity of ``docs`` (each one stream starting with SEP), in the order given; a JSON-serialisable dict.
 
     Totals are sums over the files (``tokens``, ``bytes``, ``nll_sum``), so results can be re-aggregated. ``bytes``
@@ -335,19 +362,25 @@ def evaluate_documents(model: LongContextLM, tokenizer: Tokenizer, docs: list[Do
     return result
 
 
-def _result(opts: EvalOptions, tallies: list[_Tally], evaluator: _Evaluator, elapsed_s: float,
-            state_bytes: int) -> dict[str, Any]:
-    geometry: dict[str, Any] = {"seq_len": opts.seq_len} if opts.mode == "carry" else {
-        "window": opts.window, "stride": opts.stride}
+def _result(
+    opts: EvalOptions, tallies: list[_Tally], evaluator: _Evaluator, elapsed_s: float, state_bytes: int
+) -> dict[str, Any]:
+    geometry: dict[str, Any] = (
+        {"seq_len": opts.seq_len} if opts.mode == "carry" else {"window": opts.window, "stride": opts.stride}
+    )
     tokens = sum(t.tokens for t in tallies)
     n_bytes = sum(t.bytes for t in tallies)
     nll_sum = sum(t.nll_sum for t in tallies)
     nll_sq = sum(t.nll_sq for t in tallies)
     result: dict[str, Any] = {
-        "mode": opts.mode, **geometry, "precision": opts.precision, "max_tokens": opts.max_tokens,
+        "mode": opts.mode,
+        **geometry,
+        "precision": opts.precision,
+        "max_tokens": opts.max_tokens,
         "files": [_file_result(t) for t in tallies],
         **_metrics(tokens, n_bytes, nll_sum, nll_sq, elapsed_s),
-        "state_bytes": state_bytes, "peak_rss_bytes": _peak_rss_bytes(),
+        "state_bytes": state_bytes,
+        "peak_rss_bytes": _peak_rss_bytes(),
     }
     if opts.per_position_buckets:
         result["per_position"] = evaluator.per_position()
@@ -366,20 +399,25 @@ def _header(result: dict[str, Any]) -> str:
         geometry = f"mode=sliding window={result['window']} stride={result['stride']}"
     limit = f" | max_tokens={result['max_tokens']:,}" if result.get("max_tokens") else ""
     limit += " | PARTIAL (interrupted)" if result.get("partial") else ""
-    return (f"longctx eval: {result['tokens']:,} tokens ({result['bytes']:,} bytes) in {len(files)} "
-            f"file{'s' if len(files) != 1 else ''} | {geometry} | precision={result.get('precision', 'fp32')}{limit}")
+    return (
+        f"longctx eval: {result['tokens']:,} tokens ({result['bytes']:,} bytes) in {len(files)} "
+        f"file{'s' if len(files) != 1 else ''} | {geometry} | precision={result.get('precision', 'fp32')}{limit}"
+    )
 
 
 def _file_line(f: dict[str, Any], width: int) -> str:
-    return (f"  {f['name']:<{width}}  PPL = {f['ppl']:.4f} +/- {f['ppl_stderr']:.4f} | loss = {f['loss']:.4f} | "
-            f"bpb = {f['bits_per_byte']:.4f} | tokens = {f['tokens']:,} | bytes = {f['bytes']:,} | "
-            f"{f['tokens_per_s']:,.0f} tokens/s")
+    return (
+        f"  {f['name']:<{width}}  PPL = {f['ppl']:.4f} +/- {f['ppl_stderr']:.4f} | loss = {f['loss']:.4f} | "
+        f"bpb = {f['bits_per_byte']:.4f} | tokens = {f['tokens']:,} | bytes = {f['bytes']:,} | "
+        f"{f['tokens_per_s']:,.0f} tokens/s"
+    )
 
 
 def _position_lines(rows: list[dict[str, Any]]) -> list[str]:
     w = len(f"{rows[-1]['end']:,}")
     return ["  mean NLL by position in the document (tokens [start, end)):"] + [
-        f"    [{r['start']:>{w},}, {r['end']:>{w},})  {r['mean_nll']:.4f}  ({r['count']:,} tokens)" for r in rows]
+        f"    [{r['start']:>{w},}, {r['end']:>{w},})  {r['mean_nll']:.4f}  ({r['count']:,} tokens)" for r in rows
+    ]
 
 
 def format_report(result: dict[str, Any]) -> str:
@@ -393,7 +431,8 @@ def format_report(result: dict[str, Any]) -> str:
         f"Final estimate: PPL = {result['ppl']:.4f} +/- {result['ppl_stderr']:.4f} | "
         f"loss = {result['loss']:.4f} nats/token | bpb = {result['bits_per_byte']:.4f} | "
         f"tokens = {result['tokens']:,} | bytes = {result['bytes']:,} | {result['tokens_per_s']:,.0f} tokens/s | "
-        f"peak RSS = {result['peak_rss_bytes'] / 1e6:,.1f} MB | state = {result['state_bytes'] / 1e6:,.3f} MB")
+        f"peak RSS = {result['peak_rss_bytes'] / 1e6:,.1f} MB | state = {result['state_bytes'] / 1e6:,.3f} MB"
+    )
     return "\n".join(lines)
 
 

@@ -61,7 +61,7 @@ def _cut_point(data: bytes, force: bool) -> int:
     """
     for sep in (b"\n", b" "):
         pos = data.rfind(sep, 0, len(data) - 1)
-        while pos >= 0 and data[pos + 1: pos + 2].isspace():
+        while pos >= 0 and data[pos + 1 : pos + 2].isspace():
             pos = data.rfind(sep, 0, pos)
         if pos > 0:
             return pos + 1 if sep == b"\n" else pos
@@ -107,7 +107,9 @@ class Tokenizer:
         hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         hf.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(
-            vocab_size=vocab_size, special_tokens=[SEPARATOR], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            vocab_size=vocab_size,
+            special_tokens=[SEPARATOR],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
             show_progress=False,
         )
         hf.train_from_iterator(texts, trainer=trainer)
@@ -119,8 +121,10 @@ class Tokenizer:
         try:
             hf = HFTokenizer.from_str(text)
         except Exception as e:  # tokenizers raises plain Exception subclasses for any parse problem
-            raise CheckpointError(f"{where} is not a valid tokenizer file ({str(e).splitlines()[0][:120]}); "
-                                  "use the tokenizer.json written by longctx train") from None
+            raise CheckpointError(
+                f"{where} is not a valid tokenizer file ({str(e).splitlines()[0][:120]}); "
+                "use the tokenizer.json written by longctx train"
+            ) from None
         # the byte tokenizer is a BPE model without merges over the 256 byte symbols
         kind = "byte" if not merges and hf.get_vocab_size(with_added_tokens=False) <= 257 else "bpe"
         return cls(hf, kind)
@@ -133,8 +137,7 @@ class Tokenizer:
         try:
             text = data.decode("utf-8")
         except UnicodeDecodeError as e:
-            raise CheckpointError(f"{path} is not UTF-8 text (byte {e.start}); the tokenizer file is damaged") \
-                from None
+            raise CheckpointError(f"{path} is not UTF-8 text (byte {e.start}); the tokenizer file is damaged") from None
         return cls.from_str(text, where=path)
 
     def to_str(self) -> str:
@@ -203,8 +206,9 @@ class Tokenizer:
         ids = [np.asarray(self.hf.encode(piece, add_special_tokens=False).ids, dtype=np.int64) for piece in pieces]
         return np.concatenate(ids) if len(ids) > 1 else ids[0]
 
-    def iter_encode(self, stream: BinaryIO, where: str = "<input>", chunk_bytes: int = CHUNK_BYTES
-                    ) -> Iterator[tuple[np.ndarray, int]]:
+    def iter_encode(
+        self, stream: BinaryIO, where: str = "<input>", chunk_bytes: int = CHUNK_BYTES
+    ) -> Iterator[tuple[np.ndarray, int]]:
         """Encode a binary stream in chunks: yields (ids, bytes read) with memory bounded by ``chunk_bytes``.
 
         Chunks are cut where pre-tokenization is unaffected (see :func:`_cut_point`), so the ids equal those of
@@ -241,6 +245,7 @@ def _check_structure(data: Any, where: str) -> list[Any]:
     exactly 0..V-1 and whose tokens are spelled in the byte alphabet, the ByteLevel pre-tokenizer and decoder, no
     normalizer or post-processor (a ``Split`` regex, for one, would change the tokens and costs time unbounded by the
     input). Returns the merges."""
+
     def refuse(problem: str) -> CheckpointError:
         return CheckpointError(f"{where}: {problem}; use the tokenizer.json written by longctx train")
 
@@ -248,8 +253,13 @@ def _check_structure(data: Any, where: str) -> list[Any]:
         raise refuse("no tokenizer model")
     model = data["model"]
     vocab, merges, added = model.get("vocab"), model.get("merges"), data.get("added_tokens")
-    if model.get("type") != "BPE" or not isinstance(vocab, dict) or not isinstance(merges, list) \
-            or not isinstance(added, list) or not all(isinstance(t, dict) for t in added):
+    if (
+        model.get("type") != "BPE"
+        or not isinstance(vocab, dict)
+        or not isinstance(merges, list)
+        or not isinstance(added, list)
+        or not all(isinstance(t, dict) for t in added)
+    ):
         raise refuse("the model is not a byte-level BPE with a vocabulary, merges and added tokens")
     for part in ("pre_tokenizer", "decoder"):
         kind = data.get(part).get("type") if isinstance(data.get(part), dict) else data.get(part)
@@ -294,4 +304,3 @@ class StreamDecoder:
 
     def flush(self) -> str:
         return self.decoder.decode(b"", final=True)
-

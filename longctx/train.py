@@ -172,8 +172,10 @@ def group_lr(group: dict[str, Any], lr: float, cfg: Any) -> float:
 
 def make_optimizer(model: LongContextLM, cfg: Any) -> torch.optim.AdamW:
     """AdamW over :func:`parameter_groups`: decoupled weight decay on matrices only, position parameters faster."""
-    groups = [{"params": params, "name": name, "weight_decay": cfg.weight_decay if name == "decay" else 0.0}
-              for name, params in parameter_groups(model).items()]
+    groups = [
+        {"params": params, "name": name, "weight_decay": cfg.weight_decay if name == "decay" else 0.0}
+        for name, params in parameter_groups(model).items()
+    ]
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), foreach=True)
     for group in optimizer.param_groups:
         group["lr"] = group_lr(group, cfg.lr, cfg)
@@ -195,20 +197,21 @@ def run_lock(out_dir: Path) -> Iterator[None]:
         out_dir.mkdir(parents=True, exist_ok=True)
         fd = os.open(out_dir / LOCK_FILE, os.O_CREAT | os.O_RDWR, 0o644)
     except OSError as e:
-        raise LongctxError(f"cannot write to --out-dir {out_dir}: {e.strerror or e}; give a writable folder") \
-            from None
+        raise LongctxError(f"cannot write to --out-dir {out_dir}: {e.strerror or e}; give a writable folder") from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise LongctxError(f"another longctx train is writing to {out_dir}; wait for it or choose another "
-                               "--out-dir") from None
+            raise LongctxError(
+                f"another longctx train is writing to {out_dir}; wait for it or choose another --out-dir"
+            ) from None
         try:
             os.ftruncate(fd, 0)
             os.write(fd, str(os.getpid()).encode())
         except OSError as e:
-            raise LongctxError(f"cannot write to --out-dir {out_dir}: {e.strerror or e}; free space there or give "
-                               "another folder") from None
+            raise LongctxError(
+                f"cannot write to --out-dir {out_dir}: {e.strerror or e}; free space there or give another folder"
+            ) from None
         yield
     finally:
         os.close(fd)
@@ -222,8 +225,9 @@ def writing(path: Path, last_checkpoint: Path | None = None) -> Iterator[None]:
         yield
     except OSError as e:
         kept = f"the last checkpoint ({last_checkpoint}) is intact; " if last_checkpoint else ""
-        raise LongctxError(f"cannot write {path}: {e.strerror or e}; {kept}free space and continue with "
-                           "--resume auto") from None
+        raise LongctxError(
+            f"cannot write {path}: {e.strerror or e}; {kept}free space and continue with --resume auto"
+        ) from None
 
 
 def prepare_out_dir(run: RunOptions) -> list[Path]:
@@ -242,8 +246,10 @@ def prepare_out_dir(run: RunOptions) -> list[Path]:
     if not entries or run.resume:
         return []
     if not run.overwrite:
-        raise LongctxError(f"--out-dir {out} is not empty; continue that run with --resume auto, pick another "
-                           "--out-dir, or replace it with --overwrite")
+        raise LongctxError(
+            f"--out-dir {out} is not empty; continue that run with --resume auto, pick another "
+            "--out-dir, or replace it with --overwrite"
+        )
     return entries
 
 
@@ -263,12 +269,16 @@ def check_init_from(init_from: Path, config: Config) -> None:
     except CheckpointError:
         have = dataclasses.asdict(read_config(init_from).model)
         want = dataclasses.asdict(wanted)
-        differ = [f"model.{k} = {json.dumps(have.get(k))} there, {json.dumps(want[k])} here"
-                  for k in want if have.get(k) != want[k] and (k == "decoder" or k == wanted.decoder
-                                                               or not isinstance(want[k], dict))]
-        raise ConfigError(f"--init-from {init_from} holds another architecture than the new run's preset "
-                          f"({'; '.join(differ) or 'the weights differ'}); pick the checkpoint's --preset or "
-                          "--set the keys to match") from None
+        differ = [
+            f"model.{k} = {json.dumps(have.get(k))} there, {json.dumps(want[k])} here"
+            for k in want
+            if have.get(k) != want[k] and (k == "decoder" or k == wanted.decoder or not isinstance(want[k], dict))
+        ]
+        raise ConfigError(
+            f"--init-from {init_from} holds another architecture than the new run's preset "
+            f"({'; '.join(differ) or 'the weights differ'}); pick the checkpoint's --preset or "
+            "--set the keys to match"
+        ) from None
 
 
 def resolve_resume(run: RunOptions) -> Path | None:
@@ -292,8 +302,20 @@ def merge_resumed_config(requested: Config, checkpoint: Config, overrides: dict[
 CSV_FILE = "metrics.csv"
 TENSORBOARD_DIR = "tensorboard"
 LOGGERS = ("csv", "tensorboard")
-CSV_COLUMNS = ("step", "tokens", "loss", "ppl", "lr", "grad_norm", "tokens_per_s", "elapsed_s", "val_loss", "val_ppl",
-               "val_bpb", "val_tokens")
+CSV_COLUMNS = (
+    "step",
+    "tokens",
+    "loss",
+    "ppl",
+    "lr",
+    "grad_norm",
+    "tokens_per_s",
+    "elapsed_s",
+    "val_loss",
+    "val_ppl",
+    "val_bpb",
+    "val_tokens",
+)
 
 
 def _trim(path: Path, keep_up_to_step: int | None, step_of: Callable[[str], int]) -> None:
@@ -361,8 +383,9 @@ class MetricsLog:
         if self.tensorboard is not None:
             for key, value in safe.items():
                 if key not in ("step", "tokens") and isinstance(value, (int, float)) and not isinstance(value, bool):
-                    self.tensorboard.add_scalar(("val/" if key.startswith("val_") else "train/") + key, value,
-                                                record["step"])
+                    self.tensorboard.add_scalar(
+                        ("val/" if key.startswith("val_") else "train/") + key, value, record["step"]
+                    )
             self.tensorboard.flush()
 
     def close(self) -> None:
@@ -382,14 +405,17 @@ def check_loggers(loggers: tuple[str, ...]) -> None:
     """Unknown loggers and a missing TensorBoard are found before any work."""
     for name in loggers:
         if name not in LOGGERS:
-            raise ConfigError(f"--logger {name!r} is not a logger; use {' or '.join(LOGGERS)} (metrics.jsonl is "
-                              "always written)")
+            raise ConfigError(
+                f"--logger {name!r} is not a logger; use {' or '.join(LOGGERS)} (metrics.jsonl is always written)"
+            )
     if "tensorboard" in loggers:
         try:
             import tensorboard  # noqa: F401
         except ImportError:
-            raise ConfigError("--logger tensorboard needs the tensorboard package: pip install tensorboard "
-                              "(or the extra: pip install 'longctx[tensorboard]')") from None
+            raise ConfigError(
+                "--logger tensorboard needs the tensorboard package: pip install tensorboard "
+                "(or the extra: pip install 'longctx[tensorboard]')"
+            ) from None
 
 
 def _json_safe(value: Any) -> Any:
@@ -414,8 +440,14 @@ def _step_of(line: str) -> int:
 # data and tokenizer
 
 
-def prepare_tokenizer(config: Config, resume_from: Path | None, init_from: Path | None, out_dir: Path,
-                      dd: Dist, train_docs: list[Document]) -> Tokenizer:
+def prepare_tokenizer(
+    config: Config,
+    resume_from: Path | None,
+    init_from: Path | None,
+    out_dir: Path,
+    dd: Dist,
+    train_docs: list[Document],
+) -> Tokenizer:
     """The run's tokenizer: from the checkpoint, byte-level, or BPE trained by rank 0 and shared through the folder."""
     for source in (resume_from, init_from):
         if source is not None:
@@ -424,20 +456,21 @@ def prepare_tokenizer(config: Config, resume_from: Path | None, init_from: Path 
         return Tokenizer.byte_level()
     shared = out_dir / "tokenizer.json"
     if dd.main:
-        log.info("training a BPE tokenizer (up to %d tokens) on %d documents", config.data.vocab_size,
-                 len(train_docs))
+        log.info("training a BPE tokenizer (up to %d tokens) on %d documents", config.data.vocab_size, len(train_docs))
         tokenizer = Tokenizer.train_bpe(read_texts(train_docs), config.data.vocab_size)
         if tokenizer.vocab_size < config.data.vocab_size:
-            log.info("the BPE tokenizer learned %d tokens (the corpus holds no more merges than that)",
-                     tokenizer.vocab_size)
+            log.info(
+                "the BPE tokenizer learned %d tokens (the corpus holds no more merges than that)", tokenizer.vocab_size
+            )
         with writing(shared):
             tokenizer.save(str(shared))
     distrib.barrier(dd)
     return tokenizer if dd.main else Tokenizer.from_file(str(shared))
 
 
-def prepare_data(config: Config, tokenizer: Tokenizer, split: tuple[list[Document], list[Document]] | None = None
-                 ) -> tuple[np.ndarray, np.ndarray]:
+def prepare_data(
+    config: Config, tokenizer: Tokenizer, split: tuple[list[Document], list[Document]] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Token streams (memory-mapped) of the training and validation documents (``split``: found already)."""
     train_docs, val_docs = split or split_documents(discover(config.data.paths), config.data.val_docs)
     root = cache_root(config.data)
@@ -453,20 +486,33 @@ def announce_validation(config: Config, val_docs: list[Document], val_tokens: np
     if not val_docs:
         return
     names = ", ".join(Path(d.name).name for d in val_docs)
-    log.info("validation: %d held-out document%s (%s), %s tokens", len(val_docs), "s" * (len(val_docs) != 1),
-             names, f"{len(val_tokens):,}")
+    log.info(
+        "validation: %d held-out document%s (%s), %s tokens",
+        len(val_docs),
+        "s" * (len(val_docs) != 1),
+        names,
+        f"{len(val_tokens):,}",
+    )
     if len(val_tokens) < config.train.seq_len + 1:
-        log.warning("validation will not run: the held-out documents hold %d tokens, fewer than one segment "
-                    "(train.seq_len + 1 = %d); hold out more or longer documents (data.val_docs)",
-                    len(val_tokens), config.train.seq_len + 1)
+        log.warning(
+            "validation will not run: the held-out documents hold %d tokens, fewer than one segment "
+            "(train.seq_len + 1 = %d); hold out more or longer documents (data.val_docs)",
+            len(val_tokens),
+            config.train.seq_len + 1,
+        )
 
 
 # --------------------------------------------------------------------------------------------------------------------
 # validation
 
 
-def validate(model: LongContextLM, tokens: np.ndarray, tokenizer: Tokenizer, config: Config, device: torch.device,
-             ) -> dict[str, float] | None:
+def validate(
+    model: LongContextLM,
+    tokens: np.ndarray,
+    tokenizer: Tokenizer,
+    config: Config,
+    device: torch.device,
+) -> dict[str, float] | None:
     """Loss and bits per byte on the held-out stream, read in carry mode over up to ``batch_size`` lanes."""
     cfg = config.train
     budget = cfg.eval_tokens or len(tokens)
@@ -486,8 +532,12 @@ def validate(model: LongContextLM, tokens: np.ndarray, tokenizer: Tokenizer, con
             count += y.numel()
             n_bytes += int(lengths[y].sum())
     loss = nll / count
-    return {"val_loss": loss, "val_ppl": math.exp(min(loss, 700.0)), "val_bpb": nll / (max(n_bytes, 1) * math.log(2)),
-            "val_tokens": count}
+    return {
+        "val_loss": loss,
+        "val_ppl": math.exp(min(loss, 700.0)),
+        "val_bpb": nll / (max(n_bytes, 1) * math.log(2)),
+        "val_tokens": count,
+    }
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -513,8 +563,11 @@ class SignalFlag:
     def _handle(self, signum: int, frame: Any) -> None:
         if self.signum is None:
             self.signum = signum
-            print(f"\n{signal.Signals(signum).name}: finishing this step, then saving a checkpoint "
-                  "(signals are ignored until it is written)", file=sys.stderr)
+            print(
+                f"\n{signal.Signals(signum).name}: finishing this step, then saving a checkpoint "
+                "(signals are ignored until it is written)",
+                file=sys.stderr,
+            )
 
     def __exit__(self, *exc: Any) -> None:
         for sig, handler in self.previous.items():
@@ -524,8 +577,17 @@ class SignalFlag:
 class Trainer:
     """The training loop over this rank's lanes. With torchrun, rank r owns lanes ``[r * B/W, (r + 1) * B/W)``."""
 
-    def __init__(self, config: Config, model: LongContextLM, tokenizer: Tokenizer, train_tokens: np.ndarray,
-                 val_tokens: np.ndarray, device: torch.device, run: RunOptions, dd: Dist) -> None:
+    def __init__(
+        self,
+        config: Config,
+        model: LongContextLM,
+        tokenizer: Tokenizer,
+        train_tokens: np.ndarray,
+        val_tokens: np.ndarray,
+        device: torch.device,
+        run: RunOptions,
+        dd: Dist,
+    ) -> None:
         self.config, self.cfg = config, config.train
         self.model, self.tokenizer, self.device, self.run, self.dist = model, tokenizer, device, run, dd
         self.val_tokens = val_tokens
@@ -554,9 +616,17 @@ class Trainer:
             tensors[f"rng.torch.{rank}"] = rng
         if self.device.type == "cuda":
             tensors["rng.cuda"] = torch.cuda.get_rng_state(self.device)
-        meta = {"step": self.step, "tokens_seen": self.tokens_seen, "data_cursor": self.cursor,
-                "elapsed_s": self.elapsed, "param_groups": groups, "longctx_version": __version__,
-                "lanes": self.cfg.batch_size, "world_size": self.dist.world, "val": self.last_val}
+        meta = {
+            "step": self.step,
+            "tokens_seen": self.tokens_seen,
+            "data_cursor": self.cursor,
+            "elapsed_s": self.elapsed,
+            "param_groups": groups,
+            "longctx_version": __version__,
+            "lanes": self.cfg.batch_size,
+            "world_size": self.dist.world,
+            "val": self.last_val,
+        }
         return TrainerState(tensors=tensors, meta=meta)
 
     def restore(self, saved: TrainerState) -> None:
@@ -569,13 +639,16 @@ class Trainer:
         try:
             lanes = type(self.states[0]).from_tensors(tensors, prefix=STATE_PREFIX).to(self.device)
         except KeyError:
-            raise LongctxError("the checkpoint holds no lane states for this decoder; resume with the config that "
-                               "wrote it") from None
+            raise LongctxError(
+                "the checkpoint holds no lane states for this decoder; resume with the config that wrote it"
+            ) from None
         if next(iter(lanes.tensors().values())).shape[0] != self.cfg.batch_size:
             raise ConfigError("train.batch_size differs from the resumed run's; keep it to resume exactly")
         mb, first = self.micro, self.first_lane
-        self.states = [lanes.select(torch.arange(first + i * mb, first + (i + 1) * mb, device=self.device))
-                       for i in range(self.accum)]
+        self.states = [
+            lanes.select(torch.arange(first + i * mb, first + (i + 1) * mb, device=self.device))
+            for i in range(self.accum)
+        ]
         rng = tensors.get(f"rng.torch.{self.dist.rank}")
         if rng is not None and int(meta.get("world_size", 1)) == self.dist.world:
             torch.set_rng_state(rng)
@@ -624,19 +697,27 @@ class Trainer:
             model.decoder.after_optimizer_step()
             bad = non_finite_parameters(model)
             if bad:  # a finite loss and gradient, yet the update overflowed: nothing after this can be saved
-                raise LongctxError(f"the update of step {self.step + 1} made the weights non-finite "
-                                   f"({', '.join(bad[:3])}); the last checkpoint ({self.last_checkpoint or 'none'}) "
-                                   "is intact; resume from it with a lower --lr or --precision fp32")
+                raise LongctxError(
+                    f"the update of step {self.step + 1} made the weights non-finite "
+                    f"({', '.join(bad[:3])}); the last checkpoint ({self.last_checkpoint or 'none'}) "
+                    "is intact; resume from it with a lower --lr or --precision fp32"
+                )
             self.states = new_states
             self.bad_steps = 0
         else:  # do not apply the step, and start the lanes from empty memory rather than a poisoned one
             self.bad_steps += 1
             self.reset_states()
-            log.warning("step %d: non-finite loss or gradient (%s); step skipped (%d in a row)",
-                        self.step + 1, total, self.bad_steps)
+            log.warning(
+                "step %d: non-finite loss or gradient (%s); step skipped (%d in a row)",
+                self.step + 1,
+                total,
+                self.bad_steps,
+            )
             if self.bad_steps >= cfg.max_bad_steps:
-                raise LongctxError(f"{self.bad_steps} non-finite steps in a row at step {self.step + 1}; stopped. "
-                                   "The last checkpoint is intact; lower --lr or use --precision fp32")
+                raise LongctxError(
+                    f"{self.bad_steps} non-finite steps in a row at step {self.step + 1}; stopped. "
+                    "The last checkpoint is intact; lower --lr or use --precision fp32"
+                )
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self.cursor += 1
@@ -656,16 +737,20 @@ class Trainer:
             return path  # this very step is already saved (a resumed run that trained no step): never rewrite it
         bad = non_finite_parameters(self.model)
         if bad:  # load_checkpoint would refuse these weights: keep the last good checkpoint as the newest
-            raise LongctxError(f"the weights became non-finite at step {self.step} ({', '.join(bad[:3])}); no "
-                               f"checkpoint written, the last one ({self.last_checkpoint or 'none'}) is intact; "
-                               "resume from it with a lower --lr or --precision fp32")
+            raise LongctxError(
+                f"the weights became non-finite at step {self.step} ({', '.join(bad[:3])}); no "
+                f"checkpoint written, the last one ({self.last_checkpoint or 'none'}) is intact; "
+                "resume from it with a lower --lr or --precision fp32"
+            )
         state = self.trainer_state()
         if self.dist.main:
             try:
                 save_checkpoint(path, self.model, self.config, self.tokenizer, state)
             except OSError as e:  # disk full, quota, read-only (safetensors' own errors arrive as OSError)
-                raise LongctxError(f"cannot write checkpoint {path}: {e.strerror or e}; the previous checkpoints "
-                                   "are intact; free space and continue with --resume auto") from None
+                raise LongctxError(
+                    f"cannot write checkpoint {path}: {e.strerror or e}; the previous checkpoints "
+                    "are intact; free space and continue with --resume auto"
+                ) from None
             for old in find_checkpoints(self.run.out_dir)[: -self.cfg.keep_last]:
                 remove_checkpoint(old)  # a kill during the deletion leaves no partial step-* folder
         distrib.barrier(self.dist)
@@ -688,28 +773,54 @@ class Trainer:
             return
         if metrics is not None:
             learned = self.model.decoder.describe()
-            metrics.write({"step": self.step, "tokens": self.tokens_seen, **val,
-                           **({"learned": learned} if learned else {})})
-        tqdm.write(f"step {self.step}: val loss {val['val_loss']:.4f}, val ppl {val['val_ppl']:.2f}, "
-                   f"val bpb {val['val_bpb']:.4f}", file=sys.stderr)
+            metrics.write(
+                {"step": self.step, "tokens": self.tokens_seen, **val, **({"learned": learned} if learned else {})}
+            )
+        tqdm.write(
+            f"step {self.step}: val loss {val['val_loss']:.4f}, val ppl {val['val_ppl']:.2f}, "
+            f"val bpb {val['val_bpb']:.4f}",
+            file=sys.stderr,
+        )
 
-    def log_step(self, metrics: MetricsLog | None, loss: float, norm: float, stats: dict[str, float], rate: float,
-                 progress: bool) -> None:
-        record = {"step": self.step, "tokens": self.tokens_seen, "loss": loss, "ppl": math.exp(min(loss, 700.0)),
-                  "lr": lr_at(self.step - 1, self.cfg), "grad_norm": norm, "tokens_per_s": rate,
-                  "elapsed_s": self.elapsed, **stats}
+    def log_step(
+        self, metrics: MetricsLog | None, loss: float, norm: float, stats: dict[str, float], rate: float, progress: bool
+    ) -> None:
+        record = {
+            "step": self.step,
+            "tokens": self.tokens_seen,
+            "loss": loss,
+            "ppl": math.exp(min(loss, 700.0)),
+            "lr": lr_at(self.step - 1, self.cfg),
+            "grad_norm": norm,
+            "tokens_per_s": rate,
+            "elapsed_s": self.elapsed,
+            **stats,
+        }
         if metrics is not None:
             metrics.write(record)
         if not progress:
-            log.info("step %d/%d | loss %.4f | ppl %.2f | lr %.2e | %s tok/s", self.step, self.cfg.max_steps, loss,
-                     record["ppl"], record["lr"], f"{rate:,.0f}")
+            log.info(
+                "step %d/%d | loss %.4f | ppl %.2f | lr %.2e | %s tok/s",
+                self.step,
+                self.cfg.max_steps,
+                loss,
+                record["ppl"],
+                record["lr"],
+                f"{rate:,.0f}",
+            )
 
     def loop(self, metrics: MetricsLog | None, progress: bool) -> TrainResult:
         cfg = self.cfg
         started, last_log, log_tokens = time.monotonic(), time.monotonic(), 0
         elapsed0 = self.elapsed
-        bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not progress, unit="step", dynamic_ncols=True,
-                   file=sys.stderr)
+        bar = tqdm(
+            total=cfg.max_steps,
+            initial=self.step,
+            disable=not progress,
+            unit="step",
+            dynamic_ncols=True,
+            file=sys.stderr,
+        )
         loss = None
         with SignalFlag() as flag:
             while self.budget_left():
@@ -718,9 +829,11 @@ class Trainer:
                 self.elapsed = elapsed0 + time.monotonic() - started
                 bar.update(1)
                 # every rank takes the same decision, whichever of them got the signal or ran out of time
-                signalled, out_of_time = distrib.any_true(self.dist, [
-                    flag.signum is not None, bool(cfg.max_time and time.monotonic() - started >= cfg.max_time)],
-                    self.device)
+                signalled, out_of_time = distrib.any_true(
+                    self.dist,
+                    [flag.signum is not None, bool(cfg.max_time and time.monotonic() - started >= cfg.max_time)],
+                    self.device,
+                )
                 if self.step % cfg.log_interval == 0 or self.step == cfg.max_steps:
                     now = time.monotonic()
                     rate, last_log, log_tokens = log_tokens / max(now - last_log, 1e-9), now, 0
@@ -731,8 +844,10 @@ class Trainer:
                 if signalled:
                     bar.close()
                     path = self.save()
-                    err = Interrupted(f"interrupted at step {self.step}; checkpoint written to {path}; continue "
-                                      f"with: longctx train --resume auto --out-dir {self.run.out_dir}")
+                    err = Interrupted(
+                        f"interrupted at step {self.step}; checkpoint written to {path}; continue "
+                        f"with: longctx train --resume auto --out-dir {self.run.out_dir}"
+                    )
                     err.exit_code = EXIT_CODES.get(flag.signum, 143)
                     raise err
                 if self.step % cfg.save_interval == 0 and self.bad_steps == 0:
@@ -744,8 +859,14 @@ class Trainer:
                 self.validate_and_log(metrics)
             if self.last_checkpoint is None or self.last_checkpoint.name != step_dir_name(self.step):
                 self.save()
-        return TrainResult(steps=self.step, tokens=self.tokens_seen, elapsed_s=self.elapsed,
-                           last_checkpoint=self.last_checkpoint, final_loss=loss, val=self.last_val)
+        return TrainResult(
+            steps=self.step,
+            tokens=self.tokens_seen,
+            elapsed_s=self.elapsed,
+            last_checkpoint=self.last_checkpoint,
+            final_loss=loss,
+            val=self.last_val,
+        )
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -755,9 +876,11 @@ class Trainer:
 def check_world(config: Config, dd: Dist) -> None:
     t = config.train
     if t.batch_size % dd.world or (t.micro_batch_size and (t.batch_size // dd.world) % t.micro_batch_size):
-        raise ConfigError(f"train.batch_size ({t.batch_size}) must be a multiple of the number of processes "
-                          f"({dd.world}) x train.micro_batch_size ({t.micro_batch_size or 1}); change --batch-size "
-                          "or --micro-batch-size")
+        raise ConfigError(
+            f"train.batch_size ({t.batch_size}) must be a multiple of the number of processes "
+            f"({dd.world}) x train.micro_batch_size ({t.micro_batch_size or 1}); change --batch-size "
+            "or --micro-batch-size"
+        )
 
 
 def train(config: Config, run: RunOptions, overrides: dict[str, Any] | None = None) -> TrainResult:
@@ -769,8 +892,10 @@ def train(config: Config, run: RunOptions, overrides: dict[str, Any] | None = No
     run.out_dir = Path(run.out_dir)
     check_loggers(run.loggers)
     if run.resume and run.init_from:
-        raise ConfigError("--resume and --init-from exclude each other: resume continues a run, init-from starts a "
-                          "new one from weights")
+        raise ConfigError(
+            "--resume and --init-from exclude each other: resume continues a run, init-from starts a "
+            "new one from weights"
+        )
     dd = distrib.from_env()
     device = resolve_device(config.train.device)
     if dd.enabled and device.type == "cuda":
@@ -798,11 +923,16 @@ def check_lineage(resume_from: Path, out_dir: Path) -> None:
     if not found or found[-1].resolve() == resume_from.resolve():
         return
     if resume_from.resolve().parent == out_dir.resolve():
-        raise ConfigError(f"--resume {resume_from} is not the newest checkpoint of {out_dir} ({found[-1].name} is); "
-                          "continuing it there would mix two lines of training and prune the newer one: give an "
-                          "empty --out-dir to branch from it, or --resume auto to continue the newest")
-    raise ConfigError(f"--out-dir {out_dir} holds another run's checkpoints; resume {resume_from} into its own "
-                      "folder (--out-dir " f"{resume_from.parent}) or into an empty one")
+        raise ConfigError(
+            f"--resume {resume_from} is not the newest checkpoint of {out_dir} ({found[-1].name} is); "
+            "continuing it there would mix two lines of training and prune the newer one: give an "
+            "empty --out-dir to branch from it, or --resume auto to continue the newest"
+        )
+    raise ConfigError(
+        f"--out-dir {out_dir} holds another run's checkpoints; resume {resume_from} into its own "
+        "folder (--out-dir "
+        f"{resume_from.parent}) or into an empty one"
+    )
 
 
 def absolute_data_paths(config: Config) -> Config:
@@ -825,21 +955,27 @@ def _dotted(config: Config, key: str) -> Any:
     return value
 
 
-def _train(config: Config, run: RunOptions, overrides: dict[str, Any], device: torch.device, dd: Dist,
-           doomed: list[Path]) -> TrainResult:
+def _train(
+    config: Config, run: RunOptions, overrides: dict[str, Any], device: torch.device, dd: Dist, doomed: list[Path]
+) -> TrainResult:
     resume_from = resolve_resume(run)
     config = absolute_data_paths(config)  # a checkpoint evaluated from another folder still finds its held-out data
     if resume_from is not None:
         check_lineage(resume_from, run.out_dir)
         requested = config
         config = merge_resumed_config(config, absolute_data_paths(read_config(resume_from)), overrides)
-        ignored = [key for key in overrides if not key.startswith("train.") and key != "preset"
-                   and _dotted(requested, key) != _dotted(config, key)]
+        ignored = [
+            key
+            for key in overrides
+            if not key.startswith("train.") and key != "preset" and _dotted(requested, key) != _dotted(config, key)
+        ]
         if "preset" in overrides and _architecture(requested) != _architecture(config):
             ignored.insert(0, f"--preset {overrides['preset']}")
         if ignored:  # the same command line as the interrupted run is fine; a different model or data is not
-            raise ConfigError(f"resuming {resume_from}: the model and data come from the checkpoint, so "
-                              f"{', '.join(ignored)} cannot change; start a new run with --init-from instead")
+            raise ConfigError(
+                f"resuming {resume_from}: the model and data come from the checkpoint, so "
+                f"{', '.join(ignored)} cannot change; start a new run with --init-from instead"
+            )
     check_world(config, dd)
     init_from = resolve_checkpoint(Path(run.init_from)) if run.init_from else None
     # the data exist and hold text: found once, before --overwrite deletes anything
@@ -847,8 +983,10 @@ def _train(config: Config, run: RunOptions, overrides: dict[str, Any], device: t
     if init_from is not None:
         check_init_from(init_from, config)
         if any(init_from.resolve().is_relative_to(p.resolve()) for p in doomed):
-            raise ConfigError(f"--init-from {init_from} lies in --out-dir {run.out_dir}, which --overwrite would "
-                              "empty; copy the checkpoint elsewhere or pick another --out-dir")
+            raise ConfigError(
+                f"--init-from {init_from} lies in --out-dir {run.out_dir}, which --overwrite would "
+                "empty; copy the checkpoint elsewhere or pick another --out-dir"
+            )
     if dd.main:
         clear_out_dir(doomed)
     if config.train.threads:
@@ -856,8 +994,10 @@ def _train(config: Config, run: RunOptions, overrides: dict[str, Any], device: t
     torch.manual_seed(config.train.seed)  # the same initial weights on every rank
     tokenizer = prepare_tokenizer(config, resume_from, init_from, run.out_dir, dd, split[0])
     if (tokenizer.vocab_size, tokenizer.sep_id) != (config.model.vocab_size, config.model.separator_id):
-        config = dataclasses.replace(config, model=dataclasses.replace(
-            config.model, vocab_size=tokenizer.vocab_size, separator_id=tokenizer.sep_id))
+        config = dataclasses.replace(
+            config,
+            model=dataclasses.replace(config.model, vocab_size=tokenizer.vocab_size, separator_id=tokenizer.sep_id),
+        )
     if not dd.main:
         distrib.barrier(dd)  # rank 0 builds the token caches first; the others then find them
     train_tokens, val_tokens = prepare_data(config, tokenizer, split)
@@ -895,18 +1035,41 @@ def _train(config: Config, run: RunOptions, overrides: dict[str, Any], device: t
             metrics.close()
 
 
-def announce(config: Config, model: LongContextLM, train_tokens: np.ndarray, val_tokens: np.ndarray,
-             device: torch.device, run: RunOptions, dd: Dist) -> None:
+def announce(
+    config: Config,
+    model: LongContextLM,
+    train_tokens: np.ndarray,
+    val_tokens: np.ndarray,
+    device: torch.device,
+    run: RunOptions,
+    dd: Dist,
+) -> None:
     t = config.train
-    log.info("model: %s decoder, %s parameters, state %s bytes per lane", config.model.decoder,
-             f"{model.num_parameters():,}", f"{model.init_state(1, device).nbytes():,}")
+    log.info(
+        "model: %s decoder, %s parameters, state %s bytes per lane",
+        config.model.decoder,
+        f"{model.num_parameters():,}",
+        f"{model.init_state(1, device).nbytes():,}",
+    )
     per_rank = t.batch_size // dd.world
-    log.info("data: %s training tokens, %s validation tokens; %d lanes x %d tokens per step, gradient accumulation %d",
-             f"{len(train_tokens):,}", f"{len(val_tokens):,}", t.batch_size, t.seq_len,
-             per_rank // (t.micro_batch_size or per_rank))
+    log.info(
+        "data: %s training tokens, %s validation tokens; %d lanes x %d tokens per step, gradient accumulation %d",
+        f"{len(train_tokens):,}",
+        f"{len(val_tokens):,}",
+        t.batch_size,
+        t.seq_len,
+        per_rank // (t.micro_batch_size or per_rank),
+    )
     procs = f", {dd.world} processes" if dd.enabled else ""
-    log.info("device %s%s, precision %s, %d threads, seed %d; writing to %s", device, procs, t.precision,
-             torch.get_num_threads(), t.seed, run.out_dir)
+    log.info(
+        "device %s%s, precision %s, %d threads, seed %d; writing to %s",
+        device,
+        procs,
+        t.precision,
+        torch.get_num_threads(),
+        t.seed,
+        run.out_dir,
+    )
 
 
 def summarize(result: TrainResult) -> None:
@@ -920,4 +1083,3 @@ def summarize(result: TrainResult) -> None:
     log.info("done: %s", " | ".join(parts))
     if result.last_checkpoint is not None:
         log.info("checkpoint: %s", result.last_checkpoint)
-

@@ -23,16 +23,33 @@ MAX_DEPTH = 32  # nesting of JSON/TOML values; longctx writes at most 4 levels (
 MAX_INT_DIGITS = 20  # an int64 has at most 19 digits
 INT64_MAX = 2**63 - 1
 MAX_HEADER_BYTES = 100 << 20  # the safetensors format's own limit on its JSON header
-SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
-                      "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}  # torch's names
+SAFETENSORS_DTYPES = {
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U8": "uint8",
+    "BOOL": "bool",
+}  # torch's names
 
 if TYPE_CHECKING:  # torch is imported where tensors are checked: the CLI's --help and config code never load it
     import torch
     from torch import Tensor
 
 ErrorType = type[LongctxError]
-_TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", list: "a list", dict: "an object",
-               bool: "true or false", type(None): "null"}
+_TYPE_NAMES = {
+    int: "an integer",
+    float: "a number",
+    str: "a string",
+    list: "a list",
+    dict: "an object",
+    bool: "true or false",
+    type(None): "null",
+}
 
 
 def _short(value: Any) -> str:
@@ -89,8 +106,10 @@ def read_bytes(path: Path, limit: int, what: str, error: ErrorType = CheckpointE
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
             if size > limit:
-                raise error(f"{path} is {size:,} bytes, more than the {limit:,} a {what} may have; "
-                            "it was not written by longctx")
+                raise error(
+                    f"{path} is {size:,} bytes, more than the {limit:,} a {what} may have; "
+                    "it was not written by longctx"
+                )
             data = f.read(limit + 1)
     except OSError as e:
         raise error(f"cannot read {what} {str(path)!r}: {e.strerror or e}") from None
@@ -104,8 +123,14 @@ def read_json(path: Path, what: str, error: ErrorType = CheckpointError, limit: 
     return loads_json(read_bytes(path, limit, what, error), str(path), error)
 
 
-def field(data: Any, key: str, kind: type | tuple[type, ...], where: str, error: ErrorType = CheckpointError,
-          minimum: float | None = None) -> Any:
+def field(
+    data: Any,
+    key: str,
+    kind: type | tuple[type, ...],
+    where: str,
+    error: ErrorType = CheckpointError,
+    minimum: float | None = None,
+) -> Any:
     """``data[key]``, which must exist and be of ``kind`` (``bool`` is not an ``int``; ``int`` passes for ``float``)
     and at least ``minimum``; else one line naming ``where`` and the key."""
     if not isinstance(data, dict):
@@ -125,13 +150,22 @@ def field(data: Any, key: str, kind: type | tuple[type, ...], where: str, error:
     return value
 
 
-def check_tensor(tensor: Tensor, name: str, where: str, shape: tuple[int, ...] | None = None,
-                 dtype: torch.dtype | None = None, finite: bool = True, error: ErrorType = CheckpointError) -> Tensor:
+def check_tensor(
+    tensor: Tensor,
+    name: str,
+    where: str,
+    shape: tuple[int, ...] | None = None,
+    dtype: torch.dtype | None = None,
+    finite: bool = True,
+    error: ErrorType = CheckpointError,
+) -> Tensor:
     """``tensor`` has ``shape`` and ``dtype`` (where given) and, if floating point and ``finite``, no NaN or inf."""
     if (shape is not None and tuple(tensor.shape) != tuple(shape)) or (dtype is not None and tensor.dtype != dtype):
         want = " ".join(filter(None, [shape is not None and str(tuple(shape)), dtype is not None and str(dtype)]))
-        raise error(f"{where}: tensor {name} is {tuple(tensor.shape)} {tensor.dtype}, this model needs {want}; "
-                    "the file belongs to another model or is damaged")
+        raise error(
+            f"{where}: tensor {name} is {tuple(tensor.shape)} {tensor.dtype}, this model needs {want}; "
+            "the file belongs to another model or is damaged"
+        )
     import torch
 
     if finite and tensor.is_floating_point() and not torch.isfinite(tensor).all():
@@ -139,14 +173,17 @@ def check_tensor(tensor: Tensor, name: str, where: str, shape: tuple[int, ...] |
     return tensor
 
 
-def read_safetensors_header(path: Path, error: ErrorType = CheckpointError
-                            ) -> tuple[dict[str, tuple[torch.dtype | str, tuple[int, ...]]], dict[str, str]]:
+def read_safetensors_header(
+    path: Path, error: ErrorType = CheckpointError
+) -> tuple[dict[str, tuple[torch.dtype | str, tuple[int, ...]]], dict[str, str]]:
     """({name: (dtype, shape)}, metadata) of a safetensors file from its header alone: no tensor is read, so a
     config can be checked against the weights before any memory is allocated for them."""
     import torch
 
-    damaged = f"{path} is not a readable safetensors file (%s); the checkpoint is truncated or damaged; " \
-              "use another checkpoint"
+    damaged = (
+        f"{path} is not a readable safetensors file (%s); the checkpoint is truncated or damaged; "
+        "use another checkpoint"
+    )
     try:
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
@@ -168,12 +205,16 @@ def read_safetensors_header(path: Path, error: ErrorType = CheckpointError
     for name, entry in header.items():
         shape = entry.get("shape") if isinstance(entry, dict) else None
         offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
-        if not (isinstance(shape, list) and all(isinstance(n, int) and n >= 0 for n in shape)
-                and isinstance(offsets, list) and len(offsets) == 2
-                and all(isinstance(n, int) and 0 <= n <= data_bytes for n in offsets)
-                and isinstance(entry.get("dtype"), str) and isinstance(metadata, dict)):
+        if not (
+            isinstance(shape, list)
+            and all(isinstance(n, int) and n >= 0 for n in shape)
+            and isinstance(offsets, list)
+            and len(offsets) == 2
+            and all(isinstance(n, int) and 0 <= n <= data_bytes for n in offsets)
+            and isinstance(entry.get("dtype"), str)
+            and isinstance(metadata, dict)
+        ):
             raise error(damaged % f"a bad header entry for {name[:60]!r}")
         dtype = SAFETENSORS_DTYPES.get(entry["dtype"])
         tensors[name] = (getattr(torch, dtype) if dtype else entry["dtype"], tuple(shape))
     return tensors, metadata
-

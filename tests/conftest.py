@@ -43,8 +43,16 @@ TINY_OVERRIDES: dict[str, Callable[[], dict[str, Any]]] = {
     "aft": lambda: {"aft": {"variant": "local", "window": 4, "heads": 2, "max_distance": 6}},
     # refits every 4 tokens from position 8 on: several LTM versions within every contract stream (and segment);
     # tests/decoders/test_infinite.py runs the same contract checks with sticky memories and the gate
-    "infinite": lambda: {"infinite": {"mem_len": 4, "ltm_block": 4, "n_basis": 16, "sigmas": [0.05, 0.1],
-                                      "n_samples": 16, "sticky_bins": 8}},
+    "infinite": lambda: {
+        "infinite": {
+            "mem_len": 4,
+            "ltm_block": 4,
+            "n_basis": 16,
+            "sigmas": [0.05, 0.1],
+            "n_samples": 16,
+            "sticky_bins": 8,
+        }
+    },
     # 1 cross-attention (context 8) + 2 latent layers (latents 4); half of each head's channels rotated
     "perceiver_ar": lambda: {"n_layer": 3, "perceiver_ar": {"context": 8, "latents": 4, "rotary_fraction": 0.5}},
     # segments of 4, 3 summaries kept: every contract stream crosses many segments and drops old summaries

@@ -14,8 +14,21 @@ from longctx.errors import ConfigError
 
 
 def test_generate_equals_the_cli_and_stream_yields_the_same_text(ws: Workspace) -> None:  # noqa: F811
-    cli = run_inprocess(ws.root, "generate", "--model", ws.ckpt, "--prompt", "Hello there", "-n", "40", "--seed",
-                        "3", "--top-k", "0", "-q")
+    cli = run_inprocess(
+        ws.root,
+        "generate",
+        "--model",
+        ws.ckpt,
+        "--prompt",
+        "Hello there",
+        "-n",
+        "40",
+        "--seed",
+        "3",
+        "--top-k",
+        "0",
+        "-q",
+    )
     assert cli.code == 0, cli.err
     text = longctx.generate(ws.ckpt, "Hello there", max_new_tokens=40, seed=3, top_k=0)
     assert text + "\n" == cli.out

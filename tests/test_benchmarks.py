@@ -21,8 +21,12 @@ ROOT = Path(__file__).resolve().parent.parent
 def _run_smoke(script: str, tmp_path: Path, *extra: str) -> tuple[dict, subprocess.CompletedProcess]:
     """``benchmarks/SCRIPT.py --smoke --output ... EXTRA``: exits 0, prints the JSON report it writes."""
     out = tmp_path / f"{script}.json"
-    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / f"{script}.py"), "--smoke", "--output", str(out),
-                          *extra], capture_output=True, text=True, timeout=300)
+    res = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / f"{script}.py"), "--smoke", "--output", str(out), *extra],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     report = json.loads(out.read_text())
     assert json.loads(res.stdout) == report
@@ -40,9 +44,13 @@ def test_train_speed_smoke(tmp_path):
     # The FLOP count, recomputed here from the model the report describes: parameters outside the embedding,
     # the tied head, and a transformer query attending to its whole window (K = window).
     cfg = result["model"]
-    model = build_model(load_config("transformer-small", {
-        f"model.{k}": v for k, v in cfg.items() if k in ("n_layer", "n_head", "d_model", "d_ff", "vocab_size")}
-        | {"model.transformer.window": cfg["transformer"]["window"]}).model)
+    model = build_model(
+        load_config(
+            "transformer-small",
+            {f"model.{k}": v for k, v in cfg.items() if k in ("n_layer", "n_head", "d_model", "d_ff", "vocab_size")}
+            | {"model.transformer.window": cfg["transformer"]["window"]},
+        ).model
+    )
     n = sum(p.numel() for p in model.parameters()) - model.embed.weight.numel()
     d, L, V, K = cfg["d_model"], cfg["n_layer"], cfg["vocab_size"], cfg["transformer"]["window"]
     assert result["flops"]["flops_per_token"] == 6 * n + 6 * d * V + 12 * L * d * K
@@ -62,11 +70,17 @@ def test_per_position_file_names_follow_the_report():
     spec = importlib.util.spec_from_file_location("quality_benchmark", ROOT / "benchmarks" / "quality.py")
     quality = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(quality)
-    names = {name: quality.per_position_stem(Path("results") / name)
-             for name in ("quality.json", "quality_smoke.json", "quality_500k.json", "run.json", "quality2.json")}
-    assert names == {"quality.json": "per_position", "quality_smoke.json": "per_position_smoke",
-                     "quality_500k.json": "per_position_500k", "run.json": "run_per_position",
-                     "quality2.json": "quality2_per_position"}
+    names = {
+        name: quality.per_position_stem(Path("results") / name)
+        for name in ("quality.json", "quality_smoke.json", "quality_500k.json", "run.json", "quality2.json")
+    }
+    assert names == {
+        "quality.json": "per_position",
+        "quality_smoke.json": "per_position_smoke",
+        "quality_500k.json": "per_position_500k",
+        "run.json": "run_per_position",
+        "quality2.json": "quality2_per_position",
+    }
 
 
 def test_quality_smoke(tmp_path):
@@ -81,7 +95,8 @@ def test_quality_smoke(tmp_path):
         assert r["window"] >= 1 and r["evaluation"]["cut"]["window"] == 2 * r["window"]
         assert isinstance(r["learned"], dict)  # the decoder's describe(): spans, biases, decays
         assert r["evaluation"]["carry"]["per_position"] and all(
-            _finite(row["mean_nll"]) for row in r["evaluation"]["carry"]["per_position"])
+            _finite(row["mean_nll"]) for row in r["evaluation"]["carry"]["per_position"]
+        )
     # a one-layer sliding-window transformer reads its whole reach in cut mode: cut equals carry
     assert abs(report["presets"]["transformer-small"]["delta_bpb"]) < 1e-4
     csv_lines = Path(report["per_position_csv"]).read_text().splitlines()
@@ -94,7 +109,8 @@ def test_quality_smoke(tmp_path):
     again, res2 = _run_with_runs("quality", tmp_path)
     assert "not training" in res2.stderr
     assert {p: r["carry_bpb"] for p, r in again["presets"].items()} == {
-        p: r["carry_bpb"] for p, r in report["presets"].items()}
+        p: r["carry_bpb"] for p, r in report["presets"].items()
+    }
 
 
 def test_sorting_smoke(tmp_path):
@@ -145,7 +161,8 @@ def test_speed_smoke(tmp_path):
             row = report["train"]["runs"][preset][precision]
             peak = report["train"]["matmul_peak_flops_per_s"][precision]
             assert row["tokens_per_s"] > 0 and row["mfu"] == pytest.approx(
-                row["flops_per_token"] * row["tokens_per_s"] / peak)  # a bound would flake (see above)
+                row["flops_per_token"] * row["tokens_per_s"] / peak
+            )  # a bound would flake (see above)
         infer = report["infer"][preset]
         assert set(infer["decode_latency_s"]) == set(infer["ingest_tokens_per_s"]) == {"100", "400"}
         assert infer["flatness"] > 0 and infer["state_bytes"] == infer["state_bytes_empty"] > 0  # bounded state
@@ -167,8 +184,13 @@ def test_aft_stall_smoke(tmp_path):
     report, _ = _run_with_runs("aft_stall", tmp_path)
     runs = report["conditions"]
     rate = report["settings"]["bias_rate"]
-    assert list(runs) == ["carried", "reset", f"carried, bias x {rate:g}", f"reset, bias x {rate:g}",
-                          "reference transformer-small"]
+    assert list(runs) == [
+        "carried",
+        "reset",
+        f"carried, bias x {rate:g}",
+        f"reset, bias x {rate:g}",
+        "reference transformer-small",
+    ]
     for r in runs.values():
         assert r["steps"] == report["settings"]["steps"] == 3 and _finite(r["loss_last3"])
     carried, reset, fast = runs["carried"], runs["reset"], runs[f"carried, bias x {rate:g}"]
@@ -185,8 +207,9 @@ def test_aft_stall_counts_the_document_boundaries_lanes_cross(tmp_path):
     spec = importlib.util.spec_from_file_location("aft_stall_benchmark", ROOT / "benchmarks" / "aft_stall.py")
     stall = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(stall)
-    config = load_config("aft-local-small", {"train.batch_size": 4, "train.seq_len": 64,
-                                             "data.cache_dir": str(tmp_path)})
+    config = load_config(
+        "aft-local-small", {"train.batch_size": 4, "train.seq_len": 64, "data.cache_dir": str(tmp_path)}
+    )
     one, whole = stall.boundaries_read(config, [1, 10**9])
     assert one == [0, 0, 0, 0]  # one segment of 64 bytes is inside a play
     # a whole epoch: the 39 training plays start with a separator, the first at lane 0's first token (not counted);

@@ -41,11 +41,32 @@ from longctx.decoders import DECODERS
 # The tiny model of tests/test_train.py: 1 layer, width 32, about 17 k parameters; 3 steps take well under a second.
 # The command-line tests run the transformer baseline (the fastest decoder); the default preset has its own tests.
 PRESET = "transformer-small"  # the run folder is runs/transformer-small
-TINY_MODEL = ["--preset", PRESET, "--set", "model.n_layer=1", "--set", "model.d_model=32", "--set", "model.n_head=2",
-              "--set", "model.d_ff=64", "--set", "model.transformer.window=16"]
+TINY_MODEL = [
+    "--preset",
+    PRESET,
+    "--set",
+    "model.n_layer=1",
+    "--set",
+    "model.d_model=32",
+    "--set",
+    "model.n_head=2",
+    "--set",
+    "model.d_ff=64",
+    "--set",
+    "model.transformer.window=16",
+]
 TINY = [*TINY_MODEL, "--seq-len", "16", "--batch-size", "4", "--threads", "1", "--no-progress"]
-EVAL_KEYS = {"tokens", "bytes", "loss", "ppl", "ppl_stderr", "bits_per_byte", "byte_perplexity", "state_bytes",
-             "peak_rss_bytes"}
+EVAL_KEYS = {
+    "tokens",
+    "bytes",
+    "loss",
+    "ppl",
+    "ppl_stderr",
+    "bits_per_byte",
+    "byte_perplexity",
+    "state_bytes",
+    "peak_rss_bytes",
+}
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -60,14 +81,25 @@ class Result:
 
 
 def _env(root: Path) -> dict[str, str]:
-    return {**os.environ, "LONGCTX_CACHE": str(root / "cache"), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-            "PYTHONIOENCODING": "utf-8"}
+    return {
+        **os.environ,
+        "LONGCTX_CACHE": str(root / "cache"),
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+        "PYTHONIOENCODING": "utf-8",
+    }
 
 
 def run_subprocess(cwd: Path, *args: str | Path, stdin: bytes | None = None) -> Result:
     """``python -m longctx ARGS`` in ``cwd`` with its own token cache and one thread."""
-    proc = subprocess.run([sys.executable, "-m", "longctx", *map(str, args)], cwd=cwd, env=_env(cwd),
-                          input=stdin if stdin is not None else b"", capture_output=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "longctx", *map(str, args)],
+        cwd=cwd,
+        env=_env(cwd),
+        input=stdin if stdin is not None else b"",
+        capture_output=True,
+        timeout=300,
+    )
     return Result(proc.returncode, proc.stdout.decode("utf-8", "replace"), proc.stderr.decode("utf-8", "replace"))
 
 
@@ -153,8 +185,21 @@ def ws(tmp_path_factory: pytest.TempPathFactory) -> Workspace:
     prompt_file.write_bytes(text[:100])
     # a high learning rate without warm-up, so that 3 steps visibly train (the result is still an almost
     # context-free model: tests whose outputs must depend on the context use sharp_ckpt)
-    res = run_subprocess(root, "train", "--data", "data", *TINY, "--max-steps", "3", "--log-interval", "1",
-                         "--lr", "0.03", "--warmup-steps", "0")
+    res = run_subprocess(
+        root,
+        "train",
+        "--data",
+        "data",
+        *TINY,
+        "--max-steps",
+        "3",
+        "--log-interval",
+        "1",
+        "--lr",
+        "0.03",
+        "--warmup-steps",
+        "0",
+    )
     assert res.code == 0, res.err
     run_dir = root / "runs" / PRESET
     return Workspace(root, data, eval_file, prompt_file, run_dir, run_dir / "step-00000003", res)
@@ -170,8 +215,21 @@ def cli(ws: Workspace) -> Callable[..., Result]:
 def bpe_ckpt(ws: Workspace) -> Path:
     """A second, different checkpoint: BPE tokenizer of 300 tokens, trained in-process."""
     out = ws.root / "bpe-run"
-    res = run_inprocess(ws.root, "train", "--data", "data", *TINY, "--max-steps", "2", "--tokenizer", "bpe",
-                        "--vocab-size", "300", "--out-dir", out)
+    res = run_inprocess(
+        ws.root,
+        "train",
+        "--data",
+        "data",
+        *TINY,
+        "--max-steps",
+        "2",
+        "--tokenizer",
+        "bpe",
+        "--vocab-size",
+        "300",
+        "--out-dir",
+        out,
+    )
     assert res.code == 0, res.err
     return find_checkpoints(out)[-1]
 
@@ -216,8 +274,21 @@ def test_python_m_longctx_help(tmp_path: Path) -> None:
 def test_train_help_lists_the_flags(cli: Callable[..., Result]) -> None:
     res = cli("train", "--help")
     assert res.code == 0, res.err
-    for flag in ("--data", "--preset", "--set", "--out-dir", "--resume", "--init-from", "--overwrite",
-                 "--print-config", "--max-steps", "--seq-len", "--batch-size", "--tokenizer", "--vocab-size"):
+    for flag in (
+        "--data",
+        "--preset",
+        "--set",
+        "--out-dir",
+        "--resume",
+        "--init-from",
+        "--overwrite",
+        "--print-config",
+        "--max-steps",
+        "--seq-len",
+        "--batch-size",
+        "--tokenizer",
+        "--vocab-size",
+    ):
         assert flag in res.out, flag
 
 
@@ -243,8 +314,13 @@ def test_train_writes_checkpoint_metrics_and_run_config(ws: Workspace) -> None:
     assert ws.train.code == 0
     assert [p.name for p in find_checkpoints(ws.run_dir)] == ["step-00000003"]
     files = {p.name for p in ws.ckpt.iterdir()}
-    assert {"model.safetensors", "config.json", "tokenizer.json", "trainer_state.safetensors",
-            "trainer_state.json"} <= files
+    assert {
+        "model.safetensors",
+        "config.json",
+        "tokenizer.json",
+        "trainer_state.safetensors",
+        "trainer_state.json",
+    } <= files
     assert not list(ws.run_dir.glob(".tmp-*"))
     records = [json.loads(line) for line in (ws.run_dir / "metrics.jsonl").read_text().splitlines()]
     losses = [r for r in records if "loss" in r]
@@ -260,8 +336,13 @@ def test_train_writes_checkpoint_metrics_and_run_config(ws: Workspace) -> None:
 
 def test_train_echoes_each_override_once_on_stderr(ws: Workspace) -> None:
     err = ws.train.err
-    for line in ("override: train.max_steps = 3", "override: train.seq_len = 16", "override: model.d_model = 32",
-                 "override: model.transformer.window = 16", 'override: data.paths = ["data"]'):
+    for line in (
+        "override: train.max_steps = 3",
+        "override: train.seq_len = 16",
+        "override: model.d_model = 32",
+        "override: model.transformer.window = 16",
+        'override: data.paths = ["data"]',
+    ):
         assert err.count(line) == 1, (line, err)
     assert "Traceback" not in err and "error" not in err
     assert ws.train.out == ""  # stdout stays clean: everything is on stderr
@@ -285,8 +366,9 @@ def test_print_config_prints_json_and_does_not_train(cli: Callable[..., Result],
     assert json.loads(again.out) | {"preset": None} == config | {"preset": None}
 
 
-def test_ctrl_c_in_eval_reports_and_writes_the_partial_result(cli: Callable[..., Result], ws: Workspace,
-                                                                tmp_path: Path, monkeypatch) -> None:
+def test_ctrl_c_in_eval_reports_and_writes_the_partial_result(
+    cli: Callable[..., Result], ws: Workspace, tmp_path: Path, monkeypatch
+) -> None:
     import longctx.model as model_module
 
     real, calls = model_module.LongContextLM.forward, []
@@ -326,8 +408,12 @@ def test_version_presets_and_a_fast_help(tmp_path: Path) -> None:
     started = time.perf_counter()
     res = run_subprocess(tmp_path, "--version")
     assert res.code == 0 and res.out.strip() == f"longctx {__version__}"
-    probe = subprocess.run([sys.executable, "-c", "import sys, longctx.cli; print('torch' in sys.modules)"],
-                           capture_output=True, text=True, timeout=60)
+    probe = subprocess.run(
+        [sys.executable, "-c", "import sys, longctx.cli; print('torch' in sys.modules)"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert probe.stdout.strip() == "False", probe
     assert time.perf_counter() - started < 30  # generous: two interpreters on a loaded machine
     res = run_subprocess(tmp_path, "presets")
@@ -337,13 +423,15 @@ def test_version_presets_and_a_fast_help(tmp_path: Path) -> None:
     assert any(line.startswith("infinite-small (default)") and " M " in line for line in lines)
 
 
-def test_eval_json_says_what_was_evaluated_and_logs_progress(cli: Callable[..., Result], ws: Workspace,
-                                                             monkeypatch) -> None:
+def test_eval_json_says_what_was_evaluated_and_logs_progress(
+    cli: Callable[..., Result], ws: Workspace, monkeypatch
+) -> None:
     import longctx.cli as cli_module
 
     monkeypatch.setattr(cli_module, "EVAL_LOG_INTERVAL_S", 1e-9)  # a progress line after every segment
-    res = cli("eval", ws.eval_file, "--model", ws.ckpt, "--max-tokens", "64", "--seq-len", "16", "--json",
-              "--no-progress")
+    res = cli(
+        "eval", ws.eval_file, "--model", ws.ckpt, "--max-tokens", "64", "--seq-len", "16", "--json", "--no-progress"
+    )
     assert res.code == 0, res.err
     result = json.loads(res.out)
     assert result["decoder"] == "transformer" and result["tokenizer"] == "byte" and result["device"] == "cpu"
@@ -354,9 +442,28 @@ def test_eval_json_says_what_was_evaluated_and_logs_progress(cli: Callable[..., 
 
 def test_generate_into_a_closed_pipe_exits_0_quietly(ws: Workspace) -> None:
     """`longctx generate ... | head -c 10`: the reader leaves early; exit 0 and no error, as `head`'s users expect."""
-    proc = subprocess.Popen([sys.executable, "-m", "longctx", "generate", "--model", str(ws.ckpt), "-n", "20000",
-                             "--ignore-eos", "--prompt", "Hello", "--seed", "1", "-q"], cwd=ws.root, env=_env(ws.root),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "longctx",
+            "generate",
+            "--model",
+            str(ws.ckpt),
+            "-n",
+            "20000",
+            "--ignore-eos",
+            "--prompt",
+            "Hello",
+            "--seed",
+            "1",
+            "-q",
+        ],
+        cwd=ws.root,
+        env=_env(ws.root),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     assert proc.stdout is not None and len(proc.stdout.read(10)) == 10
     proc.stdout.close()
     _, err = proc.communicate(timeout=120)
@@ -364,8 +471,9 @@ def test_generate_into_a_closed_pipe_exits_0_quietly(ws: Workspace) -> None:
     assert b"Error" not in err and b"Traceback" not in err, err
 
 
-def test_plot_draws_runs_or_says_what_is_missing(cli: Callable[..., Result], ws: Workspace, tmp_path: Path,
-                                                 monkeypatch) -> None:
+def test_plot_draws_runs_or_says_what_is_missing(
+    cli: Callable[..., Result], ws: Workspace, tmp_path: Path, monkeypatch
+) -> None:
     assert_user_error(cli("plot", tmp_path), "metrics.jsonl")
     try:
         import matplotlib  # noqa: F401
@@ -401,10 +509,32 @@ def test_train_without_a_preset_trains_the_infinite_former_end_to_end(ws: Worksp
     assert res.code == 0, res.err
     config = json.loads(res.out)
     assert config["preset"] == "infinite-small" and config["model"]["decoder"] == "infinite"
-    tiny_ltm = ["model.n_layer=1", "model.d_model=32", "model.n_head=2", "model.d_ff=64", "model.infinite.mem_len=8",
-                "model.infinite.ltm_block=8", "model.infinite.n_basis=16", "model.infinite.n_samples=16"]
-    res = run_inprocess(tmp_path, "train", "--data", ws.data, *(a for kv in tiny_ltm for a in ("--set", kv)),
-                        "--seq-len", "16", "--batch-size", "2", "--threads", "1", "--no-progress", "--max-steps", "2")
+    tiny_ltm = [
+        "model.n_layer=1",
+        "model.d_model=32",
+        "model.n_head=2",
+        "model.d_ff=64",
+        "model.infinite.mem_len=8",
+        "model.infinite.ltm_block=8",
+        "model.infinite.n_basis=16",
+        "model.infinite.n_samples=16",
+    ]
+    res = run_inprocess(
+        tmp_path,
+        "train",
+        "--data",
+        ws.data,
+        *(a for kv in tiny_ltm for a in ("--set", kv)),
+        "--seq-len",
+        "16",
+        "--batch-size",
+        "2",
+        "--threads",
+        "1",
+        "--no-progress",
+        "--max-steps",
+        "2",
+    )
     assert res.code == 0, res.err
     assert (tmp_path / "runs" / "infinite-small" / "step-00000002" / "model.safetensors").is_file()
     res = run_inprocess(tmp_path, "eval", "--ppl", ws.eval_file, "--json")  # 1200 bytes: several LTM refits
@@ -429,27 +559,59 @@ def _set_flags(table: dict, prefix: str = "model.") -> list[str]:
 
 
 @pytest.mark.parametrize("decoder", sorted(DECODERS))
-def test_every_decoder_trains_evaluates_and_generates_through_the_cli(decoder: str, ws: Workspace,
-                                                                       tmp_path: Path) -> None:
+def test_every_decoder_trains_evaluates_and_generates_through_the_cli(
+    decoder: str, ws: Workspace, tmp_path: Path
+) -> None:
     """The tiny config of the contract tests (tests/conftest.py), through train, eval --ppl and generate."""
     model = {k: v for k, v in TINY_BASE.items() if k != "vocab_size"} | TINY_OVERRIDES[decoder]()
-    res = run_inprocess(tmp_path, "train", "--preset", PRESET, "--set", f"model.decoder={decoder}",
-                        *_set_flags(model), "--data", ws.data, "--seq-len", "16", "--batch-size", "2", "--threads",
-                        "1", "--no-progress", "--max-steps", "2", "--out-dir", "run")
+    res = run_inprocess(
+        tmp_path,
+        "train",
+        "--preset",
+        PRESET,
+        "--set",
+        f"model.decoder={decoder}",
+        *_set_flags(model),
+        "--data",
+        ws.data,
+        "--seq-len",
+        "16",
+        "--batch-size",
+        "2",
+        "--threads",
+        "1",
+        "--no-progress",
+        "--max-steps",
+        "2",
+        "--out-dir",
+        "run",
+    )
     assert res.code == 0, res.err
     assert f"model: {decoder} decoder" in res.err
     res = run_inprocess(tmp_path, "eval", "--ppl", ws.eval_file, "--model", "run/step-00000002", "--json")
     assert res.code == 0, res.err
     report = json.loads(res.out)
     assert report["tokens"] == 1200 and math.isfinite(report["loss"]) and report["state_bytes"] > 0
-    res = run_inprocess(tmp_path, "generate", "--model", "run/step-00000002", "--prompt-file", ws.prompt_file,
-                        "-n", "12", "--seed", "1", "--ignore-eos")
+    res = run_inprocess(
+        tmp_path,
+        "generate",
+        "--model",
+        "run/step-00000002",
+        "--prompt-file",
+        ws.prompt_file,
+        "-n",
+        "12",
+        "--seed",
+        "1",
+        "--ignore-eos",
+    )
     assert res.code == 0, res.err
     assert "generated 12 tokens" in res.err
 
 
-def test_underscore_alias_and_several_data_paths_after_one_flag(cli: Callable[..., Result], ws: Workspace,
-                                                                tmp_path: Path) -> None:
+def test_underscore_alias_and_several_data_paths_after_one_flag(
+    cli: Callable[..., Result], ws: Workspace, tmp_path: Path
+) -> None:
     a, b = sorted(ws.data.iterdir())[:2]
     out_dir = tmp_path / "run"
     res = cli("train", "--data", a, b, *TINY, "--max_steps", "1", "--out_dir", out_dir)
@@ -464,8 +626,7 @@ def test_underscore_alias_and_several_data_paths_after_one_flag(cli: Callable[..
 def test_resume_auto_continues_the_run(cli: Callable[..., Result], ws: Workspace, tmp_path: Path) -> None:
     run = tmp_path / "run"
     shutil.copytree(ws.run_dir, run)
-    res = cli("train", "--resume", "auto", "--out-dir", run, "--max-steps", "5", "--threads", "1",
-              "--no-progress")
+    res = cli("train", "--resume", "auto", "--out-dir", run, "--max-steps", "5", "--threads", "1", "--no-progress")
     assert res.code == 0, res.err
     assert "resumed from" in res.err and "step 3" in res.err
     assert find_checkpoints(run)[-1].name == "step-00000005"
@@ -485,8 +646,9 @@ def test_second_train_into_a_non_empty_out_dir_is_refused(cli: Callable[..., Res
     assert after == before
 
 
-def test_bpe_tokenizer_is_trained_saved_and_used_by_eval(cli: Callable[..., Result], ws: Workspace,
-                                                         bpe_ckpt: Path) -> None:
+def test_bpe_tokenizer_is_trained_saved_and_used_by_eval(
+    cli: Callable[..., Result], ws: Workspace, bpe_ckpt: Path
+) -> None:
     tok = json.loads((bpe_ckpt / "tokenizer.json").read_text())
     assert tok["model"]["type"] == "BPE" and tok["model"]["merges"]
     config = json.loads((bpe_ckpt / "config.json").read_text())
@@ -511,11 +673,11 @@ def test_eval_prints_a_human_report(cli: Callable[..., Result], ws: Workspace) -
     assert "Traceback" not in res.err
 
 
-def test_eval_json_output_file_and_per_position_csv(cli: Callable[..., Result], ws: Workspace,
-                                                    tmp_path: Path) -> None:
+def test_eval_json_output_file_and_per_position_csv(cli: Callable[..., Result], ws: Workspace, tmp_path: Path) -> None:
     out_json, csv_file = tmp_path / "sub" / "r.json", tmp_path / "p.csv"
-    res = cli("eval", "--ppl", ws.eval_file, "--model", ws.ckpt, "--json", "--output", out_json,
-              "--per-position", csv_file)
+    res = cli(
+        "eval", "--ppl", ws.eval_file, "--model", ws.ckpt, "--json", "--output", out_json, "--per-position", csv_file
+    )
     assert res.code == 0, res.err
     lines = res.out.strip().splitlines()
     assert len(lines) == 1  # one JSON object on one line
@@ -544,8 +706,9 @@ def eval_json(ws: Workspace) -> dict:
 
 @pytest.mark.slow
 def test_eval_reads_stdin(ws: Workspace, eval_json: dict) -> None:
-    res = run_subprocess(ws.root, "eval", "-", "--model", ws.ckpt, "--json", "--threads", "1",
-                         stdin=ws.eval_file.read_bytes())
+    res = run_subprocess(
+        ws.root, "eval", "-", "--model", ws.ckpt, "--json", "--threads", "1", stdin=ws.eval_file.read_bytes()
+    )
     assert res.code == 0, res.err
     result = json.loads(res.out)
     assert result["files"][0]["name"] == "<stdin>"
@@ -553,8 +716,9 @@ def test_eval_reads_stdin(ws: Workspace, eval_json: dict) -> None:
     assert result["loss"] == pytest.approx(eval_json["loss"], rel=1e-6)
 
 
-def test_eval_without_model_uses_the_most_recent_checkpoint(cli: Callable[..., Result], ws: Workspace,
-                                                            eval_json: dict) -> None:
+def test_eval_without_model_uses_the_most_recent_checkpoint(
+    cli: Callable[..., Result], ws: Workspace, eval_json: dict
+) -> None:
     res = cli("eval", ws.eval_file, "--json")
     assert res.code == 0, res.err
     assert "using the most recent checkpoint" in res.err and str(Path("runs") / PRESET / "step-00000003") in res.err
@@ -579,8 +743,9 @@ def test_eval_json_names_the_automatically_picked_checkpoint(cli: Callable[..., 
 
 
 def test_eval_sliding_mode(cli: Callable[..., Result], ws: Workspace, eval_json: dict) -> None:
-    res = cli("eval", ws.eval_file, "--model", ws.ckpt, "--mode", "sliding", "--window", "16", "--stride", "8",
-              "--json")
+    res = cli(
+        "eval", ws.eval_file, "--model", ws.ckpt, "--mode", "sliding", "--window", "16", "--stride", "8", "--json"
+    )
     assert res.code == 0, res.err
     result = json.loads(res.out)
     assert result["mode"] == "sliding" and result["window"] == 16 and result["stride"] == 8
@@ -593,16 +758,18 @@ def test_eval_sliding_mode(cli: Callable[..., Result], ws: Workspace, eval_json:
 # generate
 
 
-def generate(cli: Callable[..., Result], ws: Workspace, *args: str | Path, stdin: bytes = b"",
-             model: Path | None = None) -> Result:
+def generate(
+    cli: Callable[..., Result], ws: Workspace, *args: str | Path, stdin: bytes = b"", model: Path | None = None
+) -> Result:
     res = cli("generate", "--model", model or ws.ckpt, *args, stdin=stdin)
     assert res.code == 0, res.err
     assert "Traceback" not in res.err
     return res
 
 
-def test_generate_with_a_seed_is_reproducible_and_keeps_stats_on_stderr(cli: Callable[..., Result],
-                                                                         ws: Workspace) -> None:
+def test_generate_with_a_seed_is_reproducible_and_keeps_stats_on_stderr(
+    cli: Callable[..., Result], ws: Workspace
+) -> None:
     first = generate(cli, ws, "--prompt-file", ws.prompt_file, "-n", "20", "--seed", "3")
     again = generate(cli, ws, "--prompt-file", ws.prompt_file, "-n", "20", "--seed", "3")
     assert first.out == again.out
@@ -613,20 +780,21 @@ def test_generate_with_a_seed_is_reproducible_and_keeps_stats_on_stderr(cli: Cal
     assert other.out != first.out
 
 
-def test_generate_greedy_is_deterministic_and_reads_stdin(cli: Callable[..., Result], ws: Workspace,
-                                                          sharp_ckpt: Path) -> None:
+def test_generate_greedy_is_deterministic_and_reads_stdin(
+    cli: Callable[..., Result], ws: Workspace, sharp_ckpt: Path
+) -> None:
     greedy = ("-n", "20", "--temperature", "0")
     first = generate(cli, ws, "--prompt-file", ws.prompt_file, *greedy, "--seed", "1", model=sharp_ckpt)
     assert generate(cli, ws, "--prompt-file", ws.prompt_file, *greedy, "--seed", "2", model=sharp_ckpt).out == first.out
-    piped = generate(cli, ws, "--prompt-file", "-", *greedy, stdin=ws.prompt_file.read_bytes(),
-                     model=sharp_ckpt)
+    piped = generate(cli, ws, "--prompt-file", "-", *greedy, stdin=ws.prompt_file.read_bytes(), model=sharp_ckpt)
     assert piped.out == first.out
     assert "prompt: 100 tokens from <stdin>" in piped.err
     assert generate(cli, ws, "--prompt", "", *greedy, model=sharp_ckpt).out != first.out  # the prompt does matter
 
 
-def test_saved_state_continues_like_reading_the_prompt(cli: Callable[..., Result], ws: Workspace,
-                                                       sharp_ckpt: Path, tmp_path: Path) -> None:
+def test_saved_state_continues_like_reading_the_prompt(
+    cli: Callable[..., Result], ws: Workspace, sharp_ckpt: Path, tmp_path: Path
+) -> None:
     state = tmp_path / "s.safetensors"
     greedy = ("-n", "30", "--temperature", "0")
     full = generate(cli, ws, "--prompt-file", ws.prompt_file, *greedy, "--save-state", state, model=sharp_ckpt)
@@ -638,8 +806,10 @@ def test_saved_state_continues_like_reading_the_prompt(cli: Callable[..., Result
     more.write_bytes(b" and then some more text.")
     both = ws.root / "both.txt"
     both.write_bytes(ws.prompt_file.read_bytes() + more.read_bytes())
-    assert (generate(cli, ws, "--load-state", state, "--prompt-file", more, *greedy, model=sharp_ckpt).out
-            == generate(cli, ws, "--prompt-file", both, *greedy, model=sharp_ckpt).out)
+    assert (
+        generate(cli, ws, "--load-state", state, "--prompt-file", more, *greedy, model=sharp_ckpt).out
+        == generate(cli, ws, "--prompt-file", both, *greedy, model=sharp_ckpt).out
+    )
 
 
 def test_num_samples_are_the_samples_of_consecutive_seeds(cli: Callable[..., Result], ws: Workspace) -> None:
@@ -677,8 +847,9 @@ def test_info_prints_json(cli: Callable[..., Result], ws: Workspace) -> None:
     assert info["config"]["model"]["d_model"] == 32
 
 
-def test_info_of_a_run_folder_uses_its_newest_checkpoint(cli: Callable[..., Result], ws: Workspace,
-                                                         tmp_path: Path) -> None:
+def test_info_of_a_run_folder_uses_its_newest_checkpoint(
+    cli: Callable[..., Result], ws: Workspace, tmp_path: Path
+) -> None:
     run = tmp_path / "run"
     shutil.copytree(ws.run_dir, run)
     res = cli("train", "--resume", "auto", "--out-dir", run, "--max-steps", "4", "--threads", "1", "-q")
@@ -721,8 +892,16 @@ def _eval_damaged(damage: Callable[[Path], object]) -> Callable[[Workspace, Path
 
 
 def _train(*args: str | Path) -> Callable[[Workspace, Path], list]:
-    return lambda ws, tmp: ["train", *TINY, "--max-steps", "1", "-q", "--out-dir", tmp / "run",
-                            *[a(tmp) if callable(a) else a for a in args]]
+    return lambda ws, tmp: [
+        "train",
+        *TINY,
+        "--max-steps",
+        "1",
+        "-q",
+        "--out-dir",
+        tmp / "run",
+        *[a(tmp) if callable(a) else a for a in args],
+    ]
 
 
 def _generate(*args: object) -> Callable[[Workspace, Path], list]:
@@ -740,52 +919,82 @@ def _two_tiny_files(tmp: Path) -> Path:
 ERROR_CASES: dict[str, tuple[Callable[[Workspace, Path], list], tuple[str, ...]]] = {
     "missing --data path": (_train("--data", lambda tmp: tmp / "nope.txt"), ("nope.txt", "does not exist")),
     "empty data file": (_train("--data", lambda tmp: _write(tmp / "empty.txt", b"")), ("empty.txt", "empty")),
-    "corpus shorter than one segment": (_train("--data", _two_tiny_files, "--seq-len", "512"),
-                                        ("fewer than one segment", "--seq-len")),
+    "corpus shorter than one segment": (
+        _train("--data", _two_tiny_files, "--seq-len", "512"),
+        ("fewer than one segment", "--seq-len"),
+    ),
     "unknown preset": (_train("--preset", "transfomer-smal"), ("unknown preset", "transformer-small")),
     "unknown --set key": (_train("--set", "train.lrr=0.1"), ("unknown config key train.lrr", "did you mean train.lr")),
     "--set with a wrong type": (_train("--set", "train.max_steps=many"), ("train.max_steps", "integer")),
     "--seq-len 0": (_train("--seq-len", "0"), ("--seq-len", "longctx train --help")),
-    "--resume with --init-from": (lambda ws, tmp: ["train", "--resume", "auto", "--init-from", ws.ckpt,
-                                                   "--out-dir", tmp / "run", "-q"], ("--resume", "--init-from")),
+    "--resume with --init-from": (
+        lambda ws, tmp: ["train", "--resume", "auto", "--init-from", ws.ckpt, "--out-dir", tmp / "run", "-q"],
+        ("--resume", "--init-from"),
+    ),
     "a folder as --prompt-file": (_generate("--prompt-file", lambda ws, tmp: tmp), ("--prompt-file", "folder")),
-    "missing prompt file": (_generate("--prompt-file", lambda ws, tmp: tmp / "nope.txt"),
-                            ("nope.txt", "does not exist")),
-    "--prompt and --prompt-file": (_generate("--prompt", "x", "--prompt-file", lambda ws, tmp: ws.prompt_file),
-                                   ("--prompt", "--prompt-file")),
+    "missing prompt file": (
+        _generate("--prompt-file", lambda ws, tmp: tmp / "nope.txt"),
+        ("nope.txt", "does not exist"),
+    ),
+    "--prompt and --prompt-file": (
+        _generate("--prompt", "x", "--prompt-file", lambda ws, tmp: ws.prompt_file),
+        ("--prompt", "--prompt-file"),
+    ),
     "negative --temperature": (_generate("--temperature", "-1"), ("--temperature", ">= 0")),
     "--top-p 1.5": (_generate("--top-p", "1.5"), ("--top-p", "(0, 1]")),
-    "unknown --load-state file": (_generate("--load-state", lambda ws, tmp: tmp / "s.safetensors"),
-                                  ("s.safetensors", "does not exist")),
-    "empty eval file": (lambda ws, tmp: ["eval", _write(tmp / "empty.txt", b""), "--model", ws.ckpt],
-                        ("empty.txt", "empty")),
-    "eval --mode unknown": (lambda ws, tmp: ["eval", ws.eval_file, "--model", ws.ckpt, "--mode", "fancy"],
-                            ("--mode", "carry or sliding")),
-    "eval of a missing checkpoint": (lambda ws, tmp: ["eval", ws.eval_file, "--model", tmp / "nope"],
-                                     ("nope", "does not exist")),
-    "truncated model.safetensors": (_eval_damaged(lambda c: _truncate(c / "model.safetensors")),
-                                    ("model.safetensors", "truncated or damaged")),
-    "empty model.safetensors": (_eval_damaged(lambda c: _write(c / "model.safetensors", b"")),
-                                ("model.safetensors", "truncated or damaged")),
-    "garbage model.safetensors": (_eval_damaged(lambda c: _write(c / "model.safetensors", os.urandom(4096))),
-                                  ("model.safetensors", "truncated or damaged")),
+    "unknown --load-state file": (
+        _generate("--load-state", lambda ws, tmp: tmp / "s.safetensors"),
+        ("s.safetensors", "does not exist"),
+    ),
+    "empty eval file": (
+        lambda ws, tmp: ["eval", _write(tmp / "empty.txt", b""), "--model", ws.ckpt],
+        ("empty.txt", "empty"),
+    ),
+    "eval --mode unknown": (
+        lambda ws, tmp: ["eval", ws.eval_file, "--model", ws.ckpt, "--mode", "fancy"],
+        ("--mode", "carry or sliding"),
+    ),
+    "eval of a missing checkpoint": (
+        lambda ws, tmp: ["eval", ws.eval_file, "--model", tmp / "nope"],
+        ("nope", "does not exist"),
+    ),
+    "truncated model.safetensors": (
+        _eval_damaged(lambda c: _truncate(c / "model.safetensors")),
+        ("model.safetensors", "truncated or damaged"),
+    ),
+    "empty model.safetensors": (
+        _eval_damaged(lambda c: _write(c / "model.safetensors", b"")),
+        ("model.safetensors", "truncated or damaged"),
+    ),
+    "garbage model.safetensors": (
+        _eval_damaged(lambda c: _write(c / "model.safetensors", os.urandom(4096))),
+        ("model.safetensors", "truncated or damaged"),
+    ),
     "no tokenizer.json": (_eval_damaged(lambda c: (c / "tokenizer.json").unlink()), ("missing tokenizer.json",)),
-    "tokenizer.json does not parse": (_eval_damaged(lambda c: _write(c / "tokenizer.json", b'{"model": [')),
-                                      ("tokenizer.json", "not a valid tokenizer")),
+    "tokenizer.json does not parse": (
+        _eval_damaged(lambda c: _write(c / "tokenizer.json", b'{"model": [')),
+        ("tokenizer.json", "not a valid tokenizer"),
+    ),
     "config.json with an unknown key": (
         _eval_damaged(lambda c: _edit_config(c, lambda d: d["model"].update(colour="blue"))),
-        ("config.json", "unknown config key model.colour")),
+        ("config.json", "unknown config key model.colour"),
+    ),
     "config.json with a wrong type": (
         _eval_damaged(lambda c: _edit_config(c, lambda d: d["model"].update(n_layer="one"))),
-        ("config.json", "model.n_layer", "integer")),
-    "config.json that is not JSON": (_eval_damaged(lambda c: _write(c / "config.json", b"{")),
-                                     ("config.json", "not valid JSON")),
+        ("config.json", "model.n_layer", "integer"),
+    ),
+    "config.json that is not JSON": (
+        _eval_damaged(lambda c: _write(c / "config.json", b"{")),
+        ("config.json", "not valid JSON"),
+    ),
     "config.json that does not match the weights": (
         _eval_damaged(lambda c: _edit_config(c, lambda d: d["model"].update(d_ff=128))),
-        ("model.safetensors", "different models")),
+        ("model.safetensors", "different models"),
+    ),
     "config.json with more layers than the weights": (
         _eval_damaged(lambda c: _edit_config(c, lambda d: d["model"].update(n_layer=2))),
-        ("model.safetensors", "missing")),
+        ("model.safetensors", "missing"),
+    ),
 }
 
 
@@ -795,8 +1004,9 @@ def test_user_error_is_one_line(cli: Callable[..., Result], ws: Workspace, tmp_p
     assert_user_error(cli(*make_args(ws, tmp_path)), *fragments)
 
 
-def test_generate_refuses_a_state_of_another_model(cli: Callable[..., Result], ws: Workspace, bpe_ckpt: Path,
-                                                   tmp_path: Path) -> None:
+def test_generate_refuses_a_state_of_another_model(
+    cli: Callable[..., Result], ws: Workspace, bpe_ckpt: Path, tmp_path: Path
+) -> None:
     state = tmp_path / "bpe-state.safetensors"
     res = cli("generate", "--model", bpe_ckpt, "--prompt", "Hello", "-n", "0", "--save-state", state)
     assert res.code == 0 and state.is_file(), res.err
@@ -824,10 +1034,30 @@ def test_process_exit_code_and_debug_traceback(tmp_path: Path, debug: bool) -> N
 def interrupt_training(ws: Workspace, tmp_path: Path, signals: tuple[int, ...]) -> tuple[int, str, str, Path]:
     """Start a long `longctx train`, send ``signals`` (10 ms apart) once its loop runs; (exit code, out, err, run)."""
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "longctx", "train", "--data", str(ws.data), *TINY, "--max-steps", "1000000",
-           "--log-interval", "1", "--out-dir", str(run)]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=_env(tmp_path), stdin=subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "longctx",
+        "train",
+        "--data",
+        str(ws.data),
+        *TINY,
+        "--max-steps",
+        "1000000",
+        "--log-interval",
+        "1",
+        "--out-dir",
+        str(run),
+    ]
+    proc = subprocess.Popen(
+        cmd,
+        cwd=tmp_path,
+        env=_env(tmp_path),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     watchdog = threading.Timer(240, proc.kill)
     watchdog.start()
     try:
@@ -855,8 +1085,11 @@ def test_signal_writes_a_checkpoint_and_exits(ws: Workspace, tmp_path: Path, sig
     assert returncode == code, err
     assert "Traceback" not in err and out == ""
     last = err.strip().splitlines()[-1]
-    match = re.fullmatch(r"error: interrupted at step (\d+); checkpoint written to (\S+); continue with: "
-                         r"longctx train --resume auto --out-dir (\S+)", last)
+    match = re.fullmatch(
+        r"error: interrupted at step (\d+); checkpoint written to (\S+); continue with: "
+        r"longctx train --resume auto --out-dir (\S+)",
+        last,
+    )
     assert match is not None, err
     step = int(match.group(1))
     assert find_checkpoints(run)[-1] == Path(match.group(2)) == run / f"step-{step:08d}"
@@ -874,8 +1107,15 @@ def test_bare_longctx_prints_the_help(cli: Callable[..., Result]) -> None:
     assert "error:" not in res.err
 
 
-@pytest.mark.parametrize("case", ["eval --output is a folder", "generate --save-state is a folder",
-                                  "generate --save-state under a file", "eval --per-position under a file"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "eval --output is a folder",
+        "generate --save-state is a folder",
+        "generate --save-state under a file",
+        "eval --per-position under a file",
+    ],
+)
 def test_unwritable_output_is_one_line(cli: Callable[..., Result], ws: Workspace, tmp_path: Path, case: str) -> None:
     """Refused before any work (nothing scored or generated), in one line."""
     blocker = tmp_path / "a_file"
@@ -895,8 +1135,18 @@ def test_unwritable_output_is_one_line(cli: Callable[..., Result], ws: Workspace
 
 def test_output_folders_are_created(cli: Callable[..., Result], ws: Workspace, tmp_path: Path) -> None:
     """-o, --per-position and --save-state alike create a missing folder."""
-    res = cli("eval", ws.eval_file, "--model", ws.ckpt, "--max-tokens", "40", "-o", tmp_path / "a" / "r.json",
-              "--per-position", tmp_path / "b" / "p.csv")
+    res = cli(
+        "eval",
+        ws.eval_file,
+        "--model",
+        ws.ckpt,
+        "--max-tokens",
+        "40",
+        "-o",
+        tmp_path / "a" / "r.json",
+        "--per-position",
+        tmp_path / "b" / "p.csv",
+    )
     assert res.code == 0, res.err
     assert (tmp_path / "a" / "r.json").is_file() and (tmp_path / "b" / "p.csv").is_file()
     res = cli("generate", "--model", ws.ckpt, "-n", "0", "--prompt", "Hi", "--save-state", tmp_path / "c" / "s.st")
@@ -907,8 +1157,9 @@ def test_output_folders_are_created(cli: Callable[..., Result], ws: Workspace, t
 def test_resume_refuses_a_changed_model(cli: Callable[..., Result], ws: Workspace, tmp_path: Path) -> None:
     run = tmp_path / "run"
     shutil.copytree(ws.run_dir, run)
-    res = cli("train", "--resume", "auto", "--out-dir", run, "--max-steps", "4", "--set", "model.d_model=64",
-              "--threads", "1")
+    res = cli(
+        "train", "--resume", "auto", "--out-dir", run, "--max-steps", "4", "--set", "model.d_model=64", "--threads", "1"
+    )
     assert res.code == 2, res.err
     errors = [line for line in res.err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "model.d_model cannot change" in errors[0] and "--init-from" in errors[0], res.err
@@ -936,19 +1187,31 @@ def test_vanished_training_data_is_said_clearly(ws: Workspace, tmp_path: Path) -
 
 @pytest.mark.parametrize("command", [["eval"], ["generate", "-n", "1"]])
 @pytest.mark.parametrize("device", ["gpu", "tpu", "cuda:x"])
-def test_unknown_device_is_one_line(cli: Callable[..., Result], ws: Workspace, command: list[str],
-                                    device: str) -> None:
+def test_unknown_device_is_one_line(cli: Callable[..., Result], ws: Workspace, command: list[str], device: str) -> None:
     res = cli(*command, "--model", ws.ckpt, "--device", device, "-q")
     assert_user_error(res, f"--device {device!r}", "cpu")
 
 
-def test_resume_refuses_another_preset_and_accepts_the_same_command(cli: Callable[..., Result], ws: Workspace,
-                                                                    tmp_path: Path) -> None:
+def test_resume_refuses_another_preset_and_accepts_the_same_command(
+    cli: Callable[..., Result], ws: Workspace, tmp_path: Path
+) -> None:
     run = tmp_path / "run"
     shutil.copytree(ws.run_dir, run)
     before = sorted(p.name for p in run.iterdir())
-    res = cli("train", "--resume", "auto", "--out-dir", run, "--preset", "xl-small", "--max-steps", "4",
-              "--threads", "1", "-q")
+    res = cli(
+        "train",
+        "--resume",
+        "auto",
+        "--out-dir",
+        run,
+        "--preset",
+        "xl-small",
+        "--max-steps",
+        "4",
+        "--threads",
+        "1",
+        "-q",
+    )
     assert_user_error(res, "--preset xl-small", "--init-from")
     assert sorted(p.name for p in run.iterdir()) == before
     res = cli("train", "--resume", "auto", "--out-dir", run, *TINY, "--max-steps", "4")
@@ -961,8 +1224,9 @@ def test_resume_refuses_another_preset_and_accepts_the_same_command(cli: Callabl
 
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.binary(min_size=1, max_size=400))
-def test_eval_and_generate_take_any_bytes(cli: Callable[..., Result], ws: Workspace, tmp_path: Path,
-                                          data: bytes) -> None:
+def test_eval_and_generate_take_any_bytes(
+    cli: Callable[..., Result], ws: Workspace, tmp_path: Path, data: bytes
+) -> None:
     """Random bytes, NUL bytes, invalid UTF-8: scored exactly (byte tokenizer) and usable as a prompt."""
     path = tmp_path / "hostile.bin"
     path.write_bytes(data)
@@ -974,8 +1238,9 @@ def test_eval_and_generate_take_any_bytes(cli: Callable[..., Result], ws: Worksp
     assert gen.code == 0 and "Traceback" not in gen.err
 
 
-def test_bpe_checkpoint_reads_invalid_utf8_with_one_warning(cli: Callable[..., Result], bpe_ckpt: Path,
-                                                             tmp_path: Path) -> None:
+def test_bpe_checkpoint_reads_invalid_utf8_with_one_warning(
+    cli: Callable[..., Result], bpe_ckpt: Path, tmp_path: Path
+) -> None:
     path = tmp_path / "bad.txt"
     path.write_bytes(b"fair is foul\n" + b"\xff\xfe\x00 and foul is fair\n" * 20)
     res = cli("eval", path, "--model", bpe_ckpt, "--json")

@@ -61,11 +61,12 @@ def test_close_preset_name_is_suggested() -> None:
 
 def test_preset_by_path(tmp_path: Path) -> None:
     bundled = preset_dir() / "transformer-small.toml"
-    assert load_config(str(bundled)).to_dict() | {"preset": ""} == \
-        load_config("transformer-small").to_dict() | {"preset": ""}
+    assert load_config(str(bundled)).to_dict() | {"preset": ""} == load_config("transformer-small").to_dict() | {
+        "preset": ""
+    }
 
     path = tmp_path / "mine.toml"
-    path.write_text('[model]\nn_layer = 3\n\n[model.transformer]\nwindow = 16\n\n[train]\nlr = 5e-4\n')
+    path.write_text("[model]\nn_layer = 3\n\n[model.transformer]\nwindow = 16\n\n[train]\nlr = 5e-4\n")
     cfg = load_config(str(path))
     assert cfg.model.n_layer == 3 and cfg.model.transformer.window == 16 and cfg.train.lr == 5e-4
     assert cfg.model.d_model == ModelConfig().d_model  # unset keys keep their defaults
@@ -103,9 +104,17 @@ def test_every_preset_parses_and_builds(name: str) -> None:
 
 
 def test_string_overrides_are_parsed_and_type_checked() -> None:
-    cfg = load_config("transformer-small", {"train.lr": "3e-4", "train.seq_len": "512",
-                                            "model.transformer.window": "64", "train.precision": "bf16",
-                                            "data.paths": "a.txt,b.txt", "train.device": "cpu"})
+    cfg = load_config(
+        "transformer-small",
+        {
+            "train.lr": "3e-4",
+            "train.seq_len": "512",
+            "model.transformer.window": "64",
+            "train.precision": "bf16",
+            "data.paths": "a.txt,b.txt",
+            "train.device": "cpu",
+        },
+    )
     assert cfg.train.lr == pytest.approx(3e-4) and isinstance(cfg.train.lr, float)
     assert cfg.train.seq_len == 512 and isinstance(cfg.train.seq_len, int)
     assert cfg.model.transformer.window == 64
@@ -217,8 +226,9 @@ def test_options_of_a_decoder_the_config_does_not_use_are_refused() -> None:
     with pytest.raises(ConfigError, match="model.infinite.mem_len is an option of the infinite decoder"):
         load_config("xl-small", {"model.infinite.mem_len": 5})
     # switching the decoder makes its section apply (the preset's own section stays, unused)
-    assert load_config("xl-small", {"model.decoder": "infinite", "model.infinite.mem_len": 8}).model.infinite.mem_len \
-        == 8
+    assert (
+        load_config("xl-small", {"model.decoder": "infinite", "model.infinite.mem_len": 8}).model.infinite.mem_len == 8
+    )
 
 
 def test_a_preset_file_with_another_decoders_table_is_refused(tmp_path) -> None:
@@ -236,4 +246,7 @@ def test_overrides_for_keeps_each_decoders_own_options() -> None:
     mixed = {"model.d_model": "64", "model.xl.mem_len": "16", "model.infinite.mem_len": "16"}
     assert overrides_for("xl-small", mixed) == {"model.d_model": "64", "model.xl.mem_len": "16"}
     assert overrides_for("xl-small", mixed | {"model.decoder": "infinite"}) == {
-        "model.d_model": "64", "model.infinite.mem_len": "16", "model.decoder": "infinite"}
+        "model.d_model": "64",
+        "model.infinite.mem_len": "16",
+        "model.decoder": "infinite",
+    }

@@ -24,7 +24,10 @@ def test_bundled_corpus_is_installed_and_split_fixed():
     assert len(docs) == 42 and sum(d.size for d in docs) > 5_000_000
     train, val = split_documents(docs, 3)
     assert [d.name.split("/")[-1] for d in val] == [
-        "twelfth_night_gut.txt", "two_gentlemen_of_verona_gut.txt", "winters_tale_gut.txt"]
+        "twelfth_night_gut.txt",
+        "two_gentlemen_of_verona_gut.txt",
+        "winters_tale_gut.txt",
+    ]
     assert len(train) == 39
     with val[0].open() as f:
         assert f.read(100).strip()

@@ -14,7 +14,7 @@ from test_train import losses, tiny_overrides
 from longctx.config import load_config
 from longctx.train import RunOptions, train
 
-WORKER = textwrap.dedent('''
+WORKER = textwrap.dedent("""
     import json, sys
     import torch
     from longctx import distributed
@@ -36,7 +36,7 @@ WORKER = textwrap.dedent('''
     T.train(load_config("transformer-small", overrides), T.RunOptions(out_dir=out_dir, progress=False))
     with open(report, "w") as f:
         json.dump(gaps, f)
-''')
+""")
 
 
 def free_port() -> int:
@@ -56,8 +56,14 @@ def test_two_processes_match_one_process(tmp_path):
     port = free_port()
     procs = []
     for rank in range(2):
-        env = os.environ | {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
-                            "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
+        env = os.environ | {
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": "2",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "OMP_NUM_THREADS": "1",
+        }
         report = str(tmp_path / f"{rank}.json")
         cmd = [sys.executable, str(script), json.dumps(overrides), str(tmp_path / "ddp"), report]
         procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))

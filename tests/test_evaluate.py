@@ -56,8 +56,9 @@ def _one_thread() -> Iterator[None]:
 @pytest.fixture(scope="module")
 def model() -> LongContextLM:
     torch.manual_seed(0)
-    cfg = ModelConfig(n_layer=2, d_model=32, n_head=2, d_ff=64, vocab_size=257, init_std=0.3,
-                      transformer=TransformerConfig(window=8))
+    cfg = ModelConfig(
+        n_layer=2, d_model=32, n_head=2, d_ff=64, vocab_size=257, init_std=0.3, transformer=TransformerConfig(window=8)
+    )
     return build_model(cfg).eval()
 
 
@@ -135,7 +136,7 @@ def test_carry_negative_control(model: LongContextLM, tok: Tokenizer) -> None:
     total = 0.0
     with torch.inference_mode():
         for i in range(0, len(stream) - 1, 7):
-            seg = stream[i:i + 8]  # (<= 8,) inputs + next token
+            seg = stream[i : i + 8]  # (<= 8,) inputs + next token
             logits = model(seg[None, :-1], model.init_state(1)).logits[0]  # (T, V)
             total += float(F.cross_entropy(logits.float(), seg[1:], reduction="sum"))
     assert abs(total / _direct_nll(model, tok, TEXT).sum() - 1) > 100 * REL
@@ -186,8 +187,9 @@ def test_sliding_with_big_window_equals_carry(model: LongContextLM, tok: Tokeniz
 
 
 @pytest.mark.parametrize(("n_bytes", "window", "stride"), [(40, 6, 4), (41, 12, 5), (45, 5, 1), (30, 2, 1)])
-def test_sliding_equals_hf_recipe(model: LongContextLM, tok: Tokenizer, tmp_path: Path, n_bytes: int, window: int,
-                                  stride: int) -> None:
+def test_sliding_equals_hf_recipe(
+    model: LongContextLM, tok: Tokenizer, tmp_path: Path, n_bytes: int, window: int, stride: int
+) -> None:
     data = TEXT[:n_bytes]
     opts = EvalOptions(mode="sliding", window=window, stride=stride, per_position_buckets=True)
     r = evaluate_documents(model, tok, [_doc(tmp_path, "a.txt", data)], opts)
@@ -236,7 +238,7 @@ def _check_buckets(rows: list[dict[str, Any]], nlls: list[np.ndarray]) -> None:
     assert sum(r["count"] for r in rows) == sum(len(n) for n in nlls)
     for b, row in enumerate(rows):
         assert (row["start"], row["end"]) == (2**b, 2 ** (b + 1))
-        parts = [n[row["start"] - 1: row["end"] - 1] for n in nlls]
+        parts = [n[row["start"] - 1 : row["end"] - 1] for n in nlls]
         assert row["count"] == sum(len(p) for p in parts)
         assert row["mean_nll"] == pytest.approx(np.concatenate(parts).mean(), abs=ATOL)
 
@@ -301,8 +303,9 @@ def test_stream_of_unknown_size(model: LongContextLM, tok: Tokenizer, capsys: py
     assert "ppl=" in capsys.readouterr().err
 
 
-def test_restores_training_mode_and_progress(model: LongContextLM, tok: Tokenizer, tmp_path: Path,
-                                             capsys: pytest.CaptureFixture[str]) -> None:
+def test_restores_training_mode_and_progress(
+    model: LongContextLM, tok: Tokenizer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     model.train()
     try:
         r = evaluate_documents(model, tok, [_doc(tmp_path, "a.txt", TEXT)], EvalOptions(seq_len=64, progress=True))
@@ -347,8 +350,9 @@ class BigramLM(nn.Module):
         self.n_calls, self.n_tokens = self.n_calls + 1, self.n_tokens + T
         self.max_batch, self.max_tokens = max(self.max_batch, B), max(self.max_tokens, T)
         next_state = CountState(position=state.position + T)
-        return LMOutput(logits=self.table(tokens), state=next_state, loss=None, aux_loss=tokens.new_zeros(()),
-                        stats={})  # logits (B, T, V)
+        return LMOutput(
+            logits=self.table(tokens), state=next_state, loss=None, aux_loss=tokens.new_zeros(()), stats={}
+        )  # logits (B, T, V)
 
 
 def _traced_peak(tok: Tokenizer, doc: Document, seq_len: int) -> tuple[int, dict[str, Any], BigramLM]:

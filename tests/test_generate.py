@@ -30,8 +30,9 @@ PROMPT = "The quick brown fox jumps over the lazy dog; then it naps for a while.
 
 
 def model_config(window: int = WINDOW) -> ModelConfig:
-    return ModelConfig(n_layer=2, d_model=32, n_head=2, d_ff=64, vocab_size=257,
-                       transformer=TransformerConfig(window=window))
+    return ModelConfig(
+        n_layer=2, d_model=32, n_head=2, d_ff=64, vocab_size=257, transformer=TransformerConfig(window=window)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -122,8 +123,7 @@ def test_read_prompt_keeps_a_bounded_history(model: LongContextLM, tokenizer: To
     assert empty.recent == []
 
 
-def test_read_prompt_progress_counts_the_tokens_read(model: LongContextLM, tokenizer: Tokenizer,
-                                                       monkeypatch) -> None:
+def test_read_prompt_progress_counts_the_tokens_read(model: LongContextLM, tokenizer: Tokenizer, monkeypatch) -> None:
     seen: dict[str, object] = {}
 
     class Recorder:
@@ -174,8 +174,11 @@ def test_seeds_are_reproducible(model: LongContextLM, tokenizer: Tokenizer) -> N
     assert shifted.tokens == sample(model, tokenizer, prompt, other).tokens
 
 
-@pytest.mark.parametrize("filters", [{"top_k": 1}, {"top_p": 1e-6, "top_k": 0}, {"min_p": 0.999999, "top_k": 0}],
-                         ids=["top_k=1", "top_p tiny", "min_p ~1"])
+@pytest.mark.parametrize(
+    "filters",
+    [{"top_k": 1}, {"top_p": 1e-6, "top_k": 0}, {"min_p": 0.999999, "top_k": 0}],
+    ids=["top_k=1", "top_p tiny", "min_p ~1"],
+)
 def test_degenerate_filters_equal_greedy(model: LongContextLM, tokenizer: Tokenizer, filters: dict) -> None:
     prompt = read(model, tokenizer)
     expected = sample(model, tokenizer, prompt, greedy(15)).tokens
@@ -214,7 +217,7 @@ def test_repetition_penalty_in_sampling(model: LongContextLM, tokenizer: Tokeniz
     stream = prompt.recent + penalised.tokens
     start = len(prompt.recent)
     for i, token in enumerate(penalised.tokens):  # a huge penalty avoids the last 64 tokens
-        assert token not in stream[start + i - 64:start + i]
+        assert token not in stream[start + i - 64 : start + i]
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -323,21 +326,24 @@ def test_saved_state_round_trip(model: LongContextLM, tokenizer: Tokenizer, tmp_
 # options and robustness
 
 
-@pytest.mark.parametrize(("kw", "message"), [
-    ({"temperature": -1}, "--temperature must be >= 0 (0 = greedy), got -1"),
-    ({"temperature": float("nan")}, "--temperature"),
-    ({"top_p": 1.5}, "--top-p must be in (0, 1]"),
-    ({"top_p": 0.0}, "--top-p must be in (0, 1]"),
-    ({"min_p": 1.0}, "--min-p must be in [0, 1)"),
-    ({"min_p": -0.1}, "--min-p must be in [0, 1)"),
-    ({"top_k": -1}, "--top-k must be >= 0"),
-    ({"repetition_penalty": 0.0}, "--repetition-penalty must be > 0"),
-    ({"max_new_tokens": -5}, "--max-new-tokens must be >= 0, got -5"),
-    ({"repeat_last_n": -1}, "--repeat-last-n must be >= 0"),
-    ({"seed": -1}, "--seed must be >= 0"),
-    ({"top_k": 2.5}, "--top-k must be an integer"),
-    ({"stop": [""]}, "--stop must be a non-empty string"),
-])
+@pytest.mark.parametrize(
+    ("kw", "message"),
+    [
+        ({"temperature": -1}, "--temperature must be >= 0 (0 = greedy), got -1"),
+        ({"temperature": float("nan")}, "--temperature"),
+        ({"top_p": 1.5}, "--top-p must be in (0, 1]"),
+        ({"top_p": 0.0}, "--top-p must be in (0, 1]"),
+        ({"min_p": 1.0}, "--min-p must be in [0, 1)"),
+        ({"min_p": -0.1}, "--min-p must be in [0, 1)"),
+        ({"top_k": -1}, "--top-k must be >= 0"),
+        ({"repetition_penalty": 0.0}, "--repetition-penalty must be > 0"),
+        ({"max_new_tokens": -5}, "--max-new-tokens must be >= 0, got -5"),
+        ({"repeat_last_n": -1}, "--repeat-last-n must be >= 0"),
+        ({"seed": -1}, "--seed must be >= 0"),
+        ({"top_k": 2.5}, "--top-k must be an integer"),
+        ({"stop": [""]}, "--stop must be a non-empty string"),
+    ],
+)
 def test_option_validation(kw: dict, message: str) -> None:
     with pytest.raises(ConfigError) as info:
         SamplingOptions(**kw)

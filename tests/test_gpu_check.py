@@ -19,14 +19,32 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_gpu_check_smoke_runs_every_stage_on_the_cpu(tmp_path: Path) -> None:
     out = tmp_path / "check"
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
-    res = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--device", "cpu", "--smoke",
-                          "--out", str(out), "--budget", "400"],
-                         capture_output=True, text=True, env=env, timeout=600)
+    res = subprocess.run(
+        [
+            "bash",
+            str(ROOT / "benchmarks" / "gpu_check.sh"),
+            "--device",
+            "cpu",
+            "--smoke",
+            "--out",
+            str(out),
+            "--budget",
+            "400",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert res.returncode == 0, res.stdout + res.stderr
     summary = json.loads((out / "summary.json").read_text())
     stages = {s["stage"]: s["status"] for s in summary["stages"]}
-    assert stages == {"tests-gpu": "ok", "train_speed/transformer-small": "ok", "train_speed/perceiver-ar-small": "ok",
-                      "quality/transformer-small": "ok"}, summary["stages"]
+    assert stages == {
+        "tests-gpu": "ok",
+        "train_speed/transformer-small": "ok",
+        "train_speed/perceiver-ar-small": "ok",
+        "quality/transformer-small": "ok",
+    }, summary["stages"]
     assert (out / "tests-gpu.xml").exists()
     for preset in ("transformer-small", "perceiver-ar-small"):
         report = json.loads((out / "train_speed" / f"{preset}.json").read_text())

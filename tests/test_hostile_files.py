@@ -34,8 +34,9 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
             (root / "data" / doc.name.split("/")[-1]).write_bytes(f.read()[:6000])
     res = run_inprocess(root, "train", "--data", "data", *TINY, "--max-steps", "2", "--out-dir", "runs/ck")
     assert res.code == 0, res.err
-    res = run_inprocess(root, "generate", "--model", "runs/ck", "--prompt", "Hello", "-n", "0", "--save-state",
-                        "state.safetensors")
+    res = run_inprocess(
+        root, "generate", "--model", "runs/ck", "--prompt", "Hello", "-n", "0", "--save-state", "state.safetensors"
+    )
     assert res.code == 0, res.err
     return root
 
@@ -87,94 +88,184 @@ def _lane_keys_narrower(t: dict[str, torch.Tensor]) -> None:
 # case -> (damage(checkpoint folder, state file, workspace), command(checkpoint, state), fragments of the error)
 Damage = Callable[[Path, Path, Path], object]
 CASES: dict[str, tuple[Damage, Callable[[Path, Path], list], tuple[str, ...]]] = {
-    "config.json nested 10,000 deep": (lambda c, s, r: (c / "config.json").write_text(DEEP), _info,
-                                       ("config.json", "levels deep")),
+    "config.json nested 10,000 deep": (
+        lambda c, s, r: (c / "config.json").write_text(DEEP),
+        _info,
+        ("config.json", "levels deep"),
+    ),
     "config.json with a 5,000-digit integer": (
-        lambda c, s, r: (c / "config.json").write_text('{"model": {"n_layer": ' + HUGE + "}}"), _info,
-        ("config.json", "5,000 digits")),
+        lambda c, s, r: (c / "config.json").write_text('{"model": {"n_layer": ' + HUGE + "}}"),
+        _info,
+        ("config.json", "5,000 digits"),
+    ),
     "config.json with n_layer 10**9": (
-        lambda c, s, r: _edit_json(c / "config.json", lambda d: d["model"].update(n_layer=10**9)), _info,
-        ("config.json", "model.n_layer", "<= 10,000")),
+        lambda c, s, r: _edit_json(c / "config.json", lambda d: d["model"].update(n_layer=10**9)),
+        _info,
+        ("config.json", "model.n_layer", "<= 10,000"),
+    ),
     "config.json with a huge d_model": (
-        lambda c, s, r: _edit_json(c / "config.json", lambda d: d["model"].update(d_model=2**20)), _info,
-        ("model.safetensors", "config.json implies")),
+        lambda c, s, r: _edit_json(c / "config.json", lambda d: d["model"].update(d_model=2**20)),
+        _info,
+        ("model.safetensors", "config.json implies"),
+    ),
     "trainer_state.json nested 10,000 deep": (
-        lambda c, s, r: (c / "trainer_state.json").write_text('{"step": ' + DEEP + "}"), _resume,
-        ("trainer_state.json", "levels deep")),
-    "trainer_state.json a top-level list": (lambda c, s, r: (c / "trainer_state.json").write_text("[1, 2]"), _resume,
-                                            ("trainer_state.json", "JSON object")),
+        lambda c, s, r: (c / "trainer_state.json").write_text('{"step": ' + DEEP + "}"),
+        _resume,
+        ("trainer_state.json", "levels deep"),
+    ),
+    "trainer_state.json a top-level list": (
+        lambda c, s, r: (c / "trainer_state.json").write_text("[1, 2]"),
+        _resume,
+        ("trainer_state.json", "JSON object"),
+    ),
     "trainer_state.json without param_groups": (
-        lambda c, s, r: _edit_json(c / "trainer_state.json", lambda d: d.pop("param_groups") and None), _resume,
-        ("trainer_state.json", "param_groups")),
+        lambda c, s, r: _edit_json(c / "trainer_state.json", lambda d: d.pop("param_groups") and None),
+        _resume,
+        ("trainer_state.json", "param_groups"),
+    ),
     "trainer_state.json with step 'abc'": (
-        lambda c, s, r: _edit_json(c / "trainer_state.json", lambda d: d.update(step="abc")), _resume,
-        ("trainer_state.json", "step must be an integer")),
+        lambda c, s, r: _edit_json(c / "trainer_state.json", lambda d: d.update(step="abc")),
+        _resume,
+        ("trainer_state.json", "step must be an integer"),
+    ),
     "trainer_state.json with a string learning rate": (
         lambda c, s, r: _edit_json(c / "trainer_state.json", lambda d: d["param_groups"][0].update(lr="fast")),
-        _resume, ("trainer_state.json", "lr must be a number")),
+        _resume,
+        ("trainer_state.json", "lr must be a number"),
+    ),
     "optimizer moment of the wrong shape": (
-        lambda c, s, r: _edit_tensors(c / "trainer_state.safetensors",
-                                      lambda t: t.update({"optimizer.0.exp_avg": torch.zeros(3, 3)})),
-        _resume, ("trainer_state.safetensors", "optimizer.0.exp_avg", "(3, 3)")),
+        lambda c, s, r: _edit_tensors(
+            c / "trainer_state.safetensors", lambda t: t.update({"optimizer.0.exp_avg": torch.zeros(3, 3)})
+        ),
+        _resume,
+        ("trainer_state.safetensors", "optimizer.0.exp_avg", "(3, 3)"),
+    ),
     "optimizer moment holding NaN": (
-        lambda c, s, r: _edit_tensors(c / "trainer_state.safetensors",
-                                      lambda t: t["optimizer.0.exp_avg_sq"].fill_(float("nan"))),
-        _resume, ("trainer_state.safetensors", "optimizer.0.exp_avg_sq", "NaN")),
+        lambda c, s, r: _edit_tensors(
+            c / "trainer_state.safetensors", lambda t: t["optimizer.0.exp_avg_sq"].fill_(float("nan"))
+        ),
+        _resume,
+        ("trainer_state.safetensors", "optimizer.0.exp_avg_sq", "NaN"),
+    ),
     "lane state of the wrong shape": (
-        lambda c, s, r: _edit_tensors(c / "trainer_state.safetensors", _lane_keys_narrower), _resume,
-        ("trainer_state.safetensors", "lane_state.keys")),
+        lambda c, s, r: _edit_tensors(c / "trainer_state.safetensors", _lane_keys_narrower),
+        _resume,
+        ("trainer_state.safetensors", "lane_state.keys"),
+    ),
     "bad RNG tensor": (
-        lambda c, s, r: _edit_tensors(c / "trainer_state.safetensors",
-                                      lambda t: t.update({"rng.torch.0": torch.zeros(10)})),
-        _resume, ("trainer_state.safetensors", "rng.torch.0")),
+        lambda c, s, r: _edit_tensors(
+            c / "trainer_state.safetensors", lambda t: t.update({"rng.torch.0": torch.zeros(10)})
+        ),
+        _resume,
+        ("trainer_state.safetensors", "rng.torch.0"),
+    ),
     "--load-state with a batch of 2": (
         lambda c, s, r: _edit_tensors(s, lambda t: t.update({k: torch.cat([v, v]) for k, v in t.items()})),
-        _generate, ("state.safetensors", "one stream")),
+        _generate,
+        ("state.safetensors", "one stream"),
+    ),
     "--load-state holding NaN": (
-        lambda c, s, r: _edit_tensors(s, lambda t: t["keys"].fill_(float("nan"))), _generate,
-        ("state.safetensors", "NaN")),
+        lambda c, s, r: _edit_tensors(s, lambda t: t["keys"].fill_(float("nan"))),
+        _generate,
+        ("state.safetensors", "NaN"),
+    ),
     "--load-state holding inf": (
-        lambda c, s, r: _edit_tensors(s, lambda t: t["values"].fill_(float("inf"))), _generate,
-        ("state.safetensors", "inf")),
-    "--load-state with a last token beyond the vocabulary": (lambda c, s, r: _set_meta(s, "last_token", "99999"),
-                                                             _generate, ("state.safetensors", "last_token")),
+        lambda c, s, r: _edit_tensors(s, lambda t: t["values"].fill_(float("inf"))),
+        _generate,
+        ("state.safetensors", "inf"),
+    ),
+    "--load-state with a last token beyond the vocabulary": (
+        lambda c, s, r: _set_meta(s, "last_token", "99999"),
+        _generate,
+        ("state.safetensors", "last_token"),
+    ),
     "tokenizer.json with a token id beyond the vocabulary": (
-        lambda c, s, r: _edit_json(c / "tokenizer.json", lambda d: d["model"]["vocab"].update(A=100_000)), _info,
-        ("tokenizer.json", "token id 100000")),
+        lambda c, s, r: _edit_json(c / "tokenizer.json", lambda d: d["model"]["vocab"].update(A=100_000)),
+        _info,
+        ("tokenizer.json", "token id 100000"),
+    ),
     "tokenizer.json with a Split regex": (
-        lambda c, s, r: _edit_json(c / "tokenizer.json", lambda d: d.update(pre_tokenizer={
-            "type": "Split", "pattern": {"Regex": "(a+)+$"}, "behavior": "Isolated", "invert": False})), _info,
-        ("tokenizer.json", "'Split'")),
-    "tokenizer.json nested 10,000 deep": (lambda c, s, r: (c / "tokenizer.json").write_text(DEEP), _info,
-                                          ("tokenizer.json", "levels deep")),
+        lambda c, s, r: _edit_json(
+            c / "tokenizer.json",
+            lambda d: d.update(
+                pre_tokenizer={"type": "Split", "pattern": {"Regex": "(a+)+$"}, "behavior": "Isolated", "invert": False}
+            ),
+        ),
+        _info,
+        ("tokenizer.json", "'Split'"),
+    ),
+    "tokenizer.json nested 10,000 deep": (
+        lambda c, s, r: (c / "tokenizer.json").write_text(DEEP),
+        _info,
+        ("tokenizer.json", "levels deep"),
+    ),
     "tokenizer.json larger than the limit (sparse)": (
-        lambda c, s, r: open(c / "tokenizer.json", "r+b").truncate(MAX_JSON_BYTES + 1), _info,
-        ("tokenizer.json", f"more than the {MAX_JSON_BYTES:,}")),
-    "preset TOML nested 10,000 deep": (lambda c, s, r: _preset("p.toml", b"x = " + DEEP.encode())(r),
-                                       _print_config("--preset", "p.toml"), ("p.toml", "levels deep")),
+        lambda c, s, r: open(c / "tokenizer.json", "r+b").truncate(MAX_JSON_BYTES + 1),
+        _info,
+        ("tokenizer.json", f"more than the {MAX_JSON_BYTES:,}"),
+    ),
+    "preset TOML nested 10,000 deep": (
+        lambda c, s, r: _preset("p.toml", b"x = " + DEEP.encode())(r),
+        _print_config("--preset", "p.toml"),
+        ("p.toml", "levels deep"),
+    ),
     "preset TOML with a 5,000-digit integer": (
         lambda c, s, r: _preset("p.toml", b"[model]\nn_layer = " + HUGE.encode())(r),
-        _print_config("--preset", "p.toml"), ("p.toml", "64 bits")),
-    "preset TOML with non-UTF-8 bytes": (lambda c, s, r: _preset("p.toml", b"[model]\nn_layer = 1 # \xff\xfe\n")(r),
-                                         _print_config("--preset", "p.toml"), ("p.toml", "UTF-8")),
-    "preset JSON nested 10,000 deep": (lambda c, s, r: _preset("p.json", DEEP.encode())(r),
-                                       _print_config("--preset", "p.json"), ("p.json", "levels deep")),
-    "--set nested 10,000 deep": (lambda c, s, r: None, _print_config("--set", f"model.infinite.sigmas={DEEP}"),
-                                 ("--set", "levels deep")),
-    "--set with a 5,000-digit integer": (lambda c, s, r: None, _print_config("--set", f"model.n_layer={HUGE}"),
-                                         ("--set", "64 bits")),
-    "--set with a 22-digit integer": (lambda c, s, r: None, _print_config("--set", f"model.n_layer={2**70}"),
-                                      ("--set", "64 bits")),
-    "--set with non-UTF-8 bytes": (lambda c, s, r: None,  # argv bytes that are not UTF-8 arrive as lone surrogates
-                                   _print_config("--set", "mod\udcffel.n_layer=1"), ("--set", "UTF-8")),
+        _print_config("--preset", "p.toml"),
+        ("p.toml", "64 bits"),
+    ),
+    "preset TOML with non-UTF-8 bytes": (
+        lambda c, s, r: _preset("p.toml", b"[model]\nn_layer = 1 # \xff\xfe\n")(r),
+        _print_config("--preset", "p.toml"),
+        ("p.toml", "UTF-8"),
+    ),
+    "preset JSON nested 10,000 deep": (
+        lambda c, s, r: _preset("p.json", DEEP.encode())(r),
+        _print_config("--preset", "p.json"),
+        ("p.json", "levels deep"),
+    ),
+    "--set nested 10,000 deep": (
+        lambda c, s, r: None,
+        _print_config("--set", f"model.infinite.sigmas={DEEP}"),
+        ("--set", "levels deep"),
+    ),
+    "--set with a 5,000-digit integer": (
+        lambda c, s, r: None,
+        _print_config("--set", f"model.n_layer={HUGE}"),
+        ("--set", "64 bits"),
+    ),
+    "--set with a 22-digit integer": (
+        lambda c, s, r: None,
+        _print_config("--set", f"model.n_layer={2**70}"),
+        ("--set", "64 bits"),
+    ),
+    "--set with non-UTF-8 bytes": (
+        lambda c, s, r: None,  # argv bytes that are not UTF-8 arrive as lone surrogates
+        _print_config("--set", "mod\udcffel.n_layer=1"),
+        ("--set", "UTF-8"),
+    ),
     "--set with a window of 10**15 (train)": (
         lambda c, s, r: None,
-        lambda c, s: ["train", "--data", "data", *TINY, "--set", f"model.transformer.window={10**15}", "--max-steps",
-                      "1", "--out-dir", c.parent / "new", "-q"],
-        ("the config", "bytes of buffers and state")),
-    "metrics.jsonl nested 10,000 deep (plot)": (lambda c, s, r: (c.parent / "metrics.jsonl").write_text(DEEP + "\n"),
-                                                lambda c, s: ["plot", c.parent, "-o", c.parent / "loss.png"],
-                                                ("metrics.jsonl:1", "levels deep")),
+        lambda c, s: [
+            "train",
+            "--data",
+            "data",
+            *TINY,
+            "--set",
+            f"model.transformer.window={10**15}",
+            "--max-steps",
+            "1",
+            "--out-dir",
+            c.parent / "new",
+            "-q",
+        ],
+        ("the config", "bytes of buffers and state"),
+    ),
+    "metrics.jsonl nested 10,000 deep (plot)": (
+        lambda c, s, r: (c.parent / "metrics.jsonl").write_text(DEEP + "\n"),
+        lambda c, s: ["plot", c.parent, "-o", c.parent / "loss.png"],
+        ("metrics.jsonl:1", "levels deep"),
+    ),
 }
 
 
@@ -219,10 +310,12 @@ def test_overwrite_removes_a_symlink_not_its_target(root: Path, tmp_path: Path) 
 # bounded memory: the config is checked against the weights' header before anything is allocated
 
 
-@pytest.mark.parametrize("model", [{"n_layer": 9_000}, {"d_model": 2**20}, {"d_ff": 2**28},
-                                   {"transformer": {"window": 2**34}}], ids=str)
-def test_a_hostile_config_is_refused_before_the_model_is_built(root: Path, tmp_path: Path, monkeypatch,
-                                                                model: dict) -> None:
+@pytest.mark.parametrize(
+    "model", [{"n_layer": 9_000}, {"d_model": 2**20}, {"d_ff": 2**28}, {"transformer": {"window": 2**34}}], ids=str
+)
+def test_a_hostile_config_is_refused_before_the_model_is_built(
+    root: Path, tmp_path: Path, monkeypatch, model: dict
+) -> None:
     ckpt = tmp_path / "step-00000002"
     shutil.copytree(root / "runs" / "ck" / "step-00000002", ckpt)
 
@@ -286,8 +379,9 @@ def test_bpe_cuts_a_long_run_without_losing_bytes() -> None:
     assert tok.decode(ids.tolist()) == text
 
 
-def test_a_trainer_state_claiming_huge_tensors_is_refused_before_it_is_read(root: Path, tmp_path: Path,
-                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_trainer_state_claiming_huge_tensors_is_refused_before_it_is_read(
+    root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A sparse trainer_state.safetensors whose header claims a 1 GiB optimizer moment: refused by its header, and
     the tensors are never read (reading them would allocate what the header claims)."""
     import struct
@@ -308,5 +402,6 @@ def test_a_trainer_state_claiming_huge_tensors_is_refused_before_it_is_read(root
         return real_read(file)
 
     monkeypatch.setattr(checkpoint, "_read_weights", read_weights)
-    assert_user_error(run_inprocess(root, *_resume(ckpt, ckpt)), "trainer_state.safetensors", "optimizer.0.exp_avg",
-                      f"({n},)")
+    assert_user_error(
+        run_inprocess(root, *_resume(ckpt, ckpt)), "trainer_state.safetensors", "optimizer.0.exp_avg", f"({n},)"
+    )

@@ -90,9 +90,9 @@ class WindowCopier(nn.Module):
             row = seen[b]
             for t in range(T):
                 now = W + t  # the current token's index in row
-                pattern = row[now - k + 1:now + 1]
+                pattern = row[now - k + 1 : now + 1]
                 for j in range(now - 1, now - W, -1):  # j + 1 must be within the last W tokens: j + 1 > now - W
-                    if j - k + 1 >= 0 and (row[j - k + 1:j + 1] == pattern).all() and row[j + 1] >= 0:
+                    if j - k + 1 >= 0 and (row[j - k + 1 : j + 1] == pattern).all() and row[j + 1] >= 0:
                         logits[b, t, row[j + 1]] = 10.0
                         break
         next_state = HistoryState(tokens=torch.from_numpy(seen[:, -W:].copy()))
@@ -101,8 +101,15 @@ class WindowCopier(nn.Module):
 
 def _window_model(n_layer: int, window: int) -> torch.nn.Module:
     torch.manual_seed(0)
-    cfg = ModelConfig(n_layer=n_layer, d_model=32, n_head=2, d_ff=64, vocab_size=257, init_std=0.3,
-                      transformer=TransformerConfig(window=window))
+    cfg = ModelConfig(
+        n_layer=n_layer,
+        d_model=32,
+        n_head=2,
+        d_ff=64,
+        vocab_size=257,
+        init_std=0.3,
+        transformer=TransformerConfig(window=window),
+    )
     return build_model(cfg).eval()
 
 
@@ -117,8 +124,7 @@ def test_read_rows_equals_one_forward_and_batches_are_independent() -> None:
     nll, argmax = read_rows(model, rows, ProbeOptions(seq_len=7))
     with torch.inference_mode():
         logits = model(torch.from_numpy(rows[:, :-1]), model.init_state(3)).logits  # (3, 40, V)
-    direct = torch.nn.functional.cross_entropy(logits.transpose(1, 2), torch.from_numpy(rows[:, 1:]),
-                                               reduction="none")
+    direct = torch.nn.functional.cross_entropy(logits.transpose(1, 2), torch.from_numpy(rows[:, 1:]), reduction="none")
     np.testing.assert_allclose(nll, direct.double().numpy(), atol=1e-4)
     assert (argmax == logits.argmax(-1).numpy()).all()
     alone = read_streams(model, [rows[1], rows[0][:20]], ProbeOptions(seq_len=7, batch_rows=1))
@@ -159,8 +165,9 @@ def test_write_recall_data_and_its_spec(filler: Filler, tmp_path: Path) -> None:
     spec = RecallSpec.from_json((tmp_path / "r" / "recall.json").read_text(), "recall.json")
     assert spec.distances == (16, 64) and spec.keys == RECALL_KEYS
     again = write_recall_data(tmp_path / "s", filler, RecallSpec(distances=(16, 64)), n_docs=5, queries=4, seed=3)
-    assert (tmp_path / "r" / "train" / "recall-000004.txt").read_bytes() == \
-        (tmp_path / "s" / "train" / "recall-000004.txt").read_bytes()  # the seed makes it reproducible
+    assert (tmp_path / "r" / "train" / "recall-000004.txt").read_bytes() == (
+        tmp_path / "s" / "train" / "recall-000004.txt"
+    ).read_bytes()  # the seed makes it reproducible
     assert summary["train_bytes"] == again["train_bytes"]
 
 
@@ -190,8 +197,9 @@ def test_copy_finds_the_reach_of_an_oracle(filler: Filler, tok: Tokenizer) -> No
     """An 8-gram copier that sees 200 tokens back saves bits on a 32-byte repeat at distance 32 and 96 (the whole
     passage in view), and nothing at 512."""
     model = WindowCopier(tok.vocab_size, 200, 8)
-    result = score_copy(model, tok, filler, (32, 96, 512), span=32, trials=4, content="text", seed=0,
-                        opts=ProbeOptions(seq_len=128))
+    result = score_copy(
+        model, tok, filler, (32, 96, 512), span=32, trials=4, content="text", seed=0, opts=ProbeOptions(seq_len=128)
+    )
     gain = {r["distance"]: r["gain_bits_per_byte"] for r in result.distances}
     assert gain[32] > 1.0 and gain[96] > 1.0, gain
     assert abs(gain[512]) < 0.5, gain  # only chance 8-gram matches of the filler itself differ
@@ -203,8 +211,9 @@ def test_copy_gain_is_zero_beyond_a_window_models_reach(filler: Filler, tok: Tok
     """2 layers with windows of 8 see 15 tokens back: from 16 bytes on, repeat and control are read identically."""
     model = _window_model(2, 8)
     with torch.inference_mode():
-        result = score_copy(model, tok, filler, (4, 16, 300), span=16, trials=3, content=content, seed=0,
-                            opts=ProbeOptions(seq_len=32))
+        result = score_copy(
+            model, tok, filler, (4, 16, 300), span=16, trials=3, content=content, seed=0, opts=ProbeOptions(seq_len=32)
+        )
     rows = {r["distance"]: r for r in result.distances}
     assert abs(rows[4]["gain_bits_per_byte"]) > 1e-3  # within reach the first occurrence changes the prediction
     for d in (16, 300):
@@ -234,17 +243,28 @@ def test_context_says_when_the_filler_is_too_short(tok: Tokenizer) -> None:
 
 
 def test_reach_is_the_largest_distance_two_standard_errors_above_the_baseline() -> None:
-    rows = [{"distance": 1, "g": 0.5, "stderr": 0.1}, {"distance": 2, "g": 0.15, "stderr": 0.1},
-            {"distance": 4, "g": 0.3, "stderr": 0.1}, {"distance": 8, "g": 0.05, "stderr": 0.0}]
+    rows = [
+        {"distance": 1, "g": 0.5, "stderr": 0.1},
+        {"distance": 2, "g": 0.15, "stderr": 0.1},
+        {"distance": 4, "g": 0.3, "stderr": 0.1},
+        {"distance": 8, "g": 0.05, "stderr": 0.0},
+    ]
     assert reach(rows, "g") == 8
     assert reach(rows, "g", 0.06) == 4
     assert reach(rows, "g", 1.0) is None
 
 
 def test_report_is_json(filler: Filler, tok: Tokenizer) -> None:
-    result = score_copy(_window_model(1, 4), tok, filler, (8,), span=8, trials=2, content="text", seed=1,
-                        opts=ProbeOptions(seq_len=16))
+    result = score_copy(
+        _window_model(1, 4), tok, filler, (8,), span=8, trials=2, content="text", seed=1, opts=ProbeOptions(seq_len=16)
+    )
     report = json.loads(json.dumps(result.to_dict()))
     assert report["task"] == "copy" and report["distances"][0]["trials"] == 2
-    assert set(report["distances"][0]) == {"distance", "gain_bits_per_byte", "stderr", "nll_repeat", "nll_control",
-                                           "trials"}
+    assert set(report["distances"][0]) == {
+        "distance",
+        "gain_bits_per_byte",
+        "stderr",
+        "nll_repeat",
+        "nll_control",
+        "trials",
+    }

@@ -1,3 +1,4 @@
+# ruff: noqa: F811  (the fixtures of test_cli are imported by name and used as arguments)
 """``longctx probe`` and ``longctx probe make-data`` through the command line (the tiny checkpoint of test_cli)."""
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ def recall_dir(ws: Workspace) -> Path:  # noqa: F811
     from test_cli import run_inprocess
 
     out = ws.root / "recall"
-    res = run_inprocess(ws.root, "probe", "make-data", "--out", out, "--docs", "3", "--queries", "4",
-                        "--distances", "16,64")
+    res = run_inprocess(
+        ws.root, "probe", "make-data", "--out", out, "--docs", "3", "--queries", "4", "--distances", "16,64"
+    )
     assert res.code == 0, res.err
     return out
 
@@ -31,10 +33,24 @@ def test_make_data_writes_train_test_and_spec(recall_dir: Path, cli: Callable[..
     assert_user_error(cli("probe", "make-data", "--out", recall_dir / "x", "--task", "copy"), "recall only")
 
 
-def test_probe_recall_prints_accuracy_by_distance(recall_dir: Path, ws: Workspace,  # noqa: F811
-                                                  cli: Callable[..., Result], tmp_path: Path) -> None:  # noqa: F811
-    res = cli("probe", "--task", "recall", "--data", recall_dir / "test", "-m", ws.ckpt, "--json",
-              "-o", tmp_path / "out" / "recall.json")
+def test_probe_recall_prints_accuracy_by_distance(
+    recall_dir: Path,
+    ws: Workspace,  # noqa: F811
+    cli: Callable[..., Result],
+    tmp_path: Path,
+) -> None:  # noqa: F811
+    res = cli(
+        "probe",
+        "--task",
+        "recall",
+        "--data",
+        recall_dir / "test",
+        "-m",
+        ws.ckpt,
+        "--json",
+        "-o",
+        tmp_path / "out" / "recall.json",
+    )
     assert res.code == 0, res.err
     report = json.loads(res.out)
     assert report["task"] == "recall" and report["checkpoint"] == str(ws.ckpt) and report["chance"] == 0.1
@@ -53,8 +69,12 @@ def test_probe_copy_and_context_on_the_default_filler(ws: Workspace, cli: Callab
     assert all(r["tokens"] == 256 for r in report["distances"])
 
 
-def test_probe_mistakes_are_one_line(ws: Workspace, cli: Callable[..., Result], recall_dir: Path,  # noqa: F811
-                                     tmp_path: Path) -> None:
+def test_probe_mistakes_are_one_line(
+    ws: Workspace,
+    cli: Callable[..., Result],
+    recall_dir: Path,  # noqa: F811
+    tmp_path: Path,
+) -> None:
     assert_user_error(cli("probe", "-m", ws.ckpt, "--task", "sorting"), "--task must be")
     assert_user_error(cli("probe", "-m", ws.ckpt, "--task", "recall"), "--data")
     assert_user_error(cli("probe", "-m", ws.ckpt, "--task", "recall", "--data", tmp_path), "recall.json")
@@ -79,8 +99,11 @@ def test_probe_plot(ws: Workspace, cli: Callable[..., Result], tmp_path: Path, m
     assert_user_error(cli("probe", "-m", ws.ckpt, "--plot", tmp_path / "q.png"), "pip install")
 
 
-def test_probe_a_bpe_checkpoint_says_how_it_tokenized(bpe_ckpt: Path, cli: Callable[..., Result],  # noqa: F811
-                                                      recall_dir: Path) -> None:
+def test_probe_a_bpe_checkpoint_says_how_it_tokenized(
+    bpe_ckpt: Path,
+    cli: Callable[..., Result],  # noqa: F811
+    recall_dir: Path,
+) -> None:
     res = cli("probe", "-m", bpe_ckpt, "--distances", "16,64", "--trials", "2", "--json")
     assert res.code == 0, res.err
     report = json.loads(res.out)

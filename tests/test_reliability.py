@@ -24,8 +24,10 @@ from longctx.tokenizer import Tokenizer
 from longctx.train import RunOptions, run_lock, train
 
 PACKAGE = Path(longctx.__file__).parent
-FORBIDDEN = re.compile(r"import pickle|from pickle|\bpickle\.|torch\.load\(|(?<![\w.])eval\(|(?<![\w.])exec\(|"
-                       r"yaml\.load\(|marshal\.loads|shelve\.")
+FORBIDDEN = re.compile(
+    r"import pickle|from pickle|\bpickle\.|torch\.load\(|(?<![\w.])eval\(|(?<![\w.])exec\(|"
+    r"yaml\.load\(|marshal\.loads|shelve\."
+)
 
 
 def test_package_source_never_deserialises_code():
@@ -55,14 +57,16 @@ def test_pickles_beside_a_checkpoint_are_never_opened(tmp_path):
         (result.last_checkpoint / name).write_bytes(pickle.dumps(Trap(marker)))
     load_checkpoint(result.last_checkpoint)
     overrides = {"train.max_steps": 3}
-    train(load_config("transformer-small", tiny_overrides(tmp_path, **overrides)),
-          RunOptions(out_dir=tmp_path / "run", resume="auto", progress=False), overrides)
+    train(
+        load_config("transformer-small", tiny_overrides(tmp_path, **overrides)),
+        RunOptions(out_dir=tmp_path / "run", resume="auto", progress=False),
+        overrides,
+    )
     assert not marker.exists()
 
 
 def test_disk_full_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
-    cfg = load_config("transformer-small", tiny_overrides(tmp_path, **{"train.max_steps": 4,
-                                                                        "train.save_interval": 2}))
+    cfg = load_config("transformer-small", tiny_overrides(tmp_path, **{"train.max_steps": 4, "train.save_interval": 2}))
     real = checkpoint_module._save_tensors
     calls = {"n": 0}
 
@@ -108,7 +112,7 @@ def test_a_killed_process_does_not_leave_the_lock_stuck(tmp_path):
         import sys, time
         from pathlib import Path
         from longctx.train import run_lock
-        with run_lock(Path({str(tmp_path / 'run')!r})):
+        with run_lock(Path({str(tmp_path / "run")!r})):
             print("locked", flush=True)
             time.sleep(60)
     """)
@@ -130,8 +134,13 @@ def test_a_checkpoint_deletion_cut_short_leaves_no_partial_checkpoint(tmp_path, 
     (here: the delete stops after one file) leaves no step-* folder with some files missing."""
     step = tmp_path / "step-00000001"
     step.mkdir()
-    for name in ("model.safetensors", "config.json", "tokenizer.json", "trainer_state.safetensors",
-                 "trainer_state.json"):
+    for name in (
+        "model.safetensors",
+        "config.json",
+        "tokenizer.json",
+        "trainer_state.safetensors",
+        "trainer_state.json",
+    ):
         (step / name).write_bytes(b"x")
     assert find_checkpoints(tmp_path) == [step]
 
@@ -159,13 +168,25 @@ def test_random_kills_resume_to_the_same_weights(tmp_path):
     import torch
 
     steps = 100
-    overrides = tiny_overrides(tmp_path, **{"train.max_steps": steps, "train.save_interval": 1, "train.keep_last": 2,
-                                            "train.lr_decay_steps": steps})
-    reference = train(load_config("transformer-small", overrides), RunOptions(out_dir=tmp_path / "ref",
-                                                                                 progress=False))
+    overrides = tiny_overrides(
+        tmp_path,
+        **{"train.max_steps": steps, "train.save_interval": 1, "train.keep_last": 2, "train.lr_decay_steps": steps},
+    )
+    reference = train(load_config("transformer-small", overrides), RunOptions(out_dir=tmp_path / "ref", progress=False))
     run = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "longctx", "train", "--preset", "transformer-small", "--no-progress", "--resume",
-           "auto", "--out-dir", str(run)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "longctx",
+        "train",
+        "--preset",
+        "transformer-small",
+        "--no-progress",
+        "--resume",
+        "auto",
+        "--out-dir",
+        str(run),
+    ]
     for key, value in overrides.items():
         cmd += ["--set", f"{key}={json.dumps(value) if not isinstance(value, str) else value}"]
     env = os.environ | {"OMP_NUM_THREADS": "1", "LONGCTX_CACHE": str(tmp_path / "cache")}
@@ -189,8 +210,13 @@ def test_random_kills_resume_to_the_same_weights(tmp_path):
         proc.stderr.close()
         kills += 1
         for ckpt in find_checkpoints(run):  # whatever a resume could pick is complete and loadable
-            assert {p.name for p in ckpt.iterdir()} >= {"model.safetensors", "config.json", "tokenizer.json",
-                                                        "trainer_state.safetensors", "trainer_state.json"}
+            assert {p.name for p in ckpt.iterdir()} >= {
+                "model.safetensors",
+                "config.json",
+                "tokenizer.json",
+                "trainer_state.safetensors",
+                "trainer_state.json",
+            }
             load_checkpoint(ckpt)
     final = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert final.returncode == 0, final.stderr[-2000:]
@@ -234,8 +260,12 @@ def test_resuming_an_older_checkpoint_never_prunes_the_newer_line(tmp_path):
     _run(tmp_path, br, **{"train.max_steps": 6, "train.save_interval": 2, "train.keep_last": 2})
     assert [p.name for p in find_checkpoints(br)] == ["step-00000004", "step-00000006"]
     with pytest.raises(ConfigError, match="not the newest checkpoint"):
-        _run(tmp_path, br, resume=str(br / "step-00000004"),
-             **{"train.max_steps": 5, "train.save_interval": 1, "train.keep_last": 1, "train.lr": 1e-4})
+        _run(
+            tmp_path,
+            br,
+            resume=str(br / "step-00000004"),
+            **{"train.max_steps": 5, "train.save_interval": 1, "train.keep_last": 1, "train.lr": 1e-4},
+        )
     other = tmp_path / "other"
     _run(tmp_path, other, **{"train.max_steps": 2})
     metrics = (other / "metrics.jsonl").read_text()
@@ -320,8 +350,11 @@ def tmpfs(tmp_path):
         where = tmp_path / f"fs{len(mounted)}"
         where.mkdir()
         opts = f"size={kb}k" + (",ro" if readonly else "")
-        if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(where)],
-                                               capture_output=True).returncode != 0:
+        if (
+            os.geteuid() != 0
+            or subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(where)], capture_output=True).returncode
+            != 0
+        ):
             pytest.skip("needs root and a working mount for a small file system")
         mounted.append(where)
         return where
@@ -370,8 +403,7 @@ def test_safetensors_own_error_on_a_full_disk_is_one_line(tmp_path, monkeypatch)
         real(tensors, filename, metadata=metadata)
 
     monkeypatch.setattr(checkpoint_module, "save_file", full_disk)
-    cfg = load_config("transformer-small", tiny_overrides(tmp_path, **{"train.max_steps": 4,
-                                                                        "train.save_interval": 2}))
+    cfg = load_config("transformer-small", tiny_overrides(tmp_path, **{"train.max_steps": 4, "train.save_interval": 2}))
     with pytest.raises(LongctxError, match="No space left on device.*previous checkpoints are intact"):
         train(cfg, RunOptions(out_dir=tmp_path / "run", progress=False))
     assert [p.name for p in find_checkpoints(tmp_path / "run")] == ["step-00000002"]
@@ -398,11 +430,14 @@ def test_a_full_disk_for_the_lock_metrics_and_token_cache_is_one_line(tmp_path, 
     disk = tmpfs(256)
     (disk / "run").mkdir()
     _fill(disk)
-    assert_user_error(_cli_train(tmp_path, disk / "run", **{"train.max_steps": 1}), "--out-dir",
-                      "No space left on device")
-    assert_user_error(_cli_train(tmp_path, tmp_path / "run", **{"train.max_steps": 1,
-                                                                  "data.cache_dir": str(disk / "cache")}),
-                      "token cache", "No space left on device")
+    assert_user_error(
+        _cli_train(tmp_path, disk / "run", **{"train.max_steps": 1}), "--out-dir", "No space left on device"
+    )
+    assert_user_error(
+        _cli_train(tmp_path, tmp_path / "run", **{"train.max_steps": 1, "data.cache_dir": str(disk / "cache")}),
+        "token cache",
+        "No space left on device",
+    )
 
 
 def test_a_failed_metrics_write_is_one_line_and_keeps_the_checkpoints(tmp_path, monkeypatch):
@@ -418,8 +453,11 @@ def test_a_failed_metrics_write_is_one_line_and_keeps_the_checkpoints(tmp_path, 
         real(self, record)
 
     monkeypatch.setattr(MetricsLog, "_write", full_at_step_3)
-    with pytest.raises(LongctxError, match=r"metrics.jsonl: No space left on device; the last checkpoint "
-                                           r"\(.*step-00000002\) is intact"):
+    with pytest.raises(
+        LongctxError,
+        match=r"metrics.jsonl: No space left on device; the last checkpoint "
+        r"\(.*step-00000002\) is intact",
+    ):
         _run(tmp_path, tmp_path / "run", **{"train.max_steps": 4, "train.save_interval": 1, "train.keep_last": 5})
     assert [p.name for p in find_checkpoints(tmp_path / "run")] == ["step-00000001", "step-00000002"]
 
@@ -430,12 +468,15 @@ def test_out_dir_that_is_a_file_under_a_file_too_long_or_read_only_is_one_line(t
     blocker = tmp_path / "blocker"
     blocker.write_text("a file")
     assert_user_error(_cli_train(tmp_path, blocker, **{"train.max_steps": 1}), "is a file")
-    assert_user_error(_cli_train(tmp_path, blocker / "run", **{"train.max_steps": 1}), "cannot write to --out-dir",
-                      "Not a directory")
+    assert_user_error(
+        _cli_train(tmp_path, blocker / "run", **{"train.max_steps": 1}), "cannot write to --out-dir", "Not a directory"
+    )
     assert_user_error(_cli_train(tmp_path, tmp_path / ("r" * 300), **{"train.max_steps": 1}), "File name too long")
-    assert_user_error(_cli_train(tmp_path, tmp_path / "run", **{"train.max_steps": 1,
-                                                                  "data.cache_dir": str(blocker / "cache")}),
-                      "token cache", "Not a directory")
+    assert_user_error(
+        _cli_train(tmp_path, tmp_path / "run", **{"train.max_steps": 1, "data.cache_dir": str(blocker / "cache")}),
+        "token cache",
+        "Not a directory",
+    )
     assert blocker.read_text() == "a file"
     readonly = tmpfs(64, readonly=True)
     assert_user_error(_cli_train(tmp_path, readonly / "run", **{"train.max_steps": 1}), "Read-only file system")
@@ -492,8 +533,9 @@ def test_generate_save_state_name_too_long_is_found_before_work(tmp_path):
     from test_cli import assert_user_error, run_inprocess
 
     _, _, _, ckpt = _state_and_model(tmp_path)
-    res = run_inprocess(tmp_path, "generate", "-q", "-m", ckpt, "-p", "hi", "-n", "1", "--save-state",
-                        tmp_path / ("s" * 300))
+    res = run_inprocess(
+        tmp_path, "generate", "-q", "-m", ckpt, "-p", "hi", "-n", "1", "--save-state", tmp_path / ("s" * 300)
+    )
     assert_user_error(res, "--save-state", "cannot be written (File name too long)")
 
 
@@ -501,8 +543,13 @@ def test_paths_longer_than_the_system_allows_are_one_line(tmp_path):
     from test_cli import assert_user_error, run_inprocess
 
     long = str(tmp_path / ("x" * 300))
-    for args in (["info", long], ["eval", "-m", long], ["generate", "-m", long], ["plot", long],
-                 ["train", "-q", "--data", long, "--max-steps", "1", "--out-dir", str(tmp_path / "run")]):
+    for args in (
+        ["info", long],
+        ["eval", "-m", long],
+        ["generate", "-m", long],
+        ["plot", long],
+        ["train", "-q", "--data", long, "--max-steps", "1", "--out-dir", str(tmp_path / "run")],
+    ):
         assert_user_error(run_inprocess(tmp_path, *args), "is longer than this system allows")
 
 

@@ -13,8 +13,9 @@ from hypothesis import strategies as st
 from longctx.errors import CheckpointError
 from longctx.tokenizer import SEPARATOR, Tokenizer
 
-TEXT = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\n"
-        "  Speak, speak. — «ünïcödé» ✓ 日本\n") * 40
+TEXT = (
+    "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\n  Speak, speak. — «ünïcödé» ✓ 日本\n"
+) * 40
 
 
 @pytest.fixture(scope="module")

@@ -23,11 +23,24 @@ def tiny_overrides(tmp_path, **extra):
         for doc in bundled_documents()[:3]:
             with doc.open() as f:
                 (text_dir / doc.name.split("/")[-1]).write_bytes(f.read()[:6000])
-    base = {"model.n_layer": 1, "model.d_model": 32, "model.n_head": 2, "model.d_ff": 64,
-            "model.transformer.window": 16, "train.seq_len": 16, "train.batch_size": 4,
-            "train.micro_batch_size": 2, "train.log_interval": 1, "train.eval_interval": 1000,
-            "train.save_interval": 1000, "train.warmup_steps": 2, "train.eval_tokens": 512, "train.threads": 1,
-            "data.paths": [str(text_dir)], "data.cache_dir": str(tmp_path / "cache")}
+    base = {
+        "model.n_layer": 1,
+        "model.d_model": 32,
+        "model.n_head": 2,
+        "model.d_ff": 64,
+        "model.transformer.window": 16,
+        "train.seq_len": 16,
+        "train.batch_size": 4,
+        "train.micro_batch_size": 2,
+        "train.log_interval": 1,
+        "train.eval_interval": 1000,
+        "train.save_interval": 1000,
+        "train.warmup_steps": 2,
+        "train.eval_tokens": 512,
+        "train.threads": 1,
+        "data.paths": [str(text_dir)],
+        "data.cache_dir": str(tmp_path / "cache"),
+    }
     return base | extra
 
 
@@ -39,17 +52,22 @@ def losses(run_dir):
 def test_resumed_run_equals_uninterrupted_run(tmp_path):
     # the schedule length is fixed (lr_decay_steps) so that both runs follow the same learning rates
     full = tmp_path / "full"
-    cfg = load_config("transformer-small", tiny_overrides(tmp_path, **{"train.max_steps": 7,
-                                                                        "train.lr_decay_steps": 7}))
+    cfg = load_config(
+        "transformer-small", tiny_overrides(tmp_path, **{"train.max_steps": 7, "train.lr_decay_steps": 7})
+    )
     train(cfg, RunOptions(out_dir=full, progress=False))
 
     part = tmp_path / "part"
-    cfg4 = load_config("transformer-small", tiny_overrides(tmp_path, **{"train.max_steps": 4,
-                                                                         "train.lr_decay_steps": 7}))
+    cfg4 = load_config(
+        "transformer-small", tiny_overrides(tmp_path, **{"train.max_steps": 4, "train.lr_decay_steps": 7})
+    )
     train(cfg4, RunOptions(out_dir=part, progress=False))
     overrides = {"train.max_steps": 7}
-    train(load_config("transformer-small", tiny_overrides(tmp_path, **overrides)),
-          RunOptions(out_dir=part, resume="auto", progress=False), overrides)
+    train(
+        load_config("transformer-small", tiny_overrides(tmp_path, **overrides)),
+        RunOptions(out_dir=part, resume="auto", progress=False),
+        overrides,
+    )
 
     assert losses(part) == losses(full)  # same losses, step by step (CPU, fp32, same seed)
     a, _, _ = load_checkpoint(find_checkpoints(full)[-1])
@@ -66,7 +84,12 @@ def test_checkpoint_round_trip_gives_identical_logits(tmp_path):
     assert config.model == dataclasses.replace(cfg.model, separator_id=tokenizer.sep_id)
     assert tokenizer.vocab_size == config.model.vocab_size and config.model.separator_id == 256
     assert set(p.name for p in result.last_checkpoint.iterdir()) == {
-        "model.safetensors", "config.json", "tokenizer.json", "trainer_state.safetensors", "trainer_state.json"}
+        "model.safetensors",
+        "config.json",
+        "tokenizer.json",
+        "trainer_state.safetensors",
+        "trainer_state.json",
+    }
     tokens = torch.randint(0, 257, (2, 20))
     again, _, _ = load_checkpoint(result.last_checkpoint)
     with torch.no_grad():
@@ -77,8 +100,10 @@ def test_checkpoint_round_trip_gives_identical_logits(tmp_path):
 
 
 def test_keep_last_and_final_checkpoint(tmp_path):
-    cfg = load_config("transformer-small", tiny_overrides(
-        tmp_path, **{"train.max_steps": 5, "train.save_interval": 1, "train.keep_last": 2}))
+    cfg = load_config(
+        "transformer-small",
+        tiny_overrides(tmp_path, **{"train.max_steps": 5, "train.save_interval": 1, "train.keep_last": 2}),
+    )
     train(cfg, RunOptions(out_dir=tmp_path / "run", progress=False))
     assert [p.name for p in find_checkpoints(tmp_path / "run")] == ["step-00000004", "step-00000005"]
     assert not list((tmp_path / "run").glob(".tmp-*"))
@@ -103,23 +128,25 @@ def test_non_empty_out_dir_is_refused_without_resume_or_overwrite(tmp_path):
 def test_overwrite_deletes_nothing_when_the_command_is_wrong(tmp_path):
     """--overwrite with missing data or an incompatible --init-from: refused before the old run is touched."""
     from longctx.errors import ConfigError, DataError
+
     cfg = load_config("transformer-small", tiny_overrides(tmp_path, **{"train.max_steps": 1}))
     keep = tmp_path / "keep"
     train(cfg, RunOptions(out_dir=keep, progress=False))
     before = sorted(p.name for p in keep.iterdir())
-    bad_data = load_config("transformer-small", tiny_overrides(
-        tmp_path, **{"train.max_steps": 1, "data.paths": [str(tmp_path / "nodir")]}))
+    bad_data = load_config(
+        "transformer-small", tiny_overrides(tmp_path, **{"train.max_steps": 1, "data.paths": [str(tmp_path / "nodir")]})
+    )
     with pytest.raises(DataError):
         train(bad_data, RunOptions(out_dir=keep, overwrite=True, progress=False))
-    xl = load_config("xl-small", overrides_for("xl-small", tiny_overrides(tmp_path, **{"train.max_steps": 1,
-                                                                           "model.xl.mem_len": 16})))
+    xl = load_config(
+        "xl-small",
+        overrides_for("xl-small", tiny_overrides(tmp_path, **{"train.max_steps": 1, "model.xl.mem_len": 16})),
+    )
     with pytest.raises(ConfigError, match=r"--init-from .*model.decoder = \"transformer\" there, \"xl\" here"):
-        train(xl, RunOptions(out_dir=keep, overwrite=True, init_from=str(find_checkpoints(keep)[-1]),
-                             progress=False))
+        train(xl, RunOptions(out_dir=keep, overwrite=True, init_from=str(find_checkpoints(keep)[-1]), progress=False))
     same = load_config("transformer-small", tiny_overrides(tmp_path, **{"train.max_steps": 1}))
     with pytest.raises(ConfigError, match="--overwrite would empty"):  # it would delete its own starting point
-        train(same, RunOptions(out_dir=keep, overwrite=True, init_from=str(find_checkpoints(keep)[-1]),
-                               progress=False))
+        train(same, RunOptions(out_dir=keep, overwrite=True, init_from=str(find_checkpoints(keep)[-1]), progress=False))
     assert sorted(p.name for p in keep.iterdir()) == before
     assert find_checkpoints(keep) and (keep / "metrics.jsonl").read_text()
 
@@ -132,22 +159,27 @@ def test_held_out_documents_are_named_and_a_too_short_one_is_warned_about(tmp_pa
     for i in range(5):
         (data / f"doc{i}.txt").write_text("some text to train on. " * 40)
     (data / "doc9.txt").write_text("a held-out file of forty-five bytes, no more.")
-    cfg = load_config("transformer-small", tiny_overrides(tmp_path, **{"train.max_steps": 1, "train.seq_len": 64,
-                                                                        "data.paths": [str(data)]}))
+    cfg = load_config(
+        "transformer-small",
+        tiny_overrides(tmp_path, **{"train.max_steps": 1, "train.seq_len": 64, "data.paths": [str(data)]}),
+    )
     with caplog.at_level(logging.INFO, logger="longctx"):
         train(cfg, RunOptions(out_dir=tmp_path / "run", progress=False))
     messages = [r.getMessage() for r in caplog.records]
     assert any("1 held-out document (doc9.txt), 46 tokens" in m for m in messages), messages
-    assert any("validation will not run" in m and r.levelno == logging.WARNING
-               for m, r in zip(messages, caplog.records))
+    assert any(
+        "validation will not run" in m and r.levelno == logging.WARNING for m, r in zip(messages, caplog.records)
+    )
 
 
 def test_bpe_prints_the_size_it_learned(tmp_path, caplog):
     """--vocab-size 100000 on a small corpus learns far fewer tokens; the size said is the real one."""
     import logging
 
-    cfg = load_config("transformer-small", tiny_overrides(tmp_path, **{
-        "train.max_steps": 1, "data.tokenizer": "bpe", "data.vocab_size": 100000}))
+    cfg = load_config(
+        "transformer-small",
+        tiny_overrides(tmp_path, **{"train.max_steps": 1, "data.tokenizer": "bpe", "data.vocab_size": 100000}),
+    )
     with caplog.at_level(logging.INFO, logger="longctx"):
         train(cfg, RunOptions(out_dir=tmp_path / "run", progress=False))
     learned = json.loads((find_checkpoints(tmp_path / "run")[-1] / "config.json").read_text())["model"]["vocab_size"]
@@ -157,8 +189,10 @@ def test_bpe_prints_the_size_it_learned(tmp_path, caplog):
 
 
 def test_non_finite_loss_skips_steps_then_stops(tmp_path, monkeypatch):
-    cfg = load_config("transformer-small", tiny_overrides(
-        tmp_path, **{"train.max_steps": 10, "train.max_bad_steps": 3, "train.save_interval": 2}))
+    cfg = load_config(
+        "transformer-small",
+        tiny_overrides(tmp_path, **{"train.max_steps": 10, "train.max_bad_steps": 3, "train.save_interval": 2}),
+    )
     import longctx.model as model_module
 
     real = model_module.LongContextLM.forward
@@ -197,18 +231,23 @@ def test_lr_schedule_warmup_then_cosine():
 def _tiny_model(decoder: str, **sub):
     from longctx.config import Config
     from longctx.model import build_model
+
     model = {"decoder": decoder, "n_layer": 2, "d_model": 32, "n_head": 2, "d_ff": 64, "vocab_size": 61, **sub}
     torch.manual_seed(0)
     return build_model(Config.from_dict({"model": model}).model)
 
 
-@pytest.mark.parametrize("decoder,sub,position", [
-    ("xl", {"xl": {"span_mode": "adaptive", "mem_len": 8}}, "mix.span.ratio"),
-    ("xl", {"xl": {"span_mode": "dynamic", "mem_len": 8}}, "mix.span.proj.bias"),
-    ("aft", {"aft": {"variant": "local", "window": 4}}, "mix.bias"),
-])
+@pytest.mark.parametrize(
+    "decoder,sub,position",
+    [
+        ("xl", {"xl": {"span_mode": "adaptive", "mem_len": 8}}, "mix.span.ratio"),
+        ("xl", {"xl": {"span_mode": "dynamic", "mem_len": 8}}, "mix.span.proj.bias"),
+        ("aft", {"aft": {"variant": "local", "window": 4}}, "mix.bias"),
+    ],
+)
 def test_parameter_groups(decoder, sub, position):
     from longctx.train import parameter_groups
+
     model = _tiny_model(decoder, **sub)
     groups = parameter_groups(model)
     names = {id(p): n for n, p in model.named_parameters()}
@@ -226,6 +265,7 @@ def test_position_parameters_move_position_lr_scale_times_faster():
     ratios must move ``train.position_lr_scale`` times as far as an ordinary bias, and lose nothing to weight decay."""
     from longctx.config import TrainConfig
     from longctx.train import make_optimizer
+
     model = _tiny_model("xl", xl={"span_mode": "adaptive", "mem_len": 8, "span_init": 0.5})
     cfg = TrainConfig(lr=1e-3, position_lr_scale=10.0, weight_decay=0.1)
     optimizer = make_optimizer(model, cfg)
@@ -236,14 +276,17 @@ def test_position_parameters_move_position_lr_scale_times_faster():
         p.grad = torch.ones_like(p)
     optimizer.step()
     torch.testing.assert_close((before_ratio - ratio.detach()).abs(), torch.full_like(ratio, 1e-2), rtol=1e-3, atol=0)
-    torch.testing.assert_close((before_bias - norm_bias.detach()).abs(), torch.full_like(norm_bias, 1e-3), rtol=1e-3,
-                               atol=0)
+    torch.testing.assert_close(
+        (before_bias - norm_bias.detach()).abs(), torch.full_like(norm_bias, 1e-3), rtol=1e-3, atol=0
+    )
 
 
 def test_final_validation_and_learned_spans_reach_metrics(tmp_path):
     out = tmp_path / "run"
-    cfg = load_config("xl-span-small", overrides_for("xl-span-small", tiny_overrides(
-        tmp_path, **{"train.max_steps": 3, "model.xl.mem_len": 16})))
+    cfg = load_config(
+        "xl-span-small",
+        overrides_for("xl-span-small", tiny_overrides(tmp_path, **{"train.max_steps": 3, "model.xl.mem_len": 16})),
+    )
     train(cfg, RunOptions(out_dir=out, progress=False))
     records = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
     final = [r for r in records if "val_loss" in r]
@@ -268,6 +311,7 @@ def test_csv_logger_mirrors_metrics_and_is_trimmed_on_resume(tmp_path):
     assert [r["step"] for r in rows if r["val_loss"]] == ["2", "4"]
     # a kill after step 4's lines but before its checkpoint: resuming from step 2 drops steps 3-4 from both files
     from longctx.checkpoint import remove_checkpoint
+
     remove_checkpoint(out / "step-00000004")
     train(cfg, RunOptions(out_dir=out, progress=False, resume="auto", loggers=("csv",)), {})
     rows = list(csv.DictReader((out / "metrics.csv").open()))

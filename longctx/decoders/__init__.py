@@ -17,7 +17,21 @@ DECODERS: dict[str, type[Decoder]] = {
     "combiner": CombinerDecoder,
 }
 
-__all__ = ["AFTDecoder", "AFTState", "CombinerDecoder", "CombinerState", "DECODERS", "Decoder", "DecoderOutput",
-           "InfiniteDecoder", "InfiniteState",
-           "PerceiverARDecoder", "PerceiverARState", "State", "TransformerDecoder", "TransformerState", "XLDecoder",
-           "XLState"]
+__all__ = [
+    "AFTDecoder",
+    "AFTState",
+    "CombinerDecoder",
+    "CombinerState",
+    "DECODERS",
+    "Decoder",
+    "DecoderOutput",
+    "InfiniteDecoder",
+    "InfiniteState",
+    "PerceiverARDecoder",
+    "PerceiverARState",
+    "State",
+    "TransformerDecoder",
+    "TransformerState",
+    "XLDecoder",
+    "XLState",
+]

@@ -186,10 +186,12 @@ class AFTDecoder(Decoder):
         mix = self.blocks[0].mix
         L, H, M, C, Dk = self.cfg.n_layer, mix.heads, self.cache_len, mix.head_dim + mix.key_dim, mix.key_dim
         wide = torch.promote_types(dtype, torch.float32)  # accumulators are never below float32
-        return AFTState(window=torch.zeros(batch_size, L, H, M, C, dtype=wide, device=device),
-                        far=torch.zeros(batch_size, L, H, C, dtype=wide, device=device),
-                        ref=torch.zeros(batch_size, L, H, Dk, dtype=wide, device=device),
-                        position=torch.zeros(batch_size, dtype=torch.int64, device=device))
+        return AFTState(
+            window=torch.zeros(batch_size, L, H, M, C, dtype=wide, device=device),
+            far=torch.zeros(batch_size, L, H, C, dtype=wide, device=device),
+            ref=torch.zeros(batch_size, L, H, Dk, dtype=wide, device=device),
+            position=torch.zeros(batch_size, dtype=torch.int64, device=device),
+        )
 
     def forward(self, x: Tensor, state: AFTState) -> DecoderOutput:  # type: ignore[override]
         T = x.shape[1]
@@ -197,8 +199,11 @@ class AFTDecoder(Decoder):
         x = x.transpose(0, 1).contiguous()  # (T, B, D): time-major, so that one head's terms are a (T, B*C) matrix
         windows, fars, refs = [], [], []
         for layer, block in enumerate(self.blocks):
-            memory = Memory(window=state.window[:, layer].permute(1, 2, 0, 3),  # (H, M, B, C)
-                            far=state.far[:, layer].transpose(0, 1), ref=state.ref[:, layer].transpose(0, 1))
+            memory = Memory(
+                window=state.window[:, layer].permute(1, 2, 0, 3),  # (H, M, B, C)
+                far=state.far[:, layer].transpose(0, 1),
+                ref=state.ref[:, layer].transpose(0, 1),
+            )
             x, memory = block(x, memory, started)
             windows.append(memory.window)
             fars.append(memory.far)
@@ -214,8 +219,12 @@ class AFTDecoder(Decoder):
     def position_parameters(self) -> list[nn.Parameter]:
         """The window bias rows, conv's γ and β, and the far decays θ: no weight decay, a larger learning rate."""
         names = ("bias", "bias_gain", "bias_shift", "log_decay")
-        return [p for block in self.blocks for name in names
-                if isinstance(p := getattr(block.mix, name, None), nn.Parameter)]
+        return [
+            p
+            for block in self.blocks
+            for name in names
+            if isinstance(p := getattr(block.mix, name, None), nn.Parameter)
+        ]
 
     @torch.no_grad()
     def describe(self) -> dict[str, Any]:
@@ -234,7 +243,8 @@ class AFTDecoder(Decoder):
             if mix.log_decay is not None:
                 tau = torch.exp(-mix.log_decay.detach().float()).flatten()
                 info["tau_min"], info["tau_median"], info["tau_max"] = (
-                    round(float(x), 3) for x in (tau.min(), tau.median(), tau.max()))
+                    round(float(x), 3) for x in (tau.min(), tau.median(), tau.max())
+                )
             layers.append(info)
         out["aft_layers"] = layers
         return out

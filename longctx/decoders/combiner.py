@@ -107,14 +107,28 @@ class SegmentMemory(NamedTuple):
     summary_values: Tensor  # (B, H, S, Dv)
 
     @staticmethod
-    def empty(batch: int, heads: int, segment: int, max_summaries: int, head_dim: int, value_dim: int,
-              dtype: torch.dtype, device: torch.device | str | None = None) -> SegmentMemory:
+    def empty(
+        batch: int,
+        heads: int,
+        segment: int,
+        max_summaries: int,
+        head_dim: int,
+        value_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str | None = None,
+    ) -> SegmentMemory:
         def zeros(*shape: int) -> Tensor:
             return torch.zeros(shape, dtype=dtype, device=device)
 
         B, H, s, S, Dh, Dv = batch, heads, segment, max_summaries, head_dim, value_dim
-        return SegmentMemory(zeros(B, H, s - 1, Dh), zeros(B, H, s - 1, Dv), zeros(B, H, Dh), zeros(B, H, Dh),
-                             zeros(B, H, S, Dh), zeros(B, H, S, Dv))
+        return SegmentMemory(
+            zeros(B, H, s - 1, Dh),
+            zeros(B, H, s - 1, Dv),
+            zeros(B, H, Dh),
+            zeros(B, H, Dh),
+            zeros(B, H, S, Dh),
+            zeros(B, H, S, Dv),
+        )
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -163,8 +177,9 @@ class SegmentLayout:
     mask: Tensor  # (B, 1, G, s, s + S) additive float32: [causal inside the segment | summaries of real segments]
 
 
-def segment_layout(position: Tensor, n_tokens: int, segment: int, max_summaries: int, rotary: RotaryEmbedding,
-                   dtype: torch.dtype) -> SegmentLayout:
+def segment_layout(
+    position: Tensor, n_tokens: int, segment: int, max_summaries: int, rotary: RotaryEmbedding, dtype: torch.dtype
+) -> SegmentLayout:
     """The layout of ``n_tokens`` >= 1 new tokens after ``position`` (B,) tokens (one host sync for the offsets)."""
     s, S, T = segment, max_summaries, n_tokens
     device = position.device
@@ -190,9 +205,17 @@ def segment_layout(position: Tensor, n_tokens: int, segment: int, max_summaries:
     real = entry[None] >= (S - n_old)[:, None, None]  # (B, G, S): new summaries (entry >= S) are always real
     allowed = torch.cat([causal, real[:, :, None].expand(B, G, s, S)], dim=-1)  # (B, G, s, s + S)
     return SegmentLayout(
-        segment=s, n_segments=G, aligned=aligned, out=out, carry=carry,
-        open_segment=finished.clamp(max=G - 1), open_count=(offsets + T) % s,
-        cos=cos, sin=sin, summary_cos=summary_cos, summary_sin=summary_sin,
+        segment=s,
+        n_segments=G,
+        aligned=aligned,
+        out=out,
+        carry=carry,
+        open_segment=finished.clamp(max=G - 1),
+        open_count=(offsets + T) % s,
+        cos=cos,
+        sin=sin,
+        summary_cos=summary_cos,
+        summary_sin=summary_sin,
         mask=additive_mask(allowed)[:, None],
     )
 
@@ -207,8 +230,9 @@ class TokenLayout:
     continues: Tensor  # (B, 1, 1) bool: the token continues a segment (offset > 0), so the pools take a max
 
 
-def token_layout(position: Tensor, segment: int, max_summaries: int, rotary: RotaryEmbedding,
-                 dtype: torch.dtype) -> TokenLayout:
+def token_layout(
+    position: Tensor, segment: int, max_summaries: int, rotary: RotaryEmbedding, dtype: torch.dtype
+) -> TokenLayout:
     """The layout of one new token after ``position`` (B,) tokens, when ``position % segment < segment - 1``."""
     s, S, device = segment, max_summaries, position.device
     offsets = position % s  # (B,) earlier tokens of the token's segment: the newest `offsets` buffered slots
@@ -218,16 +242,18 @@ def token_layout(position: Tensor, segment: int, max_summaries: int, rotary: Rot
     real = torch.arange(S, device=device) >= (S - n_old)[:, None]  # (B, S)
     itself = torch.ones_like(offsets, dtype=torch.bool)[:, None]  # (B, 1)
     allowed = torch.cat([buffered, itself, real], dim=-1)  # (B, s + S)
-    return TokenLayout(cos=cos, sin=sin, mask=additive_mask(allowed)[:, None, None],
-                       continues=(offsets > 0)[:, None, None])
+    return TokenLayout(
+        cos=cos, sin=sin, mask=additive_mask(allowed)[:, None, None], continues=(offsets > 0)[:, None, None]
+    )
 
 
 # --------------------------------------------------------------------------------------------------------------------
 # the attention
 
 
-def _summarise(pooled_q: Tensor, pooled_k: Tensor, keys: Tensor, values: Tensor, layout: SegmentLayout,
-               scale: float) -> tuple[Tensor, Tensor]:
+def _summarise(
+    pooled_q: Tensor, pooled_k: Tensor, keys: Tensor, values: Tensor, layout: SegmentLayout, scale: float
+) -> tuple[Tensor, Tensor]:
     """Summaries of the G aligned segments: ``k̂`` (B, H, G, Dh) and ``v̂`` (B, H, G, Dv).
 
     pooled_q/k (B, H, G, Dh) unrotated max-pools; keys/values (B, H, G, s, Dh/Dv) rotated keys and values.
@@ -243,8 +269,9 @@ def _summarise(pooled_q: Tensor, pooled_k: Tensor, keys: Tensor, values: Tensor,
     return k_hat, v_hat
 
 
-def combiner_attention(q: Tensor, k: Tensor, v: Tensor, memory: SegmentMemory,
-                       layout: SegmentLayout) -> tuple[Tensor, SegmentMemory]:
+def combiner_attention(
+    q: Tensor, k: Tensor, v: Tensor, memory: SegmentMemory, layout: SegmentLayout
+) -> tuple[Tensor, SegmentMemory]:
     """Causal Combiner-Fixed attention of T new tokens after ``memory``.
 
     q, k (B, H, T, Dh) unrotated, v (B, H, T, Dv) -> output (B, H, T, Dv) and the next memory. Output i is
@@ -289,15 +316,19 @@ def combiner_attention(q: Tensor, k: Tensor, v: Tensor, memory: SegmentMemory,
     next_pools = [torch.where(is_open, p.gather(2, open_at.expand(B, H, 1, Dh))[:, :, 0], 0.0) for p in pooled]
     n_keep = s - 1
     next_memory = SegmentMemory(
-        keys=keys.narrow(2, keys.shape[2] - n_keep, n_keep), values=values.narrow(2, values.shape[2] - n_keep, n_keep),
-        pool_q=next_pools[0], pool_k=next_pools[1],
-        summary_keys=layout.carry(all_k), summary_values=layout.carry(all_v),
+        keys=keys.narrow(2, keys.shape[2] - n_keep, n_keep),
+        values=values.narrow(2, values.shape[2] - n_keep, n_keep),
+        pool_q=next_pools[0],
+        pool_k=next_pools[1],
+        summary_keys=layout.carry(all_k),
+        summary_values=layout.carry(all_v),
     )
     return y, next_memory
 
 
-def combiner_token_attention(q: Tensor, k: Tensor, v: Tensor, memory: SegmentMemory,
-                             layout: TokenLayout) -> tuple[Tensor, SegmentMemory]:
+def combiner_token_attention(
+    q: Tensor, k: Tensor, v: Tensor, memory: SegmentMemory, layout: TokenLayout
+) -> tuple[Tensor, SegmentMemory]:
     """:func:`combiner_attention` of one token that does not finish its segment.
 
     q, k (B, H, 1, Dh) unrotated, v (B, H, 1, Dv) -> output (B, H, 1, Dv) and the next memory, the same as the
@@ -317,10 +348,18 @@ def combiner_token_attention(q: Tensor, k: Tensor, v: Tensor, memory: SegmentMem
         scores = torch.matmul(q_rot.to(wide) * scale, ctx_k.to(wide).transpose(-1, -2))  # (B, H, 1, s + S)
         probs = torch.softmax(scores + layout.mask.to(wide), dim=-1).to(v.dtype)  # (B, H, 1, s + S)
         y = torch.matmul(probs, ctx_v)  # (B, H, 1, Dv)
-    pools = [torch.where(layout.continues, torch.maximum(pool.to(new.dtype), new[:, :, 0]), new[:, :, 0])
-             for pool, new in ((memory.pool_q, q), (memory.pool_k, k))]  # (B, H, Dh) each
-    next_memory = SegmentMemory(keys=keys[:, :, 1:], values=values[:, :, 1:], pool_q=pools[0], pool_k=pools[1],
-                                summary_keys=summary_keys, summary_values=summary_values)
+    pools = [
+        torch.where(layout.continues, torch.maximum(pool.to(new.dtype), new[:, :, 0]), new[:, :, 0])
+        for pool, new in ((memory.pool_q, q), (memory.pool_k, k))
+    ]  # (B, H, Dh) each
+    next_memory = SegmentMemory(
+        keys=keys[:, :, 1:],
+        values=values[:, :, 1:],
+        pool_q=pools[0],
+        pool_k=pools[1],
+        summary_keys=summary_keys,
+        summary_values=summary_values,
+    )
     return y, next_memory
 
 
@@ -341,8 +380,9 @@ class CombinerAttention(nn.Module):
         init_linear(self.qkv, cfg.init_std)
         init_linear(self.out_proj, cfg.init_std / math.sqrt(2 * cfg.n_layer))
 
-    def forward(self, x: Tensor, memory: SegmentMemory, layout: SegmentLayout | TokenLayout
-                ) -> tuple[Tensor, SegmentMemory]:
+    def forward(
+        self, x: Tensor, memory: SegmentMemory, layout: SegmentLayout | TokenLayout
+    ) -> tuple[Tensor, SegmentMemory]:
         """x (B, T, D) -> output (B, T, D) and this layer's next memory (T = 1 with a :class:`TokenLayout`)."""
         B, T, D = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, Dh)
@@ -371,10 +411,15 @@ class CombinerDecoder(Decoder):
         def zeros(*shape: int) -> Tensor:
             return torch.zeros(shape, dtype=dtype, device=device)
 
-        return CombinerState(keys=zeros(B, L, H, s - 1, Dh), values=zeros(B, L, H, s - 1, Dh),
-                             pool_q=zeros(B, L, H, Dh), pool_k=zeros(B, L, H, Dh),
-                             summary_keys=zeros(B, L, H, S, Dh), summary_values=zeros(B, L, H, S, Dh),
-                             position=torch.zeros(B, dtype=torch.int64, device=device))
+        return CombinerState(
+            keys=zeros(B, L, H, s - 1, Dh),
+            values=zeros(B, L, H, s - 1, Dh),
+            pool_q=zeros(B, L, H, Dh),
+            pool_k=zeros(B, L, H, Dh),
+            summary_keys=zeros(B, L, H, S, Dh),
+            summary_values=zeros(B, L, H, S, Dh),
+            position=torch.zeros(B, dtype=torch.int64, device=device),
+        )
 
     def _layout(self, position: Tensor, n_tokens: int, dtype: torch.dtype) -> SegmentLayout | TokenLayout:
         """The layout of a call: the short decoding path's for one token that finishes no row's segment.
@@ -398,7 +443,9 @@ class CombinerDecoder(Decoder):
             memory = SegmentMemory(*(getattr(state, name)[:, layer] for name in fields))
             x, memory = block(x, memory, layout)
             per_layer.append(memory)
-        stacked = {name: torch.stack([getattr(m, name) for m in per_layer], dim=1).to(getattr(state, name).dtype)
-                   for name in fields}  # each (B, L, ...)
+        stacked = {
+            name: torch.stack([getattr(m, name) for m in per_layer], dim=1).to(getattr(state, name).dtype)
+            for name in fields
+        }  # each (B, L, ...)
         next_state = CombinerState(**stacked, position=state.position + T)
         return DecoderOutput(hidden=x, state=next_state, aux_loss=x.new_zeros(()), stats={})

@@ -161,7 +161,7 @@ def _groups(bases: list[int], starts: list[list[int]], T: int, device: torch.dev
         mask = torch.zeros(len(bases), T, dtype=torch.bool)  # (B, T)
         for i, (base, row) in enumerate(zip(bases, starts, strict=True)):
             if k < len(row) and (base > 0 or k > 0):  # version k of row i is not empty
-                mask[i, row[k]:row[k + 1] if k + 1 < len(row) else T] = True
+                mask[i, row[k] : row[k + 1] if k + 1 < len(row) else T] = True
         hit = mask.any(0).nonzero()
         if hit.numel() == 0:
             groups.append(None)
@@ -171,8 +171,16 @@ def _groups(bases: list[int], starts: list[list[int]], T: int, device: torch.dev
     return groups
 
 
-def _refit(positions: list[int], bases: list[int], starts: list[list[int]], k: int, T: int, mem_len: int, block: int,
-           device: torch.device) -> _Refit:
+def _refit(
+    positions: list[int],
+    bases: list[int],
+    starts: list[list[int]],
+    k: int,
+    T: int,
+    mem_len: int,
+    block: int,
+    device: torch.device,
+) -> _Refit:
     """The update from version k to k + 1: which rows cross that boundary, and where their block sits in
     ``[input cache of C + 1 = mem_len + block tokens ; segment]``."""
     C = mem_len + block
@@ -183,8 +191,13 @@ def _refit(positions: list[int], bases: list[int], starts: list[list[int]], k: i
         first.append(rows[-1] and end == block)
         slots.append(min(max(0, end - block - p + C), C + T - block))  # slot of token `end - block`
     index = torch.tensor(slots, device=device)[:, None] + torch.arange(block, device=device)  # (B, L)
-    return _Refit(torch.tensor(rows, device=device), torch.tensor(first, device=device), index, any(first),
-                  any(r and not f for r, f in zip(rows, first, strict=True)))
+    return _Refit(
+        torch.tensor(rows, device=device),
+        torch.tensor(first, device=device),
+        index,
+        any(first),
+        any(r and not f for r, f in zip(rows, first, strict=True)),
+    )
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -218,8 +231,16 @@ class InfiniteAttention(RelativeProjections):
             self.ltm_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
             init_linear(self.ltm_proj, cfg.init_std / math.sqrt(2 * cfg.n_layer))  # as out_proj
 
-    def forward(self, h: Tensor, layer_state: tuple[Tensor, ...], sched: _Schedule, memory: ContinuousMemory,
-                table: Tensor, u: Tensor, v: Tensor) -> tuple[Tensor, tuple[Tensor, ...], _LTMOut]:
+    def forward(
+        self,
+        h: Tensor,
+        layer_state: tuple[Tensor, ...],
+        sched: _Schedule,
+        memory: ContinuousMemory,
+        table: Tensor,
+        u: Tensor,
+        v: Tensor,
+    ) -> tuple[Tensor, tuple[Tensor, ...], _LTMOut]:
         """h (B, T, D) normalised input; layer_state = cache keys/values (B, H, C, Dh), inputs (B, C + 1, D), coeffs
         (B, N, D), mass (B, bins). Returns the output (B, T, D), keys/values (B, H, C + T, Dh) and inputs
         (B, C + 1 + T, D) of ``[cache ; segment]``, and the LTM results."""
@@ -233,8 +254,14 @@ class InfiniteAttention(RelativeProjections):
         bias = torch.add(sched.valid, pos.float(), alpha=1.0 / math.sqrt(Dh))  # (B, H, T, W) float32
         block = BLOCK if h.device.type == "cpu" else max(T, 1)
         cache_grad = cache_k.requires_grad or cache_v.requires_grad
-        y = band_attention(q + u.to(q.dtype).view(H, 1, Dh), keys, values, bias, block,
-                           grad_start=0 if cache_grad else cache_k.shape[2])  # (B, H, T, Dh)
+        y = band_attention(
+            q + u.to(q.dtype).view(H, 1, Dh),
+            keys,
+            values,
+            bias,
+            block,
+            grad_start=0 if cache_grad else cache_k.shape[2],
+        )  # (B, H, T, Dh)
         inputs = torch.cat([cache_x.to(h.dtype), h], dim=1)  # (B, C + T, D)
         ltm = self.long_term(q, inputs, coeffs, mass, sched, memory)
         if self.ltm_proj is None:  # "shared": V^T r joins the heads' outputs before the output projection
@@ -245,8 +272,9 @@ class InfiniteAttention(RelativeProjections):
             out = out + self.ltm_proj(ltm.context.to(out.dtype).transpose(1, 2).reshape(B, T, D))
         return self.dropout(out), (keys, values, inputs), ltm
 
-    def long_term(self, q: Tensor, inputs: Tensor, coeffs: Tensor, mass: Tensor, sched: _Schedule,
-                  memory: ContinuousMemory) -> _LTMOut:
+    def long_term(
+        self, q: Tensor, inputs: Tensor, coeffs: Tensor, mass: Tensor, sched: _Schedule, memory: ContinuousMemory
+    ) -> _LTMOut:
         """Continuous attention of every query group over its LTM version, with the refits in between."""
         B, H, T, Dh = q.shape
         context = q.new_zeros(B, H, T, Dh)
@@ -254,7 +282,7 @@ class InfiniteAttention(RelativeProjections):
         count = 0
         for k, group in enumerate(sched.groups):
             if group is not None:
-                ctx, mu, sigma_sq = self.ltm(q[:, :, group.t0:group.t1], coeffs, memory)  # (B, H, n, Dh), (B, H, n)
+                ctx, mu, sigma_sq = self.ltm(q[:, :, group.t0 : group.t1], coeffs, memory)  # (B, H, n, Dh), (B, H, n)
                 mask = group.mask[:, None]  # (B, 1, n)
                 if group.count == B * T:  # every query of every row reads this version (e.g. single tokens)
                     context = ctx
@@ -279,8 +307,13 @@ class InfiniteAttention(RelativeProjections):
         kl = gaussian_kl(mu, sigma_sq, inf.kl_sigma0, inf.kl_mu0 if inf.kl_mu_term else None)
         mask = mask.expand_as(mu)
         zero = mu.new_zeros(())
-        return torch.stack([torch.where(mask, kl, zero).sum(), torch.where(mask, mu, zero).sum().detach(),
-                            torch.where(mask, sigma_sq.sqrt(), zero).sum().detach()])
+        return torch.stack(
+            [
+                torch.where(mask, kl, zero).sum(),
+                torch.where(mask, mu, zero).sum().detach(),
+                torch.where(mask, sigma_sq.sqrt(), zero).sum().detach(),
+            ]
+        )
 
     def gated(self, block: Tensor) -> Tensor:
         """The official input gate ``X * sigmoid(Conv1d_k3(X))`` over a completed block (B, L, D), zero-padded at its
@@ -290,8 +323,9 @@ class InfiniteAttention(RelativeProjections):
             return block
         return block * torch.sigmoid(self.gate(block.transpose(1, 2))).transpose(1, 2)
 
-    def refit(self, coeffs: Tensor, mass: Tensor, inputs: Tensor, refit: _Refit,
-              memory: ContinuousMemory) -> tuple[Tensor, Tensor]:
+    def refit(
+        self, coeffs: Tensor, mass: Tensor, inputs: Tensor, refit: _Refit, memory: ContinuousMemory
+    ) -> tuple[Tensor, Tensor]:
         """The next LTM version in the rows that cross a boundary; their sticky histograms start again."""
         D = inputs.shape[-1]
         block = self.gated(inputs.gather(1, refit.slots[..., None].expand(-1, -1, D)))  # (B, L, D): left the STM
@@ -319,8 +353,9 @@ class InfiniteDecoder(Decoder):
         inf = cfg.infinite
         self.cfg, self.inf = cfg, inf
         self.cache_len = inf.mem_len + inf.ltm_block - 1  # C: keys and values; the LTM inputs keep C + 1 tokens
-        self.memory = ContinuousMemory(inf.n_basis, inf.sigmas, inf.ridge, inf.tau, inf.n_samples, inf.ltm_block,
-                                       pad=inf.zero_pad)
+        self.memory = ContinuousMemory(
+            inf.n_basis, inf.sigmas, inf.ridge, inf.tau, inf.n_samples, inf.ltm_block, pad=inf.zero_pad
+        )
         own_bias = not cfg.infinite.share_bias
         self.blocks = nn.ModuleList(PreNormBlock(cfg, InfiniteAttention(cfg, own_bias)) for _ in range(cfg.n_layer))
         shared = inf.share_bias
@@ -336,9 +371,14 @@ class InfiniteDecoder(Decoder):
         def zeros(*shape: int) -> Tensor:
             return torch.zeros((batch_size, *shape), dtype=dtype, device=device)
 
-        return InfiniteState(keys=zeros(L, H, C, Dh), values=zeros(L, H, C, Dh), inputs=zeros(L, C + 1, D),
-                             coeffs=zeros(L, inf.n_basis, D), mass=zeros(L, inf.sticky_bins),
-                             position=torch.zeros(batch_size, dtype=torch.int64, device=device))
+        return InfiniteState(
+            keys=zeros(L, H, C, Dh),
+            values=zeros(L, H, C, Dh),
+            inputs=zeros(L, C + 1, D),
+            coeffs=zeros(L, inf.n_basis, D),
+            mass=zeros(L, inf.sticky_bins),
+            position=torch.zeros(batch_size, dtype=torch.int64, device=device),
+        )
 
     def forward(self, x: Tensor, state: InfiniteState) -> DecoderOutput:  # type: ignore[override]
         B, T, _ = x.shape
@@ -349,12 +389,17 @@ class InfiniteDecoder(Decoder):
         for layer, block in enumerate(self.blocks):
             u = self.pos_bias_u if self.pos_bias_u is not None else block.mix.pos_bias_u
             v = self.pos_bias_v if self.pos_bias_v is not None else block.mix.pos_bias_v
-            layer_state = (state.keys[:, layer], state.values[:, layer], state.inputs[:, layer],
-                           state.coeffs[:, layer], state.mass[:, layer])
+            layer_state = (
+                state.keys[:, layer],
+                state.values[:, layer],
+                state.inputs[:, layer],
+                state.coeffs[:, layer],
+                state.mass[:, layer],
+            )
             x, (keys, values, inputs), ltm = block(x, layer_state, sched, self.memory, self.table, u, v)
-            new["keys"].append(keys[:, :, keys.shape[2] - C:])  # (B, H, C, Dh)
-            new["values"].append(values[:, :, values.shape[2] - C:])
-            new["inputs"].append(inputs[:, inputs.shape[1] - C - 1:])  # (B, C + 1, D)
+            new["keys"].append(keys[:, :, keys.shape[2] - C :])  # (B, H, C, Dh)
+            new["values"].append(values[:, :, values.shape[2] - C :])
+            new["inputs"].append(inputs[:, inputs.shape[1] - C - 1 :])  # (B, C + 1, D)
             new["coeffs"].append(ltm.coeffs)
             new["mass"].append(ltm.mass)
             ltms.append(ltm)
@@ -386,10 +431,20 @@ class InfiniteDecoder(Decoder):
         the Frobenius norms of the LTM's and the attention's output projections (how loud the learned LTM path is)."""
         inf, cfg = self.inf, self.cfg
         info: dict[str, Any] = {
-            "mem_len": inf.mem_len, "ltm_block": inf.ltm_block, "exact_window_max": self.cache_len,
-            "n_basis": inf.n_basis, "sigmas": list(inf.sigmas), "ridge": inf.ridge, "tau": inf.tau,
-            "n_samples": inf.n_samples, "sticky": inf.sticky, "gate": inf.gate, "ltm_out": inf.ltm_out,
-            "kl_weight": inf.kl_weight, "ltm_coeff_bytes_per_stream": 4 * cfg.n_layer * inf.n_basis * cfg.d_model}
+            "mem_len": inf.mem_len,
+            "ltm_block": inf.ltm_block,
+            "exact_window_max": self.cache_len,
+            "n_basis": inf.n_basis,
+            "sigmas": list(inf.sigmas),
+            "ridge": inf.ridge,
+            "tau": inf.tau,
+            "n_samples": inf.n_samples,
+            "sticky": inf.sticky,
+            "gate": inf.gate,
+            "ltm_out": inf.ltm_out,
+            "kl_weight": inf.kl_weight,
+            "ltm_coeff_bytes_per_stream": 4 * cfg.n_layer * inf.n_basis * cfg.d_model,
+        }
         if inf.ltm_out == "separate":
             with torch.no_grad():
                 ratios = [b.mix.ltm_proj.weight.norm() / b.mix.out_proj.weight.norm() for b in self.blocks]

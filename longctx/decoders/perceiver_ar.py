@@ -156,8 +156,9 @@ class LatentBlock(nn.Module):
         self.norm_mlp = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
         self.mlp = SquaredReLUMLP(cfg)
 
-    def forward(self, x: Tensor, cache_k: Tensor, cache_v: Tensor, cos: Tensor, sin: Tensor,
-                mask: list | Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def forward(
+        self, x: Tensor, cache_k: Tensor, cache_v: Tensor, cos: Tensor, sin: Tensor, mask: list | Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
         """x (B, T, D) -> x' (B, T, D), keys and values over [cache ; segment] (B, H, M + T, Dh)."""
         out, keys, values = self.mix(self.norm_mix(x), cache_k, cache_v, cos, sin, mask)
         x = x + out  # the query residual
@@ -213,16 +214,17 @@ class PerceiverARDecoder(Decoder):
 
         # cross-attention: the latent of each position over the inputs of its context window
         x, keys, values = self.cross(x, state.cross_keys, state.cross_values, cos, sin, cross_mask)
-        cross_keys = keys[:, :, keys.shape[2] - Mc:].to(state.cross_keys.dtype)  # (B, H, Mc, Dh)
-        cross_values = values[:, :, values.shape[2] - Mc:].to(state.cross_values.dtype)
+        cross_keys = keys[:, :, keys.shape[2] - Mc :].to(state.cross_keys.dtype)  # (B, H, Mc, Dh)
+        cross_values = values[:, :, values.shape[2] - Mc :].to(state.cross_values.dtype)
 
         # latent self-attention layers
         new_keys, new_values = [], []
         for layer, block in enumerate(self.blocks):
-            x, keys, values = block(x, state.latent_keys[:, layer], state.latent_values[:, layer], cos, sin,
-                                    latent_mask)
-            new_keys.append(keys[:, :, keys.shape[2] - Ms:].to(state.latent_keys.dtype))  # (B, H, Ms, Dh)
-            new_values.append(values[:, :, values.shape[2] - Ms:].to(state.latent_values.dtype))
+            x, keys, values = block(
+                x, state.latent_keys[:, layer], state.latent_values[:, layer], cos, sin, latent_mask
+            )
+            new_keys.append(keys[:, :, keys.shape[2] - Ms :].to(state.latent_keys.dtype))  # (B, H, Ms, Dh)
+            new_values.append(values[:, :, values.shape[2] - Ms :].to(state.latent_values.dtype))
 
         next_state = PerceiverARState(
             cross_keys=cross_keys,

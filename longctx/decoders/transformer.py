@@ -76,8 +76,14 @@ class WindowAttention(nn.Module):
             y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
         else:
             cache_grad = cache_k.requires_grad or cache_v.requires_grad
-            y = window_attention(resolve_kernel(self.kernel, x.device), q, keys, values, mask,
-                                 grad_start=0 if cache_grad else cache_k.shape[2])  # (B, H, T, Dh)
+            y = window_attention(
+                resolve_kernel(self.kernel, x.device),
+                q,
+                keys,
+                values,
+                mask,
+                grad_start=0 if cache_grad else cache_k.shape[2],
+            )  # (B, H, T, Dh)
         y = y.transpose(1, 2).reshape(B, T, D)
         return self.dropout(self.out_proj(y)), keys, values
 
@@ -121,8 +127,8 @@ class TransformerDecoder(Decoder):
         new_keys, new_values = [], []
         for layer, block in enumerate(self.blocks):
             x, keys, values = block(x, state.keys[:, layer], state.values[:, layer], cos, sin, mask)
-            new_keys.append(keys[:, :, keys.shape[2] - M:].to(state.keys.dtype))  # (B, H, M, Dh)
-            new_values.append(values[:, :, values.shape[2] - M:].to(state.values.dtype))
+            new_keys.append(keys[:, :, keys.shape[2] - M :].to(state.keys.dtype))  # (B, H, M, Dh)
+            new_values.append(values[:, :, values.shape[2] - M :].to(state.values.dtype))
 
         next_state = TransformerState(
             keys=torch.stack(new_keys, dim=1),  # (B, L, H, M, Dh)

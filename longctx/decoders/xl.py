@@ -99,11 +99,19 @@ class XLAttention(RelativeProjections):
         if xl.span_mode == "adaptive":
             self.span = AdaptiveSpan(cfg.n_head, xl.mem_len, xl.span_ramp, xl.span_init, xl.span_loss)
         elif xl.span_mode == "dynamic":
-            self.span = DynamicSpan(cfg.d_model, cfg.n_head, xl.mem_len, xl.span_ramp, xl.span_init, xl.span_loss,
-                                    cfg.init_std)
+            self.span = DynamicSpan(
+                cfg.d_model, cfg.n_head, xl.mem_len, xl.span_ramp, xl.span_init, xl.span_loss, cfg.init_std
+            )
 
-    def forward(self, h: Tensor, cache_k: Tensor, cache_v: Tensor, window: _Window, u: Tensor, v: Tensor,
-                ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    def forward(
+        self,
+        h: Tensor,
+        cache_k: Tensor,
+        cache_v: Tensor,
+        window: _Window,
+        u: Tensor,
+        v: Tensor,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
         """h (B, T, D) normalised input, cache_k/v (B, H, C, Dh) -> output (B, T, D), keys and values
         (B, H, C + T, Dh) of ``[cache ; segment]``, and the dynamic spans (B, H, T) (None otherwise)."""
         B, T, D = h.shape
@@ -123,8 +131,9 @@ class XLAttention(RelativeProjections):
             bias = bias + self.span.log_mask(spans, window.distances)  # (B, H, T, W)
         block = BLOCK if h.device.type == "cpu" else max(T, 1)
         cache_grad = cache_k.requires_grad or cache_v.requires_grad  # else: no gradient for the W - 1 cache rows
-        y = band_attention(q + u.to(q.dtype).view(H, 1, Dh), ctx_k, ctx_v, bias, block,
-                           grad_start=0 if cache_grad else W - 1)  # (B, H, T, Dh)
+        y = band_attention(
+            q + u.to(q.dtype).view(H, 1, Dh), ctx_k, ctx_v, bias, block, grad_start=0 if cache_grad else W - 1
+        )  # (B, H, T, Dh)
         y = y.transpose(1, 2).reshape(B, T, D)
         return self.dropout(self.out_proj(y)), keys, values, spans
 
@@ -132,7 +141,7 @@ class XLAttention(RelativeProjections):
 def _last_slots(seq: Tensor, n: int) -> Tensor:
     """The last ``n`` entries of seq (B, H, S, Dh) along dim 2, left-padded with zeros if S < n (masked slots)."""
     S = seq.shape[2]
-    return seq[:, :, S - n:] if S >= n else F.pad(seq, (0, 0, n - S, 0))
+    return seq[:, :, S - n :] if S >= n else F.pad(seq, (0, 0, n - S, 0))
 
 
 class XLDecoder(Decoder):
@@ -183,14 +192,15 @@ class XLDecoder(Decoder):
                 limit = t[None, :] + torch.clamp(position, max=slots_l)[:, None]  # (B, T): farthest existing key
                 valid = torch.zeros(limit.shape + (size,), device=position.device)  # (B, T, W)
                 valid.masked_fill_(distances > limit[..., None], float("-inf"))
-                made[size, slots_l] = _Window(size, self.table[self.mem_len - size:], valid[:, None], distances)
+                made[size, slots_l] = _Window(size, self.table[self.mem_len - size :], valid[:, None], distances)
             out.append(made[size, slots_l])
         return out
 
     # ------------------------------------------------------------------------------------------ contract
 
-    def init_state(self, batch_size: int, device: torch.device | str | None, dtype: torch.dtype,
-                   trim: bool | None = None) -> XLState:
+    def init_state(
+        self, batch_size: int, device: torch.device | str | None, dtype: torch.dtype, trim: bool | None = None
+    ) -> XLState:
         """Empty memory; ``trim`` (default: in eval mode) trims adaptive-span caches to the current spans."""
         cfg = self.cfg
         slots = self.state_slots(not self.training if trim is None else trim)
@@ -214,11 +224,12 @@ class XLDecoder(Decoder):
             s0, s1 = starts[layer], starts[layer + 1]
             lu = u if u is not None else block.mix.pos_bias_u
             lv = v if v is not None else block.mix.pos_bias_v
-            x, keys, values, spans = block(x, state.keys[:, :, s0:s1], state.values[:, :, s0:s1], windows[layer],
-                                           lu, lv)
+            x, keys, values, spans = block(
+                x, state.keys[:, :, s0:s1], state.values[:, :, s0:s1], windows[layer], lu, lv
+            )
             n = keys.shape[2]
-            new_keys.append(keys[:, :, n - slots[layer]:].to(state.keys.dtype))  # (B, H, C_l, Dh)
-            new_values.append(values[:, :, n - slots[layer]:].to(state.values.dtype))
+            new_keys.append(keys[:, :, n - slots[layer] :].to(state.keys.dtype))  # (B, H, C_l, Dh)
+            new_values.append(values[:, :, n - slots[layer] :].to(state.values.dtype))
             dyn_spans.append(spans)
         next_state = XLState(
             keys=torch.cat(new_keys, dim=2),  # (B, H, sum C, Dh)
@@ -270,13 +281,16 @@ class XLDecoder(Decoder):
         """Span mode and, for adaptive spans, the learned span of every head (tokens) and the trimmed cache."""
         out: dict[str, Any] = {"span_mode": self.span_mode, "mem_len": self.mem_len}
         if self.span_mode == "adaptive":
-            spans = [[round(float(z), 2) for z in b.mix.span.spans().detach()]  # type: ignore[union-attr]
-                     for b in self.blocks]
+            spans = [
+                [round(float(z), 2) for z in b.mix.span.spans().detach()]  # type: ignore[union-attr]
+                for b in self.blocks
+            ]
             out["spans"] = spans
             out["span_mean"] = round(sum(map(sum, spans)) / max(1, sum(map(len, spans))), 2)
             out["cache_slots_per_layer"] = self.state_slots(trim=True)
         elif self.span_mode == "dynamic":  # the span of each head for a zero input: S sigmoid(b)
             out["spans_at_zero_input"] = [
                 [round(float(z), 2) for z in self.mem_len * torch.sigmoid(b.mix.span.proj.bias)]  # type: ignore
-                for b in self.blocks]
+                for b in self.blocks
+            ]
         return out

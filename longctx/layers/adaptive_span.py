@@ -93,8 +93,9 @@ class DynamicSpan(nn.Module):
     ``init_std``)), so every head starts with a span of about ``S * init``.
     """
 
-    def __init__(self, d_model: int, n_head: int, max_span: int, ramp: float, init: float, loss_coef: float,
-                 init_std: float) -> None:
+    def __init__(
+        self, d_model: int, n_head: int, max_span: int, ramp: float, init: float, loss_coef: float, init_std: float
+    ) -> None:
         super().__init__()
         self.max_span, self.ramp, self.loss_coef = max_span, ramp, loss_coef
         self.proj = nn.Linear(d_model, n_head)

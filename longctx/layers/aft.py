@@ -141,17 +141,27 @@ class _BlockToeplitz(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, z: Tensor, weights: Tensor, far0: Tensor, far_w: Tensor,  # type: ignore[override]
-                n_queries: int) -> Tensor:
+    def forward(
+        ctx,
+        z: Tensor,
+        weights: Tensor,
+        far0: Tensor,
+        far_w: Tensor,  # type: ignore[override]
+        n_queries: int,
+    ) -> Tensor:
         H, L, N = z.shape
         M, block = L - n_queries, weights.shape[1]
         y = z.new_empty(H, n_queries, N)
         prefix = far0.clone()  # (H, N): far sums of every key before the current block
         for q0 in range(0, n_queries, block):
             rows = min(block, n_queries - q0)
-            torch.baddbmm((prefix * far_w)[:, None], weights[:, :rows, :rows + M], z[:, q0:q0 + rows + M],
-                          out=y[:, q0:q0 + rows])  # (H, rows, N)
-            prefix += z[:, q0:q0 + rows].sum(dim=1)  # these keys are beyond the window of the next block
+            torch.baddbmm(
+                (prefix * far_w)[:, None],
+                weights[:, :rows, : rows + M],
+                z[:, q0 : q0 + rows + M],
+                out=y[:, q0 : q0 + rows],
+            )  # (H, rows, N)
+            prefix += z[:, q0 : q0 + rows].sum(dim=1)  # these keys are beyond the window of the next block
         ctx.save_for_backward(z, weights, far_w)
         ctx.n_queries = n_queries
         return y
@@ -165,10 +175,10 @@ class _BlockToeplitz(torch.autograd.Function):
         later = z.new_zeros(H, N)  # Σ over the later blocks of d(prefix): what a key before them receives
         for q0 in reversed(range(0, T, block)):
             rows = min(block, T - q0)
-            dyb = dy[:, q0:q0 + rows]  # (H, rows, N)
-            dz[:, q0:q0 + rows + M].baddbmm_(weights[:, :rows, :rows + M].transpose(1, 2), dyb)
-            dw[:, :rows, :rows + M].baddbmm_(dyb, z[:, q0:q0 + rows + M].transpose(1, 2))
-            dz[:, q0:q0 + rows] += later[:, None]
+            dyb = dy[:, q0 : q0 + rows]  # (H, rows, N)
+            dz[:, q0 : q0 + rows + M].baddbmm_(weights[:, :rows, : rows + M].transpose(1, 2), dyb)
+            dw[:, :rows, : rows + M].baddbmm_(dyb, z[:, q0 : q0 + rows + M].transpose(1, 2))
+            dz[:, q0 : q0 + rows] += later[:, None]
             later += dyb.sum(dim=1) * far_w
         return dz, dw, later, None, None
 
@@ -241,11 +251,20 @@ def decayed_far(z: Tensor, far0: Tensor, decay: Tensor) -> Tensor:
         carries.append(carry)
         carry = powers[:, 0, Q] * carry + total
     F = intra + powers[:, :, :Q] * torch.stack(carries, dim=1)[:, :, None]  # (H, nb, Q, B, C)
-    return torch.cat([F.view(H, nb * Q, B, C), carry[:, None]], dim=1)[:, :T + 1]
+    return torch.cat([F.view(H, nb * Q, B, C), carry[:, None]], dim=1)[:, : T + 1]
 
 
-def _pass(memory: Memory, keys: Tensor, values: Tensor, prev: Tensor, ref: Tensor, weights: Tensor,
-          far_w: Tensor, clamp: bool, decay: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+def _pass(
+    memory: Memory,
+    keys: Tensor,
+    values: Tensor,
+    prev: Tensor,
+    ref: Tensor,
+    weights: Tensor,
+    far_w: Tensor,
+    clamp: bool,
+    decay: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor]:
     """One pass of the parallel form over the T new tokens with the reference ``ref`` (H, B, Dk). Returns y (H, T, B,
     Dh), the terms of ``[window ; segment]`` (H, M + T, B, C) and the far sums of the next token (H, B, C)."""
     H, T, B, Dk = keys.shape
@@ -266,8 +285,9 @@ def _pass(memory: Memory, keys: Tensor, values: Tensor, prev: Tensor, ref: Tenso
     return y, z, far_next
 
 
-def aft_parallel(memory: Memory, keys: Tensor, values: Tensor, started: Tensor,
-                 log_w: Tensor | None, decay: Tensor | None = None) -> tuple[Tensor, Memory]:
+def aft_parallel(
+    memory: Memory, keys: Tensor, values: Tensor, started: Tensor, log_w: Tensor | None, decay: Tensor | None = None
+) -> tuple[Tensor, Memory]:
     """Parallel form over a segment: ``y = num / den`` for its T queries and the memory after it.
 
     keys (H, T, B, Dk) and values (H, T, B, Dh) of the new tokens, in float32; started (B,) is false for streams
@@ -291,8 +311,9 @@ def aft_parallel(memory: Memory, keys: Tensor, values: Tensor, started: Tensor,
     return y, Memory(window=z[:, T:], far=far_next, ref=top)
 
 
-def aft_recurrent(memory: Memory, keys: Tensor, values: Tensor, started: Tensor,
-                  log_w: Tensor | None, decay: Tensor | None = None) -> tuple[Tensor, Memory]:
+def aft_recurrent(
+    memory: Memory, keys: Tensor, values: Tensor, started: Tensor, log_w: Tensor | None, decay: Tensor | None = None
+) -> tuple[Tensor, Memory]:
     """Recurrent form for one new token: the same arguments and result as :func:`aft_parallel` with T = 1.
 
     The running maximum absorbs the new key, the memory is rescaled to it (one multiplication), the window is a

@@ -142,8 +142,15 @@ class _BandedAttention(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q: Tensor, keys: Tensor, values: Tensor, blocks: list, scale: float,  # type: ignore[override]
-                grad_start: int) -> Tensor:
+    def forward(
+        ctx,
+        q: Tensor,
+        keys: Tensor,
+        values: Tensor,
+        blocks: list,
+        scale: float,  # type: ignore[override]
+        grad_start: int,
+    ) -> Tensor:
         dtype = q.dtype
         keys, values = keys.to(dtype), values.to(dtype)
         outs, saved = [], []
@@ -174,7 +181,7 @@ class _BandedAttention(torch.autograd.Function):
             wide = torch.promote_types(dtype, torch.float32)
             values_w = values.to(wide)
             for i, (q0, q1, k0, k1) in enumerate(ctx.ranges):
-                qj, p = saved[2 * i: 2 * i + 2]
+                qj, p = saved[2 * i : 2 * i + 2]
                 doj = dout[:, :, q0:q1]
                 dp = torch.matmul(doj.to(wide), values_w[:, :, k0:k1].transpose(-1, -2))  # (B, H, b, L)
                 ds = torch._softmax_backward_data(dp, p, -1, wide).to(dtype)
@@ -184,9 +191,9 @@ class _BandedAttention(torch.autograd.Function):
                 if off >= k1 - k0:
                     continue
                 if need_v:
-                    dv[:, :, k0 + off:k1] += torch.matmul(p.to(dtype)[..., off:].transpose(-1, -2), doj)
+                    dv[:, :, k0 + off : k1] += torch.matmul(p.to(dtype)[..., off:].transpose(-1, -2), doj)
                 if need_k:
-                    dk[:, :, k0 + off:k1] += torch.matmul(ds[..., off:].transpose(-1, -2), qj)
+                    dk[:, :, k0 + off : k1] += torch.matmul(ds[..., off:].transpose(-1, -2), qj)
         dq = None
         if need_q:
             dq = (torch.cat(dqs, dim=2) if len(dqs) > 1 else dqs[0]).mul_(ctx.scale)
@@ -220,13 +227,16 @@ def sdpa_blocks(q: Tensor, keys: Tensor, values: Tensor, blocks: list) -> Tensor
     """The same result with ``F.scaled_dot_product_attention`` per block (boolean masks): the ``sdpa`` kernel."""
     if not blocks:  # no queries
         return q.new_zeros(q.shape)
-    outs = [F.scaled_dot_product_attention(q[:, :, q0:q1], keys[:, :, k0:k1], values[:, :, k0:k1], attn_mask=mask)
-            for q0, q1, k0, k1, mask in blocks]
+    outs = [
+        F.scaled_dot_product_attention(q[:, :, q0:q1], keys[:, :, k0:k1], values[:, :, k0:k1], attn_mask=mask)
+        for q0, q1, k0, k1, mask in blocks
+    ]
     return torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
 
 
-def window_attention(kernel: Kernel, q: Tensor, keys: Tensor, values: Tensor, blocks: list,
-                     grad_start: int = 0) -> Tensor:
+def window_attention(
+    kernel: Kernel, q: Tensor, keys: Tensor, values: Tensor, blocks: list, grad_start: int = 0
+) -> Tensor:
     """q (B, H, T, Dh) over keys/values (B, H, S, Dh) with the blocks of :func:`kernel_blocks` for ``kernel``
     -> (B, H, T, Dh). ``grad_start`` as in :func:`banded_attention` (``sdpa`` leaves the gradients to autograd)."""
     if kernel == "banded":

@@ -93,7 +93,7 @@ def fit_matrix(positions: Tensor, centres: Tensor, widths: Tensor, ridge: float,
     gram = design @ design.T + ridge * torch.eye(design.shape[0], dtype=torch.float64)  # (N, N), SPD for ridge > 0
     factor = torch.linalg.cholesky(gram)
     g_t = torch.cholesky_solve(design, factor)  # (N, P'): (F F^T + ridge I)^-1 F
-    return g_t.T[n_left:n_left + n_points].contiguous()  # (P, N)
+    return g_t.T[n_left : n_left + n_points].contiguous()  # (P, N)
 
 
 def block_positions(n: int) -> Tensor:
@@ -124,10 +124,10 @@ def expected_basis(mu: Tensor, sigma_sq: Tensor, centres: Tensor, widths: Tensor
 
 def gaussian_kl(mu: Tensor, sigma_sq: Tensor, sigma_0: float, mu_0: float | None = None) -> Tensor:
     """KL(N(mu, sigma^2) || N(mu_0, sigma_0^2)) elementwise; without ``mu_0`` the mean term is left out (official)."""
-    ratio = sigma_sq / sigma_0 ** 2
+    ratio = sigma_sq / sigma_0**2
     kl = 0.5 * (ratio - torch.log(ratio) - 1.0)
     if mu_0 is not None:
-        kl = kl + 0.5 * (mu - mu_0) ** 2 / sigma_0 ** 2
+        kl = kl + 0.5 * (mu - mu_0) ** 2 / sigma_0**2
     return kl
 
 
@@ -176,8 +176,16 @@ class ContinuousMemory(nn.Module):
     whole non-sticky contraction as one matrix, so an update costs N^2 D + L N D instead of (2 M + L) N D.
     """
 
-    def __init__(self, n_basis: int, widths: Sequence[float], ridge: float, tau: float, n_samples: int,
-                 block: int, pad: bool = True) -> None:
+    def __init__(
+        self,
+        n_basis: int,
+        widths: Sequence[float],
+        ridge: float,
+        tau: float,
+        n_samples: int,
+        block: int,
+        pad: bool = True,
+    ) -> None:
         super().__init__()
         self.n_basis, self.tau, self.n_samples, self.block = n_basis, tau, n_samples, block
         self.n_widths = len(widths)
@@ -188,8 +196,12 @@ class ContinuousMemory(nn.Module):
         uniform = torch.arange(1, n_samples + 1, dtype=torch.float64) / n_samples  # u_k = k / M
         sample_basis = evaluate_basis(uniform, centres, sigmas)  # (M, N)
         constants = {
-            "centres": centres, "widths": sigmas, "fit_block": fit_block, "fit_old": fit_update[:n_samples],
-            "fit_new": fit_update[n_samples:], "sample_basis": sample_basis,
+            "centres": centres,
+            "widths": sigmas,
+            "fit_block": fit_block,
+            "fit_old": fit_update[:n_samples],
+            "fit_new": fit_update[n_samples:],
+            "sample_basis": sample_basis,
             "contract": fit_update[:n_samples].T @ sample_basis,  # (N, N)
         }
         for name, value in constants.items():
@@ -245,7 +257,7 @@ class _GridExpectation(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, mu: Tensor, sigma_sq: Tensor, centres: Tensor, widths: Tensor) -> Tensor:  # type: ignore[override]
-        var = widths ** 2 + sigma_sq[..., None]  # (..., S)
+        var = widths**2 + sigma_sq[..., None]  # (..., S)
         diff = mu[..., None] - centres  # (..., G) with G = N / S
         r = torch.exp(diff.square()[..., None, :] * (-0.5 / var)[..., :, None])  # (..., S, G)
         r.mul_(torch.rsqrt(2 * math.pi * var)[..., :, None])
@@ -272,8 +284,10 @@ class _GridExpectation(torch.autograd.Function):
 
 def _project_coefficients_first(n_queries: int, n_basis: int, d_model: int, n_head: int) -> bool:
     """Whether ``V = B W_V`` then ``r V`` (N D^2 + Q N D) is cheaper than ``(r B) W_V`` (H Q N D + Q D^2)."""
-    return n_basis * d_model * d_model + n_queries * n_basis * d_model <= \
-        n_queries * d_model * d_model + n_head * n_queries * n_basis * d_model
+    return (
+        n_basis * d_model * d_model + n_queries * n_basis * d_model
+        <= n_queries * d_model * d_model + n_head * n_queries * n_basis * d_model
+    )
 
 
 class ContinuousAttention(nn.Module):

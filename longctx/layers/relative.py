@@ -93,8 +93,15 @@ class _BandAttention(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q: Tensor, keys: Tensor, values: Tensor, bias: Tensor, block: int,  # type: ignore[override]
-                grad_start: int) -> Tensor:
+    def forward(
+        ctx,
+        q: Tensor,
+        keys: Tensor,
+        values: Tensor,
+        bias: Tensor,
+        block: int,  # type: ignore[override]
+        grad_start: int,
+    ) -> Tensor:
         T, W = q.shape[2], bias.shape[-1]
         dtype, scale = q.dtype, 1.0 / math.sqrt(q.shape[-1])
         wide = torch.promote_types(dtype, torch.float32)  # scores and softmax in float32 (float64 for float64)
@@ -108,10 +115,10 @@ class _BandAttention(torch.autograd.Function):
                 if n not in masks:
                     masks[n] = _outside_band(n, W, q.device)
                 qs = q[:, :, q0:q1] * scale  # (B, H, n, Dh)
-                s = torch.matmul(qs.to(wide), keys_w[:, :, q0:q1 + W - 1].transpose(-1, -2))  # (B, H, n, n + W - 1)
+                s = torch.matmul(qs.to(wide), keys_w[:, :, q0 : q1 + W - 1].transpose(-1, -2))  # (B, H, n, n + W - 1)
                 _band_view(s, W).add_(bias[:, :, q0:q1])
                 p = torch.softmax(s.masked_fill_(masks[n], float("-inf")), dim=-1)
-                outs.append(torch.matmul(p.to(dtype), values[:, :, q0:q1 + W - 1]))  # (B, H, n, Dh)
+                outs.append(torch.matmul(p.to(dtype), values[:, :, q0 : q1 + W - 1]))  # (B, H, n, Dh)
                 saved += [qs, p]
         ctx.save_for_backward(keys, values, *saved)
         ctx.block, ctx.W, ctx.scale, ctx.grad_start = block, W, scale, grad_start
@@ -136,20 +143,20 @@ class _BandAttention(torch.autograd.Function):
                 q1 = min(T, q0 + block)
                 qs, p = saved[2 * i], saved[2 * i + 1]
                 d_blk = dout[:, :, q0:q1]
-                dp = torch.matmul(d_blk.to(wide), values_w[:, :, q0:q1 + W - 1].transpose(-1, -2))  # (B, H, n, K)
+                dp = torch.matmul(d_blk.to(wide), values_w[:, :, q0 : q1 + W - 1].transpose(-1, -2))  # (B, H, n, K)
                 ds = torch._softmax_backward_data(dp, p, -1, wide)  # (B, H, n, n + W - 1), 0 outside the band
                 if dbias is not None:
                     dbias[:, :, q0:q1] = _band_view(ds, W)
                 ds = ds.to(dtype)
                 if need_q:
-                    dqs.append(torch.matmul(ds, keys[:, :, q0:q1 + W - 1]))
+                    dqs.append(torch.matmul(ds, keys[:, :, q0 : q1 + W - 1]))
                 off = max(0, ctx.grad_start - q0)  # key rows before grad_start need no gradient
                 if off >= q1 - q0 + W - 1:
                     continue
                 if dv is not None:
-                    dv[:, :, q0 + off:q1 + W - 1] += torch.matmul(p.to(dtype)[..., off:].transpose(-1, -2), d_blk)
+                    dv[:, :, q0 + off : q1 + W - 1] += torch.matmul(p.to(dtype)[..., off:].transpose(-1, -2), d_blk)
                 if dk is not None:
-                    dk[:, :, q0 + off:q1 + W - 1] += torch.matmul(ds[..., off:].transpose(-1, -2), qs)
+                    dk[:, :, q0 + off : q1 + W - 1] += torch.matmul(ds[..., off:].transpose(-1, -2), qs)
         dq = (torch.cat(dqs, dim=2) if len(dqs) > 1 else dqs[0]).mul_(scale) if need_q else None
         return dq, dk, dv, dbias, None, None
 

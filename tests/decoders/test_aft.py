@@ -66,8 +66,14 @@ def naive_kernel(k: Tensor, v: Tensor, log_w: Tensor | None, decay: Tensor | Non
     return y
 
 
-def run_kernel(k: Tensor, v: Tensor, log_w: Tensor | None, sizes: list[int],
-               parallel_only: bool = False, decay: Tensor | None = None) -> tuple[Tensor, Memory]:
+def run_kernel(
+    k: Tensor,
+    v: Tensor,
+    log_w: Tensor | None,
+    sizes: list[int],
+    parallel_only: bool = False,
+    decay: Tensor | None = None,
+) -> tuple[Tensor, Memory]:
     """Stream k (B, T, H, Dk), v (B, T, H, Dh) through the kernels in chunks of ``sizes``, threading the memory as
     the decoder does (single tokens take the recurrent form unless ``parallel_only``). Returns y (B, T, H, Dh)."""
     B, T, H, Dk = k.shape
@@ -104,7 +110,7 @@ def run_decoder(decoder: AFTDecoder, x: Tensor, sizes: list[int], state: AFTStat
     state = state or decoder.init_state(x.shape[0], x.device, x.dtype)
     outs, start = [], 0
     for size in sizes:
-        out = decoder(x[:, start:start + size], state)
+        out = decoder(x[:, start : start + size], state)
         outs.append(out.hidden)
         state, start = out.state, start + size
     return torch.cat(outs, dim=1)
@@ -260,8 +266,14 @@ def test_kernel_forms_match_naive(window: int, heads: int, key_dim: int, far: st
     log_w = torch.randn(heads, window, generator=g)
     decay = random_decay(heads, key_dim, g) if far == "decay" else None
     expected = naive_kernel(k, v, log_w, decay)
-    for sizes, parallel_only in (([T], False), ([1] * T, False), ([1] * 5 + [40, 30], True), ([7, 1, 33, 34], False),
-                                 (random_sizes(T, g), False), (random_sizes(T, g), True)):
+    for sizes, parallel_only in (
+        ([T], False),
+        ([1] * T, False),
+        ([1] * 5 + [40, 30], True),
+        ([7, 1, 33, 34], False),
+        (random_sizes(T, g), False),
+        (random_sizes(T, g), True),
+    ):
         y, _ = run_kernel(k, v, log_w, sizes, parallel_only, decay)
         torch.testing.assert_close(y.double(), expected, atol=2e-6, rtol=0)
 
@@ -276,14 +288,20 @@ def test_decayed_far_is_the_direct_sum(T: int) -> None:
         far0 = torch.randn(2, 3, C, generator=g, dtype=F64)
         lam = random_decay(2, Dk, g).double()
         lam_c = aft_layers.widen(lam, C - Dk)[:, None]  # (H, 1, C)
-        expected = torch.stack([torch.exp(-lam_c * p) * far0 + sum(
-            (torch.exp(-lam_c * (p - j)) * z[:, j] for j in range(p)), torch.zeros_like(far0)) for p in range(T + 1)],
-            dim=1)
+        expected = torch.stack(
+            [
+                torch.exp(-lam_c * p) * far0
+                + sum((torch.exp(-lam_c * (p - j)) * z[:, j] for j in range(p)), torch.zeros_like(far0))
+                for p in range(T + 1)
+            ],
+            dim=1,
+        )
         torch.testing.assert_close(aft_layers.decayed_far(z, far0, lam), expected, atol=1e-12, rtol=1e-12)
 
 
-@pytest.mark.parametrize("M,T,block", [(0, 70, 32), (3, 100, 32), (31, 70, 32), (40, 33, 32), (5, 1, 32),
-                                       (0, 9, 4), (3, 11, 4), (6, 10, 4)])
+@pytest.mark.parametrize(
+    "M,T,block", [(0, 70, 32), (3, 100, 32), (31, 70, 32), (40, 33, 32), (5, 1, 32), (0, 9, 4), (3, 11, 4), (6, 10, 4)]
+)
 def test_block_toeplitz_equals_dense_product(monkeypatch, M: int, T: int, block: int) -> None:
     """Blocks of queries (a partial last one included) give the dense product; gradients checked numerically."""
     monkeypatch.setattr(aft_layers, "BAND_BLOCK", block)
@@ -387,7 +405,7 @@ def test_a_million_tokens(far: str) -> None:
     bias = torch.zeros(N, 2, dtype=F64)
     if decay is not None:  # δ - s + 1 for the far tokens (δ = N - 1 - t' >= s)
         far_steps = torch.arange(N - window, 0, -1, dtype=F64)
-        bias[:N - window] = -decay.double() * far_steps[:, None]
+        bias[: N - window] = -decay.double() * far_steps[:, None]
     bias[-window:] = log_w[0].flip(0).double()[:, None]
     e = torch.exp(k[0, :, 0].double() + bias - 100)  # (N, 2)
     expected = (e * v[0, :, 0].double()).sum(0) / e.sum(0)
@@ -443,9 +461,11 @@ def test_state_layout(make_tiny_model, variant: str) -> None:
 
 
 _CONTRACT_ARGS = {"tiny_model", "tiny_memory_length", "chunked"}
-CONTRACT_CHECKS = {name: fn for name, fn in vars(contract).items()
-                   if name.startswith("test_") and callable(fn)
-                   and set(inspect.signature(fn).parameters) <= _CONTRACT_ARGS}
+CONTRACT_CHECKS = {
+    name: fn
+    for name, fn in vars(contract).items()
+    if name.startswith("test_") and callable(fn) and set(inspect.signature(fn).parameters) <= _CONTRACT_ARGS
+}
 
 
 @pytest.mark.parametrize("far", FARS)
@@ -460,17 +480,28 @@ def test_contract_for_every_variant(make_tiny_model, variant: str, check: str, f
     kwargs: dict[str, Any] = {"tiny_model": model}
     if "tiny_memory_length" in params:
         kwargs["tiny_memory_length"] = max(4, model.decoder.cache_len + 1)
-    for chunked in ([False, True] if "chunked" in params else [None]):
+    for chunked in [False, True] if "chunked" in params else [None]:
         fn(**kwargs, **({} if chunked is None else {"chunked": chunked}))
 
 
 def test_contract_checks_were_found() -> None:
-    assert {"test_chunking_invariance", "test_causality", "test_state_size_does_not_grow_with_stream_length",
-            "test_reset_rows_behave_like_a_fresh_state"} <= set(CONTRACT_CHECKS)
+    assert {
+        "test_chunking_invariance",
+        "test_causality",
+        "test_state_size_does_not_grow_with_stream_length",
+        "test_reset_rows_behave_like_a_fresh_state",
+    } <= set(CONTRACT_CHECKS)
 
 
-@pytest.mark.parametrize("preset,variant", [("aft-simple-small", "simple"), ("aft-local-small", "local"),
-                                            ("aft-conv-small", "conv"), ("aft-full-small", "full")])
+@pytest.mark.parametrize(
+    "preset,variant",
+    [
+        ("aft-simple-small", "simple"),
+        ("aft-local-small", "local"),
+        ("aft-conv-small", "conv"),
+        ("aft-full-small", "full"),
+    ],
+)
 def test_presets_build(preset: str, variant: str) -> None:
     config = load_config(preset)
     assert config.model.decoder == "aft" and config.model.aft.variant == variant and config.model.aft.far == "decay"
@@ -498,9 +529,14 @@ def test_position_parameters_and_describe(make_tiny_model, variant: str, far: st
     the window biases and the time constants as JSON-friendly numbers."""
     model = make_tiny_model("aft", aft={"variant": variant, "far": far, "heads": 2, "window": 4})
     decoder: AFTDecoder = model.decoder
-    expected = [p for name, p in decoder.named_parameters()
-                if name.rsplit(".", 1)[-1] in ("bias", "bias_gain", "bias_shift", "log_decay") and ".mix." in name
-                and "qkv" not in name and "out_proj" not in name]
+    expected = [
+        p
+        for name, p in decoder.named_parameters()
+        if name.rsplit(".", 1)[-1] in ("bias", "bias_gain", "bias_shift", "log_decay")
+        and ".mix." in name
+        and "qkv" not in name
+        and "out_proj" not in name
+    ]
     assert {id(p) for p in decoder.position_parameters()} == {id(p) for p in expected}
     per_layer = {"simple": 0, "local": 1, "conv": 3, "full": 1}[variant] + (far == "decay")
     assert len(decoder.position_parameters()) == per_layer * model.cfg.n_layer

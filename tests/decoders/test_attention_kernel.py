@@ -41,8 +41,7 @@ def _full_mask(blocks: list, batch: int, n_queries: int, n_keys: int) -> Tensor:
     return mask
 
 
-def naive_attention(kernel: str, q: Tensor, keys: Tensor, values: Tensor, blocks: list, grad_start: int = 0
-                    ) -> Tensor:
+def naive_attention(kernel: str, q: Tensor, keys: Tensor, values: Tensor, blocks: list, grad_start: int = 0) -> Tensor:
     """softmax(q k^T / sqrt(Dh) + mask) v in float64 with the full mask of ``blocks`` -> (B, H, T, Dh) in q.dtype."""
     mask = _full_mask(blocks, q.shape[0], q.shape[2], keys.shape[2])
     scores = q.double() @ keys.double().transpose(-1, -2) / q.shape[-1] ** 0.5  # (B, H, T, S)
@@ -66,8 +65,9 @@ def _logits(model: LongContextLM, tokens: Tensor, bf16: bool) -> Tensor:
 @pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("decoder", DECODERS)
-def test_kernel_equals_naive_attention_in_the_decoder(make_tiny_model, monkeypatch, decoder: str, kernel: str,
-                                                      bf16: bool) -> None:
+def test_kernel_equals_naive_attention_in_the_decoder(
+    make_tiny_model, monkeypatch, decoder: str, kernel: str, bf16: bool
+) -> None:
     model = _model(make_tiny_model, decoder, kernel)
     mem = memory_length(model.cfg)
     tokens = contract._tokens(model, 2, 150 + 3 * mem)  # more than two blocks of banded queries in the 2nd call

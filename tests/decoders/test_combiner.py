@@ -69,8 +69,16 @@ def naive_combiner(q: Tensor, k: Tensor, v: Tensor, s: int, S: int) -> Tensor:
     return out
 
 
-def run(q: Tensor, k: Tensor, v: Tensor, s: int, S: int, sizes: list[int],
-        memory: SegmentMemory | None = None, position: Tensor | None = None) -> tuple[Tensor, SegmentMemory, Tensor]:
+def run(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    s: int,
+    S: int,
+    sizes: list[int],
+    memory: SegmentMemory | None = None,
+    position: Tensor | None = None,
+) -> tuple[Tensor, SegmentMemory, Tensor]:
     """Feed q, k (B, H, T, Dh), v (B, H, T, Dv) in chunks of ``sizes`` through the vectorised kernel."""
     B, H, T, Dh = q.shape
     rotary = RotaryEmbedding(Dh, BASE)
@@ -206,8 +214,8 @@ def test_summaries_older_than_max_summaries_are_dropped(make_tiny_model, n_layer
             logits, _ = contract._run(model, perturbed, model.init_state(2), sizes)
             change = (logits - base).abs().amax(dim=(0, 2)).view(-1, s).amax(dim=1)  # (segments,) largest change
             assert (change[:r] <= contract.EXACT_ATOL).all()
-            assert (change[r:last + 1] > contract.CHANGED).all(), change
-            assert (change[last + 1:] == 0).all(), change  # exactly nothing: the summary was dropped
+            assert (change[r : last + 1] > contract.CHANGED).all(), change
+            assert (change[last + 1 :] == 0).all(), change  # exactly nothing: the summary was dropped
 
 
 def test_token_by_token_decoding_matches_one_call(make_tiny_model, monkeypatch) -> None:
@@ -223,12 +231,17 @@ def test_token_by_token_decoding_matches_one_call(make_tiny_model, monkeypatch) 
     monkeypatch.setattr(combiner_module, "combiner_token_attention", lambda *a: short.append(1) or real(*a))
     with torch.no_grad():
         whole = [model(tokens, model.init_state(1)) for tokens in streams]
-        state = type(whole[0].state).concat([model(tokens[:, :length], model.init_state(1)).state
-                                             for tokens, length in zip(streams, prefixes, strict=True)])
+        state = type(whole[0].state).concat(
+            [
+                model(tokens[:, :length], model.init_state(1)).state
+                for tokens, length in zip(streams, prefixes, strict=True)
+            ]
+        )
         steps = []
         for i in range(n_new):
-            token = torch.cat([tokens[:, length + i:length + i + 1] for tokens, length in zip(streams, prefixes,
-                                                                                              strict=True)])
+            token = torch.cat(
+                [tokens[:, length + i : length + i + 1] for tokens, length in zip(streams, prefixes, strict=True)]
+            )
             out = model(token, state)
             steps.append(out.logits)
             state = out.state
@@ -265,7 +278,7 @@ def test_short_decoding_path_equals_the_vectorised_one(make_tiny_model, s: int, 
     n_short = 0
     with torch.no_grad(), autocast:
         for i in range(tokens.shape[1]):
-            token = tokens[:, i:i + 1]
+            token = tokens[:, i : i + 1]
             n_short += isinstance(decoder._layout(state.position, 1, torch.float32), combiner_module.TokenLayout)
             out = model(token, state)
             with pytest.MonkeyPatch.context() as mp:

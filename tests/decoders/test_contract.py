@@ -47,7 +47,7 @@ def _run(model: LongContextLM, tokens: Tensor, state: State, sizes: list[int]) -
     assert sum(sizes) == tokens.shape[1], (sizes, tokens.shape)
     logits, start = [], 0
     for size in sizes:
-        out = model(tokens[:, start:start + size], state)
+        out = model(tokens[:, start : start + size], state)
         logits.append(out.logits)
         state, start = out.state, start + size
     return torch.cat(logits, dim=1), state
@@ -113,7 +113,7 @@ def test_state_size_does_not_grow_with_stream_length(tiny_model: LongContextLM, 
             tokens = _tokens(model, 2, length, seed=factor)
             state, start = initial, 0
             for size in _random_partition(length, mem, seed=factor):
-                state = model(tokens[:, start:start + size], state).state
+                state = model(tokens[:, start : start + size], state).state
                 start += size
                 assert state.nbytes() == expected, f"nbytes {state.nbytes()} != {expected} after {start} tokens"
             assert start == length
@@ -174,18 +174,18 @@ def test_forward_never_mutates_its_input_state(tiny_model: LongContextLM, tiny_m
     with torch.no_grad():
         fresh = model.init_state(2)
         fresh_before = _snapshot(fresh)
-        warm = model(tokens[:, :mem + 2], fresh).state  # a state holding real memory, not only zeros
+        warm = model(tokens[:, : mem + 2], fresh).state  # a state holding real memory, not only zeros
         _assert_same_tensors(_snapshot(fresh), fresh_before)
 
         warm_before = _snapshot(warm)
-        first = model(tokens[:, mem + 2:2 * mem], warm)
+        first = model(tokens[:, mem + 2 : 2 * mem], warm)
         # keep going from the output: catches an output state that aliases the input and is then updated in place
-        second = model(tokens[:, 2 * mem:], first.state)
-        model(tokens[:, 2 * mem:2 * mem + 1], second.state)
+        second = model(tokens[:, 2 * mem :], first.state)
+        model(tokens[:, 2 * mem : 2 * mem + 1], second.state)
         _assert_same_tensors(_snapshot(warm), warm_before)
 
         # and the same call on the same state gives the same result (no hidden state on the module)
-        again = model(tokens[:, mem + 2:2 * mem], warm)
+        again = model(tokens[:, mem + 2 : 2 * mem], warm)
         _close(again.logits, first.logits, EXACT_ATOL)
 
 
@@ -224,7 +224,7 @@ def test_reset_clears_non_finite_memory(tiny_model: LongContextLM, tiny_memory_l
     tokens = _tokens(model, 2, 2 * mem + 3)
     mask = torch.tensor([True, False])
     with torch.no_grad():
-        warm = model(tokens[:, :mem + 1], model.init_state(2)).state
+        warm = model(tokens[:, : mem + 1], model.init_state(2)).state
         poisoned = {}
         for name, t in warm.tensors().items():
             t = t.clone()
@@ -232,8 +232,8 @@ def test_reset_clears_non_finite_memory(tiny_model: LongContextLM, tiny_memory_l
                 t[0] = float("nan")
             poisoned[name] = t
         reset = dataclasses.replace(warm, **poisoned).reset(mask)
-        logits = model(tokens[:, mem + 1:], reset).logits
-        fresh = model(tokens[:, mem + 1:], model.init_state(2)).logits
+        logits = model(tokens[:, mem + 1 :], reset).logits
+        fresh = model(tokens[:, mem + 1 :], model.init_state(2)).logits
     assert torch.isfinite(logits[0]).all()
     _close(logits[0], fresh[0], EXACT_ATOL)
 
@@ -242,20 +242,20 @@ def test_select_and_concat_split_and_join_lanes(tiny_model: LongContextLM, tiny_
     model, mem = tiny_model, tiny_memory_length
     tokens = _tokens(model, 3, 2 * mem + 2)
     with torch.no_grad():
-        state = model(tokens[:, :mem + 1], model.init_state(3)).state
-        expected = model(tokens[:, mem + 1:], state).logits
+        state = model(tokens[:, : mem + 1], model.init_state(3)).state
+        expected = model(tokens[:, mem + 1 :], state).logits
         parts = [state.select(torch.tensor([2])), state.select(torch.tensor([0, 1]))]
-        _close(model(tokens[1:2, mem + 1:], parts[1].select(torch.tensor([1]))).logits, expected[1:2], ATOL)
+        _close(model(tokens[1:2, mem + 1 :], parts[1].select(torch.tensor([1]))).logits, expected[1:2], ATOL)
         joined = type(state).concat(parts)
         assert joined.nbytes() == state.nbytes()
         # rows come back in the order they were joined: [2, 0, 1]
-        _close(model(tokens[[2, 0, 1], mem + 1:], joined).logits, expected[[2, 0, 1]], ATOL)
+        _close(model(tokens[[2, 0, 1], mem + 1 :], joined).logits, expected[[2, 0, 1]], ATOL)
 
 
 def test_detach_cuts_the_graph(tiny_model: LongContextLM, tiny_memory_length: int) -> None:
     model, mem = tiny_model, tiny_memory_length
     tokens = _tokens(model, 2, 3 * mem)
-    seg1, seg2 = tokens[:, :mem + 3], tokens[:, mem + 3:]
+    seg1, seg2 = tokens[:, : mem + 3], tokens[:, mem + 3 :]
 
     old = model(seg1, model.init_state(2)).state  # built with autograd on: depends on the parameters
     old_grad = {k: v for k, v in old.tensors().items() if v.requires_grad}
@@ -282,8 +282,8 @@ def test_to_tensors_from_tensors_round_trip(tiny_model: LongContextLM, tiny_memo
     model, mem = tiny_model, tiny_memory_length
     tokens = _tokens(model, 2, 3 * mem + 1)
     with torch.no_grad():
-        state = model(tokens[:, :2 * mem + 1], model.init_state(2)).state
-        expected = model(tokens[:, 2 * mem + 1:], state).logits
+        state = model(tokens[:, : 2 * mem + 1], model.init_state(2)).state
+        expected = model(tokens[:, 2 * mem + 1 :], state).logits
 
         flat = state.to_tensors(prefix="lane.")
         assert all(k.startswith("lane.") and isinstance(v, Tensor) for k, v in flat.items())
@@ -292,7 +292,7 @@ def test_to_tensors_from_tensors_round_trip(tiny_model: LongContextLM, tiny_memo
         rebuilt = type(state).from_tensors(loaded, prefix="lane.").to(model.device)  # safetensors loads on the CPU
         assert type(rebuilt) is type(state)
         _assert_same_tensors(_snapshot(rebuilt), _snapshot(state))
-        _close(model(tokens[:, 2 * mem + 1:], rebuilt).logits, expected, EXACT_ATOL)
+        _close(model(tokens[:, 2 * mem + 1 :], rebuilt).logits, expected, EXACT_ATOL)
 
         with pytest.raises(KeyError):
             type(state).from_tensors(dict(list(loaded.items())[1:]), prefix="lane.")
@@ -358,8 +358,8 @@ def test_transformer_receptive_field(make_tiny_model, n_layer: int) -> None:
             logits, _ = _run(model, perturbed, model.init_state(2), sizes)
             change = (logits - base).abs().amax(dim=(0, 2))  # (T,) largest change per position
             assert (change[:s] <= EXACT_ATOL).all()
-            assert (change[s:s + reach + 1] > CHANGED).all(), change[s:s + reach + 1]
-            assert (change[s + reach + 1:] <= EXACT_ATOL).all(), change[s + reach + 1:]
+            assert (change[s : s + reach + 1] > CHANGED).all(), change[s : s + reach + 1]
+            assert (change[s + reach + 1 :] <= EXACT_ATOL).all(), change[s + reach + 1 :]
             if n_layer == 1:
                 assert change[s + window - 1] > CHANGED  # window - 1 back: seen
                 assert change[s + window] <= EXACT_ATOL  # exactly window back: not seen
@@ -401,7 +401,7 @@ def test_nothing_crosses_a_document_separator(tiny_model: LongContextLM, tiny_me
         for sizes in patterns:
             logits, _ = _run(model, tokens, model.init_state(3), sizes)
             for row, start in enumerate(seps):
-                _close(logits[row, start:start + n], fresh, ATOL)
+                _close(logits[row, start : start + n], fresh, ATOL)
             # row 2's second separator: the document starts again, whatever the first copy left in memory
             second = seps[2] + n + 1
             _close(logits[2, second:], fresh[: width - second], ATOL)
@@ -423,8 +423,7 @@ def test_a_separator_after_carried_memory_resets_the_row(tiny_model: LongContext
     _close(logits[1], kept, ATOL)
 
 
-def test_without_reset_information_crosses_the_separator(tiny_model: LongContextLM,
-                                                          tiny_memory_length: int) -> None:
+def test_without_reset_information_crosses_the_separator(tiny_model: LongContextLM, tiny_memory_length: int) -> None:
     """``model.reset_at_separator = false`` keeps the old behaviour: the prefix does reach the document (so the
     boundary test above can fail)."""
     model, sep = _with_separator(tiny_model, reset=False)
@@ -432,7 +431,7 @@ def test_without_reset_information_crosses_the_separator(tiny_model: LongContext
     with torch.no_grad():
         logits = model(tokens, model.init_state(3)).logits
     start = seps[1]
-    assert (logits[1, start:start + 3] - logits[0, 0:3]).abs().amax() > CHANGED
+    assert (logits[1, start : start + 3] - logits[0, 0:3]).abs().amax() > CHANGED
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -443,8 +442,11 @@ _CHECK_ARGS = {"tiny_model", "tiny_memory_length", "chunked"}
 
 def contract_checks() -> dict[str, Callable[..., None]]:
     """The checks of this module that take only a model, its memory length and ``chunked``, by name."""
-    return {name: fn for name, fn in globals().items()
-            if name.startswith("test_") and callable(fn) and set(inspect.signature(fn).parameters) <= _CHECK_ARGS}
+    return {
+        name: fn
+        for name, fn in globals().items()
+        if name.startswith("test_") and callable(fn) and set(inspect.signature(fn).parameters) <= _CHECK_ARGS
+    }
 
 
 def run_check(name: str, model: LongContextLM, memory_length: int) -> None:
@@ -454,5 +456,5 @@ def run_check(name: str, model: LongContextLM, memory_length: int) -> None:
     kwargs: dict[str, Any] = {"tiny_model": model}
     if "tiny_memory_length" in params:
         kwargs["tiny_memory_length"] = memory_length
-    for chunked in ([False, True] if "chunked" in params else [None]):
+    for chunked in [False, True] if "chunked" in params else [None]:
         fn(**kwargs, **({} if chunked is None else {"chunked": chunked}))

@@ -45,8 +45,7 @@ def test_contract_on_cuda(make_tiny_model, monkeypatch, decoder_name: str, preci
 
 
 @pytest.mark.parametrize("check", CPU_BF16_CHECKS)
-def test_contract_under_bf16_autocast_on_the_cpu(make_tiny_model, monkeypatch, decoder_name: str,
-                                                 check: str) -> None:
+def test_contract_under_bf16_autocast_on_the_cpu(make_tiny_model, monkeypatch, decoder_name: str, check: str) -> None:
     _run_check(make_tiny_model(decoder_name), check, "bf16", monkeypatch)
 
 

@@ -33,10 +33,13 @@ ATOL = 1e-5  # the same maths through different kernels and accumulation orders,
 
 # tiny LTM settings: exact windows of 3..4 previous tokens, a refit every 2 tokens from position 3 on
 TINY = {"mem_len": 3, "ltm_block": 2, "n_basis": 12, "sigmas": [0.05, 0.1], "n_samples": 10, "sticky_bins": 6}
-VARIANTS: dict[str, dict[str, Any]] = {"sticky": {"sticky": True}, "gate": {"gate": True},
-                                       "sticky-gate-own-bias": {"sticky": True, "gate": True, "share_bias": False},
-                                       "separate": {"ltm_out": "separate"},
-                                       "separate-gate": {"ltm_out": "separate", "gate": True}}
+VARIANTS: dict[str, dict[str, Any]] = {
+    "sticky": {"sticky": True},
+    "gate": {"gate": True},
+    "sticky-gate-own-bias": {"sticky": True, "gate": True, "share_bias": False},
+    "separate": {"ltm_out": "separate"},
+    "separate-gate": {"ltm_out": "separate", "gate": True},
+}
 
 
 def _tokens(model: LongContextLM, batch: int, length: int, seed: int = 0) -> Tensor:
@@ -64,18 +67,20 @@ def _naive_gate(conv: torch.nn.Conv1d, x: Tensor) -> Tensor:
     return out
 
 
-def _naive_ltm_version(attn: Any, memory: Any, versions: list[Tensor], masses: list[Tensor], h: Tensor,
-                       block: int, sticky: bool) -> Tensor:
+def _naive_ltm_version(
+    attn: Any, memory: Any, versions: list[Tensor], masses: list[Tensor], h: Tensor, block: int, sticky: bool
+) -> Tensor:
     """The next LTM version from the previous one and the block of inputs that just left the window."""
     k = len(versions)  # the new version covers the tokens [0, k * block)
-    x = h[:, (k - 1) * block:k * block]  # (B, L, D)
+    x = h[:, (k - 1) * block : k * block]  # (B, L, D)
     if attn.gate is not None:
         x = _naive_gate(attn.gate, x)
     if k == 1:
         return memory.fit_block.T @ x
     M = memory.n_samples
-    samples = histogram_quantiles(masses[k - 1], M).float() if sticky else \
-        (torch.arange(1, M + 1) / M).expand(x.shape[0], -1)
+    samples = (
+        histogram_quantiles(masses[k - 1], M).float() if sticky else (torch.arange(1, M + 1) / M).expand(x.shape[0], -1)
+    )
     old = evaluate_basis(samples, memory.centres, memory.widths) @ versions[k - 1]  # (B, M, D): old signal
     return memory.fit_old.T @ old + memory.fit_new.T @ x
 
@@ -88,8 +93,9 @@ def _naive_layer(block: Any, decoder: InfiniteDecoder, x: Tensor, u: Tensor, v: 
     q, k, val = attn.qkv(h).view(B, n, 3, H, Dh).unbind(2)  # (B, n, H, Dh)
     inv_freq = [10000.0 ** (-2 * i / D) for i in range(D // 2)]
     W = inf.mem_len + inf.ltm_block
-    table = torch.tensor([[math.sin(d * f) for f in inv_freq] + [math.cos(d * f) for f in inv_freq]
-                          for d in range(W)])  # (W, D): R_d
+    table = torch.tensor(
+        [[math.sin(d * f) for f in inv_freq] + [math.cos(d * f) for f in inv_freq] for d in range(W)]
+    )  # (W, D): R_d
     rel = attn.r_net(table).view(W, H, Dh)
     u, v = u.view(H, Dh), v.view(H, Dh)
     versions, masses = [torch.zeros(B, N, D)], [torch.zeros(B, inf.sticky_bins)]
@@ -103,8 +109,14 @@ def _naive_layer(block: Any, decoder: InfiniteDecoder, x: Tensor, u: Tensor, v: 
         keys = range(b, p + 1)  # the exact window: itself and the tokens after the boundary
         assert inf.mem_len <= p - b <= inf.mem_len + inf.ltm_block - 1 or b == 0
         for head in range(H):
-            s = torch.stack([((q[:, p, head] + u[head]) * k[:, j, head]).sum(-1)
-                             + ((q[:, p, head] + v[head]) * rel[p - j, head]).sum(-1) for j in keys], -1)
+            s = torch.stack(
+                [
+                    ((q[:, p, head] + u[head]) * k[:, j, head]).sum(-1)
+                    + ((q[:, p, head] + v[head]) * rel[p - j, head]).sum(-1)
+                    for j in keys
+                ],
+                -1,
+            )
             a = torch.softmax(s / math.sqrt(Dh), -1)  # (B, n_keys)
             out[:, p, head] = (a[..., None] * torch.stack([val[:, j, head] for j in keys], 1)).sum(1)
         if b == 0:
@@ -212,7 +224,7 @@ def test_separate_output_matches_hand_computation(make_tiny_model) -> None:
 
 
 def test_output_form_and_gate_change_the_output(make_tiny_model) -> None:
-    """"shared" is "separate" with W_O^LTM tied to W_O (the maps are linear); an own W_O^LTM, or the gate, changes the
+    """ "shared" is "separate" with W_O^LTM tied to W_O (the maps are linear); an own W_O^LTM, or the gate, changes the
     output of the same weights once the LTM is read."""
     shared = make_tiny_model("infinite", infinite=TINY)
     separate = make_tiny_model("infinite", infinite={**TINY, "ltm_out": "separate"})
@@ -241,12 +253,13 @@ def test_gate_learns_when_the_block_comes_from_the_detached_cache(make_tiny_mode
     inputs, detached between steps (truncated BPTT). The refit runs in the call of its first reader, so the gate and
     the LTM's output projection still get gradients (they would not if the refit ran at the end of the previous
     call and the state were detached)."""
-    model = make_tiny_model("infinite", n_layer=1, infinite={**TINY, "mem_len": 4, "ltm_block": 4, "gate": True,
-                                                             "ltm_out": "separate"}).train()
+    model = make_tiny_model(
+        "infinite", n_layer=1, infinite={**TINY, "mem_len": 4, "ltm_block": 4, "gate": True, "ltm_out": "separate"}
+    ).train()
     tokens = _tokens(model, 2, 16)
     state = model.init_state(2)
     for lo in range(0, 16, 4):
-        out = model(tokens[:, lo:lo + 4], state, tokens[:, lo:lo + 4])
+        out = model(tokens[:, lo : lo + 4], state, tokens[:, lo : lo + 4])
         state = out.state.detach()
     # the last segment (p = 12..15) reads the version fitted on tokens 4..7 (b = 8), refitted in this call
     gate = model.decoder.blocks[0].mix.gate
@@ -366,9 +379,19 @@ def test_no_nan_for_extreme_sigma(make_tiny_model) -> None:
 
 
 def test_state_size_is_the_same_after_1k_and_100k_tokens(make_tiny_model) -> None:
-    model = make_tiny_model("infinite", n_layer=1, infinite={"mem_len": 16, "ltm_block": 64, "n_basis": 16,
-                                                             "sigmas": [0.05, 0.1], "n_samples": 16,
-                                                             "sticky": True, "sticky_bins": 8})
+    model = make_tiny_model(
+        "infinite",
+        n_layer=1,
+        infinite={
+            "mem_len": 16,
+            "ltm_block": 64,
+            "n_basis": 16,
+            "sigmas": [0.05, 0.1],
+            "n_samples": 16,
+            "sticky": True,
+            "sticky_bins": 8,
+        },
+    )
     decoder = model.decoder
     state = decoder.init_state(1, None, torch.float32)
     expected = state.nbytes()
@@ -377,17 +400,20 @@ def test_state_size_is_the_same_after_1k_and_100k_tokens(make_tiny_model) -> Non
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         while int(state.position[0]) < 100_000:
-            state = decoder(torch.randn(1, 4950 if int(state.position[0]) >= 1000 else 1000, 32, generator=g),
-                            state).state
+            state = decoder(
+                torch.randn(1, 4950 if int(state.position[0]) >= 1000 else 1000, 32, generator=g), state
+            ).state
             sizes[int(state.position[0])] = state.nbytes()
     assert sizes[1000] == sizes[100_000] == expected
     assert torch.isfinite(state.coeffs).all() and state.coeffs.abs().max() < 1e3
 
 
 _CONTRACT_ARGS = {"tiny_model", "tiny_memory_length", "chunked"}
-CONTRACT_CHECKS = {name: fn for name, fn in vars(contract).items()
-                   if name.startswith("test_") and callable(fn)
-                   and set(inspect.signature(fn).parameters) <= _CONTRACT_ARGS}
+CONTRACT_CHECKS = {
+    name: fn
+    for name, fn in vars(contract).items()
+    if name.startswith("test_") and callable(fn) and set(inspect.signature(fn).parameters) <= _CONTRACT_ARGS
+}
 
 
 @pytest.mark.parametrize("check", sorted(CONTRACT_CHECKS))
@@ -400,13 +426,17 @@ def test_contract_with_variant(make_tiny_model, variant: str, check: str) -> Non
     kwargs: dict[str, Any] = {"tiny_model": model}
     if "tiny_memory_length" in params:
         kwargs["tiny_memory_length"] = model.cfg.infinite.mem_len + model.cfg.infinite.ltm_block
-    for chunked in ([False, True] if "chunked" in params else [None]):
+    for chunked in [False, True] if "chunked" in params else [None]:
         fn(**kwargs, **({} if chunked is None else {"chunked": chunked}))
 
 
 def test_contract_checks_were_found() -> None:
-    assert {"test_chunking_invariance", "test_causality", "test_state_size_does_not_grow_with_stream_length",
-            "test_reset_rows_behave_like_a_fresh_state"} <= set(CONTRACT_CHECKS)
+    assert {
+        "test_chunking_invariance",
+        "test_causality",
+        "test_state_size_does_not_grow_with_stream_length",
+        "test_reset_rows_behave_like_a_fresh_state",
+    } <= set(CONTRACT_CHECKS)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -442,9 +472,17 @@ def test_tiny_preset_is_the_quick_starts_and_trains(tmp_path) -> None:
     data.mkdir()
     for i in range(2):
         (data / f"doc{i}.txt").write_text("To be, or not to be, that is the question. " * 30)
-    tiny = load_config("infinite-tiny", {"train.batch_size": 2, "train.max_steps": 2, "train.threads": 1,
-                                         "train.eval_tokens": 512, "data.paths": [str(data)],
-                                         "data.cache_dir": str(tmp_path / "cache")})
+    tiny = load_config(
+        "infinite-tiny",
+        {
+            "train.batch_size": 2,
+            "train.max_steps": 2,
+            "train.threads": 1,
+            "train.eval_tokens": 512,
+            "data.paths": [str(data)],
+            "data.cache_dir": str(tmp_path / "cache"),
+        },
+    )
     out = tmp_path / "run"
     train(tiny, RunOptions(out_dir=out, progress=False))
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -452,10 +490,26 @@ def test_tiny_preset_is_the_quick_starts_and_trains(tmp_path) -> None:
     assert all(math.isfinite(r["loss"]) for r in records if "loss" in r)
 
 
-@pytest.mark.parametrize("key,value", [("n_basis", 0), ("n_basis", 5), ("sigmas", []), ("sigmas", [0.01, -1.0]),
-                                       ("tau", 1.0), ("tau", 0.0), ("ridge", 0.0), ("min_var", 0.0),
-                                       ("kl_sigma0", 0.0), ("kl_weight", -1.0), ("mem_len", 0), ("ltm_block", 0),
-                                       ("n_samples", 0), ("sticky_bins", 0), ("ltm_out", "both")])
+@pytest.mark.parametrize(
+    "key,value",
+    [
+        ("n_basis", 0),
+        ("n_basis", 5),
+        ("sigmas", []),
+        ("sigmas", [0.01, -1.0]),
+        ("tau", 1.0),
+        ("tau", 0.0),
+        ("ridge", 0.0),
+        ("min_var", 0.0),
+        ("kl_sigma0", 0.0),
+        ("kl_weight", -1.0),
+        ("mem_len", 0),
+        ("ltm_block", 0),
+        ("n_samples", 0),
+        ("sticky_bins", 0),
+        ("ltm_out", "both"),
+    ],
+)
 def test_config_rejects_bad_values(key: str, value: Any) -> None:
     with pytest.raises(ConfigError, match=f"model.infinite.{key}"):
         load_config("transformer-small", {"model.decoder": "infinite", f"model.infinite.{key}": value})

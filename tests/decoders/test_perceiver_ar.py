@@ -63,7 +63,7 @@ def _decoder(cfg: ModelConfig, seed: int = 0) -> PerceiverARDecoder:
 def _run_decoder(decoder: PerceiverARDecoder, x: Tensor, sizes: list[int]) -> Tensor:
     state, outs, start = decoder.init_state(x.shape[0], x.device, x.dtype), [], 0
     for size in sizes:
-        out = decoder(x[:, start:start + size], state)
+        out = decoder(x[:, start : start + size], state)
         outs.append(out.hidden)
         state, start = out.state, start + size
     return torch.cat(outs, dim=1)
@@ -115,11 +115,14 @@ def _reference(decoder: PerceiverARDecoder, x: Tensor) -> Tensor:
     return h
 
 
-@pytest.mark.parametrize(("context", "latents", "n_layer", "fraction"),
-                         [(6, 6, 2, 0.5), (8, 3, 3, 0.25), (5, 1, 2, 1.0)],
-                         ids=["latents=context,1-latent-layer", "2-latent-layers", "latents=1,full-rotary"])
-def test_matches_dense_float64_reference(make_tiny_model, context: int, latents: int, n_layer: int,
-                                         fraction: float) -> None:
+@pytest.mark.parametrize(
+    ("context", "latents", "n_layer", "fraction"),
+    [(6, 6, 2, 0.5), (8, 3, 3, 0.25), (5, 1, 2, 1.0)],
+    ids=["latents=context,1-latent-layer", "2-latent-layers", "latents=1,full-rotary"],
+)
+def test_matches_dense_float64_reference(
+    make_tiny_model, context: int, latents: int, n_layer: int, fraction: float
+) -> None:
     cfg = _model(make_tiny_model, n_layer, context=context, latents=latents, rotary_fraction=fraction).cfg
     decoder = _decoder(cfg)
     length = 3 * context + 4  # the caches fill, wrap and are read across chunk boundaries
@@ -161,7 +164,7 @@ def test_cached_decoding_equals_full_recomputation(make_tiny_model) -> None:
     with torch.no_grad():
         cached, _ = contract._run(model, tokens, model.init_state(2), [1] * tokens.shape[1])
         for p in range(tokens.shape[1]):
-            full = model(tokens[:, :p + 1], model.init_state(2)).logits[:, -1]  # (B, V), no cache at all
+            full = model(tokens[:, : p + 1], model.init_state(2)).logits[:, -1]  # (B, V), no cache at all
             torch.testing.assert_close(cached[:, p], full, atol=ATOL, rtol=0)
 
 
@@ -182,10 +185,10 @@ def test_reach_is_bounded(make_tiny_model, n_layer: int) -> None:
             logits, _ = contract._run(model, perturbed, model.init_state(2), sizes)
             change = (logits - base).abs().amax(dim=(0, 2))  # (T,)
             assert (change[:s] <= EXACT_ATOL).all()
-            assert (change[s:s + reach + 1] > CHANGED).all(), change[s:s + reach + 1]
-            assert (change[s + reach + 1:] <= EXACT_ATOL).all(), change[s + reach + 1:]
+            assert (change[s : s + reach + 1] > CHANGED).all(), change[s : s + reach + 1]
+            assert (change[s + reach + 1 :] <= EXACT_ATOL).all(), change[s + reach + 1 :]
         # and a fresh run over only the last reach + 1 tokens gives the last output (rotary positions are relative)
-        short = model(tokens[:, -(reach + 1):], model.init_state(2)).logits[:, -1]
+        short = model(tokens[:, -(reach + 1) :], model.init_state(2)).logits[:, -1]
         torch.testing.assert_close(short, base[:, -1], atol=ATOL, rtol=0)
 
 
@@ -280,12 +283,15 @@ def test_preset_parses_and_is_the_transformer_size_class() -> None:
     assert cfg.train == base.train and cfg.data == base.data
 
 
-@pytest.mark.parametrize(("key", "value", "message"), [
-    ("model.perceiver_ar.latents", "0", "latents"),
-    ("model.perceiver_ar.latents", "2048", "context"),  # more latents than context
-    ("model.perceiver_ar.rotary_fraction", "1.5", "rotary_fraction"),
-    ("model.perceiver_ar.rope_base", "1.0", "rope_base"),
-])
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("model.perceiver_ar.latents", "0", "latents"),
+        ("model.perceiver_ar.latents", "2048", "context"),  # more latents than context
+        ("model.perceiver_ar.rotary_fraction", "1.5", "rotary_fraction"),
+        ("model.perceiver_ar.rope_base", "1.0", "rope_base"),
+    ],
+)
 def test_invalid_config_values_are_errors(key: str, value: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         load_config("perceiver-ar-small", {key: value})

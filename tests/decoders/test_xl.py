@@ -56,16 +56,23 @@ def _naive_attention(attn: Any, h: Tensor, u: Tensor, v: Tensor, mem_len: int, m
     H, Dh = attn.n_head, attn.head_dim
     q, k, val = attn.qkv(h).view(B, N, 3, H, Dh).unbind(2)  # (B, N, H, Dh) each
     inv_freq = [10000.0 ** (-2 * i / D) for i in range(D // 2)]
-    table = torch.tensor([[math.sin(d * f) for f in inv_freq] + [math.cos(d * f) for f in inv_freq]
-                          for d in range(mem_len)])  # (mem_len, D): R_d
+    table = torch.tensor(
+        [[math.sin(d * f) for f in inv_freq] + [math.cos(d * f) for f in inv_freq] for d in range(mem_len)]
+    )  # (mem_len, D): R_d
     r = attn.r_net(table).view(mem_len, H, Dh)  # W_R R_d
     u, v = u.view(H, Dh), v.view(H, Dh)
     out = torch.zeros(B, N, H, Dh)
     for i in range(N):
         for head in range(H):
             keys = range(max(0, i - mem_len + 1), i + 1)
-            s = torch.stack([((q[:, i, head] + u[head]) * k[:, j, head]).sum(-1)
-                             + ((q[:, i, head] + v[head]) * r[i - j, head]).sum(-1) for j in keys], -1) / math.sqrt(Dh)
+            s = torch.stack(
+                [
+                    ((q[:, i, head] + u[head]) * k[:, j, head]).sum(-1)
+                    + ((q[:, i, head] + v[head]) * r[i - j, head]).sum(-1)
+                    for j in keys
+                ],
+                -1,
+            ) / math.sqrt(Dh)
             if mode == "fixed":
                 m = torch.ones(B, len(keys))
             else:
@@ -90,13 +97,22 @@ def _naive_decoder(decoder: XLDecoder, x: Tensor) -> Tensor:
     return x
 
 
-@pytest.mark.parametrize("mode,share_bias", [("fixed", True), ("fixed", False), ("adaptive", True),
-                                             ("dynamic", False)])
-def test_decoder_matches_naive_reference(make_tiny_model: Callable[..., LongContextLM], mode: str,
-                                         share_bias: bool) -> None:
+@pytest.mark.parametrize("mode,share_bias", [("fixed", True), ("fixed", False), ("adaptive", True), ("dynamic", False)])
+def test_decoder_matches_naive_reference(
+    make_tiny_model: Callable[..., LongContextLM], mode: str, share_bias: bool
+) -> None:
     mem_len, n = 16, 40
-    model = make_tiny_model("xl", xl={"mem_len": mem_len, "span_mode": mode, "span_ramp": 3.0, "span_init": 0.4,
-                                      "share_bias": share_bias, "span_cache_multiple": 4})
+    model = make_tiny_model(
+        "xl",
+        xl={
+            "mem_len": mem_len,
+            "span_mode": mode,
+            "span_ramp": 3.0,
+            "span_init": 0.4,
+            "share_bias": share_bias,
+            "span_cache_multiple": 4,
+        },
+    )
     if mode == "adaptive":  # spans 1.6 .. 9.6 tokens: the mask cuts inside the window, and the window is trimmed
         _set_ratios(model, [[0.1, 0.6], [0.35, 0.2]])
     decoder = model.decoder
@@ -126,8 +142,9 @@ def test_full_span_and_tiny_ramp_equal_plain_windowed_attention(make_tiny_model)
         p, _ = contract._run(plain, tokens, plain.init_state(2), [40])
         torch.testing.assert_close(a, p, atol=ATOL, rtol=0)
         x = plain.embed(tokens)
-        torch.testing.assert_close(plain.decoder(x, plain.init_state(2)).hidden, _naive_decoder(plain.decoder, x),
-                                   atol=ATOL, rtol=0)
+        torch.testing.assert_close(
+            plain.decoder(x, plain.init_state(2)).hidden, _naive_decoder(plain.decoder, x), atol=ATOL, rtol=0
+        )
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -185,8 +202,8 @@ def test_band_attention_blocks_agree_and_match_a_loop() -> None:
     for block in (1, 4, 64):
         torch.testing.assert_close(band_attention(q, keys, values, bias, block=block), one, atol=1e-6, rtol=0)
     for t in range(T):
-        s = (q[:, :, t, None, :] * keys[:, :, t:t + W]).sum(-1) / math.sqrt(Dh) + bias[:, :, t]  # (B, H, W)
-        torch.testing.assert_close(one[:, :, t], (s.softmax(-1)[..., None] * values[:, :, t:t + W]).sum(-2))
+        s = (q[:, :, t, None, :] * keys[:, :, t : t + W]).sum(-1) / math.sqrt(Dh) + bias[:, :, t]  # (B, H, W)
+        torch.testing.assert_close(one[:, :, t], (s.softmax(-1)[..., None] * values[:, :, t : t + W]).sum(-2))
 
 
 @pytest.mark.parametrize("grad_start", [0, 3])
@@ -194,8 +211,10 @@ def test_band_attention_gradients(grad_start: int) -> None:
     """The hand-written backward against autograd of a plain implementation (float64)."""
     B, H, T, W, Dh = 2, 2, 7, 4, 3
     g = torch.Generator().manual_seed(0)
-    q, keys, values = (torch.randn(B, H, n, Dh, generator=g, dtype=torch.float64, requires_grad=True)
-                       for n in (T, W - 1 + T, W - 1 + T))
+    q, keys, values = (
+        torch.randn(B, H, n, Dh, generator=g, dtype=torch.float64, requires_grad=True)
+        for n in (T, W - 1 + T, W - 1 + T)
+    )
     bias = torch.randn(B, H, T, W, generator=g, dtype=torch.float64).requires_grad_(True)
     weights = torch.randn(B, H, T, Dh, generator=g, dtype=torch.float64)
 
@@ -220,12 +239,15 @@ def test_band_attention_gradients(grad_start: int) -> None:
 
 def test_trimming_the_cache_does_not_change_logits(make_tiny_model) -> None:
     mem_len = 40
-    model = make_tiny_model("xl", xl={"mem_len": mem_len, "span_mode": "adaptive", "span_ramp": 4.0,
-                                      "span_cache_multiple": 8})
+    model = make_tiny_model(
+        "xl", xl={"mem_len": mem_len, "span_mode": "adaptive", "span_ramp": 4.0, "span_cache_multiple": 8}
+    )
     _set_ratios(model, [[0.05, 0.2], [0.1, 0.1]])  # reach floor(z + R): 12 and 8 -> 16 and 8 slots of 39
     decoder = model.decoder
-    trimmed, full = decoder.init_state(2, None, torch.float32, trim=True), decoder.init_state(2, None, torch.float32,
-                                                                                              trim=False)
+    trimmed, full = (
+        decoder.init_state(2, None, torch.float32, trim=True),
+        decoder.init_state(2, None, torch.float32, trim=False),
+    )
     assert decoder.state_slots(trim=True) == [16, 8]
     assert trimmed.keys.shape[2] == 24 and full.keys.shape[2] == 2 * (mem_len - 1)
     assert trimmed.nbytes() < full.nbytes()
@@ -243,8 +265,9 @@ def test_trimming_the_cache_does_not_change_logits(make_tiny_model) -> None:
 
 def test_state_trimmed_for_shorter_spans_still_works_when_spans_grow(make_tiny_model) -> None:
     """A trimmed state holds fewer slots than grown spans can see: the missing keys count as absent (no crash)."""
-    model = make_tiny_model("xl", xl={"mem_len": 32, "span_mode": "adaptive", "span_ramp": 2.0,
-                                      "span_cache_multiple": 4})
+    model = make_tiny_model(
+        "xl", xl={"mem_len": 32, "span_mode": "adaptive", "span_ramp": 2.0, "span_cache_multiple": 4}
+    )
     _set_ratios(model, [[0.0, 0.1], [0.1, 0.0]])
     trimmed = model.init_state(2)  # eval mode: trimmed to the current spans
     assert model.decoder.state_slots(trim=True) == [8, 8] and trimmed.keys.shape[2] == 16
@@ -310,8 +333,7 @@ def test_stats_and_describe_report_spans(make_tiny_model) -> None:
     model.train()
     tokens = _tokens(model, 1, 5)
     stats = model(tokens, model.init_state(1), tokens).stats
-    assert stats == {"span/layer0_mean": 8.0, "span/layer0_max": 12.0, "span/layer1_mean": 8.0,
-                     "span/layer1_max": 8.0}
+    assert stats == {"span/layer0_mean": 8.0, "span/layer0_max": 12.0, "span/layer1_mean": 8.0, "span/layer1_max": 8.0}
     info = model.decoder.describe()
     assert info["span_mode"] == "adaptive" and info["spans"] == [[4.0, 12.0], [8.0, 8.0]]
     assert info["cache_slots_per_layer"] == [15, 15]  # reach 12 + 32 ramp > mem_len - 1: nothing to trim
@@ -340,7 +362,7 @@ def test_state_size_is_constant_over_ten_memory_lengths(make_tiny_model, mode: s
         start = 0
         while start < tokens.shape[1]:
             size = int(torch.randint(1, 2 * mem_len, (1,), generator=g))
-            state = model(tokens[:, start:start + size], state).state
+            state = model(tokens[:, start : start + size], state).state
             start += size
             assert state.nbytes() == expected
     assert int(state.position[0]) == tokens.shape[1]
@@ -352,9 +374,11 @@ def test_dynamic_span_is_never_trimmed(make_tiny_model) -> None:
 
 
 _CONTRACT_ARGS = {"tiny_model", "tiny_memory_length", "chunked"}
-CONTRACT_CHECKS = {name: fn for name, fn in vars(contract).items()
-                   if name.startswith("test_") and callable(fn)
-                   and set(inspect.signature(fn).parameters) <= _CONTRACT_ARGS}
+CONTRACT_CHECKS = {
+    name: fn
+    for name, fn in vars(contract).items()
+    if name.startswith("test_") and callable(fn) and set(inspect.signature(fn).parameters) <= _CONTRACT_ARGS
+}
 
 
 @pytest.mark.parametrize("check", sorted(CONTRACT_CHECKS))
@@ -370,13 +394,17 @@ def test_contract_with_span(make_tiny_model, mode: str, check: str) -> None:
     kwargs: dict[str, Any] = {"tiny_model": model}
     if "tiny_memory_length" in params:
         kwargs["tiny_memory_length"] = model.cfg.xl.mem_len
-    for chunked in ([False, True] if "chunked" in params else [None]):
+    for chunked in [False, True] if "chunked" in params else [None]:
         fn(**kwargs, **({} if chunked is None else {"chunked": chunked}))
 
 
 def test_contract_checks_were_found() -> None:
-    assert {"test_chunking_invariance", "test_causality", "test_state_size_does_not_grow_with_stream_length",
-            "test_reset_rows_behave_like_a_fresh_state"} <= set(CONTRACT_CHECKS)
+    assert {
+        "test_chunking_invariance",
+        "test_causality",
+        "test_state_size_does_not_grow_with_stream_length",
+        "test_reset_rows_behave_like_a_fresh_state",
+    } <= set(CONTRACT_CHECKS)
 
 
 @pytest.mark.parametrize("preset,mode", [("xl-small", "fixed"), ("xl-span-small", "adaptive")])
@@ -389,8 +417,17 @@ def test_presets_build(preset: str, mode: str) -> None:
     assert isinstance(model.init_state(1), XLState)
 
 
-@pytest.mark.parametrize("key,value", [("mem_len", 0), ("span_ramp", 0.0), ("span_init", 1.5), ("span_loss", -1.0),
-                                       ("span_cache_multiple", 0), ("span_mode", "learned")])
+@pytest.mark.parametrize(
+    "key,value",
+    [
+        ("mem_len", 0),
+        ("span_ramp", 0.0),
+        ("span_init", 1.5),
+        ("span_loss", -1.0),
+        ("span_cache_multiple", 0),
+        ("span_mode", "learned"),
+    ],
+)
 def test_config_rejects_bad_values(key: str, value: Any) -> None:
     with pytest.raises(ConfigError, match=f"model.xl.{key}"):
         load_config("xl-small", {f"model.xl.{key}": value})

@@ -32,8 +32,10 @@ def test_banded_equals_dense_with_gradients(T, M, window, block):
     keys = torch.randn(B, H, M + T, Dh, dtype=torch.float64, requires_grad=True)
     values = torch.randn(B, H, M + T, Dh, dtype=torch.float64, requires_grad=True)
     cache_valid = torch.arange(M)[None, :] >= torch.tensor([[M - 3], [0]])  # row 0: 3 real cache slots; row 1: all
-    blocks = [(q0, q1, k0, k1, additive_mask(a, torch.float64))
-              for q0, q1, k0, k1, a in window_blocks(T, M, window, cache_valid, block, align=4)]
+    blocks = [
+        (q0, q1, k0, k1, additive_mask(a, torch.float64))
+        for q0, q1, k0, k1, a in window_blocks(T, M, window, cache_valid, block, align=4)
+    ]
     out = banded_attention(q, keys, values, blocks)
     ref = dense(q, keys, values, window_mask(T, M, window, cache_valid))
     # float64 throughout: both sides agree to rounding (~1e-15); 1e-10 leaves room and still catches any real error

@@ -36,7 +36,7 @@ OFFICIAL = {"n_basis": 512, "widths": [0.01, 0.05], "ridge": 1.0, "tau": 0.75, "
 
 def _smooth(t: Tensor) -> Tensor:
     """Three smooth test signals (P,) -> (P, 3); none vanishes at both ends of [0, 1]."""
-    return torch.stack([torch.sin(2 * math.pi * t), torch.cos(3 * t), t ** 2], dim=-1)
+    return torch.stack([torch.sin(2 * math.pi * t), torch.cos(3 * t), t**2], dim=-1)
 
 
 def _other(t: Tensor) -> Tensor:
@@ -45,8 +45,9 @@ def _other(t: Tensor) -> Tensor:
 
 @pytest.fixture(scope="module")
 def official_memory() -> ContinuousMemory:
-    return ContinuousMemory(OFFICIAL["n_basis"], OFFICIAL["widths"], OFFICIAL["ridge"], OFFICIAL["tau"],
-                            OFFICIAL["n_samples"], block=128).double()
+    return ContinuousMemory(
+        OFFICIAL["n_basis"], OFFICIAL["widths"], OFFICIAL["ridge"], OFFICIAL["tau"], OFFICIAL["n_samples"], block=128
+    ).double()
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -85,8 +86,9 @@ def test_fit_matrix_is_the_ridge_solution_in_float64(pad: bool) -> None:
     torch.testing.assert_close(G, expected[rows], atol=1e-10, rtol=1e-8)
     # B = G^T X minimises |F^T B - X|^2 + ridge |B|^2 (with zeros at the padding points): zero gradient
     X = torch.randn(30, 3, dtype=torch.float64)
-    X_all = torch.cat([torch.zeros(15, 3, dtype=torch.float64), X, torch.zeros(15, 3, dtype=torch.float64)]) if pad \
-        else X
+    X_all = (
+        torch.cat([torch.zeros(15, 3, dtype=torch.float64), X, torch.zeros(15, 3, dtype=torch.float64)]) if pad else X
+    )
     B = G.T @ X
     grad = F @ (F.T @ B - X_all) + 0.5 * B
     assert grad.abs().max() < 1e-8
@@ -117,7 +119,7 @@ def test_ridge_regression_reconstructs_a_smooth_signal(official_memory: Continuo
     X = _smooth(t)
     coeffs = official_memory.fit(X[None])  # (1, N, 3)
     error = (official_memory.signal(coeffs, t)[0] - X).abs()  # (L, 3)
-    assert error[L // 10: -L // 10].max() < 2e-3
+    assert error[L // 10 : -L // 10].max() < 2e-3
     assert error.max() < 0.2
     centres, widths = basis_grid(512, [0.01, 0.05])
     for ridge, bound in ((1.0, 1e-2), (1e-4, 1e-5)):
@@ -148,7 +150,7 @@ def test_contraction_keeps_a_smooth_old_signal(official_memory: ContinuousMemory
     assert moved.abs().max() < 1e-2
     _, new = update_positions(OFFICIAL["n_samples"], L, tau)
     error = (official_memory.signal(second, new)[0] - _other((new - tau) / (1 - tau))).abs()
-    assert error[L // 10: -L // 10].max() < 0.1
+    assert error[L // 10 : -L // 10].max() < 0.1
 
 
 def test_uniform_samples_equal_the_precomputed_contraction() -> None:
@@ -194,8 +196,9 @@ def test_closed_form_expectation_matches_numerical_integration() -> None:
         density = torch.exp(-0.5 * ((t - mu) / sigma) ** 2) / (sigma * math.sqrt(2 * math.pi))  # (P,)
         integrand = density[:, None] * evaluate_basis(t, centres, widths)  # (P, N)
         numeric = torch.trapezoid(integrand, t, dim=0)
-        closed = expected_basis(torch.tensor(mu, dtype=torch.float64), torch.tensor(sigma_sq, dtype=torch.float64),
-                                centres, widths)
+        closed = expected_basis(
+            torch.tensor(mu, dtype=torch.float64), torch.tensor(sigma_sq, dtype=torch.float64), centres, widths
+        )
         torch.testing.assert_close(closed, numeric, rtol=1e-6, atol=1e-9)
 
 
@@ -262,8 +265,10 @@ def test_gradients_are_finite_and_no_nan_for_extreme_sigma() -> None:
 
 
 def test_bin_mass_is_the_gaussian_mass_in_each_bin() -> None:
-    mu, sigma = torch.tensor([0.3, 1.1, -0.05], dtype=torch.float64), torch.tensor([0.05, 0.2, 0.1],
-                                                                                    dtype=torch.float64)
+    mu, sigma = (
+        torch.tensor([0.3, 1.1, -0.05], dtype=torch.float64),
+        torch.tensor([0.05, 0.2, 0.1], dtype=torch.float64),
+    )
     mass = bin_mass(mu, sigma, 16)  # (3, 16)
     normal = torch.distributions.Normal(mu, sigma)
     torch.testing.assert_close(mass.sum(-1), normal.cdf(torch.tensor(1.0)) - normal.cdf(torch.tensor(0.0)))
@@ -300,8 +305,11 @@ def test_grid_expectation_equals_the_generic_closed_form() -> None:
     fast, generic = memory.expectation(mu, sigma_sq), expected_basis(mu, sigma_sq, memory.centres, memory.widths)
     torch.testing.assert_close(fast, generic, rtol=1e-12, atol=1e-12)
     weights = torch.randn_like(fast)
-    for a, b in zip(torch.autograd.grad((fast * weights).sum(), [mu, sigma_sq]),
-                    torch.autograd.grad((generic * weights).sum(), [mu, sigma_sq]), strict=True):
+    for a, b in zip(
+        torch.autograd.grad((fast * weights).sum(), [mu, sigma_sq]),
+        torch.autograd.grad((generic * weights).sum(), [mu, sigma_sq]),
+        strict=True,
+    ):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 
