@@ -73,7 +73,7 @@ import torch
 from torch import Tensor, nn
 
 from longctx.config import ModelConfig
-from longctx.decoders.base import Decoder, DecoderOutput, State
+from longctx.decoders.base import Decoder, DecoderOutput, State, grown_buffers, join
 from longctx.layers.block import PreNormBlock
 from longctx.layers.continuous import (
     ContinuousAttention,
@@ -240,29 +240,32 @@ class InfiniteAttention(RelativeProjections):
         table: Tensor,
         u: Tensor,
         v: Tensor,
+        out: tuple[Tensor, Tensor, Tensor] | None = None,
     ) -> tuple[Tensor, tuple[Tensor, ...], _LTMOut]:
         """h (B, T, D) normalised input; layer_state = cache keys/values (B, H, C, Dh), inputs (B, C + 1, D), coeffs
         (B, N, D), mass (B, bins). Returns the output (B, T, D), keys/values (B, H, C + T, Dh) and inputs
-        (B, C + 1 + T, D) of ``[cache ; segment]``, and the LTM results."""
+        (B, C + 1 + T, D) of ``[cache ; segment]`` (written into ``out`` when given), and the LTM results."""
         cache_k, cache_v, cache_x, coeffs, mass = layer_state
         B, T, D = h.shape
         H, Dh = self.n_head, self.head_dim
         q, k, val = self.qkv(h).view(B, T, 3, H, Dh).permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, Dh)
-        keys = torch.cat([cache_k.to(k.dtype), k], dim=2)  # (B, H, C + T, Dh)
-        values = torch.cat([cache_v.to(val.dtype), val], dim=2)
+        out_k, out_v, out_x = out if out is not None else (None, None, None)
+        keys = join(cache_k, k, 2, out_k)  # (B, H, C + T, Dh)
+        values = join(cache_v, val, 2, out_v)
         pos = position_scores(q + v.to(q.dtype).view(H, 1, Dh), self.r_net.weight, table)  # (B, H, T, W)
-        bias = torch.add(sched.valid, pos.float(), alpha=1.0 / math.sqrt(Dh))  # (B, H, T, W) float32
         block = BLOCK if h.device.type == "cpu" else max(T, 1)
         cache_grad = cache_k.requires_grad or cache_v.requires_grad
         y = band_attention(
             q + u.to(q.dtype).view(H, 1, Dh),
             keys,
             values,
-            bias,
+            pos,
             block,
             grad_start=0 if cache_grad else cache_k.shape[2],
+            mask=sched.valid,
+            bias_scale=1.0 / math.sqrt(Dh),
         )  # (B, H, T, Dh)
-        inputs = torch.cat([cache_x.to(h.dtype), h], dim=1)  # (B, C + T, D)
+        inputs = join(cache_x, h, 1, out_x)  # (B, C + 1 + T, D)
         ltm = self.long_term(q, inputs, coeffs, mass, sched, memory)
         if self.ltm_proj is None:  # "shared": V^T r joins the heads' outputs before the output projection
             y = (y + ltm.context.to(y.dtype)).transpose(1, 2).reshape(B, T, D)
@@ -386,6 +389,7 @@ class InfiniteDecoder(Decoder):
         sched = make_schedule(state.position.tolist(), T, self.inf.mem_len, self.inf.ltm_block, x.device)
         new: dict[str, list[Tensor]] = {"keys": [], "values": [], "inputs": [], "coeffs": [], "mass": []}
         ltms = []
+        bufs = grown_buffers(state, {"keys": 3, "values": 3, "inputs": 2}, T)  # inference: one copy of the caches
         for layer, block in enumerate(self.blocks):
             u = self.pos_bias_u if self.pos_bias_u is not None else block.mix.pos_bias_u
             v = self.pos_bias_v if self.pos_bias_v is not None else block.mix.pos_bias_v
@@ -396,7 +400,8 @@ class InfiniteDecoder(Decoder):
                 state.coeffs[:, layer],
                 state.mass[:, layer],
             )
-            x, (keys, values, inputs), ltm = block(x, layer_state, sched, self.memory, self.table, u, v)
+            out = None if bufs is None else (bufs["keys"][:, layer], bufs["values"][:, layer], bufs["inputs"][:, layer])
+            x, (keys, values, inputs), ltm = block(x, layer_state, sched, self.memory, self.table, u, v, out)
             new["keys"].append(keys[:, :, keys.shape[2] - C :])  # (B, H, C, Dh)
             new["values"].append(values[:, :, values.shape[2] - C :])
             new["inputs"].append(inputs[:, inputs.shape[1] - C - 1 :])  # (B, C + 1, D)
@@ -407,7 +412,12 @@ class InfiniteDecoder(Decoder):
             del new["coeffs"]
         if not self.inf.sticky:  # the histogram stays empty
             del new["mass"]
+        if bufs is not None:  # the newest entries of the buffers the layers wrote: views, no copy
+            new.pop("keys"), new.pop("values"), new.pop("inputs")
         fields = {name: torch.stack(parts, dim=1).to(getattr(state, name).dtype) for name, parts in new.items()}
+        if bufs is not None:
+            fields.update(keys=bufs["keys"][:, :, :, T:], values=bufs["values"][:, :, :, T:])
+            fields.update(inputs=bufs["inputs"][:, :, T:])
         fields = {"coeffs": state.coeffs, "mass": state.mass, **fields}
         next_state = InfiniteState(**fields, position=state.position + T)
         aux, stats = self._kl_and_stats(ltms, x)

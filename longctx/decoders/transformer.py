@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from longctx.config import ModelConfig
-from longctx.decoders.base import Decoder, DecoderOutput, State
+from longctx.decoders.base import Decoder, DecoderOutput, State, grown_buffers, join
 from longctx.layers import RotaryEmbedding, init_linear
 from longctx.layers.attention import (
     apply_rotary_full,
@@ -64,14 +64,22 @@ class WindowAttention(nn.Module):
         init_linear(self.out_proj, cfg.init_std / math.sqrt(2 * cfg.n_layer))
 
     def forward(
-        self, x: Tensor, cache_k: Tensor, cache_v: Tensor, cos: Tensor, sin: Tensor, mask: list | Tensor
+        self,
+        x: Tensor,
+        cache_k: Tensor,
+        cache_v: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        mask: list | Tensor,
+        out: tuple[Tensor, Tensor] | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """x (B, T, D), cache_k/v (B, H, M, Dh) -> output (B, T, D), keys and values (B, H, M + T, Dh)."""
+        """x (B, T, D), cache_k/v (B, H, M, Dh) -> output (B, T, D), keys and values (B, H, M + T, Dh) (written into
+        ``out`` when given)."""
         B, T, D = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, Dh)
         q, k = apply_rotary_full(q, cos, sin), apply_rotary_full(k, cos, sin)
-        keys = torch.cat([cache_k.to(k.dtype), k], dim=2)  # (B, H, M + T, Dh)
-        values = torch.cat([cache_v.to(v.dtype), v], dim=2)
+        out_k, out_v = out if out is not None else (None, None)
+        keys, values = join(cache_k, k, 2, out_k), join(cache_v, v, 2, out_v)  # (B, H, M + T, Dh)
         if isinstance(mask, Tensor):  # a full boolean mask (B, 1, T, M + T), as window_mask gives
             y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
         else:
@@ -125,14 +133,16 @@ class TransformerDecoder(Decoder):
         mask = kernel_blocks(resolve_kernel(self.cfg.attention_kernel, x.device), T, M, self.window, cache_valid)
 
         new_keys, new_values = [], []
+        bufs = grown_buffers(state, {"keys": 3, "values": 3}, T)  # inference: one copy of the caches
         for layer, block in enumerate(self.blocks):
-            x, keys, values = block(x, state.keys[:, layer], state.values[:, layer], cos, sin, mask)
+            out = None if bufs is None else (bufs["keys"][:, layer], bufs["values"][:, layer])
+            x, keys, values = block(x, state.keys[:, layer], state.values[:, layer], cos, sin, mask, out)
             new_keys.append(keys[:, :, keys.shape[2] - M :].to(state.keys.dtype))  # (B, H, M, Dh)
             new_values.append(values[:, :, values.shape[2] - M :].to(state.values.dtype))
 
-        next_state = TransformerState(
-            keys=torch.stack(new_keys, dim=1),  # (B, L, H, M, Dh)
-            values=torch.stack(new_values, dim=1),
+        next_state = TransformerState(  # (B, L, H, M, Dh); inference: views of the buffers the layers wrote
+            keys=torch.stack(new_keys, dim=1) if bufs is None else bufs["keys"][:, :, :, T:],
+            values=torch.stack(new_values, dim=1) if bufs is None else bufs["values"][:, :, :, T:],
             length=torch.clamp(state.length + T, max=M),
             position=state.position + T,
         )

@@ -122,17 +122,25 @@ class XLAttention(RelativeProjections):
         ctx_k, ctx_v = _last_slots(keys, W - 1 + T), _last_slots(values, W - 1 + T)  # (B, H, W - 1 + T, Dh)
 
         pos = position_scores(q + v.to(q.dtype).view(H, 1, Dh), self.r_net.weight, window.table)  # (B, H, T, W)
-        bias = torch.add(window.valid, pos.float(), alpha=1.0 / math.sqrt(Dh))  # (B, H, T, W) float32
-        spans = None
-        if isinstance(self.span, AdaptiveSpan):
-            bias = bias + self.span.log_mask(window.distances)  # (1, H, 1, W)
+        scale, spans = 1.0 / math.sqrt(Dh), None
+        if isinstance(self.span, AdaptiveSpan):  # the soft span mask log m joins the position term
+            pos = torch.add(self.span.log_mask(window.distances), pos.float(), alpha=scale)  # (B, H, T, W)
+            scale = 1.0
         elif isinstance(self.span, DynamicSpan):
             spans = self.span.spans(h)  # (B, H, T)
-            bias = bias + self.span.log_mask(spans, window.distances)  # (B, H, T, W)
+            pos = torch.add(self.span.log_mask(spans, window.distances), pos.float(), alpha=scale)
+            scale = 1.0
         block = BLOCK if h.device.type == "cpu" else max(T, 1)
         cache_grad = cache_k.requires_grad or cache_v.requires_grad  # else: no gradient for the W - 1 cache rows
         y = band_attention(
-            q + u.to(q.dtype).view(H, 1, Dh), ctx_k, ctx_v, bias, block, grad_start=0 if cache_grad else W - 1
+            q + u.to(q.dtype).view(H, 1, Dh),
+            ctx_k,
+            ctx_v,
+            pos,
+            block,
+            grad_start=0 if cache_grad else W - 1,
+            mask=window.valid,
+            bias_scale=scale,
         )  # (B, H, T, Dh)
         y = y.transpose(1, 2).reshape(B, T, D)
         return self.dropout(self.out_proj(y)), keys, values, spans

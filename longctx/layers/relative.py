@@ -85,11 +85,12 @@ def _outside_band(n: int, W: int, device: torch.device) -> Tensor:
 class _BandAttention(torch.autograd.Function):
     """Band attention per block of queries, with a hand-written backward (no zero-filled slice gradients).
 
-    Forward per block: ``s = (q * scale) k^T`` over the keys the block reaches, in float32; ``s[r, r + w] += bias[r,
-    w]``; ``-inf`` outside the band; ``p = softmax(s)``; ``out = p v`` in the input dtype. Backward: ``ds =
-    p * (dp - rowsum(dp * p))`` with ``dp = dout v^T`` in float32; ``dbias`` is the band of ``ds``; ``dq = ds k *
-    scale``, ``dk = ds^T (q * scale)``, ``dv = p^T dout``. Key rows before ``grad_start`` (a cache that needs no
-    gradient) get none.
+    Forward per block: ``s = (q * scale) k^T`` over the keys the block reaches, in float32; ``s[r, r + w] +=
+    bias_scale * bias[r, w] + mask[r, w]``; ``-inf`` outside the band; ``p = softmax(s)``; ``out = p v`` in the input
+    dtype. Backward: ``ds = p * (dp - rowsum(dp * p))`` with ``dp = dout v^T`` in float32; ``dbias`` is the band of
+    ``ds`` times ``bias_scale``; ``dq = ds k * scale``, ``dk = ds^T (q * scale)``, ``dv = p^T dout``. Key rows before
+    ``grad_start`` (a cache that needs no gradient) get none. The bias and the mask are added block by block, so no
+    full (B, H, T, W) float32 sum of the two is ever formed.
     """
 
     @staticmethod
@@ -99,6 +100,8 @@ class _BandAttention(torch.autograd.Function):
         keys: Tensor,
         values: Tensor,
         bias: Tensor,
+        mask: Tensor | None,
+        bias_scale: float,
         block: int,  # type: ignore[override]
         grad_start: int,
     ) -> Tensor:
@@ -106,22 +109,25 @@ class _BandAttention(torch.autograd.Function):
         dtype, scale = q.dtype, 1.0 / math.sqrt(q.shape[-1])
         wide = torch.promote_types(dtype, torch.float32)  # scores and softmax in float32 (float64 for float64)
         keys, values = keys.to(dtype), values.to(dtype)
-        outs, saved, masks = [], [], {}
+        outs, saved, outside = [], [], {}
         with torch.autocast(q.device.type, enabled=False):
             keys_w = keys.to(wide)
             for q0 in range(0, T, block):
                 q1 = min(T, q0 + block)
                 n = q1 - q0
-                if n not in masks:
-                    masks[n] = _outside_band(n, W, q.device)
+                if n not in outside:
+                    outside[n] = _outside_band(n, W, q.device)
                 qs = q[:, :, q0:q1] * scale  # (B, H, n, Dh)
                 s = torch.matmul(qs.to(wide), keys_w[:, :, q0 : q1 + W - 1].transpose(-1, -2))  # (B, H, n, n + W - 1)
-                _band_view(s, W).add_(bias[:, :, q0:q1])
-                p = torch.softmax(s.masked_fill_(masks[n], float("-inf")), dim=-1)
+                band = _band_view(s, W).add_(bias[:, :, q0:q1], alpha=bias_scale)
+                if mask is not None:
+                    band.add_(mask[:, :, q0:q1])
+                p = torch.softmax(s.masked_fill_(outside[n], float("-inf")), dim=-1)
                 outs.append(torch.matmul(p.to(dtype), values[:, :, q0 : q1 + W - 1]))  # (B, H, n, Dh)
                 saved += [qs, p]
         ctx.save_for_backward(keys, values, *saved)
         ctx.block, ctx.W, ctx.scale, ctx.grad_start = block, W, scale, grad_start
+        ctx.bias_scale, ctx.bias_dtype = bias_scale, bias.dtype
         return torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
 
     @staticmethod
@@ -135,7 +141,7 @@ class _BandAttention(torch.autograd.Function):
         need_q, need_k, need_v, need_bias = ctx.needs_input_grad[:4]
         dk = torch.zeros_like(keys) if need_k else None
         dv = torch.zeros_like(values) if need_v else None
-        dbias = torch.empty(B, H, T, W, dtype=wide, device=dout.device) if need_bias else None
+        dbias = torch.empty(B, H, T, W, dtype=ctx.bias_dtype, device=dout.device) if need_bias else None
         dqs = []
         with torch.autocast(dout.device.type, enabled=False):
             values_w = values.to(wide)
@@ -146,7 +152,8 @@ class _BandAttention(torch.autograd.Function):
                 dp = torch.matmul(d_blk.to(wide), values_w[:, :, q0 : q1 + W - 1].transpose(-1, -2))  # (B, H, n, K)
                 ds = torch._softmax_backward_data(dp, p, -1, wide)  # (B, H, n, n + W - 1), 0 outside the band
                 if dbias is not None:
-                    dbias[:, :, q0:q1] = _band_view(ds, W)
+                    band = _band_view(ds, W)
+                    dbias[:, :, q0:q1] = band if ctx.bias_scale == 1.0 else band * ctx.bias_scale
                 ds = ds.to(dtype)
                 if need_q:
                     dqs.append(torch.matmul(ds, keys[:, :, q0 : q1 + W - 1]))
@@ -158,27 +165,37 @@ class _BandAttention(torch.autograd.Function):
                 if dk is not None:
                     dk[:, :, q0 + off : q1 + W - 1] += torch.matmul(ds[..., off:].transpose(-1, -2), qs)
         dq = (torch.cat(dqs, dim=2) if len(dqs) > 1 else dqs[0]).mul_(scale) if need_q else None
-        return dq, dk, dv, dbias, None, None
+        return dq, dk, dv, dbias, None, None, None, None
 
 
-def band_attention(q: Tensor, keys: Tensor, values: Tensor, bias: Tensor, block: int, grad_start: int = 0) -> Tensor:
+def band_attention(
+    q: Tensor,
+    keys: Tensor,
+    values: Tensor,
+    bias: Tensor,
+    block: int,
+    grad_start: int = 0,
+    mask: Tensor | None = None,
+    bias_scale: float = 1.0,
+) -> Tensor:
     """Softmax attention of each query over its own window of keys, plus an additive band bias.
 
     q (B, H, T, Dh) are the content queries (``q + u``); keys and values (B, H, W - 1 + T, Dh) are the ``W - 1``
-    earlier keys followed by the segment's; bias (B, H, T, W) float32 is added to the scaled scores in band order
-    (column ``w`` = distance ``W - 1 - w``): position term, ``-inf`` for keys that do not exist, ``log m`` for a
-    soft span mask. Each row must have a finite entry. Returns (B, H, T, Dh) =
-    ``sum_w softmax_w(q_t . k_{t+w} / sqrt(Dh) + bias_tw) v_{t+w}``.
+    earlier keys followed by the segment's; bias (B, H, T, W) (any float dtype; it gets a gradient) is added to the
+    scaled scores in band order (column ``w`` = distance ``W - 1 - w``), times ``bias_scale``, and so is ``mask``
+    (broadcastable to (B, H, T, W), float32, no gradient: ``-inf`` for keys that do not exist). Each row must have a
+    finite entry. Returns (B, H, T, Dh) = ``sum_w softmax_w(q_t . k_{t+w} / sqrt(Dh) + bias_scale bias_tw +
+    mask_tw) v_{t+w}``.
 
     Queries are processed in blocks of ``block``; each block computes dense scores against the ``block + W - 1``
-    keys it can reach (matmuls beat gathers), adds the bias on the band (a strided view: no skew copy), and applies
-    the softmax in float32 (also under bf16 autocast; the products with the values run in the input precision).
-    ``grad_start``: key rows before it get no gradient (pass ``W - 1`` when the earlier keys are a detached cache).
+    keys it can reach (matmuls beat gathers), adds the bias and the mask on the band (a strided view: no skew copy)
+    and applies the softmax in float32 (also under bf16 autocast; the products with the values run in the input
+    precision). ``grad_start``: key rows before it get no gradient (pass ``W - 1`` when the earlier keys are a
+    detached cache).
     """
     if q.shape[2] == 0:
         return q.new_zeros(q.shape)
-    wide = torch.promote_types(q.dtype, torch.float32)
-    return _BandAttention.apply(q, keys, values, bias.to(wide), block, grad_start)
+    return _BandAttention.apply(q, keys, values, bias, mask, bias_scale, block, grad_start)
 
 
 class RelativeProjections(nn.Module):

@@ -233,6 +233,27 @@ def test_band_attention_gradients(grad_start: int) -> None:
         torch.testing.assert_close(a, e, msg=name)
 
 
+def test_band_attention_scaled_bias_and_mask() -> None:
+    """``bias_scale * bias + mask`` added block by block equals the same sum passed as one bias, with gradients."""
+    B, H, T, W, Dh = 2, 2, 9, 4, 3
+    g = torch.Generator().manual_seed(1)
+    q, keys, values = (torch.randn(B, H, n, Dh, generator=g, dtype=torch.float64) for n in (T, W - 1 + T, W - 1 + T))
+    bias = torch.randn(B, H, T, W, generator=g, dtype=torch.float64)
+    mask = torch.zeros(B, 1, T, W, dtype=torch.float64)
+    mask[:, :, :2, 0] = float("-inf")  # keys that do not exist
+    weights = torch.randn(B, H, T, Dh, generator=g, dtype=torch.float64)
+    grads = []
+    for split in (True, False):
+        b = bias.clone().requires_grad_(True)
+        if split:
+            y = band_attention(q, keys, values, b, 4, mask=mask, bias_scale=0.3)
+        else:
+            y = band_attention(q, keys, values, 0.3 * b + mask, 4)
+        grads.append((y, *torch.autograd.grad((y * weights).sum(), [b])))
+    torch.testing.assert_close(grads[0][0], grads[1][0], atol=1e-12, rtol=0)
+    torch.testing.assert_close(grads[0][1], grads[1][1], atol=1e-12, rtol=0)
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # adaptive span: trimming, penalty, clamping, reporting
 
