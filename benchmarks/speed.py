@@ -14,11 +14,12 @@ What it measures, for each preset of ``--presets`` (default: every bundled prese
   ``train.seq_len`` with the state carried: eval's carry mode) and the per-token decode latency (one token in,
   logits out, state carried) after prompts of ``--prompt-lengths`` tokens (default 1k, 10k, 100k), the lengths
   taking turns token by token; ``flatness`` = latency after the longest prompt / after the shortest (1.0 = flat).
-* ``rss`` (a fresh process per preset and input size): ``longctx eval``'s code path (``evaluate_documents``, carry
-  mode, fp32, byte tokenizer, a freshly initialised model) over one file of ``--rss-sizes`` megabytes made by
-  concatenating the bundled corpus; the process's peak RSS (the report's ``peak_rss_bytes``: ``VmHWM`` on Linux,
-  not ``ru_maxrss``, which counts the parent's size at the fork) and the eval tokens/s. ``rss_growth`` =
-  peak RSS of the largest input / of the smallest (1.0 = flat).
+* ``rss`` (a fresh process per preset, input size and eval precision): ``longctx eval``'s code path
+  (``evaluate_documents``, carry mode, byte tokenizer, a freshly initialised model, ``--eval-precision`` fp32 by
+  default) over one file of ``--rss-sizes`` megabytes made by concatenating the bundled corpus; the process's peak
+  RSS (the report's ``peak_rss_bytes``: ``VmHWM`` on Linux, not ``ru_maxrss``, which counts the parent's size at the
+  fork), the eval tokens/s and wall time. ``rss_growth`` = peak RSS of the largest input / of the smallest (1.0 =
+  flat). With ``--rss-sizes 1`` (a million byte tokens) the wall time is the million-token evaluation.
 
 Speeds of a shared machine are noisy: compare presets as ratios from one run and repeat. The report records the
 load average before and after; a load above the core count means other work shared the cores.
@@ -28,6 +29,8 @@ Run::
     python benchmarks/speed.py                                      # everything (hours: 100 MB evals included)
     python benchmarks/speed.py --only train --threads 2 --train-steps 10
     python benchmarks/speed.py --presets transformer-small,infinite-small --only infer,rss --rss-sizes 0.25,1,4
+    python benchmarks/speed.py --only rss --rss-sizes 1 --threads 2 --eval-precision fp32,bf16
+                                                                    # a million-token evaluation per preset
     python benchmarks/speed.py --only rss --set model.n_layer=2 --set model.d_model=64 --set model.d_ff=256
                                                                     # eval memory of narrow models (faster)
     python benchmarks/speed.py --smoke                              # tiny models, seconds: the script runs (CI)
@@ -212,8 +215,8 @@ def corpus_file(folder: Path, megabytes: float) -> Path:
     return path
 
 
-def measure_eval_rss(preset: str, path: Path, args: argparse.Namespace) -> dict[str, Any]:
-    """``longctx eval --ppl FILE`` (carry mode, fp32) with a fresh model of ``preset``: peak RSS and tokens/s."""
+def measure_eval_rss(preset: str, path: Path, precision: str, args: argparse.Namespace) -> dict[str, Any]:
+    """``longctx eval --ppl FILE`` (carry mode) with a fresh model of ``preset``: peak RSS, tokens/s, wall time."""
     from longctx.data import discover
     from longctx.scoring import EvalOptions, evaluate_documents
     from longctx.tokenizer import Tokenizer
@@ -221,14 +224,18 @@ def measure_eval_rss(preset: str, path: Path, args: argparse.Namespace) -> dict[
     cfg = preset_config(preset, args)
     torch.manual_seed(args.seed)
     model = build_model(cfg.model).eval()
-    opts = EvalOptions(mode="carry", seq_len=cfg.train.seq_len)
+    opts = EvalOptions(mode="carry", seq_len=cfg.train.seq_len, precision=precision)  # type: ignore[arg-type]
+    start = time.perf_counter()
     result = evaluate_documents(model, Tokenizer.byte_level(), discover([str(path)]), opts)
+    wall = time.perf_counter() - start
     rss = result["peak_rss_bytes"]  # the eval report's own figure: this process's high-water mark
     log(
-        f"  {preset}: eval of {path.stat().st_size / 1e6:g} MB: peak RSS {rss / 2**20:,.1f} MiB, "
-        f"{result['tokens_per_s']:,.0f} tokens/s"
+        f"  {preset}: eval of {path.stat().st_size / 1e6:g} MB ({precision}): peak RSS {rss / 2**20:,.1f} MiB, "
+        f"{result['tokens_per_s']:,.0f} tokens/s, {wall:.1f} s"
     )
     return {
+        "precision": precision,
+        "wall_s": wall,
         "bytes": path.stat().st_size,
         "tokens": result["tokens"],
         "tokens_per_s": result["tokens_per_s"],
@@ -269,6 +276,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--presets", default="", help="comma list of presets (default: every bundled preset)")
     p.add_argument("--only", default=",".join(PARTS), help=f"comma list of parts to run (default {','.join(PARTS)})")
     p.add_argument("--precision", default="fp32,bf16", help="training precisions (default fp32,bf16)")
+    p.add_argument("--eval-precision", default="fp32", help="eval precisions of the rss part (default fp32)")
     p.add_argument("--train-steps", type=int, default=10, help="timed training steps per preset (default 10)")
     p.add_argument("--warmup", type=int, default=2, help="untimed training steps per preset (default 2)")
     p.add_argument("--xtransformers", action="store_true", help="also train x-transformers' XL at xl-small's size")
@@ -295,7 +303,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--smoke", action="store_true", help="tiny models, short prompts and inputs, 2 steps (CI)")
     p.add_argument("--output", type=Path, default=None, help="JSON report (default benchmarks/results/speed.json)")
     p.add_argument("--child-infer", default="", help=argparse.SUPPRESS)  # internal: one preset in this process
-    p.add_argument("--child-rss", nargs=2, default=None, help=argparse.SUPPRESS)  # internal: PRESET FILE
+    p.add_argument("--child-rss", nargs=3, default=None, help=argparse.SUPPRESS)  # internal: PRESET FILE PRECISION
     args = p.parse_args(argv)
     try:
         args.overrides = parse_set_args(args.overrides)
@@ -305,13 +313,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(str(e))
     args.parts = [x for x in args.only.split(",") if x]
     args.precisions = [x for x in args.precision.split(",") if x]
+    args.eval_precisions = [x for x in args.eval_precision.split(",") if x]
     args.lengths = [int(x) for x in args.prompt_lengths.split(",") if x.strip()]
     args.sizes = [float(x) for x in args.rss_sizes.split(",") if x.strip()]
     if args.smoke:
         args.presets = args.presets or SMOKE_PRESETS
         args.lengths, args.gen_tokens, args.train_steps, args.warmup = [100, 400], 3, 2, 1
         args.sizes, args.peak_size = [0.002, 0.008], 256
-    bad = [x for x in args.parts if x not in PARTS] + [x for x in args.precisions if x not in ("fp32", "bf16")]
+    bad = [x for x in args.parts if x not in PARTS] + [
+        x for x in args.precisions + args.eval_precisions if x not in ("fp32", "bf16")
+    ]
     if bad:
         p.error(f"unknown part or precision: {', '.join(bad)}")
     if not args.lengths or min(args.lengths) < 1 or args.gen_tokens < 1 or args.train_steps < 1:
@@ -330,7 +341,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(json.dumps(result))
         return result
     if args.child_rss:
-        result = measure_eval_rss(args.child_rss[0], Path(args.child_rss[1]), args)
+        result = measure_eval_rss(args.child_rss[0], Path(args.child_rss[1]), args.child_rss[2], args)
         print(json.dumps(result))
         return result
     presets = [x.strip() for x in args.presets.split(",") if x.strip()] or list_presets()
@@ -363,12 +374,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             files = [corpus_file(folder, mb) for mb in args.sizes]
             for preset in presets:
                 log(f"speed: eval peak RSS, {preset}")
-                rows = [run_child(args, "--child-rss", preset, str(f)) for f in files]
-                report["rss"][preset] = {
-                    "runs": rows,
-                    "rss_growth": rows[-1]["peak_rss_bytes"] / rows[0]["peak_rss_bytes"],
-                    "eval_tokens_per_s": rows[-1]["tokens_per_s"],
-                }
+                for precision in args.eval_precisions:
+                    rows = [run_child(args, "--child-rss", preset, str(f), precision) for f in files]
+                    key = preset if precision == "fp32" else f"{preset} ({precision})"
+                    report["rss"][key] = {
+                        "precision": precision,
+                        "runs": rows,
+                        "rss_growth": rows[-1]["peak_rss_bytes"] / rows[0]["peak_rss_bytes"],
+                        "eval_tokens_per_s": rows[-1]["tokens_per_s"],
+                    }
     report["load_average_end"] = train_speed.load_average()
     text = json.dumps(report, indent=2)
     args.output.parent.mkdir(parents=True, exist_ok=True)
