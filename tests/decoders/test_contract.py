@@ -189,6 +189,21 @@ def test_forward_never_mutates_its_input_state(tiny_model: LongContextLM, tiny_m
         _close(again.logits, first.logits, EXACT_ATOL)
 
 
+def test_inference_and_recording_paths_agree(tiny_model: LongContextLM, tiny_memory_length: int) -> None:
+    """With autograd off, decoders may write their caches into shared buffers (the next state a view of them); with
+    autograd on they concatenate. Both must give the same logits and carry the same memory, segment after segment."""
+    model, mem = tiny_model, tiny_memory_length
+    tokens = _tokens(model, 2, 3 * mem + 5, seed=3)
+    sizes = _random_partition(tokens.shape[1], mem, seed=3)
+    with torch.no_grad():
+        fast, fast_state = _run(model, tokens, model.init_state(2), sizes)
+    with torch.enable_grad():
+        slow, slow_state = _run(model, tokens, model.init_state(2), sizes)
+    _close(fast, slow.detach(), EXACT_ATOL)
+    for name, value in slow_state.tensors().items():
+        _close(fast_state.tensors()[name].float(), value.detach().float(), EXACT_ATOL)
+
+
 def test_reset_rows_behave_like_a_fresh_state(tiny_model: LongContextLM, tiny_memory_length: int) -> None:
     model, mem = tiny_model, tiny_memory_length
     batch = 3
