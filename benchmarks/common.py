@@ -29,6 +29,7 @@ import torch
 
 from longctx.checkpoint import find_checkpoints, read_config
 from longctx.config import Config, ModelConfig
+from longctx.decoders import DECODERS
 from longctx.train import RunOptions, train
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -67,67 +68,13 @@ def parse_list(text: str) -> list[str]:
 
 
 def attention_window(model: ModelConfig, seq_len: int) -> tuple[int, str]:
-    """(W, why): how many tokens a query of this decoder reads exactly, itself included.
-
-    A query of every decoder below sees itself and at most W - 1 earlier tokens token by token; whatever else it
-    knows of the past comes through a compressed or summed memory (or through stacked layers):
-
-    - transformer: ``transformer.window``; xl: ``xl.mem_len`` (the largest span; adaptive spans may learn less);
-    - infinite: ``infinite.mem_len``, the short-term memory every query is guaranteed (it reaches up to
-      ``mem_len + ltm_block - 1`` depending on the position; the rest is the continuous long-term memory);
-    - aft local/conv: ``aft.window`` and aft full: ``aft.max_distance``, the distances with a learned position bias
-      (every earlier token still enters the running sums, with bias 0);
-    - aft simple has no window at all (only running sums): the training segment ``train.seq_len`` is used;
-    - combiner: ``combiner.segment``, the query's own segment (earlier segments are seen through summaries);
-    - perceiver_ar: ``perceiver_ar.context``, the inputs the cross-attention reads;
-    - any other decoder: ``train.seq_len``.
-    """
-    name = model.decoder
-    if name == "transformer":
-        return model.transformer.window, "transformer.window"
-    if name == "xl":
-        return model.xl.mem_len, "xl.mem_len"
-    if name == "infinite":
-        return model.infinite.mem_len, "infinite.mem_len (short-term memory)"
-    if name == "aft":
-        variant = model.aft.variant
-        if variant in ("local", "conv"):
-            return model.aft.window, f"aft.window (position biases of aft-{variant})"
-        if variant == "full":
-            return model.aft.max_distance, "aft.max_distance (position biases of aft-full)"
-        return seq_len, "train.seq_len (aft-simple has no window, only running sums)"
-    if name == "combiner":
-        return model.combiner.segment, "combiner.segment (direct attention; older segments through summaries)"
-    if name == "perceiver_ar":
-        return model.perceiver_ar.context, "perceiver_ar.context (inputs of the cross-attention)"
-    return seq_len, f"train.seq_len (no window rule for decoder {name!r})"
+    """(W, why): how many tokens a query of this decoder reads exactly, itself included (``Decoder.exact_window``)."""
+    return DECODERS[model.decoder].exact_window(model, seq_len)
 
 
 def theoretical_reach(model: ModelConfig) -> tuple[int | None, str]:
-    """(R, why): the farthest a token's information can travel forward through the decoder, in tokens; None when a
-    recurrent memory (running sums, a continuous long-term memory) carries some of it arbitrarily far.
-
-    A layer that reads the W - 1 tokens before a query moves information W - 1 tokens forward, so L such layers
-    reach L (W - 1) tokens back; Perceiver AR's one cross-attention reads context - 1 inputs back and its L - 1
-    latent layers latents - 1 more each; the Combiner reaches its own segment and S summarised segments per layer.
-    """
-    L = model.n_layer
-    name = model.decoder
-    if name == "transformer":
-        return L * (model.transformer.window - 1), f"{L} layers x (transformer.window - 1)"
-    if name == "xl":
-        return L * (model.xl.mem_len - 1), f"{L} layers x (xl.mem_len - 1)"
-    if name == "perceiver_ar":
-        p = model.perceiver_ar
-        return p.context - 1 + (L - 1) * (p.latents - 1), "context - 1 + (n_layer - 1) x (latents - 1)"
-    if name == "combiner":
-        c = model.combiner
-        return L * (c.segment * (c.max_summaries + 1) - 1), f"{L} layers x (segment x (max_summaries + 1) - 1)"
-    if name == "infinite":
-        return None, "the continuous long-term memory holds the whole past"
-    if name == "aft":
-        return None, f"aft-{model.aft.variant}: running sums over the whole past (far = {model.aft.far!r})"
-    return None, f"no rule for decoder {name!r}"
+    """(R, why): how far a token's information can travel forward, None for a recurrent memory (``Decoder.reach``)."""
+    return DECODERS[model.decoder].reach(model)
 
 
 def budget_overrides(cfg: Config, args: argparse.Namespace, overrides: dict[str, Any]) -> dict[str, Any]:

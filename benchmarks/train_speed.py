@@ -83,6 +83,7 @@ from typing import Any
 import torch
 
 from longctx.config import Config, load_config, overrides_for, parse_set_args
+from longctx.decoders import DECODERS
 from longctx.model import build_model
 from longctx.train import resolve_device
 
@@ -181,21 +182,8 @@ def matmul_peak(
 
 
 def attended_keys(cfg: Config) -> int:
-    """Keys a query attends to in steady state (see the module docstring); 0 for decoders without attention."""
-    model = cfg.model
-    if model.decoder == "transformer":
-        return model.transformer.window
-    if model.decoder == "xl":
-        return getattr(model.decoder_config(), "mem_len", 0)
-    if model.decoder == "infinite":  # short-term: mem_len .. mem_len + ltm_block - 1 keys, on average the middle;
-        inf = model.infinite  # long-term: the context V^T r over the N basis functions is one of the two products
-        return round(inf.mem_len + (inf.ltm_block - 1) / 2 + inf.n_basis / 2)
-    if model.decoder == "perceiver_ar":  # one cross-attention layer over `context` inputs, the others over `latents`
-        par = model.perceiver_ar
-        return round((par.context + (model.n_layer - 1) * par.latents) / model.n_layer)
-    if model.decoder == "combiner":  # the causal half of the own segment on average, plus the kept summaries
-        return round((model.combiner.segment + 1) / 2 + model.combiner.max_summaries)
-    return 0
+    """Keys a query attends to in steady state (``Decoder.attended_keys``); 0 for decoders without attention."""
+    return DECODERS[cfg.model.decoder].attended_keys(cfg.model)
 
 
 def model_flops(cfg: Config, model: torch.nn.Module) -> dict[str, Any]:

@@ -1,12 +1,13 @@
 """Shared test helpers: tiny model configurations, the memory length of a decoder, seeds and threads.
 
-A decoder added to ``longctx.decoders.DECODERS`` gets the contract tests for free. To make them fast and meaningful,
-register its tiny sub-config in ``TINY_OVERRIDES`` and, if its memory is not described by a ``window`` or
-``mem_len`` field, its memory length in ``MEMORY_LENGTH`` -- both in this file, nowhere else.
+A decoder added to ``longctx.decoders.DECODERS`` gets the contract tests for free: its class states its tiny
+sub-config (``TINY``) and its memory length (``memory_length``), the facts the tests need.
 """
 
 from __future__ import annotations
 
+import copy
+import functools
 import random
 from collections.abc import Callable
 from typing import Any
@@ -29,37 +30,6 @@ SEED = 1234
 TINY_BASE: dict[str, Any] = {"n_layer": 2, "d_model": 32, "n_head": 2, "d_ff": 64, "vocab_size": 61}
 
 
-def _no_overrides() -> dict[str, Any]:
-    return {}
-
-
-# decoder name -> function returning model-level overrides (nested dicts, as in a TOML preset's [model] table).
-# A decoder without an entry uses TINY_BASE and its sub-config's defaults.
-TINY_OVERRIDES: dict[str, Callable[[], dict[str, Any]]] = {
-    "transformer": lambda: {"transformer": {"window": 8}},
-    # fixed span here; tests/decoders/test_xl.py runs the same contract checks with adaptive and dynamic spans
-    "xl": lambda: {"xl": {"mem_len": 8}},
-    # local with its initial (zero) biases; tests/decoders/test_aft.py runs them for every variant with random biases
-    "aft": lambda: {"aft": {"variant": "local", "window": 4, "heads": 2, "max_distance": 6}},
-    # refits every 4 tokens from position 8 on: several LTM versions within every contract stream (and segment);
-    # tests/decoders/test_infinite.py runs the same contract checks with sticky memories and the gate
-    "infinite": lambda: {
-        "infinite": {
-            "mem_len": 4,
-            "ltm_block": 4,
-            "n_basis": 16,
-            "sigmas": [0.05, 0.1],
-            "n_samples": 16,
-            "sticky_bins": 8,
-        }
-    },
-    # 1 cross-attention (context 8) + 2 latent layers (latents 4); half of each head's channels rotated
-    "perceiver_ar": lambda: {"n_layer": 3, "perceiver_ar": {"context": 8, "latents": 4, "rotary_fraction": 0.5}},
-    # segments of 4, 3 summaries kept: every contract stream crosses many segments and drops old summaries
-    "combiner": lambda: {"combiner": {"segment": 4, "max_summaries": 3}},
-}
-
-
 def _merge(into: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     """Deep-merge ``update`` into ``into`` (nested dicts are merged, other values replaced)."""
     for key, value in update.items():
@@ -74,37 +44,14 @@ def tiny_model_config(decoder: str, **overrides: Any) -> ModelConfig:
     """A tiny, validated ModelConfig for ``decoder``; ``overrides`` (e.g. ``n_layer=1`` or
     ``transformer={"window": 4}``) are applied last. Built through ``Config.from_dict`` so every value is checked."""
     model: dict[str, Any] = {"decoder": decoder, **TINY_BASE}
-    _merge(model, TINY_OVERRIDES.get(decoder, _no_overrides)())
+    _merge(model, copy.deepcopy(DECODERS[decoder].TINY))
     _merge(model, overrides)
     return Config.from_dict({"model": model}, where=f"tiny test config for {decoder!r}").model
 
 
-# decoder name -> number of past tokens its memory covers (the stream length at which the memory is "full").
-MEMORY_LENGTH: dict[str, Callable[[ModelConfig], int]] = {
-    "transformer": lambda cfg: cfg.transformer.window,
-    "xl": lambda cfg: cfg.xl.mem_len,
-    "aft": lambda cfg: max(4, {"simple": 1, "full": cfg.aft.max_distance}.get(cfg.aft.variant, cfg.aft.window)),
-    "infinite": lambda cfg: cfg.infinite.mem_len + cfg.infinite.ltm_block,  # the largest exact window (+ itself)
-    "perceiver_ar": lambda cfg: cfg.perceiver_ar.context,  # the cross-attention window (the longest cache)
-    "combiner": lambda cfg: cfg.combiner.segment * (cfg.combiner.max_summaries + 1),  # own segment + S summaries
-}
-
-_GENERIC_MEMORY_FIELDS = ("window", "mem_len")
-
-
 def memory_length(cfg: ModelConfig) -> int:
-    """How many past tokens the memory of ``cfg``'s decoder covers (for ``transformer``: the window).
-
-    Decoders without an entry in ``MEMORY_LENGTH`` fall back to the largest ``window``/``mem_len`` field of their
-    sub-config; if they have none, register them in ``MEMORY_LENGTH``.
-    """
-    if cfg.decoder in MEMORY_LENGTH:
-        return MEMORY_LENGTH[cfg.decoder](cfg)
-    sub = cfg.decoder_config()
-    found = [getattr(sub, name) for name in _GENERIC_MEMORY_FIELDS if isinstance(getattr(sub, name, None), int)]
-    if not found:
-        raise LookupError(f"no memory length for decoder {cfg.decoder!r}: add it to MEMORY_LENGTH in tests/conftest.py")
-    return max(found)
+    """How many past tokens the memory of ``cfg``'s decoder covers (``Decoder.memory_length``)."""
+    return DECODERS[cfg.decoder].memory_length(cfg)
 
 
 def build_tiny_model(decoder: str, **overrides: Any) -> LongContextLM:
@@ -112,6 +59,72 @@ def build_tiny_model(decoder: str, **overrides: Any) -> LongContextLM:
     torch.manual_seed(SEED)
     model = build_model(tiny_model_config(decoder, **overrides))
     return model.eval()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# the contract cases: every decoder with its tiny configuration, and the variants whose code paths differ
+
+SPAN_MODES: dict[str, dict[str, Any]] = {  # xl's learned spans (on top of its tiny config)
+    "adaptive": {"mem_len": 8, "span_mode": "adaptive", "span_ramp": 2.0, "span_init": 0.5, "span_cache_multiple": 2},
+    "dynamic": {"mem_len": 8, "span_mode": "dynamic", "span_ramp": 2.0, "span_init": 0.5},
+}
+AFT_VARIANTS = ("simple", "local", "conv", "full")
+AFT_FARS = ("uniform", "decay")
+INFINITE_VARIANTS: dict[str, dict[str, Any]] = {
+    "sticky": {"sticky": True},
+    "gate": {"gate": True},
+    "sticky-gate-own-bias": {"sticky": True, "gate": True, "share_bias": False},
+    "separate": {"ltm_out": "separate"},
+    "separate-gate": {"ltm_out": "separate", "gate": True},
+}
+
+
+def set_span_ratios(model: LongContextLM, values: list[list[float]]) -> None:
+    """Adaptive spans: the ratio (span / mem_len) of every head, one list per layer."""
+    with torch.no_grad():
+        for block, ratios in zip(model.decoder.blocks, values, strict=True):
+            block.mix.span.ratio.copy_(torch.tensor(ratios))
+
+
+def randomise_aft_biases(model: LongContextLM, scale: float = 1.0) -> LongContextLM:
+    """Non-zero AFT position biases (the initial ones are 0, which would make every variant look like simple), and
+    far decays λ = exp(θ) between ~0.05 and ~3 per token (the initial ones, down to 1/4096, barely act on short
+    tests)."""
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for block in model.decoder.blocks:
+            for name in ("bias", "bias_gain", "bias_shift"):
+                p = getattr(block.mix, name, None)
+                if isinstance(p, torch.nn.Parameter):
+                    p.copy_(scale * torch.randn(p.shape, generator=g))
+            if block.mix.log_decay is not None:
+                block.mix.log_decay.copy_(torch.empty(block.mix.log_decay.shape).uniform_(-3.0, 1.0, generator=g))
+    return model
+
+
+def _adaptive_spans() -> LongContextLM:
+    model = build_tiny_model("xl", xl=SPAN_MODES["adaptive"])
+    set_span_ratios(model, [[0.3, 0.6], [0.6, 0.3]])  # two spans per layer: 2.4 and 4.8 tokens (+ ramp 2), trimmed
+    return model
+
+
+CONTRACT_CASES: dict[str, Callable[[], LongContextLM]] = {
+    **{name: functools.partial(build_tiny_model, name) for name in sorted(DECODERS)},
+    "xl-adaptive": _adaptive_spans,
+    "xl-dynamic": functools.partial(build_tiny_model, "xl", xl=SPAN_MODES["dynamic"]),
+    **{  # every variant with non-zero biases and decays (the plain case runs ``local`` with its initial ones)
+        f"aft-{variant}-{far}": functools.partial(
+            lambda v, f: randomise_aft_biases(build_tiny_model("aft", aft={"variant": v, "far": f})), variant, far
+        )
+        for variant in AFT_VARIANTS
+        for far in AFT_FARS
+    },
+    **{
+        f"infinite-{name}": functools.partial(build_tiny_model, "infinite", infinite=INFINITE_VARIANTS[name])
+        for name in ("sticky", "gate", "separate-gate")
+    },
+}
+"""Every test that takes the ``tiny_model`` fixture (the contract tests) runs once per case."""
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -136,9 +149,10 @@ def decoder_name(request: pytest.FixtureRequest) -> str:
     return request.param
 
 
-@pytest.fixture
-def tiny_model(decoder_name: str) -> LongContextLM:
-    return build_tiny_model(decoder_name)
+@pytest.fixture(params=sorted(CONTRACT_CASES))
+def tiny_model(request: pytest.FixtureRequest) -> LongContextLM:
+    """Every contract case (each decoder and its variants), one test instance each."""
+    return CONTRACT_CASES[request.param]()
 
 
 @pytest.fixture

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_BASE, TINY_OVERRIDES
+from conftest import TINY_BASE
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open
@@ -563,7 +563,7 @@ def test_every_decoder_trains_evaluates_and_generates_through_the_cli(
     decoder: str, ws: Workspace, tmp_path: Path
 ) -> None:
     """The tiny config of the contract tests (tests/conftest.py), through train, eval --ppl and generate."""
-    model = {k: v for k, v in TINY_BASE.items() if k != "vocab_size"} | TINY_OVERRIDES[decoder]()
+    model = {k: v for k, v in TINY_BASE.items() if k != "vocab_size"} | DECODERS[decoder].TINY
     res = run_inprocess(
         tmp_path,
         "train",

@@ -248,3 +248,24 @@ class AFTDecoder(Decoder):
             layers.append(info)
         out["aft_layers"] = layers
         return out
+
+    # facts (see Decoder)
+    TINY = {"aft": {"variant": "local", "window": 4, "heads": 2, "max_distance": 6}}  # the cases add the others
+
+    @classmethod
+    def exact_window(cls, cfg: ModelConfig, seq_len: int) -> tuple[int, str]:
+        # the distances with a learned position bias; every earlier token still enters the running sums
+        variant = cfg.aft.variant
+        if variant in ("local", "conv"):
+            return cfg.aft.window, f"aft.window (position biases of aft-{variant})"
+        if variant == "full":
+            return cfg.aft.max_distance, "aft.max_distance (position biases of aft-full)"
+        return seq_len, "train.seq_len (aft-simple has no window, only running sums)"
+
+    @classmethod
+    def reach(cls, cfg: ModelConfig) -> tuple[int | None, str]:
+        return None, f"aft-{cfg.aft.variant}: running sums over the whole past (far = {cfg.aft.far!r})"
+
+    @classmethod
+    def memory_length(cls, cfg: ModelConfig) -> int:
+        return max(4, bias_span(cfg))  # the biased distances, the query's own included; at least 4 (aft-simple)

@@ -17,10 +17,13 @@ from __future__ import annotations
 import abc
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import torch
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from longctx.config import ModelConfig
 
 S = TypeVar("S", bound="State")
 
@@ -138,3 +141,36 @@ class Decoder(nn.Module, abc.ABC):
     def describe(self) -> dict[str, Any]:
         """Learned quantities worth reporting (e.g. spans); empty by default."""
         return {}
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # facts about the decoder, from its configuration alone: benchmarks and tests read them here, nowhere else
+
+    TINY: ClassVar[dict[str, Any]] = {}
+    """The decoder's part of the tiny test configuration: model-level overrides, nested as in a preset's ``[model]``
+    table, on top of 2 layers of width 32 (the contract tests' models)."""
+
+    @classmethod
+    @abc.abstractmethod
+    def exact_window(cls, cfg: ModelConfig, seq_len: int) -> tuple[int, str]:
+        """(W, why): how many tokens a query reads exactly, token by token, itself included (whatever else it knows
+        of the past comes through a compressed or summed memory, or through stacked layers). ``seq_len`` is the
+        training segment, the answer of a decoder without any window."""
+
+    @classmethod
+    @abc.abstractmethod
+    def reach(cls, cfg: ModelConfig) -> tuple[int | None, str]:
+        """(R, why): the farthest, in tokens, that a token's information can travel forward through the decoder;
+        None when a recurrent memory (running sums, a continuous long-term memory) carries some of it arbitrarily
+        far. A layer that reads the W - 1 tokens before a query moves information W - 1 tokens forward."""
+
+    @classmethod
+    @abc.abstractmethod
+    def memory_length(cls, cfg: ModelConfig) -> int:
+        """The stream length at which the memory is full (every slot of every cache in use): the contract tests
+        read streams of a few times this length."""
+
+    @classmethod
+    def attended_keys(cls, cfg: ModelConfig) -> int:
+        """Keys a query attends to in steady state, for the model-FLOP count (12 n_layer d_model K per token in
+        training); 0 for a decoder without attention scores."""
+        return 0

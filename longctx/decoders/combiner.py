@@ -449,3 +449,23 @@ class CombinerDecoder(Decoder):
         }  # each (B, L, ...)
         next_state = CombinerState(**stacked, position=state.position + T)
         return DecoderOutput(hidden=x, state=next_state, aux_loss=x.new_zeros(()), stats={})
+
+    # facts (see Decoder)
+    TINY = {"combiner": {"segment": 4, "max_summaries": 3}}  # every contract stream drops old summaries
+
+    @classmethod
+    def exact_window(cls, cfg: ModelConfig, seq_len: int) -> tuple[int, str]:
+        return cfg.combiner.segment, "combiner.segment (direct attention; older segments through summaries)"
+
+    @classmethod
+    def reach(cls, cfg: ModelConfig) -> tuple[int | None, str]:
+        c, L = cfg.combiner, cfg.n_layer
+        return L * (c.segment * (c.max_summaries + 1) - 1), f"{L} layers x (segment x (max_summaries + 1) - 1)"
+
+    @classmethod
+    def memory_length(cls, cfg: ModelConfig) -> int:
+        return cfg.combiner.segment * (cfg.combiner.max_summaries + 1)  # own segment + the kept summaries
+
+    @classmethod
+    def attended_keys(cls, cfg: ModelConfig) -> int:
+        return round((cfg.combiner.segment + 1) / 2 + cfg.combiner.max_summaries)  # half a segment + summaries

@@ -460,3 +460,36 @@ class InfiniteDecoder(Decoder):
                 ratios = [b.mix.ltm_proj.weight.norm() / b.mix.out_proj.weight.norm() for b in self.blocks]
             info["ltm_out_norm_ratio"] = [round(float(r), 4) for r in ratios]
         return info
+
+    # facts (see Decoder)
+    # refits every 4 tokens from position 8 on: several LTM versions within every contract stream (and segment)
+    TINY = {
+        "infinite": {
+            "mem_len": 4,
+            "ltm_block": 4,
+            "n_basis": 16,
+            "sigmas": [0.05, 0.1],
+            "n_samples": 16,
+            "sticky_bins": 8,
+        }
+    }
+
+    @classmethod
+    def exact_window(cls, cfg: ModelConfig, seq_len: int) -> tuple[int, str]:
+        # every query is guaranteed mem_len tokens; up to mem_len + ltm_block - 1 depending on its position
+        return cfg.infinite.mem_len, "infinite.mem_len (short-term memory)"
+
+    @classmethod
+    def reach(cls, cfg: ModelConfig) -> tuple[int | None, str]:
+        return None, "the continuous long-term memory holds the whole past"
+
+    @classmethod
+    def memory_length(cls, cfg: ModelConfig) -> int:
+        return cfg.infinite.mem_len + cfg.infinite.ltm_block  # the largest exact window, plus the query itself
+
+    @classmethod
+    def attended_keys(cls, cfg: ModelConfig) -> int:
+        # short-term: mem_len .. mem_len + ltm_block - 1 keys, the middle on average; long-term: the context V^T r
+        # over the N basis functions is one product (the scores are never formed), counted as N / 2 keys
+        inf = cfg.infinite
+        return round(inf.mem_len + (inf.ltm_block - 1) / 2 + inf.n_basis / 2)

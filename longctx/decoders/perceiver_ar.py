@@ -235,3 +235,25 @@ class PerceiverARDecoder(Decoder):
             position=state.position + T,
         )
         return DecoderOutput(hidden=x, state=next_state, aux_loss=x.new_zeros(()), stats={})
+
+    # facts (see Decoder)
+    # 1 cross-attention (context 8) + 2 latent layers (latents 4); half of each head's channels rotated
+    TINY = {"n_layer": 3, "perceiver_ar": {"context": 8, "latents": 4, "rotary_fraction": 0.5}}
+
+    @classmethod
+    def exact_window(cls, cfg: ModelConfig, seq_len: int) -> tuple[int, str]:
+        return cfg.perceiver_ar.context, "perceiver_ar.context (inputs of the cross-attention)"
+
+    @classmethod
+    def reach(cls, cfg: ModelConfig) -> tuple[int | None, str]:
+        p, L = cfg.perceiver_ar, cfg.n_layer
+        return p.context - 1 + (L - 1) * (p.latents - 1), "context - 1 + (n_layer - 1) x (latents - 1)"
+
+    @classmethod
+    def memory_length(cls, cfg: ModelConfig) -> int:
+        return cfg.perceiver_ar.context  # the cross-attention window, the longest cache
+
+    @classmethod
+    def attended_keys(cls, cfg: ModelConfig) -> int:
+        p, L = cfg.perceiver_ar, cfg.n_layer  # one cross-attention layer over `context` inputs, the rest over latents
+        return round((p.context + (L - 1) * p.latents) / L)

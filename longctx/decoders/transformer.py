@@ -147,3 +147,22 @@ class TransformerDecoder(Decoder):
             position=state.position + T,
         )
         return DecoderOutput(hidden=x, state=next_state, aux_loss=x.new_zeros(()), stats={})
+
+    # facts (see Decoder)
+    TINY = {"transformer": {"window": 8}}
+
+    @classmethod
+    def exact_window(cls, cfg: ModelConfig, seq_len: int) -> tuple[int, str]:
+        return cfg.transformer.window, "transformer.window"
+
+    @classmethod
+    def reach(cls, cfg: ModelConfig) -> tuple[int | None, str]:
+        return cfg.n_layer * (cfg.transformer.window - 1), f"{cfg.n_layer} layers x (transformer.window - 1)"
+
+    @classmethod
+    def memory_length(cls, cfg: ModelConfig) -> int:
+        return cfg.transformer.window
+
+    @classmethod
+    def attended_keys(cls, cfg: ModelConfig) -> int:
+        return cfg.transformer.window  # itself and the previous window - 1 tokens, once the stream is that long

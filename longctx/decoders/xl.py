@@ -302,3 +302,22 @@ class XLDecoder(Decoder):
                 for b in self.blocks
             ]
         return out
+
+    # facts (see Decoder)
+    TINY = {"xl": {"mem_len": 8}}  # fixed span; the contract cases add adaptive and dynamic spans
+
+    @classmethod
+    def exact_window(cls, cfg: ModelConfig, seq_len: int) -> tuple[int, str]:
+        return cfg.xl.mem_len, "xl.mem_len (the largest span; adaptive spans may learn less)"
+
+    @classmethod
+    def reach(cls, cfg: ModelConfig) -> tuple[int | None, str]:
+        return cfg.n_layer * (cfg.xl.mem_len - 1), f"{cfg.n_layer} layers x (xl.mem_len - 1)"
+
+    @classmethod
+    def memory_length(cls, cfg: ModelConfig) -> int:
+        return cfg.xl.mem_len
+
+    @classmethod
+    def attended_keys(cls, cfg: ModelConfig) -> int:
+        return cfg.xl.mem_len  # the largest span

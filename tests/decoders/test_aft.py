@@ -4,18 +4,19 @@ The references are naive O(T^2) loops written straight from eq. (2) of Zhai et a
 reading: ``y_t = Σ_{t' <= t} exp(K_{t'} + b(t - t')) V_{t'} / Σ_{t' <= t} exp(K_{t'} + b(t - t'))`` with ``b`` the
 learned bias below the window and, beyond it, 0 (far="uniform") or ``-λ_c (δ - s + 1)`` (far="decay"), computed in
 float64 without any stabilisation (float64 holds exp(±700)). The shared contract checks (test_contract.py) run for
-``local`` through the registry (initial biases and decays) and here for every variant and far rule with random ones.
+``local`` with its initial biases and decays, and for every variant and far rule with random ones (the contract cases
+of conftest.py).
 """
 
 from __future__ import annotations
 
-import inspect
 import json
 from typing import Any
 
 import pytest
 import test_contract as contract  # the shared contract checks (same folder; pytest puts it on sys.path)
 import torch
+from conftest import AFT_FARS, AFT_VARIANTS, randomise_aft_biases
 from torch import Tensor
 
 from longctx.config import load_config
@@ -31,8 +32,8 @@ from longctx.layers.aft import (
 )
 from longctx.model import LongContextLM
 
-VARIANTS = ("simple", "local", "conv", "full")
-FARS = ("uniform", "decay")
+VARIANTS = AFT_VARIANTS
+FARS = AFT_FARS
 F64 = torch.float64
 
 
@@ -116,23 +117,8 @@ def run_decoder(decoder: AFTDecoder, x: Tensor, sizes: list[int], state: AFTStat
     return torch.cat(outs, dim=1)
 
 
-def randomise_biases(model: LongContextLM, scale: float = 1.0) -> LongContextLM:
-    """Non-zero position biases (the initial ones are 0, which would make every variant look like simple), and far
-    decays λ = exp(θ) between ~0.05 and ~3 per token (the initial ones, down to 1/4096, barely act on short tests)."""
-    g = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for block in model.decoder.blocks:
-            for name in ("bias", "bias_gain", "bias_shift"):
-                p = getattr(block.mix, name, None)
-                if isinstance(p, torch.nn.Parameter):
-                    p.copy_(scale * torch.randn(p.shape, generator=g))
-            if block.mix.log_decay is not None:
-                block.mix.log_decay.copy_(torch.empty(block.mix.log_decay.shape).uniform_(-3.0, 1.0, generator=g))
-    return model
-
-
 def aft_model(make_tiny_model, variant: str, far: str = "decay", **aft: Any) -> LongContextLM:
-    return randomise_biases(make_tiny_model("aft", aft={"variant": variant, "far": far, **aft}))
+    return randomise_aft_biases(make_tiny_model("aft", aft={"variant": variant, "far": far, **aft}))
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -458,39 +444,6 @@ def test_state_layout(make_tiny_model, variant: str) -> None:
     with torch.no_grad():
         later = model(torch.randint(0, 61, (3, 50)), state).state
     assert later.nbytes() == state.nbytes()
-
-
-_CONTRACT_ARGS = {"tiny_model", "tiny_memory_length", "chunked"}
-CONTRACT_CHECKS = {
-    name: fn
-    for name, fn in vars(contract).items()
-    if name.startswith("test_") and callable(fn) and set(inspect.signature(fn).parameters) <= _CONTRACT_ARGS
-}
-
-
-@pytest.mark.parametrize("far", FARS)
-@pytest.mark.parametrize("check", sorted(CONTRACT_CHECKS))
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_contract_for_every_variant(make_tiny_model, variant: str, check: str, far: str) -> None:
-    """The shared contract checks with non-zero biases and decays (the registry runs them for ``local`` with its
-    initial ones)."""
-    model = aft_model(make_tiny_model, variant, far)
-    fn = CONTRACT_CHECKS[check]
-    params = inspect.signature(fn).parameters
-    kwargs: dict[str, Any] = {"tiny_model": model}
-    if "tiny_memory_length" in params:
-        kwargs["tiny_memory_length"] = max(4, model.decoder.cache_len + 1)
-    for chunked in [False, True] if "chunked" in params else [None]:
-        fn(**kwargs, **({} if chunked is None else {"chunked": chunked}))
-
-
-def test_contract_checks_were_found() -> None:
-    assert {
-        "test_chunking_invariance",
-        "test_causality",
-        "test_state_size_does_not_grow_with_stream_length",
-        "test_reset_rows_behave_like_a_fresh_state",
-    } <= set(CONTRACT_CHECKS)
 
 
 @pytest.mark.parametrize(

@@ -1,7 +1,7 @@
 """Tests of the ∞-former decoder (``infinite``; Martins et al. 2022, arXiv 2109.00301).
 
-The shared contract tests (test_contract.py) run for ``infinite`` through the registry (no sticky memories); here the
-same checks also run with sticky memories, the input gate and the separate LTM output projection. The decoder is
+The shared contract tests (test_contract.py) run for ``infinite`` as registered and with sticky memories, the input
+gate and the separate LTM output projection (the contract cases of conftest.py). Here the decoder is
 compared with a naive reference that follows the schedule one query at a time: the exact window after the last refit
 boundary b(p), and the LTM version built by explicit, sequential refits (for sticky memories: from the attention of
 the queries that read the previous version; with the gate written out as loops), its output projected as
@@ -10,15 +10,14 @@ the queries that read the previous version; with the gate written out as loops),
 
 from __future__ import annotations
 
-import inspect
 import json
 import math
 from collections.abc import Callable
 from typing import Any
 
 import pytest
-import test_contract as contract  # the shared contract checks (same folder; pytest puts it on sys.path)
 import torch
+from conftest import INFINITE_VARIANTS
 from torch import Tensor
 
 from longctx.config import load_config
@@ -33,13 +32,7 @@ ATOL = 1e-5  # the same maths through different kernels and accumulation orders,
 
 # tiny LTM settings: exact windows of 3..4 previous tokens, a refit every 2 tokens from position 3 on
 TINY = {"mem_len": 3, "ltm_block": 2, "n_basis": 12, "sigmas": [0.05, 0.1], "n_samples": 10, "sticky_bins": 6}
-VARIANTS: dict[str, dict[str, Any]] = {
-    "sticky": {"sticky": True},
-    "gate": {"gate": True},
-    "sticky-gate-own-bias": {"sticky": True, "gate": True, "share_bias": False},
-    "separate": {"ltm_out": "separate"},
-    "separate-gate": {"ltm_out": "separate", "gate": True},
-}
+VARIANTS = INFINITE_VARIANTS
 
 
 def _tokens(model: LongContextLM, batch: int, length: int, seed: int = 0) -> Tensor:
@@ -406,37 +399,6 @@ def test_state_size_is_the_same_after_1k_and_100k_tokens(make_tiny_model) -> Non
             sizes[int(state.position[0])] = state.nbytes()
     assert sizes[1000] == sizes[100_000] == expected
     assert torch.isfinite(state.coeffs).all() and state.coeffs.abs().max() < 1e3
-
-
-_CONTRACT_ARGS = {"tiny_model", "tiny_memory_length", "chunked"}
-CONTRACT_CHECKS = {
-    name: fn
-    for name, fn in vars(contract).items()
-    if name.startswith("test_") and callable(fn) and set(inspect.signature(fn).parameters) <= _CONTRACT_ARGS
-}
-
-
-@pytest.mark.parametrize("check", sorted(CONTRACT_CHECKS))
-@pytest.mark.parametrize("variant", ["sticky", "gate", "separate-gate"])
-def test_contract_with_variant(make_tiny_model, variant: str, check: str) -> None:
-    """The shared contract checks (bounded memory, chunking invariance, causality, ...) with sticky memories / gate."""
-    model = make_tiny_model("infinite", infinite=VARIANTS[variant])  # on top of the registry's tiny config
-    fn = CONTRACT_CHECKS[check]
-    params = inspect.signature(fn).parameters
-    kwargs: dict[str, Any] = {"tiny_model": model}
-    if "tiny_memory_length" in params:
-        kwargs["tiny_memory_length"] = model.cfg.infinite.mem_len + model.cfg.infinite.ltm_block
-    for chunked in [False, True] if "chunked" in params else [None]:
-        fn(**kwargs, **({} if chunked is None else {"chunked": chunked}))
-
-
-def test_contract_checks_were_found() -> None:
-    assert {
-        "test_chunking_invariance",
-        "test_causality",
-        "test_state_size_does_not_grow_with_stream_length",
-        "test_reset_rows_behave_like_a_fresh_state",
-    } <= set(CONTRACT_CHECKS)
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -1,13 +1,12 @@
 """Tests of the Transformer-XL decoder (``xl``) and its layers: relative attention, adaptive and dynamic spans.
 
-The shared contract tests (test_contract.py) run for ``xl`` with a fixed span through the registry; here the same
-checks also run with adaptive and dynamic spans, and the decoder is compared with a naive reference that evaluates
-the Transformer-XL score and the span mask of the papers with explicit loops over queries and keys.
+The shared contract tests (test_contract.py) run for ``xl`` with fixed, adaptive and dynamic spans (the contract
+cases of conftest.py); here the decoder is compared with a naive reference that evaluates the Transformer-XL score and
+the span mask of the papers with explicit loops over queries and keys.
 """
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Callable
 from typing import Any
@@ -15,6 +14,7 @@ from typing import Any
 import pytest
 import test_contract as contract  # the shared contract checks (same folder; pytest puts it on sys.path)
 import torch
+from conftest import SPAN_MODES, set_span_ratios
 from torch import Tensor
 
 from longctx.config import load_config
@@ -28,19 +28,8 @@ torch.set_num_threads(1)
 
 ATOL = 1e-5  # the same maths through different kernels and accumulation orders, fp32, logits ~0.1-1
 
+
 # tiny span settings for the contract checks: spans well inside the window, so the span mask and trimming matter
-SPAN_MODES: dict[str, dict[str, Any]] = {
-    "adaptive": {"mem_len": 8, "span_mode": "adaptive", "span_ramp": 2.0, "span_init": 0.5, "span_cache_multiple": 2},
-    "dynamic": {"mem_len": 8, "span_mode": "dynamic", "span_ramp": 2.0, "span_init": 0.5},
-}
-
-
-def _set_ratios(model: LongContextLM, values: list[list[float]]) -> None:
-    with torch.no_grad():
-        for block, ratios in zip(model.decoder.blocks, values, strict=True):
-            block.mix.span.ratio.copy_(torch.tensor(ratios))
-
-
 def _tokens(model: LongContextLM, batch: int, length: int, seed: int = 0) -> Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, model.cfg.vocab_size, (batch, length), generator=g)
@@ -114,7 +103,7 @@ def test_decoder_matches_naive_reference(
         },
     )
     if mode == "adaptive":  # spans 1.6 .. 9.6 tokens: the mask cuts inside the window, and the window is trimmed
-        _set_ratios(model, [[0.1, 0.6], [0.35, 0.2]])
+        set_span_ratios(model, [[0.1, 0.6], [0.35, 0.2]])
     decoder = model.decoder
     x = torch.randn(2, n, model.cfg.d_model)
     with torch.no_grad():
@@ -263,7 +252,7 @@ def test_trimming_the_cache_does_not_change_logits(make_tiny_model) -> None:
     model = make_tiny_model(
         "xl", xl={"mem_len": mem_len, "span_mode": "adaptive", "span_ramp": 4.0, "span_cache_multiple": 8}
     )
-    _set_ratios(model, [[0.05, 0.2], [0.1, 0.1]])  # reach floor(z + R): 12 and 8 -> 16 and 8 slots of 39
+    set_span_ratios(model, [[0.05, 0.2], [0.1, 0.1]])  # reach floor(z + R): 12 and 8 -> 16 and 8 slots of 39
     decoder = model.decoder
     trimmed, full = (
         decoder.init_state(2, None, torch.float32, trim=True),
@@ -289,13 +278,13 @@ def test_state_trimmed_for_shorter_spans_still_works_when_spans_grow(make_tiny_m
     model = make_tiny_model(
         "xl", xl={"mem_len": 32, "span_mode": "adaptive", "span_ramp": 2.0, "span_cache_multiple": 4}
     )
-    _set_ratios(model, [[0.0, 0.1], [0.1, 0.0]])
+    set_span_ratios(model, [[0.0, 0.1], [0.1, 0.0]])
     trimmed = model.init_state(2)  # eval mode: trimmed to the current spans
     assert model.decoder.state_slots(trim=True) == [8, 8] and trimmed.keys.shape[2] == 16
     model.train()
     assert model.init_state(2).keys.shape[2] == 2 * 31  # training mode: the full window
     model.eval()
-    _set_ratios(model, [[1.0, 0.5], [0.7, 1.0]])  # spans grow beyond the trimmed cache
+    set_span_ratios(model, [[1.0, 0.5], [0.7, 1.0]])  # spans grow beyond the trimmed cache
     tokens = _tokens(model, 2, 80)
     with torch.no_grad():
         # within one call the segment's own keys are all there: same as a full state while nothing was cached
@@ -331,7 +320,7 @@ def test_span_penalty_gradient_moves_c(make_tiny_model) -> None:
 
 def test_clamping_keeps_c_in_range(make_tiny_model) -> None:
     model = make_tiny_model("xl", xl={"mem_len": 16, "span_mode": "adaptive"})
-    _set_ratios(model, [[-0.5, 0.3], [1.7, 1.0]])
+    set_span_ratios(model, [[-0.5, 0.3], [1.7, 1.0]])
     model.decoder.after_optimizer_step()
     ratios = [b.mix.span.ratio.detach().tolist() for b in model.decoder.blocks]
     assert ratios == [[0.0, pytest.approx(0.3)], [1.0, 1.0]]
@@ -350,7 +339,7 @@ def test_clamping_keeps_c_in_range(make_tiny_model) -> None:
 
 def test_stats_and_describe_report_spans(make_tiny_model) -> None:
     model = make_tiny_model("xl", xl={"mem_len": 16, "span_mode": "adaptive"})
-    _set_ratios(model, [[0.25, 0.75], [0.5, 0.5]])
+    set_span_ratios(model, [[0.25, 0.75], [0.5, 0.5]])
     model.train()
     tokens = _tokens(model, 1, 5)
     stats = model(tokens, model.init_state(1), tokens).stats
@@ -392,40 +381,6 @@ def test_state_size_is_constant_over_ten_memory_lengths(make_tiny_model, mode: s
 def test_dynamic_span_is_never_trimmed(make_tiny_model) -> None:
     model = make_tiny_model("xl", xl=SPAN_MODES["dynamic"])
     assert model.decoder.state_slots(trim=True) == [7, 7]
-
-
-_CONTRACT_ARGS = {"tiny_model", "tiny_memory_length", "chunked"}
-CONTRACT_CHECKS = {
-    name: fn
-    for name, fn in vars(contract).items()
-    if name.startswith("test_") and callable(fn) and set(inspect.signature(fn).parameters) <= _CONTRACT_ARGS
-}
-
-
-@pytest.mark.parametrize("check", sorted(CONTRACT_CHECKS))
-@pytest.mark.parametrize("mode", sorted(SPAN_MODES))
-def test_contract_with_span(make_tiny_model, mode: str, check: str) -> None:
-    """The shared contract checks (bounded memory, chunking invariance, causality, ...) with span masks on."""
-    model = make_tiny_model("xl", xl=SPAN_MODES[mode])
-    if mode == "adaptive":  # two different spans per layer: 2.4 and 4.8 tokens (+ ramp 2), trimmed cache
-        _set_ratios(model, [[0.3, 0.6], [0.6, 0.3]])
-        assert model.init_state(1).keys.shape[2] < 2 * (model.cfg.xl.mem_len - 1)
-    fn = CONTRACT_CHECKS[check]
-    params = inspect.signature(fn).parameters
-    kwargs: dict[str, Any] = {"tiny_model": model}
-    if "tiny_memory_length" in params:
-        kwargs["tiny_memory_length"] = model.cfg.xl.mem_len
-    for chunked in [False, True] if "chunked" in params else [None]:
-        fn(**kwargs, **({} if chunked is None else {"chunked": chunked}))
-
-
-def test_contract_checks_were_found() -> None:
-    assert {
-        "test_chunking_invariance",
-        "test_causality",
-        "test_state_size_does_not_grow_with_stream_length",
-        "test_reset_rows_behave_like_a_fresh_state",
-    } <= set(CONTRACT_CHECKS)
 
 
 @pytest.mark.parametrize("preset,mode", [("xl-small", "fixed"), ("xl-span-small", "adaptive")])
