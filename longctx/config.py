@@ -204,6 +204,8 @@ class PerceiverARConfig:
 
 DecoderName = Literal["transformer", "xl", "aft", "infinite", "perceiver_ar", "combiner"]
 AttentionKernel = Literal["auto", "banded", "sdpa"]
+ROTARY_DECODERS = ("transformer", "perceiver_ar", "combiner")  # rotate channel pairs of each head: even head width
+SINUSOID_DECODERS = ("xl", "infinite")  # sine and cosine halves of a d_model-wide position table: even d_model
 WINDOW_ATTENTION_DECODERS = ("transformer", "perceiver_ar")  # the decoders whose attention model.attention_kernel picks
 
 
@@ -250,9 +252,15 @@ class ModelConfig:
             f"({self.d_model}) must be divisible by model.n_head ({self.n_head})",
         )
         _check(
-            (self.d_model // self.n_head) % 2 == 0,
+            self.decoder not in ROTARY_DECODERS or (self.d_model // self.n_head) % 2 == 0,
             "model.d_model",
-            f"/ model.n_head must be even for rotary positions, got {self.d_model // self.n_head}",
+            f"/ model.n_head must be even for the rotary positions of {self.decoder!r}, "
+            f"got {self.d_model // self.n_head}",
+        )
+        _check(
+            self.decoder not in SINUSOID_DECODERS or self.d_model % 2 == 0,
+            "model.d_model",
+            f"must be even for the sinusoidal relative positions of {self.decoder!r}, got {self.d_model}",
         )
         _check(0.0 <= self.dropout < 1.0, "model.dropout", f"must be in [0, 1), got {self.dropout}")
         _check(self.norm_eps > 0, "model.norm_eps", f"must be > 0, got {self.norm_eps}")

@@ -10,6 +10,7 @@ import torch
 
 from longctx.config import (
     DEFAULT_PRESET,
+    AFTConfig,
     Config,
     ModelConfig,
     TrainConfig,
@@ -186,8 +187,29 @@ def test_dataclasses_validate_directly() -> None:
     with pytest.raises(ConfigError):
         TrainConfig(seq_len=0)
     with pytest.raises(ConfigError):
-        ModelConfig(d_model=32, n_head=32)  # head width 1 is odd: no rotary pairs
+        ModelConfig(decoder="transformer", d_model=32, n_head=32)  # head width 1 is odd: no rotary pairs
     assert TrainConfig(batch_size=8, micro_batch_size=2).micro_batch_size == 2
+
+
+def test_position_rules_apply_to_the_decoders_that_need_them() -> None:
+    """Even head widths for rotary positions, an even d_model for sinusoidal tables; AFT has neither."""
+    for decoder in ("transformer", "perceiver_ar", "combiner"):
+        with pytest.raises(ConfigError, match="must be even for the rotary positions"):
+            ModelConfig(decoder=decoder, d_model=36, n_head=12)  # head width 3
+    for decoder in ("xl", "infinite"):
+        with pytest.raises(ConfigError, match="must be even for the sinusoidal relative positions"):
+            ModelConfig(decoder=decoder, d_model=33, n_head=3)
+        assert ModelConfig(decoder=decoder, d_model=36, n_head=12).head_dim == 3  # no per-head rule
+    odd = [
+        ModelConfig(decoder="xl", d_model=36, n_head=12, vocab_size=61),
+        ModelConfig(decoder="infinite", d_model=36, n_head=12, vocab_size=61),
+        ModelConfig(decoder="aft", d_model=33, n_head=3, vocab_size=61, aft=AFTConfig(heads=3)),
+    ]
+    for cfg in odd:  # and such models run
+        model = build_model(cfg).eval()
+        with torch.no_grad():
+            out = model(torch.randint(0, 61, (1, 9)), model.init_state(1))
+        assert torch.isfinite(out.logits).all()
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -172,7 +172,7 @@ class AFTMixer(nn.Module):
         return self.dropout(self.out_proj(y.to(x.dtype))), memory
 
 
-class AFTDecoder(Decoder):
+class AFTDecoder(Decoder[AFTState]):
     """AFT-simple/local/conv/full, far past uniform or decayed; state = far sums + terms of the last ``s - 1`` tokens
     + running key maximum."""
 
@@ -193,7 +193,7 @@ class AFTDecoder(Decoder):
             position=torch.zeros(batch_size, dtype=torch.int64, device=device),
         )
 
-    def forward(self, x: Tensor, state: AFTState) -> DecoderOutput:  # type: ignore[override]
+    def forward(self, x: Tensor, state: AFTState) -> DecoderOutput[AFTState]:
         T = x.shape[1]
         started = state.position > 0  # (B,) ref is meaningful
         x = x.transpose(0, 1).contiguous()  # (T, B, D): time-major, so that one head's terms are a (T, B*C) matrix

@@ -17,7 +17,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -107,23 +107,26 @@ def join(cache: Tensor, new: Tensor, dim: int, out: Tensor | None = None) -> Ten
     return torch.cat([cache, new], dim=dim, out=out).to(new.dtype)  # no copy when the dtypes agree
 
 
+StateT = TypeVar("StateT", bound=State)  # a decoder's own state type
+
+
 @dataclass(frozen=True)
-class DecoderOutput:
+class DecoderOutput(Generic[StateT]):
     hidden: Tensor  # (B, T, D)
-    state: State  # the next state
+    state: StateT  # the next state
     aux_loss: Tensor  # scalar; zeros(()) when unused
     stats: dict[str, float]  # e.g. mean span per layer
 
 
-class Decoder(nn.Module, abc.ABC):
+class Decoder(nn.Module, abc.ABC, Generic[StateT]):
     """Interface every decoder implements. Constructors take the :class:`~longctx.config.ModelConfig` only."""
 
     @abc.abstractmethod
-    def init_state(self, batch_size: int, device: torch.device | str | None, dtype: torch.dtype) -> State:
+    def init_state(self, batch_size: int, device: torch.device | str | None, dtype: torch.dtype) -> StateT:
         """The empty memory for ``batch_size`` independent streams."""
 
     @abc.abstractmethod
-    def forward(self, x: Tensor, state: State) -> DecoderOutput:  # x (B, T, D); never mutates `state`
+    def forward(self, x: Tensor, state: StateT) -> DecoderOutput[StateT]:  # x (B, T, D); never mutates `state`
         """Read ``x`` after the memory in ``state``; return the hidden states and the next state."""
 
     def after_optimizer_step(self) -> None:

@@ -392,7 +392,7 @@ class CombinerAttention(nn.Module):
         return self.dropout(self.out_proj(y)), memory
 
 
-class CombinerDecoder(Decoder):
+class CombinerDecoder(Decoder[CombinerState]):
     """Causal Combiner-Fixed; state = the unfinished segment + the last ``max_summaries`` segment summaries."""
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -431,7 +431,7 @@ class CombinerDecoder(Decoder):
             return token_layout(position, s, self.max_summaries, self.rotary, dtype)
         return segment_layout(position, n_tokens, s, self.max_summaries, self.rotary, dtype)
 
-    def forward(self, x: Tensor, state: CombinerState) -> DecoderOutput:  # type: ignore[override]
+    def forward(self, x: Tensor, state: CombinerState) -> DecoderOutput[CombinerState]:
         T = x.shape[1]
         if T == 0:
             return DecoderOutput(hidden=x, state=state, aux_loss=x.new_zeros(()), stats={})

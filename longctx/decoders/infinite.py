@@ -347,7 +347,7 @@ class InfiniteAttention(RelativeProjections):
 # decoder
 
 
-class InfiniteDecoder(Decoder):
+class InfiniteDecoder(Decoder[InfiniteState]):
     """∞-former: exact relative attention over the last ``mem_len .. mem_len + ltm_block - 1`` tokens plus
     continuous attention over an unbounded long-term memory refitted every ``ltm_block`` tokens."""
 
@@ -383,7 +383,7 @@ class InfiniteDecoder(Decoder):
             position=torch.zeros(batch_size, dtype=torch.int64, device=device),
         )
 
-    def forward(self, x: Tensor, state: InfiniteState) -> DecoderOutput:  # type: ignore[override]
+    def forward(self, x: Tensor, state: InfiniteState) -> DecoderOutput[InfiniteState]:
         B, T, _ = x.shape
         C = self.cache_len
         sched = make_schedule(state.position.tolist(), T, self.inf.mem_len, self.inf.ltm_block, x.device)

@@ -173,7 +173,7 @@ def attention_blocks(n_queries: int, n_cache: int, window: int, length: Tensor, 
     return kernel_blocks(kernel, n_queries, n_cache, window, cache_valid)
 
 
-class PerceiverARDecoder(Decoder):
+class PerceiverARDecoder(Decoder[PerceiverARState]):
     """Causal cross-attention over ``context`` inputs, then ``n_layer - 1`` latent layers over ``latents`` latents."""
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -200,7 +200,7 @@ class PerceiverARDecoder(Decoder):
             position=zeros_long.clone(),
         )
 
-    def forward(self, x: Tensor, state: PerceiverARState) -> DecoderOutput:  # type: ignore[override]
+    def forward(self, x: Tensor, state: PerceiverARState) -> DecoderOutput[PerceiverARState]:
         B, T, _ = x.shape
         Mc, Ms = self.cross_cache_len, self.latent_cache_len
         positions = state.position[:, None] + torch.arange(T, device=x.device)  # (B, T)

@@ -96,7 +96,7 @@ class WindowAttention(nn.Module):
         return self.dropout(self.out_proj(y)), keys, values
 
 
-class TransformerDecoder(Decoder):
+class TransformerDecoder(Decoder[TransformerState]):
     """Sliding-window attention baseline; state = K/V of the last ``window - 1`` tokens per layer."""
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -118,7 +118,7 @@ class TransformerDecoder(Decoder):
             position=zeros_long.clone(),
         )
 
-    def forward(self, x: Tensor, state: TransformerState) -> DecoderOutput:  # type: ignore[override]
+    def forward(self, x: Tensor, state: TransformerState) -> DecoderOutput[TransformerState]:
         B, T, _ = x.shape
         M = self.cache_len
         positions = state.position[:, None] + torch.arange(T, device=x.device)  # (B, T)

@@ -152,7 +152,7 @@ def _last_slots(seq: Tensor, n: int) -> Tensor:
     return seq[:, :, S - n :] if S >= n else F.pad(seq, (0, 0, n - S, 0))
 
 
-class XLDecoder(Decoder):
+class XLDecoder(Decoder[XLState]):
     """Transformer-XL relative attention with a per-query window of ``mem_len``; optional adaptive/dynamic span."""
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -221,7 +221,7 @@ class XLDecoder(Decoder):
             position=torch.zeros(batch_size, dtype=torch.int64, device=device),
         )
 
-    def forward(self, x: Tensor, state: XLState) -> DecoderOutput:  # type: ignore[override]
+    def forward(self, x: Tensor, state: XLState) -> DecoderOutput[XLState]:
         B, T, _ = x.shape
         slots = state.capacity[0].tolist() if B else self.state_slots(not self.training)
         starts = [sum(slots[:i]) for i in range(len(slots) + 1)]
