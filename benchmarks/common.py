@@ -6,7 +6,12 @@
 * :func:`write_report`: the JSON report on stdout and in a file;
 * :func:`parse_list`: comma lists of flags;
 * :func:`budget_overrides`, :func:`train_preset`: every preset trained alike, resumable run folders;
-* ``TINY_MODEL_OVERRIDES``: the tiny models of ``--smoke``.
+* ``TINY_MODEL_OVERRIDES``: the tiny models of ``--smoke``;
+* :func:`log`: progress on stderr (stdout holds only the JSON report);
+* the machine (:func:`cpu_model`, :func:`cpu_flags`, :func:`load_average`, :func:`matmul_peak`) and the model-FLOP
+  count (:func:`model_flops`, formula in ``train_speed.py``);
+* :class:`TrainRun`, :class:`XTransformersRun`: one model's timed training steps, run interleaved with others
+  (``speed.py``, ``xl_speed.py``).
 
 Not a script: import it from a sibling script (``sys.path`` holds the script's folder when it runs).
 """
@@ -21,7 +26,9 @@ import logging
 import math
 import os
 import platform
+import statistics
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +37,8 @@ import torch
 from longctx.checkpoint import find_checkpoints, read_config
 from longctx.config import Config, ModelConfig
 from longctx.decoders import DECODERS
-from longctx.train import RunOptions, train
+from longctx.model import LongContextLM, build_model
+from longctx.train import RunOptions, make_optimizer, train
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -149,25 +157,16 @@ def setup_logging() -> None:
 
 def machine_info(threads: int) -> dict[str, Any]:
     """CPU, software versions, threads, load average: a load above the core count means timings of a busy machine."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
-    except OSError:
-        pass
-    try:
-        load = [round(x, 2) for x in os.getloadavg()]
-    except (AttributeError, OSError):
-        load = None
     return {
-        "cpu_model": cpu,
+        "cpu_model": cpu_model(),
+        "cpu_flags": cpu_flags(),
         "cpu_count": os.cpu_count(),
         "platform": platform.platform(),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "threads": threads,
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "load_average": load,
+        "load_average": load_average(),
     }
 
 
@@ -182,3 +181,175 @@ def write_report(report: dict[str, Any], output: Path) -> None:
     output.write_text(text + "\n", encoding="utf-8")
     print(text)
     log(f"wrote {output}")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# the machine: CPU, load, matmul peak
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_flags() -> list[str]:
+    """The bf16/AVX-512/AMX flags of the CPU (Linux only; empty elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = line.split(":", 1)[1].split()
+                    return sorted(f for f in flags if f.startswith(("avx512_bf16", "avx512f", "amx", "avx2")))
+    except OSError:
+        pass
+    return []
+
+
+def load_average() -> list[float] | None:
+    """1/5/15-minute load averages (None where the OS has none): a load above the core count means a shared,
+    busy machine and unreliable timings."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the kernels queued on ``device`` (CUDA runs them asynchronously) before reading a clock."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_peak(
+    dtype: torch.dtype, size: int, repeats: int, device: torch.device = torch.device("cpu")
+) -> dict[str, Any]:
+    """Median FLOP/s of a square ``size`` x ``size`` matmul in ``dtype`` on ``device`` (2 * size^3 FLOPs each)."""
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(size, size, generator=gen).to(device, dtype)
+    b = torch.randn(size, size, generator=gen).to(device, dtype)
+    out = torch.empty(size, size, dtype=dtype, device=device)
+    for _ in range(2):  # warm up the kernel selection and the caches
+        torch.mm(a, b, out=out)
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        t0 = time.perf_counter()
+        torch.mm(a, b, out=out)
+        synchronize(device)
+        times.append(time.perf_counter() - t0)
+    flops = 2.0 * size**3
+    median = statistics.median(times)
+    return {
+        "size": size,
+        "dtype": str(dtype).removeprefix("torch."),
+        "repeats": repeats,
+        "times_s": [round(t, 6) for t in times],
+        "median_s": median,
+        "flops_per_s": flops / median,
+        "best_flops_per_s": flops / min(times),
+    }
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# model FLOPs (the formula is in train_speed.py's docstring)
+
+
+def attended_keys(cfg: Config) -> int:
+    """Keys a query attends to in steady state (``Decoder.attended_keys``); 0 for decoders without attention."""
+    return DECODERS[cfg.model.decoder].attended_keys(cfg.model)
+
+
+def model_flops(cfg: Config, model: torch.nn.Module) -> dict[str, Any]:
+    embed = model.embed.weight  # type: ignore[union-attr]
+    params = list({id(p): p for p in model.parameters()}.values())  # the tied head counts once
+    n_total = sum(p.numel() for p in params)
+    n_non_embedding = sum(p.numel() for p in params if p is not embed)
+    m = cfg.model
+    keys = attended_keys(cfg)
+    dense = 6 * n_non_embedding
+    head = 6 * m.d_model * m.vocab_size
+    attention = 6 * m.n_layer * m.d_model * keys * 2
+    return {
+        "formula": "6*N_non_embedding + 6*d_model*vocab_size (tied head) + 12*n_layer*d_model*K (K = attended keys)",
+        "n_params": n_total,
+        "n_params_non_embedding": n_non_embedding,
+        "attended_keys_per_query": keys,
+        "dense_flops_per_token": dense,
+        "head_flops_per_token": head,
+        "attention_flops_per_token": attention,
+        "flops_per_token": dense + head + attention,
+    }
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# interleaved training steps (speed.py, xl_speed.py)
+
+
+class TrainRun:
+    """One model, optimizer, carried state and fixed random data; :meth:`step` runs and times one training step."""
+
+    def __init__(self, config: Config, precision: str, seed: int) -> None:
+        torch.manual_seed(seed)
+        self.model = self.build(config)
+        self.optimizer = make_optimizer(self.model, config.train)  # type: ignore[arg-type]
+        self.batch, self.seq_len = config.train.batch_size, config.train.seq_len
+        gen = torch.Generator().manual_seed(seed)
+        self.data = torch.randint(0, config.model.vocab_size, (self.batch, self.seq_len + 1), generator=gen)
+        self.bf16 = precision == "bf16"
+        self.times: list[float] = []
+
+    def build(self, config: Config) -> torch.nn.Module:
+        model = build_model(config.model).train()
+        self.state = model.init_state(config.train.batch_size)
+        return model
+
+    def loss(self) -> torch.Tensor:
+        """Forward with the carried state; keeps the next (detached) state."""
+        out = self.model(self.data[:, :-1], self.state, self.data[:, 1:])
+        self.state = out.state.detach()
+        return out.loss + out.aux_loss
+
+    def step(self, timed: bool) -> None:
+        t0 = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+            loss = self.loss()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.optimizer.step()
+        if isinstance(self.model, LongContextLM):
+            self.model.decoder.after_optimizer_step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if timed:
+            self.times.append(time.perf_counter() - t0)
+
+    def tokens_per_s(self) -> float:
+        return self.batch * self.seq_len / statistics.median(self.times)
+
+
+class XTransformersRun(TrainRun):
+    """The reference of the issue: x-transformers' Transformer-XL recurrence (``TransformerWrapper`` with
+    ``max_mem_len`` and ``return_mems``, relative position bias) at the size of ``config``, memory = ``mem_len``."""
+
+    def build(self, config: Config) -> torch.nn.Module:
+        from x_transformers import Decoder, TransformerWrapper  # optional: pip install x-transformers
+
+        m = config.model
+        self.mems = None
+        return TransformerWrapper(
+            num_tokens=m.vocab_size,
+            max_seq_len=config.train.seq_len,
+            max_mem_len=m.xl.mem_len,
+            attn_layers=Decoder(
+                dim=m.d_model, depth=m.n_layer, heads=m.n_head, ff_mult=m.d_ff // m.d_model, rel_pos_bias=True
+            ),
+        ).train()
+
+    def loss(self) -> torch.Tensor:
+        logits, self.mems = self.model(self.data[:, :-1], mems=self.mems, return_mems=True)  # mems: detached
+        return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), self.data[:, 1:].flatten())

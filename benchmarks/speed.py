@@ -59,8 +59,15 @@ from longctx.errors import LongctxError
 from longctx.model import build_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import train_speed  # noqa: E402  (machine facts, matmul peak and the model-FLOP formula)
-import xl_speed  # noqa: E402  (the interleaved training step and the x-transformers reference)
+from common import (  # noqa: E402  (machine facts, matmul peak, the model-FLOP formula, interleaved training steps)
+    TrainRun,
+    XTransformersRun,
+    cpu_model,
+    load_average,
+    log,
+    matmul_peak,
+    model_flops,
+)
 
 HERE = Path(__file__).resolve().parent
 PARTS = ("train", "infer", "rss")
@@ -75,10 +82,6 @@ SMOKE = {
 SMOKE_PRESETS = "transformer-small,infinite-small,aft-local-small"
 
 
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
 def preset_config(preset: str, args: argparse.Namespace) -> Config:
     """The preset with ``--smoke``'s tiny sizes and then ``--set``'s overrides applied."""
     return load_config(preset, overrides_for(preset, (SMOKE if args.smoke else {}) | args.overrides))
@@ -88,7 +91,7 @@ def preset_config(preset: str, args: argparse.Namespace) -> Config:
 # training
 
 
-class PerceiverARPytorchRun(xl_speed.TrainRun):
+class PerceiverARPytorchRun(TrainRun):
     """The peer of the ``perceiver_ar`` issue: perceiver-ar-pytorch's ``PerceiverAR`` at the size of ``config``
     (``perceiver-ar-small``): one cross-attention over a prefix of ``context`` tokens, ``n_layer - 1`` causal
     self-attention layers over ``seq_len`` latents, same width, heads and FFN. A step trains ``batch x seq_len``
@@ -121,15 +124,14 @@ class PerceiverARPytorchRun(xl_speed.TrainRun):
 def measure_training(presets: list[str], args: argparse.Namespace) -> dict[str, Any]:
     """Tokens/s and MFU of every preset (and the optional reference) per precision, interleaved step by step."""
     peaks = {
-        p: train_speed.matmul_peak(torch.float32 if p == "fp32" else torch.bfloat16, args.peak_size, 5)
-        for p in args.precisions
+        p: matmul_peak(torch.float32 if p == "fp32" else torch.bfloat16, args.peak_size, 5) for p in args.precisions
     }
     out: dict[str, Any] = {"matmul_peak_flops_per_s": {p: v["flops_per_s"] for p, v in peaks.items()}, "runs": {}}
     for precision in args.precisions:
         configs = {p: preset_config(p, args) for p in presets}
-        runs: dict[str, xl_speed.TrainRun] = {p: xl_speed.TrainRun(c, precision, args.seed) for p, c in configs.items()}
+        runs: dict[str, TrainRun] = {p: TrainRun(c, precision, args.seed) for p, c in configs.items()}
         if args.xtransformers:
-            runs["x-transformers-xl"] = xl_speed.XTransformersRun(preset_config("xl-small", args), precision, args.seed)
+            runs["x-transformers-xl"] = XTransformersRun(preset_config("xl-small", args), precision, args.seed)
         if args.perceiver_ar_pytorch and precision == "fp32":  # its masks overflow bf16 (the issue's figure: fp32)
             runs["perceiver-ar-pytorch"] = PerceiverARPytorchRun(
                 preset_config("perceiver-ar-small", args), precision, args.seed
@@ -140,7 +142,7 @@ def measure_training(presets: list[str], args: argparse.Namespace) -> dict[str, 
         for name, run in runs.items():
             row: dict[str, Any] = {"tokens_per_s": run.tokens_per_s(), "step_times_s": [round(t, 4) for t in run.times]}
             if name in configs:
-                flops = train_speed.model_flops(configs[name], run.model)["flops_per_token"]
+                flops = model_flops(configs[name], run.model)["flops_per_token"]
                 row |= {"flops_per_token": flops, "mfu": flops * row["tokens_per_s"] / peaks[precision]["flops_per_s"]}
             out["runs"].setdefault(name, {})[precision] = row
             mfu = f", MFU {row['mfu']:.2f}" if "mfu" in row else ""
@@ -351,9 +353,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "smoke": args.smoke,
         "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "torch": torch.__version__,
-        "cpu": train_speed.cpu_model(),
+        "cpu": cpu_model(),
         "threads": args.threads,
-        "load_average_start": train_speed.load_average(),
+        "load_average_start": load_average(),
         "presets": presets,
         "parts": args.parts,
         "overrides": args.overrides,
@@ -383,7 +385,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         "rss_growth": rows[-1]["peak_rss_bytes"] / rows[0]["peak_rss_bytes"],
                         "eval_tokens_per_s": rows[-1]["tokens_per_s"],
                     }
-    report["load_average_end"] = train_speed.load_average()
+    report["load_average_end"] = load_average()
     text = json.dumps(report, indent=2)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(text + "\n")

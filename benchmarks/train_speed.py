@@ -83,9 +83,19 @@ from typing import Any
 import torch
 
 from longctx.config import Config, load_config, overrides_for, parse_set_args
-from longctx.decoders import DECODERS
 from longctx.model import build_model
 from longctx.train import resolve_device
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (  # noqa: E402  (shared with the other benchmark scripts)
+    cpu_flags,
+    cpu_model,
+    load_average,
+    log,
+    matmul_peak,
+    model_flops,
+    synchronize,
+)
 
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "train_speed.json"
 SMOKE_OUTPUT = Path(__file__).resolve().parent / "results" / "train_speed_smoke.json"
@@ -100,112 +110,12 @@ SMOKE_OVERRIDES = {
 }
 
 
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
 # --------------------------------------------------------------------------------------------------------------------
 # machine
 
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def cpu_flags() -> list[str]:
-    """The bf16/AVX-512/AMX flags of the CPU (Linux only; empty elsewhere)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = line.split(":", 1)[1].split()
-                    return sorted(f for f in flags if f.startswith(("avx512_bf16", "avx512f", "amx", "avx2")))
-    except OSError:
-        pass
-    return []
-
-
-def load_average() -> list[float] | None:
-    """1/5/15-minute load averages (None where the OS has none): a load above the core count means a shared,
-    busy machine and unreliable timings."""
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except (AttributeError, OSError):
-        return None
-
-
-def synchronize(device: torch.device) -> None:
-    """Wait for the kernels queued on ``device`` (CUDA runs them asynchronously) before reading a clock."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def matmul_peak(
-    dtype: torch.dtype, size: int, repeats: int, device: torch.device = torch.device("cpu")
-) -> dict[str, Any]:
-    """Median FLOP/s of a square ``size`` x ``size`` matmul in ``dtype`` on ``device`` (2 * size^3 FLOPs each)."""
-    gen = torch.Generator().manual_seed(0)
-    a = torch.randn(size, size, generator=gen).to(device, dtype)
-    b = torch.randn(size, size, generator=gen).to(device, dtype)
-    out = torch.empty(size, size, dtype=dtype, device=device)
-    for _ in range(2):  # warm up the kernel selection and the caches
-        torch.mm(a, b, out=out)
-    times = []
-    for _ in range(repeats):
-        synchronize(device)
-        t0 = time.perf_counter()
-        torch.mm(a, b, out=out)
-        synchronize(device)
-        times.append(time.perf_counter() - t0)
-    flops = 2.0 * size**3
-    median = statistics.median(times)
-    return {
-        "size": size,
-        "dtype": str(dtype).removeprefix("torch."),
-        "repeats": repeats,
-        "times_s": [round(t, 6) for t in times],
-        "median_s": median,
-        "flops_per_s": flops / median,
-        "best_flops_per_s": flops / min(times),
-    }
-
-
 # --------------------------------------------------------------------------------------------------------------------
 # model FLOPs
-
-
-def attended_keys(cfg: Config) -> int:
-    """Keys a query attends to in steady state (``Decoder.attended_keys``); 0 for decoders without attention."""
-    return DECODERS[cfg.model.decoder].attended_keys(cfg.model)
-
-
-def model_flops(cfg: Config, model: torch.nn.Module) -> dict[str, Any]:
-    embed = model.embed.weight  # type: ignore[union-attr]
-    params = list({id(p): p for p in model.parameters()}.values())  # the tied head counts once
-    n_total = sum(p.numel() for p in params)
-    n_non_embedding = sum(p.numel() for p in params if p is not embed)
-    m = cfg.model
-    keys = attended_keys(cfg)
-    dense = 6 * n_non_embedding
-    head = 6 * m.d_model * m.vocab_size
-    attention = 6 * m.n_layer * m.d_model * keys * 2
-    return {
-        "formula": "6*N_non_embedding + 6*d_model*vocab_size (tied head) + 12*n_layer*d_model*K (K = attended keys)",
-        "n_params": n_total,
-        "n_params_non_embedding": n_non_embedding,
-        "attended_keys_per_query": keys,
-        "dense_flops_per_token": dense,
-        "head_flops_per_token": head,
-        "attention_flops_per_token": attention,
-        "flops_per_token": dense + head + attention,
-    }
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -39,7 +39,9 @@ import torch
 from longctx.config import Config, load_config, overrides_for
 from longctx.decoders.xl import XLDecoder
 from longctx.model import LongContextLM, build_model
-from longctx.train import make_optimizer
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import TrainRun, XTransformersRun, log  # noqa: E402  (shared with speed.py)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SMOKE = {
@@ -57,10 +59,6 @@ SMOKE = {
 }
 
 
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
 def load(preset: str, smoke: bool) -> Config:
     return load_config(preset, overrides_for(preset, SMOKE) if smoke else None)
 
@@ -74,70 +72,6 @@ def set_span_ratio(model: LongContextLM, ratio: float) -> None:
 
 # --------------------------------------------------------------------------------------------------------------------
 # training
-
-
-class TrainRun:
-    """One model, optimizer, carried state and fixed random data; :meth:`step` runs and times one training step."""
-
-    def __init__(self, config: Config, precision: str, seed: int) -> None:
-        torch.manual_seed(seed)
-        self.model = self.build(config)
-        self.optimizer = make_optimizer(self.model, config.train)  # type: ignore[arg-type]
-        self.batch, self.seq_len = config.train.batch_size, config.train.seq_len
-        gen = torch.Generator().manual_seed(seed)
-        self.data = torch.randint(0, config.model.vocab_size, (self.batch, self.seq_len + 1), generator=gen)
-        self.bf16 = precision == "bf16"
-        self.times: list[float] = []
-
-    def build(self, config: Config) -> torch.nn.Module:
-        model = build_model(config.model).train()
-        self.state = model.init_state(config.train.batch_size)
-        return model
-
-    def loss(self) -> torch.Tensor:
-        """Forward with the carried state; keeps the next (detached) state."""
-        out = self.model(self.data[:, :-1], self.state, self.data[:, 1:])
-        self.state = out.state.detach()
-        return out.loss + out.aux_loss
-
-    def step(self, timed: bool) -> None:
-        t0 = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
-            loss = self.loss()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
-        self.optimizer.step()
-        if isinstance(self.model, LongContextLM):
-            self.model.decoder.after_optimizer_step()
-        self.optimizer.zero_grad(set_to_none=True)
-        if timed:
-            self.times.append(time.perf_counter() - t0)
-
-    def tokens_per_s(self) -> float:
-        return self.batch * self.seq_len / statistics.median(self.times)
-
-
-class XTransformersRun(TrainRun):
-    """The reference of the issue: x-transformers' Transformer-XL recurrence (``TransformerWrapper`` with
-    ``max_mem_len`` and ``return_mems``, relative position bias) at the size of ``config``, memory = ``mem_len``."""
-
-    def build(self, config: Config) -> torch.nn.Module:
-        from x_transformers import Decoder, TransformerWrapper  # optional: pip install x-transformers
-
-        m = config.model
-        self.mems = None
-        return TransformerWrapper(
-            num_tokens=m.vocab_size,
-            max_seq_len=config.train.seq_len,
-            max_mem_len=m.xl.mem_len,
-            attn_layers=Decoder(
-                dim=m.d_model, depth=m.n_layer, heads=m.n_head, ff_mult=m.d_ff // m.d_model, rel_pos_bias=True
-            ),
-        ).train()
-
-    def loss(self) -> torch.Tensor:
-        logits, self.mems = self.model(self.data[:, :-1], mems=self.mems, return_mems=True)  # mems: detached
-        return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), self.data[:, 1:].flatten())
 
 
 def bench_train(presets: list[str], precisions: list[str], args: argparse.Namespace) -> list[dict[str, Any]]:
