@@ -23,7 +23,7 @@ import os
 import re
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from dataclasses import field as dataclass_field
 from pathlib import Path
 from typing import Any
@@ -99,12 +99,62 @@ MAX_RNG_BYTES = 1 << 20  # a CUDA generator state is a few kB
 
 
 @dataclass
-class TrainerState:
-    """What resuming needs beyond the weights. ``tensors`` are flat (safetensors); ``meta`` is JSON; ``folder`` is
-    the checkpoint it was read from (named in errors)."""
+class TrainerMeta:
+    """The JSON part of a trainer state (``trainer_state.json``): where the run stands."""
 
+    step: int  # optimizer steps taken
+    tokens_seen: int  # training tokens read, all ranks together
+    data_cursor: int  # the lanes' position in the token stream
+    elapsed_s: float  # seconds of the training loop so far
+    param_groups: list[dict[str, Any]]  # the optimizer's groups: parameter numbers and hyperparameters
+    longctx_version: str = ""
+    lanes: int | None = None  # train.batch_size of the run (older checkpoints: absent)
+    world_size: int = 1  # ranks that wrote it (their RNG states are restored only for the same world size)
+    val: dict[str, Any] | None = None  # the last validation result
+
+    @classmethod
+    def from_json(cls, meta: Any, where: str) -> TrainerMeta:
+        """Checked field by field: a damaged or foreign file gets one line naming the field (CheckpointError)."""
+        if not isinstance(meta, dict):
+            raise CheckpointError(f"{where}: expected a JSON object; the file is damaged")
+        for key in ("step", "tokens_seen", "data_cursor", "elapsed_s", "lanes", "world_size"):
+            if key in meta or key not in ("lanes", "world_size"):  # these two are optional
+                field(meta, key, float if key == "elapsed_s" else int, where, minimum=1 if key == "world_size" else 0)
+        if "val" in meta:
+            field(meta, "val", (dict, type(None)), where)
+        for i, group in enumerate(field(meta, "param_groups", list, where)):
+            group_where = f"{where}: param_groups[{i}]"
+            ids = field(group, "params", list, group_where)
+            if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in ids):
+                raise CheckpointError(f"{group_where}: params must be a list of parameter numbers; the file is damaged")
+            for key in ("lr", "eps", "weight_decay"):
+                field(group, key, float, group_where, minimum=0)
+            betas = field(group, "betas", list, group_where)
+            if len(betas) != 2 or not all(isinstance(b, float | int) and 0 <= b < 1 for b in betas):
+                raise CheckpointError(
+                    f"{group_where}: betas must be two numbers in [0, 1), got {betas!r:.40}; the file is damaged"
+                )
+        version = meta.get("longctx_version", "")
+        return cls(
+            step=int(meta["step"]),
+            tokens_seen=int(meta["tokens_seen"]),
+            data_cursor=int(meta["data_cursor"]),
+            elapsed_s=float(meta["elapsed_s"]),
+            param_groups=meta["param_groups"],
+            longctx_version=version if isinstance(version, str) else "",
+            lanes=int(meta["lanes"]) if "lanes" in meta else None,
+            world_size=int(meta.get("world_size", 1)),
+            val=meta.get("val"),
+        )
+
+
+@dataclass
+class TrainerState:
+    """What resuming needs beyond the weights. ``tensors`` are flat (safetensors); ``meta`` is the JSON part;
+    ``folder`` is the checkpoint it was read from (named in errors)."""
+
+    meta: TrainerMeta
     tensors: dict[str, Tensor] = dataclass_field(default_factory=dict)
-    meta: dict[str, Any] = dataclass_field(default_factory=dict)
     folder: Path | None = None
 
 
@@ -190,7 +240,7 @@ def _write_checkpoint_files(
     (folder / TOKENIZER_FILE).write_text(tokenizer.to_str(), encoding="utf-8")
     if trainer_state is not None:
         _save_tensors(folder / TRAINER_TENSORS, trainer_state.tensors, {"longctx_version": __version__})
-        _write_json(folder / TRAINER_META, trainer_state.meta)
+        _write_json(folder / TRAINER_META, asdict(trainer_state.meta))
     _fsync_dir(folder)
 
 
@@ -406,25 +456,7 @@ def load_trainer_state(path: Path) -> TrainerState:
             f"checkpoint {str(path)!r} has no trainer state (it holds weights only); "
             "continue from its weights with --init-from instead of --resume"
         )
-    meta = read_json(meta_file, "trainer state")
-    where = str(meta_file)
-    for key in ("step", "tokens_seen", "data_cursor", "elapsed_s", "lanes", "world_size"):
-        if key in meta or key not in ("lanes", "world_size"):  # these two are optional
-            field(meta, key, float if key == "elapsed_s" else int, where, minimum=1 if key == "world_size" else 0)
-    if "val" in meta:
-        field(meta, "val", (dict, type(None)), where)
-    for i, group in enumerate(field(meta, "param_groups", list, where)):
-        group_where = f"{where}: param_groups[{i}]"
-        ids = field(group, "params", list, group_where)
-        if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in ids):
-            raise CheckpointError(f"{group_where}: params must be a list of parameter numbers; the file is damaged")
-        for key in ("lr", "eps", "weight_decay"):
-            field(group, key, float, group_where, minimum=0)
-        betas = field(group, "betas", list, group_where)
-        if len(betas) != 2 or not all(isinstance(b, float | int) and 0 <= b < 1 for b in betas):
-            raise CheckpointError(
-                f"{group_where}: betas must be two numbers in [0, 1), got {betas!r:.40}; the file is damaged"
-            )
+    meta = TrainerMeta.from_json(read_json(meta_file, "trainer state"), str(meta_file))
     return TrainerState(meta=meta, folder=path)  # tensors: read by check_trainer_state, after their header
 
 
@@ -437,7 +469,7 @@ def check_trainer_state(saved: TrainerState, optimizer: torch.optim.Optimizer, t
     folder = saved.folder or Path(".")
     where = str(folder / TRAINER_TENSORS)
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    saved_groups = saved.meta["param_groups"]
+    saved_groups = saved.meta.param_groups
     if [len(g["params"]) for g in saved_groups] != [len(g["params"]) for g in optimizer.param_groups] or [
         i for g in saved_groups for i in g["params"]
     ] != list(range(len(params))):

@@ -15,7 +15,7 @@ import os
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
+import torch.distributed as torch_dist
 
 from longctx.decoders import State
 
@@ -43,56 +43,56 @@ def from_env() -> Dist:
     return Dist(rank=int(os.environ["RANK"]), world=world, local_rank=int(os.environ.get("LOCAL_RANK", "0")))
 
 
-def init(d: Dist, device: torch.device) -> None:
+def init(dist: Dist, device: torch.device) -> None:
     """Join the process group: nccl for CUDA devices, gloo otherwise."""
-    if d.enabled and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    if dist.enabled and not torch_dist.is_initialized():
+        torch_dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
 
 
-def shutdown(d: Dist) -> None:
-    if d.enabled and dist.is_initialized():
-        dist.destroy_process_group()
+def shutdown(dist: Dist) -> None:
+    if dist.enabled and torch_dist.is_initialized():
+        torch_dist.destroy_process_group()
 
 
-def barrier(d: Dist) -> None:
-    if d.enabled:
-        dist.barrier()
+def barrier(dist: Dist) -> None:
+    if dist.enabled:
+        torch_dist.barrier()
 
 
-def mean(d: Dist, value: float, device: torch.device) -> float:
+def mean(dist: Dist, value: float, device: torch.device) -> float:
     """The mean of ``value`` over ranks (float64)."""
-    if not d.enabled:
+    if not dist.enabled:
         return value
     t = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return t.item() / d.world
+    torch_dist.all_reduce(t)
+    return t.item() / dist.world
 
 
-def any_true(d: Dist, flags: list[bool], device: torch.device) -> list[bool]:
+def any_true(dist: Dist, flags: list[bool], device: torch.device) -> list[bool]:
     """Element-wise OR of boolean flags over ranks, so that every rank takes the same decision."""
-    if not d.enabled:
+    if not dist.enabled:
         return flags
     t = torch.tensor([float(f) for f in flags], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    torch_dist.all_reduce(t, op=torch_dist.ReduceOp.MAX)
     return [bool(v) for v in t.tolist()]
 
 
-def gather_state(d: Dist, state: State) -> State:
+def gather_state(dist: Dist, state: State) -> State:
     """The lane states of all ranks, in lane order (rank 0's lanes first). Every rank must call it."""
-    if not d.enabled:
+    if not dist.enabled:
         return state
     out = {}
     for name, t in state.tensors().items():
-        parts = [torch.empty_like(t) for _ in range(d.world)]
-        dist.all_gather(parts, t.contiguous())
+        parts = [torch.empty_like(t) for _ in range(dist.world)]
+        torch_dist.all_gather(parts, t.contiguous())
         out[name] = torch.cat(parts, dim=0)
     return type(state)(**out)
 
 
-def gather_tensor(d: Dist, t: torch.Tensor) -> list[torch.Tensor]:
+def gather_tensor(dist: Dist, t: torch.Tensor) -> list[torch.Tensor]:
     """``t`` of every rank (same shape on all ranks)."""
-    if not d.enabled:
+    if not dist.enabled:
         return [t]
-    parts = [torch.empty_like(t) for _ in range(d.world)]
-    dist.all_gather(parts, t.contiguous())
+    parts = [torch.empty_like(t) for _ in range(dist.world)]
+    torch_dist.all_gather(parts, t.contiguous())
     return parts

@@ -36,10 +36,10 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from longctx import __version__
-from longctx import distributed as distrib
+from longctx import __version__, distributed
 from longctx.checkpoint import (
     CONFIG_FILE,
+    TrainerMeta,
     TrainerState,
     check_trainer_state,
     check_weights_header,
@@ -445,7 +445,7 @@ def prepare_tokenizer(
     resume_from: Path | None,
     init_from: Path | None,
     out_dir: Path,
-    dd: Dist,
+    dist: Dist,
     train_docs: list[Document],
 ) -> Tokenizer:
     """The run's tokenizer: from the checkpoint, byte-level, or BPE trained by rank 0 and shared through the folder."""
@@ -455,7 +455,7 @@ def prepare_tokenizer(
     if config.data.tokenizer == "byte":
         return Tokenizer.byte_level()
     shared = out_dir / "tokenizer.json"
-    if dd.main:
+    if dist.main:
         log.info("training a BPE tokenizer (up to %d tokens) on %d documents", config.data.vocab_size, len(train_docs))
         tokenizer = Tokenizer.train_bpe(read_texts(train_docs), config.data.vocab_size)
         if tokenizer.vocab_size < config.data.vocab_size:
@@ -464,8 +464,8 @@ def prepare_tokenizer(
             )
         with writing(shared):
             tokenizer.save(str(shared))
-    distrib.barrier(dd)
-    return tokenizer if dd.main else Tokenizer.from_file(str(shared))
+    distributed.barrier(dist)
+    return tokenizer if dist.main else Tokenizer.from_file(str(shared))
 
 
 def prepare_data(
@@ -586,18 +586,18 @@ class Trainer:
         val_tokens: np.ndarray,
         device: torch.device,
         run: RunOptions,
-        dd: Dist,
+        dist: Dist,
     ) -> None:
         self.config, self.cfg = config, config.train
-        self.model, self.tokenizer, self.device, self.run, self.dist = model, tokenizer, device, run, dd
+        self.model, self.tokenizer, self.device, self.run, self.dist = model, tokenizer, device, run, dist
         self.val_tokens = val_tokens
         self.lanes = Lanes(train_tokens, self.cfg.batch_size, self.cfg.seq_len)
-        per_rank = self.cfg.batch_size // dd.world
+        per_rank = self.cfg.batch_size // dist.world
         self.micro = self.cfg.micro_batch_size or per_rank  # lanes per forward/backward
         self.accum = per_rank // self.micro  # micro-batches per rank and step
-        self.first_lane = dd.rank * per_rank
+        self.first_lane = dist.rank * per_rank
         net = torch.compile(model) if self.cfg.compile else model  # checkpoints always save `model` itself
-        self.net = DistributedDataParallel(net) if dd.enabled else net
+        self.net = DistributedDataParallel(net) if dist.enabled else net
         self.optimizer = make_optimizer(model, self.cfg)
         self.step, self.tokens_seen, self.cursor, self.elapsed, self.bad_steps = 0, 0, 0, 0.0, 0
         self.states = [model.init_state(self.micro, device) for _ in range(self.accum)]
@@ -610,32 +610,36 @@ class Trainer:
     def trainer_state(self) -> TrainerState:
         """Optimizer, all lanes' states (gathered from every rank), RNG states; every rank must call it."""
         tensors, groups = optimizer_to_tensors(self.optimizer)
-        lanes = distrib.gather_state(self.dist, type(self.states[0]).concat(self.states))
+        lanes = distributed.gather_state(self.dist, type(self.states[0]).concat(self.states))
         tensors.update(lanes.to_tensors(prefix=STATE_PREFIX))
-        for rank, rng in enumerate(distrib.gather_tensor(self.dist, torch.get_rng_state())):
+        for rank, rng in enumerate(distributed.gather_tensor(self.dist, torch.get_rng_state())):
             tensors[f"rng.torch.{rank}"] = rng
         if self.device.type == "cuda":
             tensors["rng.cuda"] = torch.cuda.get_rng_state(self.device)
-        meta = {
-            "step": self.step,
-            "tokens_seen": self.tokens_seen,
-            "data_cursor": self.cursor,
-            "elapsed_s": self.elapsed,
-            "param_groups": groups,
-            "longctx_version": __version__,
-            "lanes": self.cfg.batch_size,
-            "world_size": self.dist.world,
-            "val": self.last_val,
-        }
-        return TrainerState(tensors=tensors, meta=meta)
+        meta = TrainerMeta(
+            step=self.step,
+            tokens_seen=self.tokens_seen,
+            data_cursor=self.cursor,
+            elapsed_s=self.elapsed,
+            param_groups=groups,
+            longctx_version=__version__,
+            lanes=self.cfg.batch_size,
+            world_size=self.dist.world,
+            val=self.last_val,
+        )
+        return TrainerState(meta=meta, tensors=tensors)
 
     def restore(self, saved: TrainerState) -> None:
         check_trainer_state(saved, self.optimizer, self.states[0], STATE_PREFIX)  # reads the tensors once checked
         meta, tensors = saved.meta, saved.tensors
-        optimizer_from_tensors(self.optimizer, tensors, meta["param_groups"])
-        self.step, self.tokens_seen = int(meta["step"]), int(meta["tokens_seen"])
-        self.cursor, self.elapsed = int(meta["data_cursor"]), float(meta["elapsed_s"])
-        self.last_val = meta.get("val")
+        optimizer_from_tensors(self.optimizer, tensors, meta.param_groups)
+        self.step, self.tokens_seen, self.cursor, self.elapsed = (
+            meta.step,
+            meta.tokens_seen,
+            meta.data_cursor,
+            meta.elapsed_s,
+        )
+        self.last_val = meta.val
         try:
             lanes = type(self.states[0]).from_tensors(tensors, prefix=STATE_PREFIX).to(self.device)
         except KeyError:
@@ -650,7 +654,7 @@ class Trainer:
             for i in range(self.accum)
         ]
         rng = tensors.get(f"rng.torch.{self.dist.rank}")
-        if rng is not None and int(meta.get("world_size", 1)) == self.dist.world:
+        if rng is not None and meta.world_size == self.dist.world:
             torch.set_rng_state(rng)
         else:  # another world size: the lanes are redistributed exactly, the random streams start anew
             torch.manual_seed(self.cfg.seed + self.dist.rank + self.step)
@@ -678,7 +682,7 @@ class Trainer:
             total += out.loss.item() / self.accum
             new_states.append(out.state.detach())
             stats = out.stats
-        return distrib.mean(self.dist, total, self.device), new_states, stats
+        return distributed.mean(self.dist, total, self.device), new_states, stats
 
     def train_step(self) -> tuple[float, float, dict[str, float]]:
         """One optimizer step over all lanes; returns (loss, grad norm, decoder stats). NaN loss = step skipped."""
@@ -753,7 +757,7 @@ class Trainer:
                 ) from None
             for old in find_checkpoints(self.run.out_dir)[: -self.cfg.keep_last]:
                 remove_checkpoint(old)  # a kill during the deletion leaves no partial step-* folder
-        distrib.barrier(self.dist)
+        distributed.barrier(self.dist)
         self.last_checkpoint = path
         if self.metrics is not None:
             self.metrics.last_checkpoint = path
@@ -763,7 +767,7 @@ class Trainer:
         """Validation on rank 0 (the others wait): the held-out stream is small and read once."""
         if len(self.val_tokens) and self.dist.main:
             self.last_val = validate(self.model, self.val_tokens, self.tokenizer, self.config, self.device)
-        distrib.barrier(self.dist)
+        distributed.barrier(self.dist)
         return self.last_val if self.dist.main else None
 
     def validate_and_log(self, metrics: MetricsLog | None) -> None:
@@ -829,7 +833,7 @@ class Trainer:
                 self.elapsed = elapsed0 + time.monotonic() - started
                 bar.update(1)
                 # every rank takes the same decision, whichever of them got the signal or ran out of time
-                signalled, out_of_time = distrib.any_true(
+                signalled, out_of_time = distributed.any_true(
                     self.dist,
                     [flag.signum is not None, bool(cfg.max_time and time.monotonic() - started >= cfg.max_time)],
                     self.device,
@@ -873,12 +877,12 @@ class Trainer:
 # entry point
 
 
-def check_world(config: Config, dd: Dist) -> None:
+def check_world(config: Config, dist: Dist) -> None:
     t = config.train
-    if t.batch_size % dd.world or (t.micro_batch_size and (t.batch_size // dd.world) % t.micro_batch_size):
+    if t.batch_size % dist.world or (t.micro_batch_size and (t.batch_size // dist.world) % t.micro_batch_size):
         raise ConfigError(
             f"train.batch_size ({t.batch_size}) must be a multiple of the number of processes "
-            f"({dd.world}) x train.micro_batch_size ({t.micro_batch_size or 1}); change --batch-size "
+            f"({dist.world}) x train.micro_batch_size ({t.micro_batch_size or 1}); change --batch-size "
             "or --micro-batch-size"
         )
 
@@ -896,22 +900,22 @@ def train(config: Config, run: RunOptions, overrides: dict[str, Any] | None = No
             "--resume and --init-from exclude each other: resume continues a run, init-from starts a "
             "new one from weights"
         )
-    dd = distrib.from_env()
+    dist = distributed.from_env()
     device = resolve_device(config.train.device)
-    if dd.enabled and device.type == "cuda":
-        device = torch.device("cuda", dd.local_rank)
+    if dist.enabled and device.type == "cuda":
+        device = torch.device("cuda", dist.local_rank)
         torch.cuda.set_device(device)
-    if not dd.main:
+    if not dist.main:
         log.setLevel(logging.ERROR)
-    distrib.init(dd, device)
+    distributed.init(dist, device)
     try:
-        with run_lock(run.out_dir) if dd.main else contextlib.nullcontext():
-            doomed = prepare_out_dir(run) if dd.main else []
-            distrib.barrier(dd)
-            result = _train(config, run, overrides or {}, device, dd, doomed)
+        with run_lock(run.out_dir) if dist.main else contextlib.nullcontext():
+            doomed = prepare_out_dir(run) if dist.main else []
+            distributed.barrier(dist)
+            result = _train(config, run, overrides or {}, device, dist, doomed)
     finally:
-        distrib.shutdown(dd)
-    if dd.main:
+        distributed.shutdown(dist)
+    if dist.main:
         summarize(result)
     return result
 
@@ -956,7 +960,7 @@ def _dotted(config: Config, key: str) -> Any:
 
 
 def _train(
-    config: Config, run: RunOptions, overrides: dict[str, Any], device: torch.device, dd: Dist, doomed: list[Path]
+    config: Config, run: RunOptions, overrides: dict[str, Any], device: torch.device, dist: Dist, doomed: list[Path]
 ) -> TrainResult:
     resume_from = resolve_resume(run)
     config = absolute_data_paths(config)  # a checkpoint evaluated from another folder still finds its held-out data
@@ -976,7 +980,7 @@ def _train(
                 f"resuming {resume_from}: the model and data come from the checkpoint, so "
                 f"{', '.join(ignored)} cannot change; start a new run with --init-from instead"
             )
-    check_world(config, dd)
+    check_world(config, dist)
     init_from = resolve_checkpoint(Path(run.init_from)) if run.init_from else None
     # the data exist and hold text: found once, before --overwrite deletes anything
     split = split_documents(discover(config.data.paths), config.data.val_docs)
@@ -987,22 +991,22 @@ def _train(
                 f"--init-from {init_from} lies in --out-dir {run.out_dir}, which --overwrite would "
                 "empty; copy the checkpoint elsewhere or pick another --out-dir"
             )
-    if dd.main:
+    if dist.main:
         clear_out_dir(doomed)
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
     torch.manual_seed(config.train.seed)  # the same initial weights on every rank
-    tokenizer = prepare_tokenizer(config, resume_from, init_from, run.out_dir, dd, split[0])
+    tokenizer = prepare_tokenizer(config, resume_from, init_from, run.out_dir, dist, split[0])
     if (tokenizer.vocab_size, tokenizer.sep_id) != (config.model.vocab_size, config.model.separator_id):
         config = dataclasses.replace(
             config,
             model=dataclasses.replace(config.model, vocab_size=tokenizer.vocab_size, separator_id=tokenizer.sep_id),
         )
-    if not dd.main:
-        distrib.barrier(dd)  # rank 0 builds the token caches first; the others then find them
+    if not dist.main:
+        distributed.barrier(dist)  # rank 0 builds the token caches first; the others then find them
     train_tokens, val_tokens = prepare_data(config, tokenizer, split)
-    if dd.main:
-        distrib.barrier(dd)
+    if dist.main:
+        distributed.barrier(dist)
     check_model_size(config.model, "the config", ConfigError)  # before anything is allocated
     for source in (init_from, resume_from):
         if source is not None:
@@ -1012,22 +1016,22 @@ def _train(
         if source is not None:
             load_weights(model, source / "model.safetensors")
     model.train()
-    trainer = Trainer(config, model, tokenizer, train_tokens, val_tokens, device, run, dd)
+    trainer = Trainer(config, model, tokenizer, train_tokens, val_tokens, device, run, dist)
     if resume_from is not None:
         trainer.restore(load_trainer_state(resume_from))
         if resume_from.resolve().parent == run.out_dir.resolve():
             trainer.last_checkpoint = resume_from  # already saved: a run with no step left writes nothing
         log.info("resumed from %s (step %d, %s tokens seen)", resume_from, trainer.step, f"{trainer.tokens_seen:,}")
     metrics = None
-    if dd.main:
+    if dist.main:
         with writing(run.out_dir / CONFIG_FILE, trainer.last_checkpoint):
             (run.out_dir / CONFIG_FILE).write_text(config.to_json())
-        announce(config, model, train_tokens, val_tokens, device, run, dd)
+        announce(config, model, train_tokens, val_tokens, device, run, dist)
         announce_validation(config, split[1], val_tokens)
         metrics = MetricsLog(run.out_dir / METRICS_FILE, trainer.step if resume_from else None, run.loggers)
         metrics.last_checkpoint = trainer.last_checkpoint
         trainer.metrics = metrics
-    progress = dd.main and (run.progress if run.progress is not None else sys.stderr.isatty())
+    progress = dist.main and (run.progress if run.progress is not None else sys.stderr.isatty())
     try:
         return trainer.loop(metrics, progress)
     finally:
@@ -1042,7 +1046,7 @@ def announce(
     val_tokens: np.ndarray,
     device: torch.device,
     run: RunOptions,
-    dd: Dist,
+    dist: Dist,
 ) -> None:
     t = config.train
     log.info(
@@ -1051,7 +1055,7 @@ def announce(
         f"{model.num_parameters():,}",
         f"{model.init_state(1, device).nbytes():,}",
     )
-    per_rank = t.batch_size // dd.world
+    per_rank = t.batch_size // dist.world
     log.info(
         "data: %s training tokens, %s validation tokens; %d lanes x %d tokens per step, gradient accumulation %d",
         f"{len(train_tokens):,}",
@@ -1060,7 +1064,7 @@ def announce(
         t.seq_len,
         per_rank // (t.micro_batch_size or per_rank),
     )
-    procs = f", {dd.world} processes" if dd.enabled else ""
+    procs = f", {dist.world} processes" if dist.enabled else ""
     log.info(
         "device %s%s, precision %s, %d threads, seed %d; writing to %s",
         device,
