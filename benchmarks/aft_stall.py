@@ -35,9 +35,10 @@ The diagnosis is of the AFT as it was before the decayed far past: every conditi
 paper's undecayed far sums, position parameters at the base learning rate, the memory carried across document
 separators), which the AFT presets replaced by the remedies this script pointed to.
 
-Both remedies are hooks of this script only (a subclass of the trainer, a patched bias function); ``longctx train``
-is unchanged. The report goes to stdout and ``--output`` (default ``benchmarks/results/aft_stall.json``), progress
-to stderr; run folders go to ``--out-dir`` (default ``benchmarks/results/aft-stall-runs``, overwritten).
+Both remedies are hooks of this script only (the trainer's ``before_step`` extension point, a patched bias
+function); ``longctx train`` is unchanged. The report goes to stdout and ``--output`` (default
+``benchmarks/results/aft_stall.json``), progress to stderr; run folders go to ``--out-dir`` (default
+``benchmarks/results/aft-stall-runs``, overwritten).
 """
 
 from __future__ import annotations
@@ -69,31 +70,26 @@ from longctx.tokenizer import Tokenizer  # noqa: E402
 OLD_FORM = {"model.aft.far": "uniform", "train.position_lr_scale": 1.0, "model.reset_at_separator": False}
 
 
-class ResetTrainer(train_module.Trainer):
-    """The trainer with every lane's state emptied before each step: sums over one segment only."""
-
-    def train_step(self) -> tuple[float, float, dict[str, float]]:
-        self.reset_states()
-        return super().train_step()
+def empty_states(trainer: train_module.Trainer) -> None:
+    """Before each step, every lane's state emptied: sums over one segment only (``RunOptions.before_step``)."""
+    trainer.reset_states()
 
 
 @contextlib.contextmanager
-def hooks(reset: bool, bias_rate: float) -> Iterator[None]:
-    """Install the remedies for one training (and for reading its biases back), then restore the originals."""
-    trainer, log_bias = train_module.Trainer, AFTMixer.log_bias
-    if reset:
-        train_module.Trainer = ResetTrainer
+def scaled_biases(bias_rate: float) -> Iterator[None]:
+    """AFT position biases ``b(δ) = R θ(δ)`` for one training (and for reading its biases back), then the original."""
+    log_bias = AFTMixer.log_bias
     if bias_rate != 1.0:
 
         def scaled(self: AFTMixer) -> torch.Tensor | None:
             b = log_bias(self)
-            return None if b is None else bias_rate * b  # (H, s): b(δ) = R θ(δ)
+            return None if b is None else bias_rate * b  # (H, s)
 
         AFTMixer.log_bias = scaled
     try:
         yield
     finally:
-        train_module.Trainer, AFTMixer.log_bias = trainer, log_bias
+        AFTMixer.log_bias = log_bias
 
 
 def max_bias(config: Config, checkpoint: Path) -> list[float] | None:
@@ -125,8 +121,11 @@ def run_condition(
     config = load_config(preset, overrides_for(preset, overrides))
     log(f"aft_stall: {name} ({preset}, {config.train.max_steps} steps)")
     started = time.monotonic()
-    with hooks(reset, bias_rate):
-        result = train_module.train(config, train_module.RunOptions(out_dir=out_dir, overwrite=True, progress=False))
+    run = train_module.RunOptions(
+        out_dir=out_dir, overwrite=True, progress=False, before_step=empty_states if reset else None
+    )
+    with scaled_biases(bias_rate):
+        result = train_module.train(config, run)
         biases = max_bias(config, result.last_checkpoint) if result.last_checkpoint else None
     records = [json.loads(line) for line in (out_dir / train_module.METRICS_FILE).read_text().splitlines()]
     losses = {r["step"]: r["loss"] for r in records if "loss" in r}

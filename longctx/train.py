@@ -82,6 +82,9 @@ class RunOptions:
     overwrite: bool = False
     progress: bool | None = None  # None = a bar when stderr is a terminal
     loggers: tuple[str, ...] = ()  # besides metrics.jsonl: "csv" (metrics.csv), "tensorboard" (tensorboard/)
+    # extension point for experiments: called with the Trainer before each optimizer step (e.g. to empty the lanes'
+    # states, as benchmarks/aft_stall.py does); None for `longctx train`
+    before_step: Callable[[Trainer], None] | None = None
 
 
 @dataclass
@@ -689,6 +692,8 @@ class Trainer:
         cfg, model = self.cfg, self.model
         if self.lanes.is_epoch_start(self.cursor) and self.cursor > 0:
             self.reset_states()
+        if self.run.before_step is not None:
+            self.run.before_step(self)
         lr = lr_at(self.step, cfg)
         for group in self.optimizer.param_groups:
             group["lr"] = group_lr(group, lr, cfg)

@@ -324,3 +324,21 @@ def test_csv_logger_mirrors_metrics_and_is_trimmed_on_resume(tmp_path):
         with pytest.raises(ConfigError, match="pip install tensorboard"):
             train(cfg, RunOptions(out_dir=tmp_path / "y", progress=False, loggers=("tensorboard",)))
         assert not (tmp_path / "y").exists() or not any((tmp_path / "y").iterdir())
+
+
+def test_before_step_is_called_before_every_step_and_can_change_the_run(tmp_path):
+    """``RunOptions.before_step`` (the extension point of experiments) runs once per step, before it; emptying the
+    lanes' states there changes the losses from the second step on (the memory is no longer carried)."""
+    cfg = load_config("transformer-small", tiny_overrides(tmp_path, **{"train.max_steps": 4}))
+    seen = []
+
+    def empty(trainer):
+        seen.append(trainer.step)
+        trainer.reset_states()
+
+    train(cfg, RunOptions(out_dir=tmp_path / "plain", progress=False))
+    train(cfg, RunOptions(out_dir=tmp_path / "reset", progress=False, before_step=empty))
+    assert seen == [0, 1, 2, 3]
+    plain, reset = losses(tmp_path / "plain"), losses(tmp_path / "reset")
+    assert plain[1] == reset[1]  # the first step starts from empty states either way
+    assert plain[4] != reset[4]
