@@ -65,6 +65,7 @@ from longctx.data import Lanes  # noqa: E402
 from longctx.decoders.aft import AFTMixer  # noqa: E402
 from longctx.errors import ConfigError  # noqa: E402
 from longctx.model import build_model  # noqa: E402
+from longctx.run_folder import METRICS_FILE  # noqa: E402
 from longctx.tokenizer import Tokenizer  # noqa: E402
 
 OLD_FORM = {"model.aft.far": "uniform", "train.position_lr_scale": 1.0, "model.reset_at_separator": False}
@@ -127,7 +128,7 @@ def run_condition(
     with scaled_biases(bias_rate):
         result = train_module.train(config, run)
         biases = max_bias(config, result.last_checkpoint) if result.last_checkpoint else None
-    records = [json.loads(line) for line in (out_dir / train_module.METRICS_FILE).read_text().splitlines()]
+    records = [json.loads(line) for line in (out_dir / METRICS_FILE).read_text().splitlines()]
     losses = {r["step"]: r["loss"] for r in records if "loss" in r}
     last = [losses[s] for s in sorted(losses)[-3:]]
     return {

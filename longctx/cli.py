@@ -546,7 +546,7 @@ def plot(
     output: Path = typer.Option(Path("loss.png"), "--output", "-o", help="The PNG to write."),
 ) -> None:
     """Draw the training and validation loss of one or several runs against tokens seen (matplotlib)."""
-    from longctx.train import METRICS_FILE
+    from longctx.run_folder import METRICS_FILE
 
     setup_logging()
     curves = []

@@ -20,8 +20,9 @@ from longctx.checkpoint import find_checkpoints, load_checkpoint
 from longctx.config import load_config
 from longctx.data import build_token_cache, discover
 from longctx.errors import LongctxError
+from longctx.run_folder import run_lock
 from longctx.tokenizer import Tokenizer
-from longctx.train import RunOptions, run_lock, train
+from longctx.train import RunOptions, train
 
 PACKAGE = Path(longctx.__file__).parent
 FORBIDDEN = re.compile(
@@ -111,7 +112,7 @@ def test_a_killed_process_does_not_leave_the_lock_stuck(tmp_path):
     holder = textwrap.dedent(f"""
         import sys, time
         from pathlib import Path
-        from longctx.train import run_lock
+        from longctx.run_folder import run_lock
         with run_lock(Path({str(tmp_path / "run")!r})):
             print("locked", flush=True)
             time.sleep(60)
@@ -318,7 +319,7 @@ def test_non_finite_weights_are_never_checkpointed(tmp_path, monkeypatch):
 def test_metrics_are_strict_json(tmp_path):
     import json
 
-    from longctx.train import MetricsLog
+    from longctx.run_folder import MetricsLog
 
     path = tmp_path / "metrics.jsonl"
     log = MetricsLog(path, None)
@@ -443,7 +444,7 @@ def test_a_full_disk_for_the_lock_metrics_and_token_cache_is_one_line(tmp_path, 
 def test_a_failed_metrics_write_is_one_line_and_keeps_the_checkpoints(tmp_path, monkeypatch):
     import errno
 
-    from longctx.train import MetricsLog
+    from longctx.run_folder import MetricsLog
 
     real = MetricsLog._write
 

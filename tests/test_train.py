@@ -299,7 +299,7 @@ def test_csv_logger_mirrors_metrics_and_is_trimmed_on_resume(tmp_path):
     import csv
 
     from longctx.errors import ConfigError
-    from longctx.train import CSV_COLUMNS
+    from longctx.run_folder import CSV_COLUMNS
 
     out = tmp_path / "run"
     extra = {"train.max_steps": 4, "train.save_interval": 2, "train.eval_interval": 2}
