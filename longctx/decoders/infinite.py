@@ -73,8 +73,10 @@ import torch
 from torch import Tensor, nn
 
 from longctx.config import ModelConfig
-from longctx.decoders.base import Decoder, DecoderOutput, State, grown_buffers, join
+from longctx.decoders.base import Decoder, DecoderOutput, State
+from longctx.layers.attention import BLOCK, band_attention
 from longctx.layers.block import PreNormBlock
+from longctx.layers.cache import grown_buffers, join
 from longctx.layers.continuous import (
     ContinuousAttention,
     ContinuousMemory,
@@ -83,7 +85,7 @@ from longctx.layers.continuous import (
     histogram_quantiles,
 )
 from longctx.layers.mlp import init_linear
-from longctx.layers.relative import BLOCK, RelativeProjections, band_attention, position_scores, sinusoid_table
+from longctx.layers.relative import RelativeProjections, position_scores, sinusoid_table
 
 
 @dataclass(frozen=True)

@@ -70,9 +70,9 @@ from torch.nn import functional as F
 
 from longctx.config import ModelConfig
 from longctx.decoders.base import Decoder, DecoderOutput, State
-from longctx.decoders.transformer import WindowAttention
 from longctx.layers import RotaryEmbedding, init_linear
-from longctx.layers.attention import Kernel, kernel_blocks, resolve_kernel, rotary_tables
+from longctx.layers.attention import WindowAttention, WindowPattern, rotary_tables
+from longctx.layers.block import PreNormBlock
 
 
 @dataclass(frozen=True)
@@ -146,33 +146,6 @@ class SquaredReLUMLP(nn.Module):
         return self.dropout(self.fc_out(squared_relu(self.fc_in(x))))
 
 
-class LatentBlock(nn.Module):
-    """Pre-norm windowed attention and squared-ReLU MLP (the layout of :class:`~longctx.layers.block.PreNormBlock`)."""
-
-    def __init__(self, cfg: ModelConfig) -> None:
-        super().__init__()
-        self.norm_mix = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
-        self.mix = WindowAttention(cfg)
-        self.norm_mlp = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
-        self.mlp = SquaredReLUMLP(cfg)
-
-    def forward(
-        self, x: Tensor, cache_k: Tensor, cache_v: Tensor, cos: Tensor, sin: Tensor, mask: list | Tensor
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """x (B, T, D) -> x' (B, T, D), keys and values over [cache ; segment] (B, H, M + T, Dh)."""
-        out, keys, values = self.mix(self.norm_mix(x), cache_k, cache_v, cos, sin, mask)
-        x = x + out  # the query residual
-        return x + self.mlp(self.norm_mlp(x)), keys, values
-
-
-def attention_blocks(n_queries: int, n_cache: int, window: int, length: Tensor, kernel: Kernel) -> list:
-    """The window pattern of :class:`WindowAttention` for a cache of ``n_cache`` slots whose newest ``length`` (B,)
-    are real, in the form ``kernel`` takes (:func:`~longctx.layers.attention.kernel_blocks`)."""
-    slots = torch.arange(n_cache, device=length.device)[None, :]  # (1, M)
-    cache_valid = slots >= (n_cache - length[:, None])  # (B, M)
-    return kernel_blocks(kernel, n_queries, n_cache, window, cache_valid)
-
-
 class PerceiverARDecoder(Decoder[PerceiverARState]):
     """Causal cross-attention over ``context`` inputs, then ``n_layer - 1`` latent layers over ``latents`` latents."""
 
@@ -183,8 +156,10 @@ class PerceiverARDecoder(Decoder[PerceiverARState]):
         self.context, self.latents = pcfg.context, pcfg.latents
         self.cross_cache_len, self.latent_cache_len = self.context - 1, self.latents - 1
         self.rotary = PartialRotary(cfg.head_dim, pcfg.rotary_fraction, pcfg.rope_base)
-        self.cross = LatentBlock(cfg)
-        self.blocks = nn.ModuleList(LatentBlock(cfg) for _ in range(cfg.n_layer - 1))
+        self.cross = PreNormBlock(cfg, WindowAttention(cfg), SquaredReLUMLP(cfg))
+        self.blocks = nn.ModuleList(
+            PreNormBlock(cfg, WindowAttention(cfg), SquaredReLUMLP(cfg)) for _ in range(cfg.n_layer - 1)
+        )
 
     def init_state(self, batch_size: int, device: torch.device | str | None, dtype: torch.dtype) -> PerceiverARState:
         cfg = self.cfg
@@ -208,9 +183,8 @@ class PerceiverARDecoder(Decoder[PerceiverARState]):
         if torch.is_autocast_enabled(x.device.type):  # cast once here rather than in every layer (same values)
             compute = torch.get_autocast_dtype(x.device.type)
             cos, sin = cos.to(compute), sin.to(compute)
-        kernel = resolve_kernel(self.cfg.attention_kernel, x.device)
-        cross_mask = attention_blocks(T, Mc, self.context, state.length, kernel)
-        latent_mask = attention_blocks(T, Ms, self.latents, state.length.clamp(max=Ms), kernel)
+        cross_mask = WindowPattern.of(T, self.context, state.length)
+        latent_mask = WindowPattern.of(T, self.latents, state.length.clamp(max=Ms))
 
         # cross-attention: the latent of each position over the inputs of its context window
         x, keys, values = self.cross(x, state.cross_keys, state.cross_values, cos, sin, cross_mask)

@@ -52,8 +52,9 @@ from torch.nn import functional as F
 from longctx.config import ModelConfig
 from longctx.decoders.base import Decoder, DecoderOutput, State
 from longctx.layers.adaptive_span import AdaptiveSpan, DynamicSpan, round_up, span_reach
+from longctx.layers.attention import BLOCK, band_attention
 from longctx.layers.block import PreNormBlock
-from longctx.layers.relative import BLOCK, RelativeProjections, band_attention, position_scores, sinusoid_table
+from longctx.layers.relative import RelativeProjections, position_scores, sinusoid_table
 
 WINDOW_MULTIPLE = 8  # a trimmed compute window is rounded up to this (fewer distinct shapes, aligned matmuls)
 

@@ -6,28 +6,38 @@ only. The angles are computed in float64 from absolute positions, so that a key 
 stored in a cache is exactly the key that a one-shot forward over the whole stream would compute, even after
 millions of tokens.
 
-Sliding-window attention on the CPU (:func:`banded_attention`): a dense kernel over ``[cache ; segment]`` would compute
-``T * (M + T)`` scores of which only ``T * window`` are inside the window. The queries are therefore cut into blocks
-of :data:`CPU_BLOCK` queries, and each block only looks at the ``block + window - 1`` keys its window can reach. The
-scores and the softmax are computed in float32 also under bf16 autocast (as PyTorch's own CPU kernels do), the
-products with the probabilities and the gradients of q, k, v run in the input precision.
+Band attention (:func:`band_attention`), the one sliding-window kernel of the package: a query at index ``W - 1 + t``
+of ``[W - 1 earlier keys ; T keys of the segment]`` sees the ``W`` keys ``t .. t + W - 1``. A dense kernel would
+compute ``T x (W - 1 + T)`` scores of which ``T x W`` are in a window; the queries are therefore cut into blocks of
+:data:`BLOCK`, each scored against the ``block + W - 1`` keys it can reach, and the band inside those scores is a
+strided view (:func:`_band_view`: row ``r`` starts ``r + 1`` elements further than row ``r - 1``), where a per-query,
+per-distance bias (the relative positions of ``xl`` and ``infinite``) and a validity mask are added. Scores and
+softmax are float32 also under bf16 autocast (as PyTorch's own CPU kernels do); the products with the values and the
+gradients of q, k, v run in the input precision; the backward is written out (no zero-filled slice gradients).
 
-Which kernel runs is an argument (``model.attention_kernel``, :func:`resolve_kernel`): ``banded`` (the blocks above)
-or ``sdpa`` (one block with a boolean mask through ``F.scaled_dot_product_attention``, the fused kernels of a GPU);
-``auto`` picks ``banded`` on the CPU and ``sdpa`` elsewhere. Both run on any device, so both are tested on the CPU.
+:class:`WindowAttention` (``transformer`` and ``perceiver_ar``) is rotary attention over such a window. Which kernel
+it runs is an argument (``model.attention_kernel``, :func:`resolve_kernel`): ``banded`` (the band kernel) or
+``sdpa`` (``F.scaled_dot_product_attention`` with the full boolean window mask, the fused kernels of a GPU); ``auto``
+picks ``banded`` on the CPU and ``sdpa`` elsewhere. Both run on any device, so both are tested on the CPU.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-CPU_BLOCK = 64  # queries per block of banded_attention on the CPU (32-96 measured about equally fast, window 256)
-CPU_ALIGN = 16  # key ranges widened to a multiple of this: float32 matmuls are ~10% faster on aligned shapes
+from longctx.config import ModelConfig
+from longctx.layers.cache import join
+from longctx.layers.mlp import init_linear
+
+BLOCK = 64  # queries per block of band_attention on the CPU (32-96 measured about equally fast, window 256)
+ALIGN = 16  # a block's key range is widened to a multiple of this where it can be (masked keys; faster matmuls)
 
 Kernel = Literal["banded", "sdpa"]
 
@@ -95,50 +105,52 @@ def window_mask(n_queries: int, n_cache: int, window: int, cache_valid: Tensor) 
     return band[None, None] & valid[:, None, None, :]  # (B, 1, T, M + T)
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# banded (sliding-window) attention
-
-
-def window_blocks(
-    n_queries: int, n_cache: int, window: int, cache_valid: Tensor, block: int, align: int = 1
-) -> list[tuple[int, int, int, int, Tensor]]:
-    """Cut the queries of :func:`window_mask` into blocks of ``block`` and give each block the keys it can see.
-
-    Returns ``(q0, q1, k0, k1, allowed)`` per block: queries ``q0:q1`` of the segment see at most the keys ``k0:k1``
-    of ``[cache ; segment]`` (``k0 = max(0, n_cache + q0 - window + 1)``, ``k1 = n_cache + q1``), and ``allowed``
-    (B, 1, q1 - q0, k1 - k0) is the slice of :func:`window_mask` for them: every key outside ``k0:k1`` is masked
-    for these queries anyway, so attending over ``k0:k1`` only gives exactly the same result. ``align`` > 1 widens
-    each key range to a multiple of ``align`` where the keys exist (the extra keys are masked).
-    """
-    total = n_cache + n_queries
-    device = cache_valid.device
-    valid = torch.cat([cache_valid, cache_valid.new_ones(cache_valid.shape[0], n_queries)], dim=1)  # (B, M + T)
-    blocks = []
-    for q0 in range(0, n_queries, block):
-        q1 = min(n_queries, q0 + block)
-        k0, k1 = max(0, n_cache + q0 - window + 1), n_cache + q1
-        extra = -(k1 - k0) % align  # widen the key range to a multiple of `align` (masked keys; faster matmuls)
-        k0, k1 = max(0, k0 - extra), min(total, k1 + max(0, extra - k0))
-        q_index = torch.arange(n_cache + q0, n_cache + q1, device=device)[:, None]
-        k_index = torch.arange(k0, k1, device=device)[None, :]
-        band = (k_index <= q_index) & (k_index > q_index - window)  # (q1 - q0, k1 - k0)
-        allowed = band[None, None] & valid[:, None, None, k0:k1]
-        blocks.append((q0, q1, k0, k1, allowed))
-    return blocks
-
-
 def additive_mask(allowed: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
     """Boolean mask -> 0 where allowed, -inf elsewhere."""
     return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
 
 
-class _BandedAttention(torch.autograd.Function):
-    """Softmax attention of query blocks over key ranges, with a hand-written backward.
+# --------------------------------------------------------------------------------------------------------------------
+# band attention: the sliding-window kernel
 
-    Forward per block: ``s = (q * scale) k^T + mask`` and ``p = softmax(s)`` in float32, ``out = p v`` in the input
-    dtype. Backward: ``dp = dout v^T`` and ``ds = p * (dp - rowsum(dp * p))`` in float32, then ``dq = ds k * scale``,
-    ``dk = ds^T (q * scale)``, ``dv = p^T dout`` in the input dtype. Rows of ``dk``/``dv`` below ``grad_start`` (the
-    cache, when it needs no gradient) are left at zero.
+
+def _key_start(q0: int, q1: int, W: int) -> int:
+    """The first key a block of queries ``q0:q1`` is scored against: ``q0``, moved back (over keys outside every window
+    of the block, masked) so that the block's ``q1 + W - 1 - start`` keys are a multiple of :data:`ALIGN` where the
+    sequence allows: float32 matmuls on aligned shapes are measurably faster."""
+    return max(0, q0 - (-(q1 - q0 + W - 1) % ALIGN))
+
+
+def _band_view(scores: Tensor, W: int, offset: int = 0) -> Tensor:
+    """The band (..., n, W) of contiguous key-layout scores (..., n, offset + n + W - 1), as a view: ``[r, w] ->
+    [r, offset + r + w]`` (``offset``: keys scored before the block's first window starts).
+
+    Row ``r`` of the band starts ``r K + r + offset`` elements into each (n, K) matrix.
+    """
+    *lead, n, K = scores.shape
+    strides = scores.stride()
+    return scores.as_strided((*lead, n, W), (*strides[:-2], K + 1, 1), scores.storage_offset() + offset)
+
+
+@functools.lru_cache(maxsize=64)
+def _outside_band(n: int, W: int, device: torch.device, offset: int = 0) -> Tensor:
+    """Boolean (n, offset + n + W - 1): true where key ``c`` is outside the window of query ``r`` (c < offset + r or
+    c > offset + r + W - 1). A constant of its arguments, kept for the next call (every layer and call of a stream
+    asks for the same few)."""
+    c = torch.arange(offset + n + W - 1, device=device)[None, :]
+    r = torch.arange(n, device=device)[:, None] + offset
+    return (c < r) | (c > r + W - 1)
+
+
+class _BandAttention(torch.autograd.Function):
+    """Band attention per block of queries, with a hand-written backward (no zero-filled slice gradients).
+
+    Forward per block: ``s = (q * scale) k^T`` over the keys the block reaches, in float32; ``s[r, r + w] +=
+    bias_scale * bias[r, w] + mask[r, w]``; ``-inf`` outside the band and for the keys ``key_mask`` marks missing;
+    ``p = softmax(s)``; ``out = p v`` in the input dtype. Backward: ``ds = p * (dp - rowsum(dp * p))`` with ``dp =
+    dout v^T`` in float32; ``dbias`` is the band of ``ds`` times ``bias_scale``; ``dq = ds k * scale``, ``dk = ds^T
+    (q * scale)``, ``dv = p^T dout``. Key rows before ``grad_start`` (a cache that needs no gradient) get none. The
+    bias and the mask are added block by block, so no full (B, H, T, W) float32 sum of the two is ever formed.
     """
 
     @staticmethod
@@ -147,98 +159,202 @@ class _BandedAttention(torch.autograd.Function):
         q: Tensor,
         keys: Tensor,
         values: Tensor,
-        blocks: list,
-        scale: float,  # type: ignore[override]
+        bias: Tensor | None,
+        mask: Tensor | None,
+        key_mask: Tensor | None,
+        bias_scale: float,
+        block: int,  # type: ignore[override]
         grad_start: int,
     ) -> Tensor:
-        dtype = q.dtype
+        T = q.shape[2]
+        W = keys.shape[2] - T + 1
+        dtype, scale = q.dtype, 1.0 / math.sqrt(q.shape[-1])
+        wide = torch.promote_types(dtype, torch.float32)  # scores and softmax in float32 (float64 for float64)
         keys, values = keys.to(dtype), values.to(dtype)
         outs, saved = [], []
-        wide = torch.promote_types(dtype, torch.float32)  # scores and softmax: float32 (float64 for float64)
         with torch.autocast(q.device.type, enabled=False):
-            keys_w = keys.to(wide)  # float32 matmuls take strided slices without copies
-            for q0, q1, k0, k1, mask in blocks:
-                qj = q[:, :, q0:q1] * scale  # (B, H, b, Dh), input dtype, contiguous
-                s = torch.matmul(qj.to(wide), keys_w[:, :, k0:k1].transpose(-1, -2)).add_(mask)  # (B, H, b, L)
-                p = torch.softmax(s, dim=-1)
-                outs.append(torch.matmul(p.to(dtype), values[:, :, k0:k1]))
-                saved += [qj, p]
+            keys_w = keys.to(wide)
+            for q0 in range(0, T, block):
+                q1 = min(T, q0 + block)
+                n = q1 - q0
+                k0 = _key_start(q0, q1, W)
+                qs = q[:, :, q0:q1] * scale  # (B, H, n, Dh)
+                s = torch.matmul(qs.to(wide), keys_w[:, :, k0 : q1 + W - 1].transpose(-1, -2))  # (B, H, n, K)
+                band = _band_view(s, W, q0 - k0)
+                if bias is not None:
+                    band.add_(bias[:, :, q0:q1], alpha=bias_scale)
+                if mask is not None:
+                    band.add_(mask[:, :, q0:q1])
+                hide = _outside_band(n, W, q.device, q0 - k0)
+                if key_mask is not None:
+                    hide = hide | key_mask[:, None, None, k0 : q1 + W - 1]
+                p = torch.softmax(s.masked_fill_(hide, float("-inf")), dim=-1)
+                outs.append(torch.matmul(p.to(dtype), values[:, :, k0 : q1 + W - 1]))  # (B, H, n, Dh)
+                saved += [qs, p]
         ctx.save_for_backward(keys, values, *saved)
-        ctx.ranges = [(q0, q1, k0, k1) for q0, q1, k0, k1, _ in blocks]
-        ctx.scale, ctx.grad_start = scale, grad_start
+        ctx.block, ctx.W, ctx.scale, ctx.grad_start = block, W, scale, grad_start
+        ctx.bias_scale, ctx.bias_dtype = bias_scale, None if bias is None else bias.dtype
         return torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
 
     @staticmethod
     def backward(ctx, dout: Tensor):  # type: ignore[override]
         keys, values, *saved = ctx.saved_tensors
+        block, W, scale = ctx.block, ctx.W, ctx.scale
         dtype = keys.dtype
+        wide = torch.promote_types(dtype, torch.float32)
         dout = dout.to(dtype)
-        need_q, need_k, need_v = ctx.needs_input_grad[:3]
+        B, H, T, _ = dout.shape
+        need_q, need_k, need_v, need_bias = ctx.needs_input_grad[:4]
+        need_bias = need_bias and ctx.bias_dtype is not None
         dk = torch.zeros_like(keys) if need_k else None
         dv = torch.zeros_like(values) if need_v else None
+        dbias = torch.empty(B, H, T, W, dtype=ctx.bias_dtype, device=dout.device) if need_bias else None
         dqs = []
         with torch.autocast(dout.device.type, enabled=False):
-            wide = torch.promote_types(dtype, torch.float32)
             values_w = values.to(wide)
-            for i, (q0, q1, k0, k1) in enumerate(ctx.ranges):
-                qj, p = saved[2 * i : 2 * i + 2]
-                doj = dout[:, :, q0:q1]
-                dp = torch.matmul(doj.to(wide), values_w[:, :, k0:k1].transpose(-1, -2))  # (B, H, b, L)
-                ds = torch._softmax_backward_data(dp, p, -1, wide).to(dtype)
+            for i, q0 in enumerate(range(0, T, block)):
+                q1 = min(T, q0 + block)
+                qs, p = saved[2 * i], saved[2 * i + 1]
+                d_blk = dout[:, :, q0:q1]
+                k0 = _key_start(q0, q1, W)
+                dp = torch.matmul(d_blk.to(wide), values_w[:, :, k0 : q1 + W - 1].transpose(-1, -2))  # (B, H, n, K)
+                ds = torch._softmax_backward_data(dp, p, -1, wide)  # (B, H, n, n + W - 1), 0 outside the band
+                if dbias is not None:
+                    band = _band_view(ds, W, q0 - k0)
+                    dbias[:, :, q0:q1] = band if ctx.bias_scale == 1.0 else band * ctx.bias_scale
+                ds = ds.to(dtype)
                 if need_q:
-                    dqs.append(torch.matmul(ds, keys[:, :, k0:k1]))
+                    dqs.append(torch.matmul(ds, keys[:, :, k0 : q1 + W - 1]))
                 off = max(0, ctx.grad_start - k0)  # key rows before grad_start need no gradient
-                if off >= k1 - k0:
+                if off >= q1 + W - 1 - k0:
                     continue
-                if need_v:
-                    dv[:, :, k0 + off : k1] += torch.matmul(p.to(dtype)[..., off:].transpose(-1, -2), doj)
-                if need_k:
-                    dk[:, :, k0 + off : k1] += torch.matmul(ds[..., off:].transpose(-1, -2), qj)
-        dq = None
-        if need_q:
-            dq = (torch.cat(dqs, dim=2) if len(dqs) > 1 else dqs[0]).mul_(ctx.scale)
-        return dq, dk, dv, None, None, None
+                if dv is not None:
+                    dv[:, :, k0 + off : q1 + W - 1] += torch.matmul(p.to(dtype)[..., off:].transpose(-1, -2), d_blk)
+                if dk is not None:
+                    dk[:, :, k0 + off : q1 + W - 1] += torch.matmul(ds[..., off:].transpose(-1, -2), qs)
+        dq = (torch.cat(dqs, dim=2) if len(dqs) > 1 else dqs[0]).mul_(scale) if need_q else None
+        return dq, dk, dv, dbias, None, None, None, None, None
 
 
-def banded_attention(q: Tensor, keys: Tensor, values: Tensor, blocks: list, grad_start: int = 0) -> Tensor:
-    """Attention of q (B, H, T, Dh) over keys/values (B, H, S, Dh) for the blocks of :func:`window_blocks`.
+def band_attention(
+    q: Tensor,
+    keys: Tensor,
+    values: Tensor,
+    bias: Tensor | None,
+    block: int = BLOCK,
+    grad_start: int = 0,
+    mask: Tensor | None = None,
+    bias_scale: float = 1.0,
+    key_mask: Tensor | None = None,
+) -> Tensor:
+    """Softmax attention of each query over its own window of keys, plus an additive band bias.
 
-    Each block is ``(q0, q1, k0, k1, mask)`` with ``mask`` additive (float32, broadcastable to (B, H, q1 - q0,
-    k1 - k0)). Equals ``softmax(q k^T / sqrt(Dh) + full mask) v``; the scores and the softmax are float32, the rest
-    runs in ``q.dtype``. ``grad_start``: key rows before it get no gradient (pass the cache length when the cache
-    does not require grad).
+    q (B, H, T, Dh) are the content queries (``q + u``); keys and values (B, H, W - 1 + T, Dh) are the ``W - 1``
+    earlier keys followed by the segment's; bias (B, H, T, W) (any float dtype; it gets a gradient; None: no bias) is
+    added to the scaled scores in band order (column ``w`` = distance ``W - 1 - w``), times ``bias_scale``, and so is
+    ``mask`` (broadcastable to (B, H, T, W), float32, no gradient: ``-inf`` for keys that do not exist). ``key_mask``
+    (B, W - 1 + T) bool marks keys that no query may see (empty cache slots), a cheaper form of the same. Each query
+    must see at least one key. Returns (B, H, T, Dh) = ``sum_w softmax_w(q_t . k_{t+w} / sqrt(Dh) + bias_scale bias_tw +
+    mask_tw) v_{t+w}``.
+
+    Queries are processed in blocks of ``block``; each block computes dense scores against the ``block + W - 1``
+    keys it can reach (matmuls beat gathers), adds the bias and the mask on the band (a strided view: no skew copy)
+    and applies the softmax in float32 (also under bf16 autocast; the products with the values run in the input
+    precision). ``grad_start``: key rows before it get no gradient (pass ``W - 1`` when the earlier keys are a
+    detached cache).
     """
-    if not blocks:  # no queries
+    if q.shape[2] == 0:
         return q.new_zeros(q.shape)
-    return _BandedAttention.apply(q, keys, values, blocks, 1.0 / math.sqrt(q.shape[-1]), grad_start)
+    return _BandAttention.apply(q, keys, values, bias, mask, key_mask, bias_scale, block, grad_start)
 
 
-def kernel_blocks(kernel: Kernel, n_queries: int, n_cache: int, window: int, cache_valid: Tensor) -> list:
-    """The blocks of :func:`window_blocks` in the form ``kernel`` takes: blocks of :data:`CPU_BLOCK` queries with
-    additive float32 masks for ``banded``, one block of all queries with a boolean mask for ``sdpa`` (the fused
-    kernels beat a loop over blocks)."""
-    if kernel == "sdpa":
-        return window_blocks(n_queries, n_cache, window, cache_valid, max(n_queries, 1))
-    blocks = window_blocks(n_queries, n_cache, window, cache_valid, CPU_BLOCK, CPU_ALIGN)
-    return [(q0, q1, k0, k1, additive_mask(allowed)) for q0, q1, k0, k1, allowed in blocks]
+# --------------------------------------------------------------------------------------------------------------------
+# windowed rotary attention (transformer, perceiver_ar)
 
 
-def sdpa_blocks(q: Tensor, keys: Tensor, values: Tensor, blocks: list) -> Tensor:
-    """The same result with ``F.scaled_dot_product_attention`` per block (boolean masks): the ``sdpa`` kernel."""
-    if not blocks:  # no queries
-        return q.new_zeros(q.shape)
-    outs = [
-        F.scaled_dot_product_attention(q[:, :, q0:q1], keys[:, :, k0:k1], values[:, :, k0:k1], attn_mask=mask)
-        for q0, q1, k0, k1, mask in blocks
-    ]
-    return torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
+@dataclass(frozen=True)
+class WindowPattern:
+    """Which keys of ``[cache ; segment]`` the queries of a segment see: each its own and the previous
+    ``window - 1`` tokens, among them only the cache slots that hold real tokens. The cache is ``window - 1`` slots
+    long, the band layout of :func:`band_attention`."""
+
+    n_queries: int  # T
+    window: int  # W
+    cache_valid: Tensor  # (B, W - 1) bool: the slots that hold real tokens (the newest ones)
+
+    @classmethod
+    def of(cls, n_queries: int, window: int, length: Tensor) -> WindowPattern:
+        """The pattern for a cache of ``window - 1`` slots whose newest ``length`` (B,) are real."""
+        slots = torch.arange(window - 1, device=length.device)[None, :]  # (1, W - 1)
+        return cls(n_queries, window, slots >= (window - 1 - length[:, None]))
+
+    def key_mask(self) -> Tensor | None:
+        """(B, W - 1 + T) bool: true for the keys no query may see (empty cache slots); None when there are none."""
+        valid = self.cache_valid
+        if bool(valid.all()):  # a full cache (every step after the first): nothing to hide
+            return None
+        return torch.cat([~valid, valid.new_zeros(valid.shape[0], self.n_queries)], dim=1)
+
+    def allowed(self) -> Tensor:
+        """(B, 1, T, W - 1 + T) bool: the full mask (the ``sdpa`` kernel and the tests' reference)."""
+        return window_mask(self.n_queries, self.window - 1, self.window, self.cache_valid)
 
 
 def window_attention(
-    kernel: Kernel, q: Tensor, keys: Tensor, values: Tensor, blocks: list, grad_start: int = 0
+    kernel: Kernel, q: Tensor, keys: Tensor, values: Tensor, pattern: WindowPattern, grad_start: int = 0
 ) -> Tensor:
-    """q (B, H, T, Dh) over keys/values (B, H, S, Dh) with the blocks of :func:`kernel_blocks` for ``kernel``
-    -> (B, H, T, Dh). ``grad_start`` as in :func:`banded_attention` (``sdpa`` leaves the gradients to autograd)."""
+    """q (B, H, T, Dh) over keys/values (B, H, W - 1 + T, Dh) as ``pattern`` allows -> (B, H, T, Dh). ``grad_start``
+    as in :func:`band_attention` (``sdpa`` leaves the gradients to autograd)."""
+    if q.shape[2] == 0:
+        return q.new_zeros(q.shape)
     if kernel == "banded":
-        return banded_attention(q, keys, values, blocks, grad_start=grad_start)
-    return sdpa_blocks(q, keys, values, blocks)
+        block = BLOCK if q.device.type == "cpu" else max(q.shape[2], 1)
+        return band_attention(q, keys, values, None, block, grad_start, key_mask=pattern.key_mask())
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=pattern.allowed())
+
+
+class WindowAttention(nn.Module):
+    """Multi-head causal attention with rotary positions of a segment over ``[cache ; segment]`` in a window.
+
+    ``cos``/``sin`` are the (B, 1, T, Dh) tables of :func:`rotary_tables`; ``pattern`` says which keys each query sees;
+    the kernel is ``cfg.attention_kernel`` resolved on the device of ``x`` (:func:`resolve_kernel`).
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_head, self.head_dim = cfg.n_head, cfg.head_dim
+        self.kernel = cfg.attention_kernel
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
+        self.out_proj = nn.Linear(cfg.d_model, cfg.d_model)
+        self.dropout = nn.Dropout(cfg.dropout)
+        init_linear(self.qkv, cfg.init_std)
+        init_linear(self.out_proj, cfg.init_std / math.sqrt(2 * cfg.n_layer))
+
+    def forward(
+        self,
+        x: Tensor,
+        cache_k: Tensor,
+        cache_v: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        pattern: WindowPattern,
+        out: tuple[Tensor, Tensor] | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """x (B, T, D), cache_k/v (B, H, W - 1, Dh) -> output (B, T, D), keys and values (B, H, W - 1 + T, Dh)
+        (written into ``out`` when given)."""
+        B, T, D = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, Dh)
+        q, k = apply_rotary_full(q, cos, sin), apply_rotary_full(k, cos, sin)
+        out_k, out_v = out if out is not None else (None, None)
+        keys, values = join(cache_k, k, 2, out_k), join(cache_v, v, 2, out_v)  # (B, H, W - 1 + T, Dh)
+        cache_grad = cache_k.requires_grad or cache_v.requires_grad
+        y = window_attention(
+            resolve_kernel(self.kernel, x.device),
+            q,
+            keys,
+            values,
+            pattern,
+            grad_start=0 if cache_grad else cache_k.shape[2],
+        )  # (B, H, T, Dh)
+        y = y.transpose(1, 2).reshape(B, T, D)
+        return self.dropout(self.out_proj(y)), keys, values

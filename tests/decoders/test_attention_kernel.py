@@ -22,8 +22,9 @@ from conftest import memory_length
 from torch import Tensor
 
 from longctx.config import load_config
-from longctx.decoders import transformer as transformer_module
 from longctx.errors import ConfigError
+from longctx.layers import attention as attention_module
+from longctx.layers.attention import WindowPattern
 from longctx.model import LongContextLM
 
 DECODERS = ["transformer", "perceiver_ar"]
@@ -32,18 +33,11 @@ FP32_ATOL = 1e-5
 BF16_ATOL = 1e-2
 
 
-def _full_mask(blocks: list, batch: int, n_queries: int, n_keys: int) -> Tensor:
-    """The (B, 1, T, S) boolean mask that a list of blocks of either kernel describes (False outside the blocks)."""
-    mask = torch.zeros(batch, 1, n_queries, n_keys, dtype=torch.bool)
-    for q0, q1, k0, k1, allowed in blocks:
-        allowed = allowed if allowed.dtype == torch.bool else allowed == 0  # additive masks: 0 = allowed
-        mask[:, :, q0:q1, k0:k1] = allowed.expand(batch, 1, q1 - q0, k1 - k0)
-    return mask
-
-
-def naive_attention(kernel: str, q: Tensor, keys: Tensor, values: Tensor, blocks: list, grad_start: int = 0) -> Tensor:
-    """softmax(q k^T / sqrt(Dh) + mask) v in float64 with the full mask of ``blocks`` -> (B, H, T, Dh) in q.dtype."""
-    mask = _full_mask(blocks, q.shape[0], q.shape[2], keys.shape[2])
+def naive_attention(
+    kernel: str, q: Tensor, keys: Tensor, values: Tensor, pattern: WindowPattern, grad_start: int = 0
+) -> Tensor:
+    """softmax(q k^T / sqrt(Dh) + mask) v in float64 with the full mask of ``pattern`` -> (B, H, T, Dh) in q.dtype."""
+    mask = pattern.allowed()
     scores = q.double() @ keys.double().transpose(-1, -2) / q.shape[-1] ** 0.5  # (B, H, T, S)
     probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
     return (probs @ values.double()).to(q.dtype)
@@ -72,7 +66,7 @@ def test_kernel_equals_naive_attention_in_the_decoder(
     mem = memory_length(model.cfg)
     tokens = contract._tokens(model, 2, 150 + 3 * mem)  # more than two blocks of banded queries in the 2nd call
     got = _logits(model, tokens, bf16)
-    monkeypatch.setattr(transformer_module, "window_attention", naive_attention)  # WindowAttention's kernel call
+    monkeypatch.setattr(attention_module, "window_attention", naive_attention)  # WindowAttention's kernel call
     want = _logits(model, tokens, bf16)
     atol = BF16_ATOL if bf16 else FP32_ATOL
     torch.testing.assert_close(got, want, atol=atol, rtol=0)

@@ -19,7 +19,6 @@ from torch.nn import functional as F
 
 from longctx.config import ModelConfig, load_config
 from longctx.decoders.perceiver_ar import (
-    LatentBlock,
     PerceiverARDecoder,
     PerceiverARState,
     rotated_channels,
@@ -27,6 +26,7 @@ from longctx.decoders.perceiver_ar import (
 )
 from longctx.errors import ConfigError
 from longctx.layers.attention import RotaryEmbedding, apply_rotary_full, rotary_tables
+from longctx.layers.block import PreNormBlock
 from longctx.model import LongContextLM
 
 torch.set_num_threads(1)
@@ -87,7 +87,7 @@ def _rope_reference(t: Tensor, fraction: float, base: float) -> Tensor:
     return out
 
 
-def _block_reference(block: LatentBlock, h: Tensor, window: int, cfg: ModelConfig) -> Tensor:
+def _block_reference(block: PreNormBlock, h: Tensor, window: int, cfg: ModelConfig) -> Tensor:
     """One pre-norm block, dense: position p attends to positions (p - window, p] of h (B, S, D), float64."""
     B, S, D = h.shape
     H, Dh = cfg.n_head, cfg.head_dim

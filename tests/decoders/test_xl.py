@@ -21,7 +21,8 @@ from longctx.config import load_config
 from longctx.decoders.xl import XLDecoder, XLState
 from longctx.errors import ConfigError
 from longctx.layers.adaptive_span import AdaptiveSpan, log_span_mask, soft_span_mask
-from longctx.layers.relative import _band_view, band_attention, position_scores, sinusoid_table
+from longctx.layers.attention import _band_view, band_attention
+from longctx.layers.relative import position_scores, sinusoid_table
 from longctx.model import LongContextLM, build_model
 
 torch.set_num_threads(1)

@@ -1,5 +1,6 @@
-"""Banded sliding-window attention (the transformer decoder's CPU kernel, with a hand-written backward) against
-dense softmax attention with the full window mask, for outputs and gradients."""
+"""The band kernel (sliding-window attention with a hand-written backward) and the ``sdpa`` path of
+:class:`~longctx.layers.attention.WindowAttention` against dense softmax attention with the full window mask, for
+outputs and gradients."""
 
 from __future__ import annotations
 
@@ -9,12 +10,10 @@ import pytest
 import torch
 
 from longctx.layers.attention import (
-    additive_mask,
-    banded_attention,
-    kernel_blocks,
+    WindowPattern,
+    band_attention,
     resolve_kernel,
     window_attention,
-    window_blocks,
     window_mask,
 )
 
@@ -24,20 +23,21 @@ def dense(q, keys, values, mask):
     return torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1) @ values
 
 
-@pytest.mark.parametrize("T, M, window, block", [(13, 7, 8, 4), (20, 0, 5, 8), (6, 9, 10, 64), (1, 9, 10, 4)])
-def test_banded_equals_dense_with_gradients(T, M, window, block):
-    torch.manual_seed(T + M)
-    B, H, Dh = 2, 2, 8
+def _pattern(T: int, window: int, real: list[int]) -> WindowPattern:
+    """Rows with ``real`` cache slots each (the newest ones)."""
+    return WindowPattern.of(T, window, torch.tensor(real))
+
+
+@pytest.mark.parametrize("T, window, block", [(13, 8, 4), (20, 1, 8), (6, 10, 64), (1, 10, 4), (70, 8, 16)])
+def test_band_kernel_equals_dense_with_gradients(T, window, block):
+    torch.manual_seed(T + window)
+    B, H, Dh, M = 2, 2, 8, window - 1
     q = torch.randn(B, H, T, Dh, dtype=torch.float64, requires_grad=True)
     keys = torch.randn(B, H, M + T, Dh, dtype=torch.float64, requires_grad=True)
     values = torch.randn(B, H, M + T, Dh, dtype=torch.float64, requires_grad=True)
-    cache_valid = torch.arange(M)[None, :] >= torch.tensor([[M - 3], [0]])  # row 0: 3 real cache slots; row 1: all
-    blocks = [
-        (q0, q1, k0, k1, additive_mask(a, torch.float64))
-        for q0, q1, k0, k1, a in window_blocks(T, M, window, cache_valid, block, align=4)
-    ]
-    out = banded_attention(q, keys, values, blocks)
-    ref = dense(q, keys, values, window_mask(T, M, window, cache_valid))
+    pattern = _pattern(T, window, [min(3, M), M])  # row 0: 3 real cache slots; row 1: all
+    out = band_attention(q, keys, values, None, block, key_mask=pattern.key_mask())
+    ref = dense(q, keys, values, pattern.allowed())
     # float64 throughout: both sides agree to rounding (~1e-15); 1e-10 leaves room and still catches any real error
     torch.testing.assert_close(out, ref, atol=1e-10, rtol=0)
     grad = torch.randn_like(out)
@@ -47,16 +47,24 @@ def test_banded_equals_dense_with_gradients(T, M, window, block):
         torch.testing.assert_close(g, w, atol=1e-10, rtol=0)
 
 
+def test_the_pattern_is_the_window_mask():
+    pattern = _pattern(5, 4, [1, 3])
+    expected = window_mask(5, 3, 4, torch.tensor([[False, False, True], [True, True, True]]))
+    assert torch.equal(pattern.allowed(), expected)
+    assert pattern.key_mask().tolist() == [[True, True, False] + [False] * 5, [False] * 8]
+    assert _pattern(5, 4, [3, 3]).key_mask() is None  # full caches: nothing to hide
+
+
 def test_grad_start_skips_only_the_cache_rows():
     torch.manual_seed(0)
-    T, M, window = 10, 6, 7
+    T, window = 10, 7
+    M = window - 1
     q = torch.randn(1, 2, T, 8, requires_grad=True)
     keys = torch.randn(1, 2, M + T, 8, requires_grad=True)
     values = torch.randn(1, 2, M + T, 8, requires_grad=True)
-    valid = torch.ones(1, M, dtype=torch.bool)
-    blocks = [(a, b, c, d, additive_mask(m)) for a, b, c, d, m in window_blocks(T, M, window, valid, 4)]
-    out = banded_attention(q, keys, values, blocks, grad_start=M)
-    ref = dense(q, keys, values, window_mask(T, M, window, valid))
+    pattern = _pattern(T, window, [M])
+    out = band_attention(q, keys, values, None, 4, grad_start=M, key_mask=pattern.key_mask())
+    ref = dense(q, keys, values, pattern.allowed())
     grad = torch.randn_like(out)
     got = torch.autograd.grad(out, (q, keys, values), grad)
     want = torch.autograd.grad(ref, (q, keys, values), grad)
@@ -67,14 +75,12 @@ def test_grad_start_skips_only_the_cache_rows():
         assert (g[:, :, :M] == 0).all()
 
 
-def test_bf16_autocast_stays_close_to_fp32():
+def test_bf16_stays_close_to_fp32():
     torch.manual_seed(1)
-    T, M, window = 16, 8, 9
-    q, keys, values = (torch.randn(1, 2, n, 16) for n in (T, M + T, M + T))
-    valid = torch.ones(1, M, dtype=torch.bool)
-    blocks = [(a, b, c, d, additive_mask(m)) for a, b, c, d, m in window_blocks(T, M, window, valid, 8)]
-    ref = banded_attention(q, keys, values, blocks)
-    low = banded_attention(q.bfloat16(), keys.bfloat16(), values.bfloat16(), blocks)
+    T, window = 16, 9
+    q, keys, values = (torch.randn(1, 2, n, 16) for n in (T, window - 1 + T, window - 1 + T))
+    ref = band_attention(q, keys, values, None, 8)
+    low = band_attention(q.bfloat16(), keys.bfloat16(), values.bfloat16(), None, 8)
     assert low.dtype == torch.bfloat16
     # bf16 keeps 8 bits of mantissa: outputs (weighted means of N(0,1) values) agree to a few 1e-2
     torch.testing.assert_close(low.float(), ref, atol=5e-2, rtol=0)
@@ -84,21 +90,23 @@ def test_bf16_autocast_stays_close_to_fp32():
 # every kernel of model.attention_kernel against the same naive reference (dense above, in float64)
 
 
-def _kernel_inputs(T: int, M: int, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
-    """q (2, 2, T, 16), keys/values (2, 2, M + T, 16) ~ N(0, 1) in ``dtype``; cache_valid (2, M): 3 real slots in
+def _kernel_inputs(T: int, window: int, dtype: torch.dtype, device: str) -> tuple:
+    """q (2, 2, T, 16), keys/values (2, 2, W - 1 + T, 16) ~ N(0, 1) in ``dtype``; the pattern: 3 real cache slots in
     row 0, all in row 1."""
+    M = window - 1
     g = torch.Generator().manual_seed(T * 100 + M)
-    q, keys, values = (torch.randn(2, 2, n, 16, generator=g).to(dtype) for n in (T, M + T, M + T))
-    cache_valid = torch.arange(M)[None, :] >= torch.tensor([[M - 3], [0]])
-    return q, keys, values, cache_valid
+    q, keys, values = (torch.randn(2, 2, n, 16, generator=g).to(dtype).to(device) for n in (T, M + T, M + T))
+    return q, keys, values, WindowPattern.of(T, window, torch.tensor([min(3, M), M], device=device))
 
 
-def _reference(q, keys, values, cache_valid, window):
+def _reference(q, keys, values, pattern, window=None):
     """The naive masked softmax attention in float64 on the CPU on the very inputs the kernel got (bf16 inputs are
-    exact in float64), so the tolerances below only cover the kernel's own rounding."""
-    T, M = q.shape[2], cache_valid.shape[1]
+    exact in float64), so the tolerances below only cover the kernel's own rounding. ``window``: a shorter window
+    over the same keys (the tests' check that a wrong mask is caught)."""
+    T, M = q.shape[2], pattern.window - 1
+    allowed = window_mask(T, M, window or pattern.window, pattern.cache_valid.cpu())
     q64, k64, v64 = (t.cpu().double() for t in (q, keys, values))  # on the CPU, whatever the kernel's device
-    return dense(q64, k64, v64, window_mask(T, M, window, cache_valid.cpu())).to(q.device)
+    return dense(q64, k64, v64, allowed).to(q.device)
 
 
 KERNELS = ["banded", "sdpa"]
@@ -116,12 +124,12 @@ def test_auto_is_banded_on_the_cpu_and_sdpa_elsewhere():
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kernel", KERNELS)
-@pytest.mark.parametrize("T, M, window", [(70, 7, 8), (150, 0, 5), (6, 9, 10), (1, 9, 10)])
-def test_kernel_equals_the_reference_in_fp32_with_gradients(kernel, T, M, window, device):
-    q, keys, values, cache_valid = (t.to(device) for t in _kernel_inputs(T, M, torch.float32))
+@pytest.mark.parametrize("T, window", [(70, 8), (150, 1), (6, 10), (1, 10), (150, 5)])
+def test_kernel_equals_the_reference_in_fp32_with_gradients(kernel, T, window, device):
+    q, keys, values, pattern = _kernel_inputs(T, window, torch.float32, device)
     q, keys, values = (t.requires_grad_() for t in (q, keys, values))
-    out = window_attention(kernel, q, keys, values, kernel_blocks(kernel, T, M, window, cache_valid))
-    ref = _reference(q, keys, values, cache_valid, window)
+    out = window_attention(kernel, q, keys, values, pattern)
+    ref = _reference(q, keys, values, pattern)
     # float32 against float64: ~1e-7 relative rounding on O(1) outputs and gradients; 1e-5 is 100x that and far
     # below the effect of a mask one key off (checked below: > 1e-2)
     torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=0)
@@ -130,22 +138,22 @@ def test_kernel_equals_the_reference_in_fp32_with_gradients(kernel, T, M, window
     want = torch.autograd.grad(ref, (q, keys, values), grad.double())
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, atol=1e-5, rtol=0)  # both float32 (the reference casts back)
-    if T > 1:  # the check can fail: a window one key shorter moves the outputs far beyond the tolerance
-        assert (_reference(q, keys, values, cache_valid, window - 1) - ref).abs().max() > 1e-2
+    if T > 1 and window > 1:  # the check can fail: a window one key shorter moves the outputs beyond the tolerance
+        assert (_reference(q, keys, values, pattern, window - 1) - ref).abs().max() > 1e-2
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_kernel_equals_the_reference_under_bf16_autocast(kernel, device):
-    T, M, window = 70, 7, 8
+    T, window = 70, 8
     # bf16 inputs: what the layers feed the kernel under autocast
-    q, keys, values, cache_valid = (t.to(device) for t in _kernel_inputs(T, M, torch.bfloat16))
+    q, keys, values, pattern = _kernel_inputs(T, window, torch.bfloat16, device)
     with torch.autocast(device, dtype=torch.bfloat16):
-        out = window_attention(kernel, q, keys, values, kernel_blocks(kernel, T, M, window, cache_valid))
+        out = window_attention(kernel, q, keys, values, pattern)
     assert out.dtype == torch.bfloat16 and out.shape == q.shape
-    ref = _reference(q, keys, values, cache_valid, window)
+    ref = _reference(q, keys, values, pattern)
     # bf16 keeps 8 significant bits. The kernels round the probabilities (banded: relative 2^-9 each, an error of at
     # most 2^-9 * max|v| ~ 0.009 for N(0, 1) values, max |v| < 4.5) and the output (half an ulp: 2^-8 for |y| < 2):
     # at most ~0.013 in all; 2e-2 covers it, and a mask one key off still moves the outputs by more (checked)
     torch.testing.assert_close(out.double(), ref, atol=2e-2, rtol=0)
-    assert (_reference(q, keys, values, cache_valid, window - 1) - ref).abs().max() > 0.1
+    assert (_reference(q, keys, values, pattern, window - 1) - ref).abs().max() > 0.1
