@@ -65,11 +65,24 @@ def setup_logging(quiet: bool = False) -> None:
     log.propagate = False
 
 
-def build_config(preset: str, flags: dict[str, Any], sets: list[str] | None) -> tuple[Config, dict[str, Any]]:
-    """Preset + flag values + ``--set`` items -> config; each override is echoed once on stderr."""
+def build_config(
+    preset: str, flags: dict[str, Any], sets: list[str] | None, flag_names: dict[str, str] | None = None
+) -> tuple[Config, dict[str, Any]]:
+    """Preset + flag values + ``--set`` items -> config; each override is echoed once on stderr.
+
+    The config is the one place where values are checked: a flag whose value it refuses is named in the error next to
+    its key (``flag_names``: dotted key -> flag), so the flags carry no limits of their own to disagree with it.
+    """
     overrides: dict[str, Any] = {k: v for k, v in flags.items() if v is not None}
     overrides.update(parse_set_args(sets or []))
-    config = load_config(preset, overrides)
+    try:
+        config = load_config(preset, overrides)
+    except ConfigError as e:
+        message = str(e)
+        for key, flag in (flag_names or {}).items():
+            if flags.get(key) is not None and f"{key} " in message:
+                raise ConfigError(message.replace(f"{key} ", f"{key} ({flag}) ", 1)) from None
+        raise
     for key in overrides:
         value = config.to_dict()
         for part in key.split("."):
@@ -171,35 +184,33 @@ def train(
     init_from: Path = typer.Option(None, "--init-from", help="Start a new run from this checkpoint's weights."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace what a non-empty --out-dir holds."),
     print_config: bool = typer.Option(False, "--print-config", help="Print the effective config as JSON and exit."),
-    max_steps: int = typer.Option(None, "--max-steps", min=1, help="Optimizer steps (train.max_steps)."),
-    max_tokens: int = typer.Option(None, "--max-tokens", min=0, help="Token budget; 0 = none."),
+    max_steps: int = typer.Option(None, "--max-steps", help="Optimizer steps (train.max_steps)."),
+    max_tokens: int = typer.Option(None, "--max-tokens", help="Token budget; 0 = none."),
     max_time: float = typer.Option(
         None,
         "--max-time",
-        min=0,
         help="Time budget in seconds of the training loop (the final validation and checkpoint come on top); 0 = none.",
     ),
-    seq_len: int = typer.Option(None, "--seq-len", min=1, help="Tokens per segment and lane."),
-    batch_size: int = typer.Option(None, "--batch-size", min=1, help="Lanes per optimizer step."),
+    seq_len: int = typer.Option(None, "--seq-len", help="Tokens per segment and lane."),
+    batch_size: int = typer.Option(None, "--batch-size", help="Lanes per optimizer step."),
     micro_batch_size: int = typer.Option(
         None,
         "--micro-batch-size",
-        min=1,
         help="Lanes per forward/backward (gradient accumulation); default: all lanes of a process.",
     ),
-    lr: float = typer.Option(None, "--lr", min=0, help="Peak learning rate."),
-    warmup_steps: int = typer.Option(None, "--warmup-steps", min=0),
+    lr: float = typer.Option(None, "--lr", help="Peak learning rate."),
+    warmup_steps: int = typer.Option(None, "--warmup-steps"),
     precision: str = typer.Option(None, "--precision", help="fp32 or bf16 (autocast)."),
-    threads: int = typer.Option(None, "--threads", min=0, help="Torch threads; 0 = default."),
+    threads: int = typer.Option(None, "--threads", help="Torch threads; 0 = default."),
     seed: int = typer.Option(None, "--seed"),
     device: str = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N or mps."),
     compile_: bool = typer.Option(None, "--compile/--no-compile", help="torch.compile the model (default off)."),
-    log_interval: int = typer.Option(None, "--log-interval", min=1),
-    eval_interval: int = typer.Option(None, "--eval-interval", min=1),
-    save_interval: int = typer.Option(None, "--save-interval", min=1),
-    keep_last: int = typer.Option(None, "--keep-last", min=1, help="Checkpoints to keep."),
+    log_interval: int = typer.Option(None, "--log-interval"),
+    eval_interval: int = typer.Option(None, "--eval-interval"),
+    save_interval: int = typer.Option(None, "--save-interval"),
+    keep_last: int = typer.Option(None, "--keep-last", help="Checkpoints to keep."),
     tokenizer: str = typer.Option(None, "--tokenizer", help="byte (default) or bpe (trained on the corpus)."),
-    vocab_size: int = typer.Option(None, "--vocab-size", min=1, help="BPE vocabulary size."),
+    vocab_size: int = typer.Option(None, "--vocab-size", help="BPE vocabulary size."),
     progress: bool = typer.Option(None, "--progress/--no-progress", help="Progress bar (default: on a terminal)."),
     logger: list[str] = typer.Option(
         None,
@@ -238,7 +249,9 @@ def train(
         "data.paths": list(data) if data else None,
     }
     given_preset, preset = preset, preset or DEFAULT_PRESET
-    config, overrides = build_config(preset, flags, set_)
+    flag_names = {key: "--" + key.split(".")[1].replace("_", "-") for key in flags}
+    flag_names.update({"train.compile": "--compile", "data.paths": "--data"})
+    config, overrides = build_config(preset, flags, set_, flag_names)
     if print_config:
         typer.echo(config.to_json())
         return

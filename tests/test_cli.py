@@ -926,7 +926,14 @@ ERROR_CASES: dict[str, tuple[Callable[[Workspace, Path], list], tuple[str, ...]]
     "unknown preset": (_train("--preset", "transfomer-smal"), ("unknown preset", "transformer-small")),
     "unknown --set key": (_train("--set", "train.lrr=0.1"), ("unknown config key train.lrr", "did you mean train.lr")),
     "--set with a wrong type": (_train("--set", "train.max_steps=many"), ("train.max_steps", "integer")),
-    "--seq-len 0": (_train("--seq-len", "0"), ("--seq-len", "longctx train --help")),
+    "--seq-len 0": (_train("--seq-len", "0"), ("train.seq_len (--seq-len)", "must be >= 1, got 0")),
+    # the config is the one place that checks values; the flag is named next to its key
+    "--lr 0": (_train("--lr", "0"), ("train.lr (--lr)", "must be a finite number > 0")),
+    "--vocab-size 100": (
+        _train("--tokenizer", "bpe", "--vocab-size", "100"),
+        ("data.vocab_size (--vocab-size)", ">= 300"),
+    ),
+    "--max-time -1": (_train("--max-time", "-1"), ("train.max_time (--max-time)", "must be >= 0")),
     "--resume with --init-from": (
         lambda ws, tmp: ["train", "--resume", "auto", "--init-from", ws.ckpt, "--out-dir", tmp / "run", "-q"],
         ("--resume", "--init-from"),
