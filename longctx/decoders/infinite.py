@@ -76,7 +76,7 @@ from longctx.config import ModelConfig
 from longctx.decoders.base import Decoder, DecoderOutput, State
 from longctx.layers.attention import BLOCK, band_attention
 from longctx.layers.block import PreNormBlock
-from longctx.layers.cache import grown_buffers, join
+from longctx.layers.cache import grown_buffers, join, next_cache
 from longctx.layers.continuous import (
     ContinuousAttention,
     ContinuousMemory,
@@ -404,9 +404,10 @@ class InfiniteDecoder(Decoder[InfiniteState]):
             )
             out = None if bufs is None else (bufs["keys"][:, layer], bufs["values"][:, layer], bufs["inputs"][:, layer])
             x, (keys, values, inputs), ltm = block(x, layer_state, sched, self.memory, self.table, u, v, out)
-            new["keys"].append(keys[:, :, keys.shape[2] - C :])  # (B, H, C, Dh)
-            new["values"].append(values[:, :, values.shape[2] - C :])
-            new["inputs"].append(inputs[:, inputs.shape[1] - C - 1 :])  # (B, C + 1, D)
+            if bufs is None:  # recording autograd: keep the newest entries of each layer, stacked below
+                new["keys"].append(keys[:, :, keys.shape[2] - C :])  # (B, H, C, Dh)
+                new["values"].append(values[:, :, values.shape[2] - C :])
+                new["inputs"].append(inputs[:, inputs.shape[1] - C - 1 :])  # (B, C + 1, D)
             new["coeffs"].append(ltm.coeffs)
             new["mass"].append(ltm.mass)
             ltms.append(ltm)
@@ -414,12 +415,12 @@ class InfiniteDecoder(Decoder[InfiniteState]):
             del new["coeffs"]
         if not self.inf.sticky:  # the histogram stays empty
             del new["mass"]
-        if bufs is not None:  # the newest entries of the buffers the layers wrote: views, no copy
-            new.pop("keys"), new.pop("values"), new.pop("inputs")
-        fields = {name: torch.stack(parts, dim=1).to(getattr(state, name).dtype) for name, parts in new.items()}
-        if bufs is not None:
-            fields.update(keys=bufs["keys"][:, :, :, T:], values=bufs["values"][:, :, :, T:])
-            fields.update(inputs=bufs["inputs"][:, :, T:])
+        caches = {"keys": (3, C), "values": (3, C), "inputs": (2, C + 1)}  # name: (sequence dim, entries kept)
+        fields = {
+            name: next_cache(new.pop(name), bufs, name, dim, keep, getattr(state, name).dtype)
+            for name, (dim, keep) in caches.items()
+        }
+        fields |= {name: torch.stack(parts, dim=1).to(getattr(state, name).dtype) for name, parts in new.items()}
         fields = {"coeffs": state.coeffs, "mass": state.mass, **fields}
         next_state = InfiniteState(**fields, position=state.position + T)
         aux, stats = self._kl_and_stats(ltms, x)

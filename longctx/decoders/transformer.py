@@ -25,7 +25,7 @@ from longctx.config import ModelConfig
 from longctx.decoders.base import Decoder, DecoderOutput, State
 from longctx.layers.attention import RotaryEmbedding, WindowAttention, WindowPattern, rotary_tables
 from longctx.layers.block import PreNormBlock
-from longctx.layers.cache import grown_buffers
+from longctx.layers.cache import grown_buffers, next_cache
 
 
 @dataclass(frozen=True)
@@ -73,12 +73,13 @@ class TransformerDecoder(Decoder[TransformerState]):
         for layer, block in enumerate(self.blocks):
             out = None if bufs is None else (bufs["keys"][:, layer], bufs["values"][:, layer])
             x, keys, values = block(x, state.keys[:, layer], state.values[:, layer], cos, sin, pattern, out)
-            new_keys.append(keys[:, :, keys.shape[2] - M :].to(state.keys.dtype))  # (B, H, M, Dh)
-            new_values.append(values[:, :, values.shape[2] - M :].to(state.values.dtype))
+            if bufs is None:  # recording autograd: keep the newest M of each layer, stacked below
+                new_keys.append(keys[:, :, keys.shape[2] - M :])  # (B, H, M, Dh)
+                new_values.append(values[:, :, values.shape[2] - M :])
 
         next_state = TransformerState(  # (B, L, H, M, Dh); inference: views of the buffers the layers wrote
-            keys=torch.stack(new_keys, dim=1) if bufs is None else bufs["keys"][:, :, :, T:],
-            values=torch.stack(new_values, dim=1) if bufs is None else bufs["values"][:, :, :, T:],
+            keys=next_cache(new_keys, bufs, "keys", 3, M, state.keys.dtype),
+            values=next_cache(new_values, bufs, "values", 3, M, state.values.dtype),
             length=torch.clamp(state.length + T, max=M),
             position=state.position + T,
         )

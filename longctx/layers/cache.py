@@ -32,3 +32,14 @@ def join(cache: Tensor, new: Tensor, dim: int, out: Tensor | None = None) -> Ten
     if out is None:
         return torch.cat([cache.to(new.dtype), new], dim=dim)
     return torch.cat([cache, new], dim=dim, out=out).to(new.dtype)  # no copy when the dtypes agree
+
+
+def next_cache(
+    parts: list[Tensor], buffers: dict[str, Tensor] | None, name: str, dim: int, keep: int, dtype: torch.dtype
+) -> Tensor:
+    """A cache field of the next state: the newest ``keep`` entries (along ``dim``) of the buffer the layers wrote
+    (a view; inference), or else the layers' ``parts`` (already cut to ``keep``) stacked on dim 1 in ``dtype``."""
+    if buffers is not None:
+        buf = buffers[name]
+        return buf.narrow(dim, buf.shape[dim] - keep, keep)
+    return torch.stack(parts, dim=1).to(dtype)
