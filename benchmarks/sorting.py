@@ -63,14 +63,14 @@ How to run
     python benchmarks/sorting.py --smoke --output /tmp/sort.json    # tiny, seconds (CI)
 
 Resumable: each (preset, length) trains in ``--out-dir/PRESET-L<length>`` (default
-``benchmarks/results/sorting-runs``), saving weights and optimizer (safetensors) and progress (JSON) every
-``--save-every`` steps; re-running resumes from there, and a finished pair (``result.json`` with the same settings) is
-not redone; a larger ``--steps`` continues a finished run (its cosine schedule is stretched from there). A folder
-holding a run with other settings is refused. The JSON report goes to stdout and ``--output`` (default
-``benchmarks/results/sorting.json``); progress goes to stderr. Per (preset, length) it holds the accuracies above,
-the mean target loss of the last tenth of the steps, the training wall time and tokens/s (every token read,
-memory-building segments included), parameters and state size. A pair that fails is reported with its error, the
-others go on, and the exit code is then 1.
+``benchmarks/results/sorting-runs``), saving a checkpoint (``longctx.checkpoint``: weights, optimizer moments and
+the progress, without a tokenizer) every ``--save-every`` steps; re-running resumes from there, and a finished pair
+(``result.json`` with the same settings) is not redone; a larger ``--steps`` continues a finished run (its cosine
+schedule is stretched from there). A folder holding a run with other settings is refused. The JSON report goes to
+stdout and ``--output`` (default ``benchmarks/results/sorting.json``); progress goes to stderr. Per (preset, length)
+it holds the accuracies above, the mean target loss of the last tenth of the steps, the training wall time and
+tokens/s (every token read, memory-building segments included), parameters and state size. A pair that fails is
+reported with its error, the others go on, and the exit code is then 1.
 """
 
 from __future__ import annotations
@@ -78,7 +78,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import shutil
 import sys
 import time
 import traceback
@@ -87,7 +86,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, load_model, save_file, save_model
+from safetensors.torch import load_file
 from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -102,7 +101,20 @@ from common import (  # noqa: E402
     write_report,
 )
 
-from longctx.checkpoint import optimizer_from_tensors, optimizer_to_tensors  # noqa: E402
+from longctx.checkpoint import (  # noqa: E402
+    MODEL_FILE,
+    TRAINER_TENSORS,
+    TrainerMeta,
+    TrainerState,
+    find_checkpoints,
+    load_trainer_state,
+    load_weights,
+    optimizer_from_tensors,
+    optimizer_to_tensors,
+    remove_checkpoint,
+    save_checkpoint,
+    step_dir_name,
+)
 from longctx.config import Config, list_presets, load_config, overrides_for, parse_set_args  # noqa: E402
 from longctx.errors import ConfigError  # noqa: E402
 from longctx.model import LongContextLM, build_model  # noqa: E402
@@ -218,42 +230,43 @@ def train_step(model: LongContextLM, batch: torch.Tensor, seg_len: int, bptt: in
 def load_progress(
     run_dir: Path, model: LongContextLM, optimizer: torch.optim.Optimizer, key: dict[str, Any]
 ) -> dict[str, Any]:
-    """Restore the newest saved checkpoint of ``run_dir`` into model and optimizer; its progress dict, or a fresh one.
+    """Restore the newest checkpoint of ``run_dir`` into model and optimizer; its progress dict, or a fresh one.
     A checkpoint made with other settings (``key``) is refused."""
-    for name in ("checkpoint", "checkpoint.old"):  # .old: a crash between the two renames of save_progress
-        folder = run_dir / name
-        if (folder / "progress.json").is_file():
-            progress = json.loads((folder / "progress.json").read_text(encoding="utf-8"))
-            if progress["key"] != key:
-                raise SystemExit(
-                    f"sorting: {run_dir} holds a run with other settings ({progress['key']}); give "
-                    "another --out-dir or delete that folder"
-                )
-            load_model(model, str(folder / "model.safetensors"))
-            optimizer_from_tensors(
-                optimizer, load_file(str(folder / "optimizer.safetensors")), progress["param_groups"]
-            )
-            log(f"  resumed from {folder} at step {progress['step']}")
-            return progress
-    return {"key": key, "step": 0, "elapsed_s": 0.0, "tokens": 0, "losses": []}
+    found = find_checkpoints(run_dir)
+    if not found:
+        return {"key": key, "step": 0, "elapsed_s": 0.0, "tokens": 0, "losses": []}
+    folder = found[-1]
+    meta = load_trainer_state(folder).meta
+    progress = meta.extra or {}
+    if progress.get("key") != key:
+        raise SystemExit(
+            f"sorting: {run_dir} holds a run with other settings ({progress.get('key')}); give another --out-dir "
+            "or delete that folder"
+        )
+    load_weights(model, folder / MODEL_FILE)
+    optimizer_from_tensors(optimizer, load_file(str(folder / TRAINER_TENSORS)), meta.param_groups)
+    log(f"  resumed from {folder} at step {meta.step}")
+    return {**progress, "step": meta.step, "elapsed_s": meta.elapsed_s, "tokens": meta.tokens_seen}
 
 
 def save_progress(
-    run_dir: Path, model: LongContextLM, optimizer: torch.optim.Optimizer, progress: dict[str, Any]
+    run_dir: Path, model: LongContextLM, cfg: Config, optimizer: torch.optim.Optimizer, progress: dict[str, Any]
 ) -> None:
-    """Weights, optimizer moments (safetensors) and progress (JSON), written aside and renamed into place."""
-    tmp, final, old = run_dir / "checkpoint.tmp", run_dir / "checkpoint", run_dir / "checkpoint.old"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_model(model, str(tmp / "model.safetensors"))
+    """A checkpoint (weights, optimizer moments, progress) written by ``longctx.checkpoint``; the older ones go."""
     tensors, groups = optimizer_to_tensors(optimizer)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "optimizer.safetensors"))
-    (tmp / "progress.json").write_text(json.dumps(progress | {"param_groups": groups}), encoding="utf-8")
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        final.rename(old)
-    tmp.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
+    meta = TrainerMeta(
+        step=progress["step"],
+        tokens_seen=progress["tokens"],
+        data_cursor=progress["step"] * cfg.train.batch_size,
+        elapsed_s=progress["elapsed_s"],
+        param_groups=groups,
+        lanes=cfg.train.batch_size,
+        extra={"key": progress["key"], "losses": progress["losses"]},
+    )
+    path = save_checkpoint(run_dir / step_dir_name(meta.step), model, cfg, None, TrainerState(meta, tensors))
+    for old in find_checkpoints(run_dir):
+        if old != path:
+            remove_checkpoint(old)
 
 
 def train_model(
@@ -286,7 +299,7 @@ def train_model(
             rate = progress["tokens"] / max(progress["elapsed_s"], 1e-9)
             log(f"  step {step + 1}/{args.steps} | target loss {target_loss:.4f} | {rate:,.0f} tokens/s")
         if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
-            save_progress(run_dir, model, optimizer, progress)
+            save_progress(run_dir, model, cfg, optimizer, progress)
     return progress
 
 

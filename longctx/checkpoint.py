@@ -111,6 +111,7 @@ class TrainerMeta:
     lanes: int | None = None  # train.batch_size of the run (older checkpoints: absent)
     world_size: int = 1  # ranks that wrote it (their RNG states are restored only for the same world size)
     val: dict[str, Any] | None = None  # the last validation result
+    extra: dict[str, Any] | None = None  # a caller's own progress (a benchmark's settings and losses); not read here
 
     @classmethod
     def from_json(cls, meta: Any, where: str) -> TrainerMeta:
@@ -120,8 +121,9 @@ class TrainerMeta:
         for key in ("step", "tokens_seen", "data_cursor", "elapsed_s", "lanes", "world_size"):
             if key in meta or key not in ("lanes", "world_size"):  # these two are optional
                 field(meta, key, float if key == "elapsed_s" else int, where, minimum=1 if key == "world_size" else 0)
-        if "val" in meta:
-            field(meta, "val", (dict, type(None)), where)
+        for key in ("val", "extra"):
+            if key in meta:
+                field(meta, key, (dict, type(None)), where)
         for i, group in enumerate(field(meta, "param_groups", list, where)):
             group_where = f"{where}: param_groups[{i}]"
             ids = field(group, "params", list, group_where)
@@ -145,6 +147,7 @@ class TrainerMeta:
             lanes=int(meta["lanes"]) if "lanes" in meta else None,
             world_size=int(meta.get("world_size", 1)),
             val=meta.get("val"),
+            extra=meta.get("extra"),
         )
 
 
@@ -159,9 +162,15 @@ class TrainerState:
 
 
 def save_checkpoint(
-    path: Path, model: LongContextLM, config: Config, tokenizer: Tokenizer, trainer_state: TrainerState | None = None
+    path: Path,
+    model: LongContextLM,
+    config: Config,
+    tokenizer: Tokenizer | None,
+    trainer_state: TrainerState | None = None,
 ) -> Path:
-    """Write a checkpoint folder atomically (temporary folder + rename). Returns ``path``."""
+    """Write a checkpoint folder atomically (temporary folder + rename). Returns ``path``. ``tokenizer`` is None only
+    for a model that reads token ids directly (a synthetic benchmark task); such a folder has no tokenizer file, so
+    ``eval`` and ``generate`` refuse it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".tmp-{path.name}-{os.getpid()}"
@@ -225,7 +234,7 @@ def remove_checkpoint(path: Path) -> None:
 
 
 def _write_checkpoint_files(
-    folder: Path, model: LongContextLM, config: Config, tokenizer: Tokenizer, trainer_state: TrainerState | None
+    folder: Path, model: LongContextLM, config: Config, tokenizer: Tokenizer | None, trainer_state: TrainerState | None
 ) -> None:
     weights = {k: v for k, v in model.state_dict().items() if k != TIED}
     metadata = {
@@ -237,7 +246,8 @@ def _write_checkpoint_files(
     }
     _save_tensors(folder / MODEL_FILE, weights, metadata)
     _write_json(folder / CONFIG_FILE, config.to_dict())
-    (folder / TOKENIZER_FILE).write_text(tokenizer.to_str(), encoding="utf-8")
+    if tokenizer is not None:
+        (folder / TOKENIZER_FILE).write_text(tokenizer.to_str(), encoding="utf-8")
     if trainer_state is not None:
         _save_tensors(folder / TRAINER_TENSORS, trainer_state.tensors, {"longctx_version": __version__})
         _write_json(folder / TRAINER_META, asdict(trainer_state.meta))

@@ -127,6 +127,12 @@ def test_sorting_smoke(tmp_path):
             assert 0.0 <= r["window_oracle"]["token_accuracy"] <= 1.0
     for by_window in report["teacher_forced_baselines"].values():
         assert 0.0 <= by_window["elimination"] <= 1.0 and by_window["window_counter"]
+    # more steps continue each run from its checkpoint (written by longctx.checkpoint; the older ones pruned)
+    more, res = _run_smoke("sorting", tmp_path, "--threads", "1", "--out-dir", str(tmp_path / "runs"), "--steps", "5")
+    assert res.stderr.count("at step 3") == sum(len(by_length) for by_length in report["results"].values())
+    for run_dir in (tmp_path / "runs").iterdir():
+        assert [p.name for p in run_dir.glob("step-*")] == ["step-00000005"], run_dir
+    assert all(r["steps"] == 5 for by_length in more["results"].values() for r in by_length.values())
 
 
 def test_sorting_examples_are_deterministic_and_sorted():
