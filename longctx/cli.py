@@ -24,7 +24,7 @@ import typer
 
 from longctx.config import DEFAULT_PRESET, Config, load_config, parse_set_args
 from longctx.errors import ConfigError, DataError, LongctxError
-from longctx.validate import loads_json
+from longctx.validate import check_options, loads_json
 
 log = logging.getLogger("longctx")
 app = typer.Typer(
@@ -320,12 +320,10 @@ def eval_(
     ),
     model: Path = typer.Option(None, "--model", "-m", help="Checkpoint folder. Default: newest under runs/."),
     mode: str = typer.Option("carry", "--mode", help="carry (memory carried through each file) or sliding."),
-    seq_len: int = typer.Option(
-        None, "--seq-len", min=1, help="carry: tokens per forward call. Default: training seq_len."
-    ),
-    window: int = typer.Option(None, "--window", "--ctx-size", "-c", min=1, help="sliding: tokens per window."),
-    stride: int = typer.Option(None, "--stride", min=1, help="sliding: step between windows (default window/2)."),
-    max_tokens: int = typer.Option(0, "--max-tokens", min=0, help="Stop after this many tokens (0 = all)."),
+    seq_len: int = typer.Option(None, "--seq-len", help="carry: tokens per forward call. Default: training seq_len."),
+    window: int = typer.Option(None, "--window", "--ctx-size", "-c", help="sliding: tokens per window."),
+    stride: int = typer.Option(None, "--stride", help="sliding: step between windows (default window/2)."),
+    max_tokens: int = typer.Option(0, "--max-tokens", help="Stop after this many tokens (0 = all)."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
     output: Path = typer.Option(None, "--output", "-o", help="Also write the JSON result to this file."),
     per_position: Path = typer.Option(None, "--per-position", help="Write mean NLL per position bucket (CSV)."),
@@ -339,10 +337,8 @@ def eval_(
     from longctx.scoring import EvalOptions, evaluate_documents, format_report, write_per_position_csv
 
     setup_logging(quiet)
-    if mode not in ("carry", "sliding"):
-        raise ConfigError(f"--mode must be carry or sliding, got {mode!r}")
-    if precision not in ("fp32", "bf16"):
-        raise ConfigError(f"--precision must be fp32 or bf16, got {precision!r}")
+    given = dict(mode=mode, precision=precision, seq_len=seq_len, window=window, stride=stride, max_tokens=max_tokens)
+    check_options(given, EvalOptions.RULES)
     if mode == "carry" and (window is not None or stride is not None):
         raise ConfigError(
             "--window/-c and --stride apply to --mode sliding; carry mode reads each file whole "
@@ -419,7 +415,7 @@ def generate(
     prompt_file: str = typer.Option(None, "--prompt-file", "-f", help="Prompt of any length ('-' = stdin)."),
     prompt: str = typer.Option(None, "--prompt", "-p", help="Prompt text."),
     model: Path = typer.Option(None, "--model", "-m", help="Checkpoint folder. Default: newest under runs/."),
-    max_new_tokens: int = typer.Option(200, "--max-new-tokens", "-n", "--n-predict", min=0),
+    max_new_tokens: int = typer.Option(200, "--max-new-tokens", "-n", "--n-predict"),
     temperature: float = typer.Option(0.8, "--temperature", "--temp", help="0 = greedy."),
     top_k: int = typer.Option(50, "--top-k", help="0 = off."),
     top_p: float = typer.Option(1.0, "--top-p", help="1 = off."),
@@ -433,7 +429,7 @@ def generate(
     ignore_eos: bool = typer.Option(False, "--ignore-eos", help="Keep going after the end-of-document token."),
     save_state: Path = typer.Option(None, "--save-state", help="Save the memory after the prompt (safetensors)."),
     load_state: Path = typer.Option(None, "--load-state", help="Start from a memory saved with --save-state."),
-    seq_len: int = typer.Option(None, "--seq-len", min=1, help="Prompt tokens per forward call."),
+    seq_len: int = typer.Option(None, "--seq-len", help="Prompt tokens per forward call."),
     precision: str = typer.Option("fp32", "--precision", help="fp32 or bf16."),
     device: str = typer.Option("auto", "--device"),
     threads: int = typer.Option(0, "--threads", min=0),
@@ -444,9 +440,10 @@ def generate(
 
     from longctx.checkpoint import load_state as read_state
     from longctx.checkpoint import save_state as write_state
-    from longctx.sampling import RECENT_TOKENS, SamplingOptions, read_prompt
+    from longctx.sampling import READ_RULES, RECENT_TOKENS, SamplingOptions, read_prompt
 
     setup_logging(quiet)
+    check_options({"precision": precision, "seq_len": seq_len}, READ_RULES)
     check_output(save_state, "--save-state")  # before a long prompt is read
     seed = random.randrange(2**31) if seed is None else seed
     opts = SamplingOptions(
@@ -692,7 +689,7 @@ def probe(
         "checkpoint's held-out documents, else the bundled corpus.",
     ),
     data: Path = typer.Option(None, "--data", help="recall: the test/ folder written by `longctx probe make-data`."),
-    seq_len: int = typer.Option(None, "--seq-len", min=1, help="Tokens per forward call. Default: training seq_len."),
+    seq_len: int = typer.Option(None, "--seq-len", help="Tokens per forward call. Default: training seq_len."),
     seed: int = typer.Option(0, "--seed"),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
     output: Path = typer.Option(None, "--output", "-o", help="Also write the JSON result to this file."),
@@ -725,8 +722,7 @@ def probe(
         raise ConfigError(f"--task must be copy, context or recall, got {task!r}")
     if content not in ("text", "random"):
         raise ConfigError(f"--content must be text or random, got {content!r}")
-    if precision not in ("fp32", "bf16"):
-        raise ConfigError(f"--precision must be fp32 or bf16, got {precision!r}")
+    check_options({"seq_len": seq_len, "precision": precision}, ProbeOptions.RULES)
     if task == "recall" and data is None:
         raise ConfigError("--task recall needs --data DIR/test (make it with `longctx probe make-data`)")
     if task != "recall" and data is not None:

@@ -34,7 +34,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -44,6 +44,7 @@ from tqdm import tqdm
 from longctx.errors import ConfigError, DataError
 from longctx.model import LongContextLM, inference
 from longctx.tokenizer import Tokenizer
+from longctx.validate import PRECISIONS, Rule, check_options, int_at_least, one_of
 
 log = logging.getLogger("longctx")
 
@@ -74,13 +75,14 @@ class ProbeOptions:
     batch_rows: int = BATCH_ROWS
     progress: bool = False
 
+    RULES: ClassVar[tuple[Rule, ...]] = (
+        int_at_least("seq_len", 1),
+        one_of("precision", PRECISIONS),
+        int_at_least("batch_rows", 1),
+    )
+
     def __post_init__(self) -> None:
-        if self.seq_len < 1:
-            raise ConfigError(f"probe seq_len must be >= 1, got {self.seq_len}")
-        if self.precision not in ("fp32", "bf16"):
-            raise ConfigError(f"probe precision must be 'fp32' or 'bf16', got {self.precision!r}")
-        if self.batch_rows < 1:
-            raise ConfigError(f"probe batch_rows must be >= 1, got {self.batch_rows}")
+        check_options({name: getattr(self, name) for name, _, _ in self.RULES}, self.RULES)
 
 
 def read_rows(model: LongContextLM, rows: np.ndarray, opts: ProbeOptions) -> tuple[np.ndarray, np.ndarray]:

@@ -23,7 +23,7 @@ from collections import deque
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -36,26 +36,14 @@ from longctx.decoders import State
 from longctx.errors import ConfigError, DataError
 from longctx.model import LongContextLM, inference
 from longctx.tokenizer import Tokenizer
+from longctx.validate import PRECISIONS, Rule, check_options, int_at_least, number_in, one_of
 
 RECENT_TOKENS = 1024  # prompt tokens kept for the repetition penalty by default (>= any sensible --repeat-last-n)
-PRECISIONS = ("fp32", "bf16")
 StopReason = Literal["length", "eos", "stop"]
 
 
 # --------------------------------------------------------------------------------------------------------------------
 # options
-
-
-def _show(value: Any) -> str:
-    return f"{value:g}" if isinstance(value, float) else repr(value) if isinstance(value, str) else str(value)
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
 
 
 @dataclass
@@ -73,41 +61,36 @@ class SamplingOptions:
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False  # the separator token ends a sample unless this is set
 
+    RULES: ClassVar[tuple[Rule, ...]] = (
+        int_at_least("max_new_tokens", 0),
+        number_in("temperature", lambda v: 0 <= v < math.inf, ">= 0 (0 = greedy)"),
+        int_at_least("top_k", 0, " (0 = off)"),
+        number_in("top_p", lambda v: 0 < v <= 1, "in (0, 1] (1 = off)"),
+        number_in("min_p", lambda v: 0 <= v < 1, "in [0, 1) (0 = off)"),
+        number_in("repetition_penalty", lambda v: 0 < v < math.inf, "> 0 (1 = off)"),
+        int_at_least("repeat_last_n", 0, " (0 = off)"),
+        int_at_least("seed", 0),
+    )
+
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = list(self.stop)
-        for name in ("max_new_tokens", "top_k", "repeat_last_n", "seed"):
-            if not _is_int(getattr(self, name)):
-                raise ConfigError(f"{_flag(name)} must be an integer, got {_show(getattr(self, name))}")
-        for name in ("temperature", "top_p", "min_p", "repetition_penalty"):
-            if not _is_number(getattr(self, name)):
-                raise ConfigError(f"{_flag(name)} must be a number, got {_show(getattr(self, name))}")
-        checks = [
-            ("max_new_tokens", self.max_new_tokens >= 0, "must be >= 0"),
-            ("temperature", 0 <= self.temperature < math.inf, "must be >= 0 (0 = greedy)"),
-            ("top_k", self.top_k >= 0, "must be >= 0 (0 = off)"),
-            ("top_p", 0 < self.top_p <= 1, "must be in (0, 1] (1 = off)"),
-            ("min_p", 0 <= self.min_p < 1, "must be in [0, 1) (0 = off)"),
-            ("repetition_penalty", 0 < self.repetition_penalty < math.inf, "must be > 0 (1 = off)"),
-            ("repeat_last_n", self.repeat_last_n >= 0, "must be >= 0 (0 = off)"),
-            ("seed", self.seed >= 0, "must be >= 0"),
-        ]
-        for name, ok, rule in checks:
-            if not ok:  # comparisons with NaN are false, so NaN is refused too
-                raise ConfigError(f"{_flag(name)} {rule}, got {_show(getattr(self, name))}")
+        check_options({name: getattr(self, name) for name, _, _ in self.RULES}, self.RULES)
         for s in self.stop:
             if not isinstance(s, str) or not s:
                 raise ConfigError(f"--stop must be a non-empty string, got {s!r}")
 
 
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
+READ_RULES: tuple[Rule, ...] = (
+    one_of("precision", PRECISIONS),
+    int_at_least("seq_len", 1),
+    int_at_least("keep_recent", 0),
+)
 
 
 def _check_precision(precision: str) -> None:
-    if precision not in PRECISIONS:
-        raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    check_options({"precision": precision}, READ_RULES)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -226,11 +209,7 @@ def read_prompt(
     the last ``keep_recent`` tokens, whatever the prompt length. ``progress``: a bar on stderr (tokens read, tokens/s)
     once reading has taken more than a second.
     """
-    _check_precision(precision)
-    if not _is_int(seq_len) or seq_len < 1:
-        raise ConfigError(f"--seq-len must be >= 1, got {seq_len}")
-    if not _is_int(keep_recent) or keep_recent < 0:
-        raise ConfigError(f"keep_recent must be >= 0, got {keep_recent}")
+    check_options({"precision": precision, "seq_len": seq_len, "keep_recent": keep_recent}, READ_RULES)
     t0 = time.perf_counter()
     device = model.device
     vocab_size = model.cfg.vocab_size

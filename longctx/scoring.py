@@ -33,7 +33,7 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -45,6 +45,7 @@ from longctx.decoders import State
 from longctx.errors import CheckpointError, ConfigError, DataError, LongctxError
 from longctx.model import LongContextLM, inference
 from longctx.tokenizer import Tokenizer
+from longctx.validate import PRECISIONS, Rule, check_options, int_at_least, one_of
 
 log = logging.getLogger("longctx")
 
@@ -67,21 +68,21 @@ class EvalOptions:
     partial_on_interrupt: bool = False  # Ctrl-C returns the result over the tokens scored so far, "partial": true
     log_interval_s: float = 0.0  # without a bar: a progress line (tokens, running ppl) this often; 0 = never
 
+    RULES: ClassVar[tuple[Rule, ...]] = (
+        one_of("mode", ("carry", "sliding")),
+        one_of("precision", PRECISIONS),
+        int_at_least("seq_len", 1),
+        int_at_least("window", 2),
+        int_at_least("stride", 1),
+        int_at_least("max_tokens", 0, " (0 = no limit)"),
+    )
+
     def __post_init__(self) -> None:
-        if self.mode not in ("carry", "sliding"):
-            raise ConfigError(f"eval mode must be 'carry' or 'sliding', got {self.mode!r}")
-        if self.precision not in ("fp32", "bf16"):
-            raise ConfigError(f"eval precision must be 'fp32' or 'bf16', got {self.precision!r}")
-        if self.seq_len < 1:
-            raise ConfigError(f"eval seq_len must be >= 1, got {self.seq_len}")
-        if self.max_tokens < 0:
-            raise ConfigError(f"eval max_tokens must be >= 0 (0 = no limit), got {self.max_tokens}")
-        if self.mode == "sliding" and self.window < 2:
-            raise ConfigError(f"eval window must be >= 2 in sliding mode, got {self.window}")
-        if self.mode == "sliding" and not 1 <= self.stride < self.window:
+        check_options({name: getattr(self, name) for name, _, _ in self.RULES}, self.RULES)
+        if self.mode == "sliding" and not self.stride < self.window:
             raise ConfigError(
-                f"eval stride must be between 1 and window - 1 ({self.window - 1}) so that every "
-                f"scored token has context, got {self.stride}"
+                f"--stride must be below --window ({self.window}) so that every scored token has context, "
+                f"got {self.stride}"
             )
 
 

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 import struct
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from longctx.errors import CheckpointError, LongctxError
+from longctx.errors import CheckpointError, ConfigError, LongctxError
 
 MAX_JSON_BYTES = 64 << 20  # config.json, trainer_state.json, tokenizer.json (a 4096-token BPE one is ~0.3 MB)
 MAX_PRESET_BYTES = 1 << 20  # a preset TOML or JSON (the bundled ones are ~1 KB)
@@ -218,3 +220,52 @@ def read_safetensors_header(
         dtype = SAFETENSORS_DTYPES.get(entry["dtype"])
         tensors[name] = (getattr(torch, dtype) if dtype else entry["dtype"], tuple(shape))
     return tensors, metadata
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# options of eval, generate and probe: one rule per option, checked by the options class and by the CLI before any
+# work starts (the CLI passes None for a flag that was not given)
+
+PRECISIONS = ("fp32", "bf16")
+Rule = tuple[str, Callable[[Any], bool], str]  # (field, test, what the option needs); the field is the flag's name
+
+
+def option_flag(name: str) -> str:
+    """The command-line flag of an options field: ``top_k`` -> ``--top-k``."""
+    return "--" + name.replace("_", "-")
+
+
+def show_value(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else repr(value) if isinstance(value, str) else str(value)
+
+
+def is_int(value: Any) -> bool:
+    """An integer (numpy's too), not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def is_number(value: Any) -> bool:
+    """A real number (numpy's too), not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def int_at_least(name: str, minimum: int, note: str = "") -> Rule:
+    return name, lambda v: is_int(v) and v >= minimum, f"must be an integer >= {minimum}{note}"
+
+
+def number_in(name: str, test: Callable[[float], bool], rule: str) -> Rule:
+    """A number passing ``test`` (comparisons with NaN are false, so NaN is refused)."""
+    return name, lambda v: is_number(v) and bool(test(v)), f"must be a number {rule}"
+
+
+def one_of(name: str, choices: tuple[str, ...]) -> Rule:
+    return name, lambda v: v in choices, f"must be {' or '.join(choices)}"
+
+
+def check_options(values: Mapping[str, Any], rules: Iterable[Rule], error: ErrorType = ConfigError) -> None:
+    """Raise ``error`` for the first value that breaks its rule, as one line naming the flag and the value
+    (``--top-p must be a number in (0, 1] (1 = off), got 2``). None means "not given" and passes."""
+    for name, test, rule in rules:
+        value = values.get(name)
+        if value is not None and not test(value):
+            raise error(f"{option_flag(name)} {rule}, got {show_value(value)}")

@@ -1140,6 +1140,27 @@ def test_unwritable_output_is_one_line(cli: Callable[..., Result], ws: Workspace
     assert not list(tmp_path.parent.glob(f".tmp-{tmp_path.name}-*"))  # no temporary file left beside the folder
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("eval", "--mode", "sliding", "--window", "1"), "--window must be an integer >= 2, got 1"),
+        (("eval", "--seq-len", "0"), "--seq-len must be an integer >= 1, got 0"),
+        (("eval", "--max-tokens", "-1"), "--max-tokens must be an integer >= 0 (0 = no limit), got -1"),
+        (("eval", "--precision", "fp16"), "--precision must be fp32 or bf16, got 'fp16'"),
+        (("generate", "--max-new-tokens", "-2"), "--max-new-tokens must be an integer >= 0, got -2"),
+        (("generate", "--top-p", "2"), "--top-p must be a number in (0, 1] (1 = off), got 2"),
+        (("generate", "--seq-len", "0"), "--seq-len must be an integer >= 1, got 0"),
+        (("probe", "--seq-len", "0"), "--seq-len must be an integer >= 1, got 0"),
+    ],
+)
+def test_bad_options_are_refused_before_the_model_is_read(
+    cli: Callable[..., Result], tmp_path: Path, args: tuple[str, ...], message: str
+) -> None:
+    """The same rule as the library's options class, checked first: the missing checkpoint is never reached."""
+    res = cli(*args, "--model", tmp_path / "no-such-checkpoint")
+    assert_user_error(res, message)
+
+
 def test_output_folders_are_created(cli: Callable[..., Result], ws: Workspace, tmp_path: Path) -> None:
     """-o, --per-position and --save-state alike create a missing folder."""
     res = cli(

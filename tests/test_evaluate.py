@@ -202,14 +202,27 @@ def test_sliding_equals_hf_recipe(
     assert abs(r["nll_sum"] / carry - 1) > 100 * REL
 
 
-def test_bad_options() -> None:
-    with pytest.raises(ConfigError, match="stride"):
-        EvalOptions(mode="sliding", window=8, stride=8)
-    with pytest.raises(ConfigError, match="seq_len"):
-        EvalOptions(seq_len=0)
-    with pytest.raises(ConfigError, match="max_tokens"):
-        EvalOptions(max_tokens=-1)
-    EvalOptions(mode="carry", window=8, stride=8)  # sliding geometry is not checked in carry mode
+@pytest.mark.parametrize(
+    ("kw", "message"),
+    [
+        ({"mode": "sliding", "window": 8, "stride": 8}, "--stride must be below --window (8)"),
+        ({"seq_len": 0}, "--seq-len must be an integer >= 1, got 0"),
+        ({"seq_len": 2.5}, "--seq-len must be an integer >= 1, got 2.5"),
+        ({"max_tokens": -1}, "--max-tokens must be an integer >= 0 (0 = no limit), got -1"),
+        ({"mode": "sliding", "window": 1, "stride": 1}, "--window must be an integer >= 2, got 1"),
+        ({"mode": "sliding", "window": 8, "stride": 0}, "--stride must be an integer >= 1, got 0"),
+        ({"mode": "windowed"}, "--mode must be carry or sliding, got 'windowed'"),
+        ({"precision": "fp16"}, "--precision must be fp32 or bf16, got 'fp16'"),
+    ],
+)
+def test_bad_options(kw: dict, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        EvalOptions(**kw)
+    assert str(info.value).startswith(message) and "\n" not in str(info.value)
+
+
+def test_sliding_geometry_is_not_checked_in_carry_mode() -> None:
+    EvalOptions(mode="carry", window=8, stride=8)
 
 
 # --------------------------------------------------------------------------------------------------------------------
