@@ -42,6 +42,12 @@ from longctx.train import RunOptions, make_optimizer, train
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
+
+def add_set_option(parser: argparse.ArgumentParser, help: str) -> None:
+    """``--set KEY=VALUE`` (repeatable) into ``args.overrides``: config keys changed for every preset."""
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=help)
+
+
 # tiny sizes for every decoder (keys of unused decoders are harmless): windows of 16, 1 layer of width 32 (--smoke)
 TINY_MODEL_OVERRIDES = {
     "model.n_layer": "1",

@@ -78,9 +78,11 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (  # noqa: E402
+from common import (
     RESULTS,
     TINY_MODEL_OVERRIDES,
+    # noqa: E402,
+    add_set_option,
     attention_window,
     budget_overrides,
     log,
@@ -369,14 +371,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=None,
         help=f"bytes of each held-out document to score, 0 = all (default 0; {SMOKE_EVAL_BYTES} with --smoke)",
     )
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override one config key for every preset, e.g. --set train.eval_tokens=16384 (repeatable)",
-    )
+    add_set_option(p, "override one config key for every preset, e.g. --set train.eval_tokens=16384 (repeatable)")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (default 0 = torch's default)")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="training and evaluation")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, ... (default auto)")

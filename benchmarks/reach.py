@@ -38,9 +38,11 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (  # noqa: E402
+from common import (
     RESULTS,
     TINY_MODEL_OVERRIDES,
+    # noqa: E402,
+    add_set_option,
     budget_overrides,
     log,
     machine_info,
@@ -219,14 +221,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--presets", default=None, help="comma list (default: every bundled preset)")
     p.add_argument("--tasks", default="recall,copy,context", help="comma list of recall, copy, context")
     p.add_argument("--tokens", type=int, default=4_096_000, help="recall: training tokens per preset")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="recall: override one config key for every preset (repeatable)",
-    )
+    add_set_option(p, "recall: override one config key for every preset (repeatable)")
     p.add_argument("--text-runs", type=Path, default=None, help="copy, context: run folders of quality.py")
     p.add_argument("--recall-docs", type=int, default=4000, help="recall: training documents")
     p.add_argument("--recall-queries", type=int, default=200, help="recall: test questions per distance")

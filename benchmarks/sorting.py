@@ -90,9 +90,11 @@ from safetensors.torch import load_file
 from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (  # noqa: E402
+from common import (
     RESULTS,
     TINY_MODEL_OVERRIDES,
+    # noqa: E402,
+    add_set_option,
     attention_window,
     log,
     machine_info,
@@ -466,14 +468,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--eval-examples", type=int, default=None, help="held-out examples (default 200; 8 with --smoke)")
     p.add_argument("--bptt-segments", type=int, default=1, help="segments backpropagated per example (default 1)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override one config key for every preset (after the small sizes), e.g. --set train.lr=3e-4",
-    )
+    add_set_option(p, "override one config key for every preset (after the small sizes), e.g. --set train.lr=3e-4")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (default 0 = torch's default)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, ... (default auto)")
     p.add_argument("--seed", type=int, default=0, help="seed of the examples and of the initial weights (default 0)")

@@ -62,6 +62,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402  (machine facts, matmul peak, the model-FLOP formula, interleaved training steps)
     TrainRun,
     XTransformersRun,
+    add_set_option,
     cpu_model,
     load_average,
     log,
@@ -294,14 +295,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--work-dir", type=Path, default=None, help="where the eval inputs are written (default: temp)")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override one config key for every preset and part, e.g. --set model.d_model=64 (repeatable)",
-    )
+    add_set_option(p, "override one config key for every preset and part, e.g. --set model.d_model=64 (repeatable)")
     p.add_argument("--smoke", action="store_true", help="tiny models, short prompts and inputs, 2 steps (CI)")
     p.add_argument("--output", type=Path, default=None, help="JSON report (default benchmarks/results/speed.json)")
     p.add_argument("--child-infer", default="", help=argparse.SUPPRESS)  # internal: one preset in this process

@@ -88,6 +88,7 @@ from longctx.train import resolve_device
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402  (shared with the other benchmark scripts)
+    add_set_option,
     cpu_flags,
     cpu_model,
     load_average,
@@ -209,14 +210,7 @@ def run_precision(cfg: Config, precision: str, args: argparse.Namespace) -> dict
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--preset", default="transformer-small", help="preset name or TOML path (default transformer-small)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override one config key, e.g. --set model.n_layer=4 (repeatable)",
-    )
+    add_set_option(p, "override one config key, e.g. --set model.n_layer=4 (repeatable)")
     p.add_argument("--precision", default="fp32,bf16", help="fp32, bf16 or a comma list (default fp32,bf16)")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (default 0 = torch's default)")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N, or auto")

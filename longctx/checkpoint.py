@@ -350,23 +350,22 @@ def _read_weights(file: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
         ) from None
 
 
+def _check_names(file: Path, missing: list[str], unexpected: list[str]) -> None:
+    if missing or unexpected:
+        parts = [f"missing {', '.join(missing[:4])}"] if missing else []
+        parts += [f"unexpected {', '.join(unexpected[:4])}"] if unexpected else []
+        raise CheckpointError(
+            f"{file} does not match its config.json ({'; '.join(parts)}); the files come from different models"
+        )
+
+
 def load_weights(model: LongContextLM, file: Path) -> dict[str, str]:
     """Load ``file`` into ``model`` after checking names, shapes and dtypes; returns the file's metadata."""
     tensors, metadata = _read_weights(file)
     expected = {k: v for k, v in model.state_dict().items() if k != TIED}
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
-    if missing or unexpected:
-        detail = "; ".join(
-            filter(
-                None,
-                [
-                    missing and f"missing {', '.join(missing[:4])}",
-                    unexpected and f"unexpected {', '.join(unexpected[:4])}",
-                ],
-            )
-        )
-        raise CheckpointError(f"{file} does not match its config.json ({detail}); the files come from different models")
+    _check_names(file, missing, unexpected)
     for name, tensor in tensors.items():
         want = expected[name]
         if tensor.shape != want.shape or tensor.dtype != want.dtype:
@@ -396,17 +395,7 @@ def check_weights_header(cfg: ModelConfig, file: Path) -> None:
     model = check_model_size(cfg, str(file.parent / CONFIG_FILE), CheckpointError)
     expected = {k: (v.dtype, tuple(v.shape)) for k, v in model.state_dict().items() if k != TIED}
     missing, unexpected = sorted(set(expected) - set(header)), sorted(set(header) - set(expected))
-    if missing or unexpected:
-        detail = "; ".join(
-            filter(
-                None,
-                [
-                    missing and f"missing {', '.join(missing[:4])}",
-                    unexpected and f"unexpected {', '.join(unexpected[:4])}",
-                ],
-            )
-        )
-        raise CheckpointError(f"{file} does not match its config.json ({detail}); the files come from different models")
+    _check_names(file, missing, unexpected)
     for name, (dtype, shape) in header.items():
         if (dtype, shape) != expected[name]:
             raise CheckpointError(
