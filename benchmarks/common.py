@@ -300,15 +300,17 @@ def model_flops(cfg: Config, model: torch.nn.Module) -> dict[str, Any]:
 class TrainRun:
     """One model, optimizer, carried state and fixed random data; :meth:`step` runs and times one training step."""
 
-    def __init__(self, config: Config, precision: str, seed: int) -> None:
+    def __init__(self, config: Config, precision: str, seed: int, compiled: bool = False) -> None:
         torch.manual_seed(seed)
         self.model = self.build(config)
+        self.net = torch.compile(self.model) if compiled else self.model  # compiled on the first (untimed) step
         self.optimizer = make_optimizer(self.model, config.train)  # type: ignore[arg-type]
         self.batch, self.seq_len = config.train.batch_size, config.train.seq_len
         gen = torch.Generator().manual_seed(seed)
         self.data = torch.randint(0, config.model.vocab_size, (self.batch, self.seq_len + 1), generator=gen)
         self.bf16 = precision == "bf16"
         self.times: list[float] = []
+        self.warmup_s = 0.0  # the untimed steps (compilation included)
 
     def build(self, config: Config) -> torch.nn.Module:
         model = build_model(config.model).train()
@@ -317,7 +319,7 @@ class TrainRun:
 
     def loss(self) -> torch.Tensor:
         """Forward with the carried state; keeps the next (detached) state."""
-        out = self.model(self.data[:, :-1], self.state, self.data[:, 1:])
+        out = self.net(self.data[:, :-1], self.state, self.data[:, 1:])
         self.state = out.state.detach()
         return out.loss + out.aux_loss
 
@@ -333,6 +335,8 @@ class TrainRun:
         self.optimizer.zero_grad(set_to_none=True)
         if timed:
             self.times.append(time.perf_counter() - t0)
+        else:
+            self.warmup_s += time.perf_counter() - t0
 
     def tokens_per_s(self) -> float:
         return self.batch * self.seq_len / statistics.median(self.times)

@@ -9,7 +9,9 @@ What it measures, for each preset of ``--presets`` (default: every bundled prese
   formula of ``benchmarks/train_speed.py``) x tokens/s / the matmul peak measured at the start of the same run in
   the same precision. ``--xtransformers`` adds x-transformers' Transformer-XL recurrence at the size of
   ``xl-small`` and ``--perceiver-ar-pytorch`` perceiver-ar-pytorch's model at the size of ``perceiver-ar-small``
-  (the references the decoder issues state their targets against; each needs its package).
+  (the references the decoder issues state their targets against; each needs its package). ``--compile`` adds
+  every preset again under ``torch.compile`` (``PRESET+compile``, in the same rounds), with ``warmup_s`` (the
+  untimed steps, compilation included) and ``speed_vs_eager``.
 * ``infer`` (a fresh process per preset): prompt ingestion tokens/s (a batch-1 prompt read in segments of
   ``train.seq_len`` with the state carried: eval's carry mode) and the per-token decode latency (one token in,
   logits out, state carried) after prompts of ``--prompt-lengths`` tokens (default 1k, 10k, 100k), the lengths
@@ -131,6 +133,8 @@ def measure_training(presets: list[str], args: argparse.Namespace) -> dict[str, 
     for precision in args.precisions:
         configs = {p: preset_config(p, args) for p in presets}
         runs: dict[str, TrainRun] = {p: TrainRun(c, precision, args.seed) for p, c in configs.items()}
+        if args.compile:  # each preset again under torch.compile, in the same rounds
+            runs |= {f"{p}+compile": TrainRun(c, precision, args.seed, compiled=True) for p, c in configs.items()}
         if args.xtransformers:
             runs["x-transformers-xl"] = XTransformersRun(preset_config("xl-small", args), precision, args.seed)
         if args.perceiver_ar_pytorch and precision == "fp32":  # its masks overflow bf16 (the issue's figure: fp32)
@@ -142,9 +146,13 @@ def measure_training(presets: list[str], args: argparse.Namespace) -> dict[str, 
                 run.step(timed=i >= args.warmup)
         for name, run in runs.items():
             row: dict[str, Any] = {"tokens_per_s": run.tokens_per_s(), "step_times_s": [round(t, 4) for t in run.times]}
-            if name in configs:
-                flops = model_flops(configs[name], run.model)["flops_per_token"]
+            base = name.removesuffix("+compile")
+            if base in configs:
+                flops = model_flops(configs[base], run.model)["flops_per_token"]
                 row |= {"flops_per_token": flops, "mfu": flops * row["tokens_per_s"] / peaks[precision]["flops_per_s"]}
+            if name != base:
+                eager = out["runs"][base][precision]["tokens_per_s"]
+                row |= {"warmup_s": run.warmup_s, "speed_vs_eager": row["tokens_per_s"] / eager}
             out["runs"].setdefault(name, {})[precision] = row
             mfu = f", MFU {row['mfu']:.2f}" if "mfu" in row else ""
             log(f"  train {name:22s} {precision}: {row['tokens_per_s']:8,.0f} tokens/s{mfu}")
@@ -283,6 +291,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--train-steps", type=int, default=10, help="timed training steps per preset (default 10)")
     p.add_argument("--warmup", type=int, default=2, help="untimed training steps per preset (default 2)")
     p.add_argument("--xtransformers", action="store_true", help="also train x-transformers' XL at xl-small's size")
+    p.add_argument("--compile", action="store_true", help="also train every preset under torch.compile")
     p.add_argument(
         "--perceiver-ar-pytorch",
         action="store_true",
