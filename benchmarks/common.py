@@ -342,23 +342,29 @@ class TrainRun:
         return self.batch * self.seq_len / statistics.median(self.times)
 
 
+def xtransformers_model(config: Config, recurrent: bool) -> torch.nn.Module:
+    """x-transformers' decoder at the size of ``config``: the Transformer-XL recurrence (``max_mem_len`` =
+    ``mem_len``, relative position bias) if ``recurrent``, else a plain window of ``train.seq_len`` tokens with rotary
+    positions (no memory). Needs the optional package: pip install x-transformers."""
+    from x_transformers import Decoder, TransformerWrapper
+
+    m = config.model
+    position = {"rel_pos_bias": True} if recurrent else {"rotary_pos_emb": True}
+    return TransformerWrapper(
+        num_tokens=m.vocab_size,
+        max_seq_len=config.train.seq_len,
+        max_mem_len=m.xl.mem_len if recurrent else 0,
+        attn_layers=Decoder(dim=m.d_model, depth=m.n_layer, heads=m.n_head, ff_mult=m.d_ff // m.d_model, **position),
+    )
+
+
 class XTransformersRun(TrainRun):
     """The reference of the issue: x-transformers' Transformer-XL recurrence (``TransformerWrapper`` with
     ``max_mem_len`` and ``return_mems``, relative position bias) at the size of ``config``, memory = ``mem_len``."""
 
     def build(self, config: Config) -> torch.nn.Module:
-        from x_transformers import Decoder, TransformerWrapper  # optional: pip install x-transformers
-
-        m = config.model
         self.mems = None
-        return TransformerWrapper(
-            num_tokens=m.vocab_size,
-            max_seq_len=config.train.seq_len,
-            max_mem_len=m.xl.mem_len,
-            attn_layers=Decoder(
-                dim=m.d_model, depth=m.n_layer, heads=m.n_head, ff_mult=m.d_ff // m.d_model, rel_pos_bias=True
-            ),
-        ).train()
+        return xtransformers_model(config, recurrent=True).train()
 
     def loss(self) -> torch.Tensor:
         logits, self.mems = self.model(self.data[:, :-1], mems=self.mems, return_mems=True)  # mems: detached

@@ -16,6 +16,8 @@ What it measures, for each preset of ``--presets`` (default: every bundled prese
   ``train.seq_len`` with the state carried: eval's carry mode) and the per-token decode latency (one token in,
   logits out, state carried) after prompts of ``--prompt-lengths`` tokens (default 1k, 10k, 100k), the lengths
   taking turns token by token; ``flatness`` = latency after the longest prompt / after the shortest (1.0 = flat).
+  ``--xtransformers`` adds x-transformers at ``xl-small``'s size: its XL recurrence (memory carried, decode
+  included) and its memoryless window of ``train.seq_len`` tokens (each segment read alone; ingestion only).
 * ``rss`` (a fresh process per preset, input size and eval precision): ``longctx eval``'s code path
   (``evaluate_documents``, carry mode, byte tokenizer, a freshly initialised model, ``--eval-precision`` fp32 by
   default) over one file of ``--rss-sizes`` megabytes made by concatenating the bundled corpus; the process's peak
@@ -70,6 +72,7 @@ from common import (  # noqa: E402  (machine facts, matmul peak, the model-FLOP 
     log,
     matmul_peak,
     model_flops,
+    xtransformers_model,
 )
 
 HERE = Path(__file__).resolve().parent
@@ -161,6 +164,52 @@ def measure_training(presets: list[str], args: argparse.Namespace) -> dict[str, 
 
 # --------------------------------------------------------------------------------------------------------------------
 # inference: prompt ingestion and decode latency (child process per preset)
+
+
+XT_REFERENCES = ("x-transformers-xl", "x-transformers-window")  # --xtransformers, infer part
+
+
+@torch.no_grad()
+def measure_xtransformers_inference(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    """The inference references at ``xl-small``'s size: x-transformers' XL recurrence (prompt read in segments with
+    its memory carried, then one token at a time) and its memoryless window (each segment read alone; no decode
+    figure, since it has no memory to carry)."""
+    cfg = preset_config("xl-small", args)
+    torch.manual_seed(args.seed)
+    recurrent = name == "x-transformers-xl"
+    model = xtransformers_model(cfg, recurrent).eval()
+    seq_len, lengths = cfg.train.seq_len, sorted(args.lengths)
+    gen = torch.Generator().manual_seed(args.seed)
+    mems, tokens, ingest = {}, {}, {}
+    for length in lengths:
+        prompt = torch.randint(0, cfg.model.vocab_size, (1, length), generator=gen)
+        mem = None
+        t0 = time.perf_counter()
+        for start in range(0, length, seq_len):
+            if recurrent:
+                _, mem = model(prompt[:, start : start + seq_len], mems=mem, return_mems=True)
+            else:
+                model(prompt[:, start : start + seq_len])
+        ingest[str(length)] = length / (time.perf_counter() - t0)
+        mems[length], tokens[length] = mem, prompt[:, -1:]
+        log(f"  {name}: prompt of {length:,} tokens read at {ingest[str(length)]:,.0f} tokens/s")
+    result: dict[str, Any] = {"ingest_tokens_per_s": ingest, "parameters": sum(p.numel() for p in model.parameters())}
+    if recurrent:
+        times: dict[int, list[float]] = {length: [] for length in lengths}
+        for _ in range(args.gen_tokens):
+            for length in lengths:
+                t0 = time.perf_counter()
+                logits, mems[length] = model(tokens[length], mems=mems[length], return_mems=True)
+                times[length].append(time.perf_counter() - t0)
+                tokens[length] = logits[:, -1].argmax(-1, keepdim=True)
+        latency = {str(length): statistics.median(t) for length, t in times.items()}
+        log(f"  {name}: decode " + ", ".join(f"{v * 1e3:.2f} ms/token after {k}" for k, v in latency.items()))
+        result |= {
+            "decode_latency_s": latency,
+            "flatness": latency[str(lengths[-1])] / latency[str(lengths[0])],
+            "state_bytes": sum(m.numel() * m.element_size() for m in mems[lengths[-1]]),
+        }
+    return result
 
 
 @torch.no_grad()
@@ -290,7 +339,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--eval-precision", default="fp32", help="eval precisions of the rss part (default fp32)")
     p.add_argument("--train-steps", type=int, default=10, help="timed training steps per preset (default 10)")
     p.add_argument("--warmup", type=int, default=2, help="untimed training steps per preset (default 2)")
-    p.add_argument("--xtransformers", action="store_true", help="also train x-transformers' XL at xl-small's size")
+    p.add_argument(
+        "--xtransformers",
+        action="store_true",
+        help="train: also x-transformers' XL at xl-small's size; infer: also its XL recurrence and its window",
+    )
     p.add_argument("--compile", action="store_true", help="also train every preset under torch.compile")
     p.add_argument(
         "--perceiver-ar-pytorch",
@@ -342,7 +395,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.child_infer:
-        result = measure_inference(args.child_infer, args)
+        measure = measure_xtransformers_inference if args.child_infer in XT_REFERENCES else measure_inference
+        result = measure(args.child_infer, args)
         print(json.dumps(result))
         return result
     if args.child_rss:
@@ -371,6 +425,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for preset in presets:
             log(f"speed: prompt ingestion and decode latency, {preset}")
             report["infer"][preset] = run_child(args, "--child-infer", preset)
+        for name in XT_REFERENCES if args.xtransformers else ():
+            log(f"speed: prompt ingestion and decode latency, {name} (at xl-small's size)")
+            report["infer"][name] = run_child(args, "--child-infer", name)
     if "rss" in args.parts:
         report["rss"] = {}
         with tempfile.TemporaryDirectory() as tmp:
