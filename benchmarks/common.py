@@ -233,13 +233,19 @@ def synchronize(device: torch.device) -> None:
 
 
 def matmul_peak(
-    dtype: torch.dtype, size: int, repeats: int, device: torch.device = torch.device("cpu")
+    dtype: torch.dtype,
+    size: int,
+    repeats: int,
+    device: torch.device = torch.device("cpu"),
+    shape: tuple[int, int, int] | None = None,
 ) -> dict[str, Any]:
-    """Median FLOP/s of a square ``size`` x ``size`` matmul in ``dtype`` on ``device`` (2 * size^3 FLOPs each)."""
+    """Median FLOP/s of a square ``size`` x ``size`` matmul in ``dtype`` on ``device`` (2 * size^3 FLOPs each), or of
+    an (M, K) x (K, N) one for ``shape`` = (M, K, N)."""
+    m, k, n = shape or (size, size, size)
     gen = torch.Generator().manual_seed(0)
-    a = torch.randn(size, size, generator=gen).to(device, dtype)
-    b = torch.randn(size, size, generator=gen).to(device, dtype)
-    out = torch.empty(size, size, dtype=dtype, device=device)
+    a = torch.randn(m, k, generator=gen).to(device, dtype)
+    b = torch.randn(k, n, generator=gen).to(device, dtype)
+    out = torch.empty(m, n, dtype=dtype, device=device)
     for _ in range(2):  # warm up the kernel selection and the caches
         torch.mm(a, b, out=out)
     times = []
@@ -249,10 +255,11 @@ def matmul_peak(
         torch.mm(a, b, out=out)
         synchronize(device)
         times.append(time.perf_counter() - t0)
-    flops = 2.0 * size**3
+    flops = 2.0 * m * k * n
     median = statistics.median(times)
     return {
         "size": size,
+        "shape": [m, k, n],
         "dtype": str(dtype).removeprefix("torch."),
         "repeats": repeats,
         "times_s": [round(t, 6) for t in times],

@@ -45,6 +45,8 @@ MFU = (flops_per_token * median tokens/s) / peak, where the peak is measured in 
 count: the median FLOP/s of several timed square matmuls (``--peak-size``, default 2048) in fp32, and in bf16 for the
 bf16 run (bf16 x bf16 -> bf16, the kernel autocast uses for nn.Linear). ``mfu`` uses the peak of the run's own
 precision; ``mfu_vs_fp32_peak`` uses the fp32 peak for both, for a precision-independent comparison.
+``matmul_at_model_shapes``: the same timing for the model's own products (batch x seq_len tokens times d_model into
+d_model and d_ff, and d_ff back), as a fraction of the peak: the MFU that those products alone would allow.
 
 How to run
 ----------
@@ -292,6 +294,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for name, peak in peaks.items():
         log(f"  matmul peak {name}: {peak['flops_per_s'] / 1e9:.1f} GFLOP/s ({args.peak_size}^3, median)")
 
+    # the rate of the model's own matmuls (tokens of a step x d_model into d_model and d_ff, and back): the ceiling of
+    # its MFU when the peak's square matmuls run faster than these narrow ones
+    n_tok, d, ff = args.batch_size * args.seq_len, cfg.model.d_model, cfg.model.d_ff
+    model_shapes = [(n_tok, d, d), (n_tok, d, ff), (n_tok, ff, d)]
+    shape_rates = []
+    for name in peaks:
+        dtype = torch.float32 if name == "fp32" else torch.bfloat16
+        for shape in model_shapes:
+            rate = matmul_peak(dtype, 0, args.peak_repeats, args.device, shape)
+            rate["fraction_of_peak"] = rate["flops_per_s"] / peaks[name]["flops_per_s"]
+            shape_rates.append(rate)
+            log(
+                f"  matmul {name} {'x'.join(map(str, shape))}: {rate['flops_per_s'] / 1e9:.1f} GFLOP/s "
+                f"({rate['fraction_of_peak']:.2f} of the peak)"
+            )
+
     flops = model_flops(cfg, build_model(cfg.model))
     runs = []
     for precision in args.precisions:
@@ -338,6 +356,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "model": cfg.to_dict()["model"],
         "flops": flops,
         "matmul_peak": peaks,
+        "matmul_at_model_shapes": shape_rates,
         "results": runs,
     }
     if len(runs) > 1:
