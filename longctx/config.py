@@ -227,6 +227,10 @@ class ModelConfig:
     # sliding-window attention of transformer and perceiver_ar: "banded" (blocks of queries, float32 softmax),
     # "sdpa" (F.scaled_dot_product_attention, one boolean mask), "auto" = banded on the CPU, sdpa elsewhere
     attention_kernel: AttentionKernel = "auto"
+    # a learned embedding of the previous token added to each token's input (Olsson et al. 2022's "smeared" keys at
+    # the input; RWKV's token shift): every layer sees the token before without first learning a previous-token head;
+    # a (vocab_size + 1) x d_model table and 8 bytes of state per stream
+    previous_token_embedding: bool = False
     transformer: TransformerConfig = field(default_factory=TransformerConfig)
     xl: XLConfig = field(default_factory=XLConfig)
     aft: AFTConfig = field(default_factory=AFTConfig)

@@ -7,6 +7,8 @@ The model knows no decoder internals: it builds ``DECODERS[cfg.decoder]`` and sp
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -39,6 +41,10 @@ class LongContextLM(nn.Module):
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.head.weight = self.embed.weight  # tied (Press & Wolf 2017)
         nn.init.normal_(self.embed.weight, mean=0.0, std=cfg.init_std)
+        self.previous_embed = None  # row 0: no token before (a stream's or a document's first token)
+        if cfg.previous_token_embedding:
+            self.previous_embed = nn.Embedding(cfg.vocab_size + 1, cfg.d_model)
+            nn.init.normal_(self.previous_embed.weight, mean=0.0, std=cfg.init_std)
 
     @property
     def device(self) -> torch.device:
@@ -53,17 +59,37 @@ class LongContextLM(nn.Module):
 
     def init_state(self, batch_size: int, device: torch.device | str | None = None) -> State:
         """Empty memory for ``batch_size`` streams, on ``device`` (default: the model's)."""
-        return self.decoder.init_state(batch_size, device or self.device, self.dtype)
+        state = self.decoder.init_state(batch_size, device or self.device, self.dtype)
+        if self.previous_embed is None:
+            return state
+        none = torch.zeros(batch_size, dtype=torch.int64, device=device or self.device)
+        return with_previous_token(type(state))(**state.tensors(), previous_token=none)
 
     def forward(self, tokens: Tensor, state: State, targets: Tensor | None = None) -> LMOutput:
         """tokens (B, T) int64 after the memory in ``state``; targets (B, T) int64, -100 = ignored."""
-        x = self.drop(self.embed(tokens))  # (B, T, D)
-        out = self.decode(tokens, x, state)
+        x = self.embed(tokens)  # (B, T, D)
+        if self.previous_embed is not None:
+            x = x + self.previous_embed(self.previous_ids(tokens, state))
+            inner = type(state).inner(**{k: v for k, v in state.tensors().items() if k != "previous_token"})
+            out = self.decode(tokens, self.drop(x), inner)
+            state_out = type(state)(**out.state.tensors(), previous_token=tokens[:, -1] + 1)
+            out = DecoderOutput(hidden=out.hidden, state=state_out, aux_loss=out.aux_loss, stats=out.stats)
+        else:
+            out = self.decode(tokens, self.drop(x), state)
         logits = self.head(self.norm(out.hidden))  # (B, T, V)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
         return LMOutput(logits=logits, state=out.state, loss=loss, aux_loss=out.aux_loss, stats=out.stats)
+
+    def previous_ids(self, tokens: Tensor, state: State) -> Tensor:
+        """(B, T) int64 rows of ``previous_embed``: 1 + the token before each token (the state's for the first
+        column), 0 where none comes before: a stream's first token and every separator (a document starts there
+        from an empty memory, as evaluation starts a file)."""
+        prev = torch.cat([state.previous_token[:, None], tokens[:, :-1] + 1], dim=1)  # type: ignore[attr-defined]
+        if self.cfg.reset_at_separator and self.cfg.separator_id >= 0:
+            prev = prev.masked_fill(tokens == self.cfg.separator_id, 0)
+        return prev
 
     def decode(self, tokens: Tensor, x: Tensor, state: State) -> DecoderOutput:
         """The decoder over ``x`` (B, T, D), with the memory of a row emptied at each document separator.
@@ -93,6 +119,28 @@ class LongContextLM(nn.Module):
             aux = aux + out.aux_loss * ((b - a) / T)
             state, stats = out.state, out.stats
         return DecoderOutput(hidden=torch.cat(hidden, dim=1), state=state, aux_loss=aux, stats=stats)
+
+
+@functools.cache
+def with_previous_token(inner: type[State]) -> type[State]:
+    """The state class of a model with ``previous_token_embedding``: the decoder's ``inner`` state plus
+    ``previous_token`` (B,) int64, 1 + the last token read (0 = none). ``inner`` stays reachable as ``.inner``, so
+    the decoder always receives and returns its own state; an emptied row has no previous token."""
+
+    def reset(self: State, mask: Tensor) -> State:
+        out = inner.reset(self, mask)  # a decoder's own reset may keep fields it does not know
+        keep = ~mask.to(device=self.previous_token.device, dtype=torch.bool)  # type: ignore[attr-defined]
+        none = torch.zeros_like(self.previous_token)  # type: ignore[attr-defined]
+        return dataclasses.replace(out, previous_token=torch.where(keep, self.previous_token, none))  # type: ignore[attr-defined]
+
+    cls = dataclasses.make_dataclass(
+        f"{inner.__name__}WithPreviousToken",
+        [("previous_token", Tensor)],
+        bases=(inner,),
+        frozen=True,
+        namespace={"reset": reset, "inner": inner, "__module__": __name__},
+    )
+    return cls
 
 
 @contextlib.contextmanager

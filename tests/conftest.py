@@ -123,6 +123,11 @@ CONTRACT_CASES: dict[str, Callable[[], LongContextLM]] = {
         f"infinite-{name}": functools.partial(build_tiny_model, "infinite", infinite=INFINITE_VARIANTS[name])
         for name in ("sticky", "gate", "separate-gate")
     },
+    # the model's previous-token embedding wraps the decoder's state (xl: a decoder with its own reset)
+    **{
+        f"{decoder}-previous-token": functools.partial(build_tiny_model, decoder, previous_token_embedding=True)
+        for decoder in ("transformer", "xl")
+    },
 }
 """Every test that takes the ``tiny_model`` fixture (the contract tests) runs once per case."""
 

@@ -558,12 +558,14 @@ def _set_flags(table: dict, prefix: str = "model.") -> list[str]:
     return flags
 
 
-@pytest.mark.parametrize("decoder", sorted(DECODERS))
-def test_every_decoder_trains_evaluates_and_generates_through_the_cli(
-    decoder: str, ws: Workspace, tmp_path: Path
-) -> None:
-    """The tiny config of the contract tests (tests/conftest.py), through train, eval --ppl and generate."""
+@pytest.mark.parametrize("case", [*sorted(DECODERS), "xl+previous_token_embedding"])
+def test_every_decoder_trains_evaluates_and_generates_through_the_cli(case: str, ws: Workspace, tmp_path: Path) -> None:
+    """The tiny config of the contract tests (tests/conftest.py), through train, eval --ppl and generate; and one
+    decoder with the model's previous-token embedding, whose state is the decoder's plus the token before."""
+    decoder, _, option = case.partition("+")
     model = {k: v for k, v in TINY_BASE.items() if k != "vocab_size"} | DECODERS[decoder].TINY
+    if option:
+        model[option] = True
     res = run_inprocess(
         tmp_path,
         "train",
@@ -607,6 +609,13 @@ def test_every_decoder_trains_evaluates_and_generates_through_the_cli(
     )
     assert res.code == 0, res.err
     assert "generated 12 tokens" in res.err
+    if option:  # the state after a prompt, saved and read back, continues the same way
+        args = ("generate", "--model", "run/step-00000002", "-n", "8", "--seed", "1", "--ignore-eos", "--temp", "0")
+        once = run_inprocess(tmp_path, *args, "--prompt", "To be or not to be, that is")
+        saved = run_inprocess(tmp_path, *args, "--prompt", "To be or not to be, that is", "--save-state", "s.st")
+        again = run_inprocess(tmp_path, *args, "--load-state", "s.st")
+        assert once.code == saved.code == again.code == 0, again.err
+        assert once.out == saved.out == again.out
 
 
 def test_underscore_alias_and_several_data_paths_after_one_flag(

@@ -450,6 +450,37 @@ def test_without_reset_information_crosses_the_separator(tiny_model: LongContext
 
 
 # --------------------------------------------------------------------------------------------------------------------
+# the model's previous-token embedding (model.previous_token_embedding)
+
+
+def test_previous_token_embedding_reads_the_token_before(make_tiny_model: Callable[..., LongContextLM]) -> None:
+    """Each token's input holds the token before it: within a segment, from the state at a segment's start, and
+    nothing at a stream's start or at a separator. Checked on the ids the embedding reads, and on the logits of a
+    one-token window (``window`` 1: attention sees only the token itself, so the token before can only come
+    through this embedding)."""
+    model = make_tiny_model("transformer", previous_token_embedding=True, separator_id=5, transformer={"window": 1})
+    tokens = torch.tensor([[7, 8, 5, 9, 10], [1, 2, 3, 4, 6]])
+    state = model.init_state(2)
+    ids = model.previous_ids(tokens, state)
+    assert ids.tolist() == [[0, 8, 0, 6, 10], [0, 2, 3, 4, 5]]  # 1 + the token before; 0 at the start and at SEP
+    with torch.no_grad():
+        out = model(tokens, state)
+        assert out.state.previous_token.tolist() == [11, 7]  # type: ignore[attr-defined]
+        # the next segment's first token reads the last one through the state: a window of 1 sees nothing else
+        a = model(torch.tensor([[12]]), out.state.select(torch.tensor([0]))).logits
+        b = model(torch.tensor([[12]]), model.init_state(1)).logits
+        assert (a - b).abs().amax() > CHANGED
+        # without the embedding the same window cannot tell them apart
+        plain = make_tiny_model("transformer", separator_id=5, transformer={"window": 1})
+        warm = plain(tokens[:1], plain.init_state(1)).state
+        c, d = plain(torch.tensor([[12]]), warm).logits, plain(torch.tensor([[12]]), plain.init_state(1)).logits
+        assert (c - d).abs().amax() < EXACT_ATOL
+        # an emptied row has no token before
+        reset = out.state.reset(torch.tensor([True, False]))
+        assert reset.previous_token.tolist() == [0, 7]  # type: ignore[attr-defined]
+
+
+# --------------------------------------------------------------------------------------------------------------------
 # the checks above as functions of a model, for other modules (test_attention_kernel.py, test_cuda.py)
 
 _CHECK_ARGS = {"tiny_model", "tiny_memory_length", "chunked"}
