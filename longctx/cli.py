@@ -797,6 +797,10 @@ def probe_make_data(
     queries: int = typer.Option(200, "--queries", min=1, help="Test questions per distance."),
     distances: str = typer.Option(None, "--distances", help="Test distances in bytes (16,64,256,1024,4096)."),
     filler: list[str] = typer.Option(None, "--filler", help="Text files or folders. Default: the bundled corpus."),
+    event_every: int = typer.Option(16, "--event-every", help="Training: bytes of document per fact or question."),
+    list_share: float = typer.Option(
+        0.5, "--list-share", help="Training: share of documents that are lists of facts and questions, no filler."
+    ),
     seed: int = typer.Option(0, "--seed"),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
@@ -807,7 +811,9 @@ def probe_make_data(
     setup_logging(quiet)
     if task != "recall":
         raise ConfigError(f"make-data writes data for --task recall only (copy and context need none), got {task!r}")
-    spec = RecallSpec(distances=parse_distances(distances, DEFAULT_RECALL_DISTANCES))
+    spec = RecallSpec(
+        distances=parse_distances(distances, DEFAULT_RECALL_DISTANCES), event_every=event_every, list_share=list_share
+    )
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(f"--out {str(out)!r} exists and is not an empty folder; give a new folder")
     fill = probe_filler(filler, None, strip=RECALL_KEYS)

@@ -17,7 +17,8 @@ length are read side by side as the rows of one batch; rows never interact (the 
 - ``recall`` (needs training on the data :func:`write_recall_data` makes): documents of filler text in which keys
   (single characters that never occur in the filler) are followed by a digit; the first occurrence of a key states
   its value and every later one asks for it. The score is the greedy accuracy of the value by distance to the
-  key's previous occurrence (chance: one in ten).
+  key's previous occurrence (chance: one in ten). Half the training documents are lists of events without filler,
+  which teach the lookup; a small model learns it only with ``model.previous_token_embedding`` (see the README).
 
 Positions, distances and spans are in bytes of text, as users count them; with the byte tokenizer a byte is a token.
 Pieces of a stream are tokenized separately and concatenated, so that a BPE tokenizer cannot merge a planted passage
@@ -213,7 +214,11 @@ class RecallSpec:
 
     keys: str = RECALL_KEYS
     values: str = RECALL_VALUES
-    event_every: int = 40  # training: one event per this many bytes of document, on average
+    event_every: int = 16  # training documents with filler: one event per this many bytes of document, on average
+    # training: the share of documents that are only events (a few keys, each stated then asked again and again, no
+    # filler): they teach the lookup itself, the others teach it across filler and distance
+    list_share: float = 0.5
+    list_keys: int = 8  # keys per list document
     queries_per_key: int = 3  # training: events after a key's first
     min_length: int = 1024  # training documents: bytes, drawn log-uniformly between these two
     max_length: int = 8192
@@ -234,6 +239,11 @@ class RecallSpec:
             )
         if self.event_every < 8 or self.queries_per_key < 1:
             raise ConfigError("recall event_every must be >= 8 and queries_per_key >= 1")
+        if not 0.0 <= self.list_share <= 1.0 or not 1 <= self.list_keys <= len(self.keys):
+            raise ConfigError(
+                f"recall list_share must be in [0, 1] and list_keys in [1, {len(self.keys)}], "
+                f"got {self.list_share}, {self.list_keys}"
+            )
         if not self.distances or min(self.distances) < 6:
             raise ConfigError("recall distances must be at least 6 bytes (an event is 5)")
 
@@ -242,6 +252,8 @@ class RecallSpec:
         try:
             raw = json.loads(text)
             raw["distances"] = tuple(int(d) for d in raw["distances"])
+            raw.setdefault("list_share", 0.0)  # data written before list documents existed has none
+            raw.setdefault("list_keys", cls.list_keys)
             return cls(**{k: raw[k] for k in cls.__dataclass_fields__})
         except (ValueError, KeyError, TypeError) as e:
             raise DataError(f"{where} is not a recall spec written by `longctx probe make-data` ({e})") from None
@@ -310,9 +322,24 @@ def _log_uniform(rng: random.Random, lo: int, hi: int) -> int:
     return int(round(math.exp(rng.uniform(math.log(lo), math.log(hi)))))
 
 
+def list_document(rng: random.Random, spec: RecallSpec, length: int) -> str:
+    """Events only, about ``length`` characters: ``spec.list_keys`` keys in random order, each stated by its first
+    event and asked by every later one."""
+    keys = rng.sample(spec.keys, spec.list_keys)
+    values: dict[str, str] = {}
+    events = []
+    for _ in range(max(1, length // EVENT_CHARS)):
+        key = rng.choice(keys)
+        events.append(_event(key, values.setdefault(key, rng.choice(spec.values))))
+    return "".join(events)
+
+
 def training_document(rng: random.Random, filler: Filler, spec: RecallSpec) -> str:
-    """Dense training data: keys whose later events come at log-uniform gaps, so most distances are short."""
+    """Dense training data: a list of events (``spec.list_share`` of the documents), else keys planted in filler
+    whose later events come at log-uniform gaps, so most distances are short."""
     length = min(_log_uniform(rng, spec.min_length, spec.max_length), filler.longest)
+    if rng.random() < spec.list_share:
+        return list_document(rng, spec, length)
     n_keys = max(1, min(len(spec.keys), length // (spec.event_every * (1 + spec.queries_per_key))))
     groups = []
     for _ in range(n_keys):

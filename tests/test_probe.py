@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -147,6 +147,25 @@ def test_recall_documents_plant_each_key_with_one_value(filler: Filler) -> None:
             assert value in spec.values
             assert seen.setdefault(ch, value) == value  # a key never changes its value within a document
     assert all(q.distance >= 6 for q in questions)
+
+
+def test_list_documents_hold_only_events_and_the_share_is_kept(filler: Filler) -> None:
+    """``list_share`` of the training documents are events only (``list_keys`` keys, one value each)."""
+    rng = random.Random(0)
+    text = training_document(rng, filler, RecallSpec(list_share=1.0, list_keys=5))
+    events = text.split()
+    assert events and all(len(e) == 2 and e[0] in RECALL_KEYS and e[1] in "0123456789" for e in events)
+    assert len({e[0] for e in events}) == 5 and len(set(events)) == 5  # five keys, each with one value
+    assert len(find_questions(text.encode(), RecallSpec())) == len(events) - 5  # every event but a key's first
+    docs = [training_document(rng, filler, RecallSpec(list_share=0.25)) for _ in range(400)]
+    lists = sum(all(len(e) == 2 and e[0] in RECALL_KEYS for e in d.split()) for d in docs)
+    assert 70 <= lists <= 130  # 100 expected; binomial sd 8.7
+
+
+def test_a_spec_written_before_list_documents_reads_as_having_none() -> None:
+    old = {k: v for k, v in asdict(RecallSpec()).items() if k not in ("list_share", "list_keys")}
+    spec = RecallSpec.from_json(json.dumps(old), "recall.json")
+    assert spec.list_share == 0.0 and spec.list_keys == RecallSpec().list_keys
 
 
 def test_test_documents_ask_each_distance_as_often(filler: Filler) -> None:
