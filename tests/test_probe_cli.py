@@ -33,6 +33,21 @@ def test_make_data_writes_train_test_and_spec(recall_dir: Path, cli: Callable[..
     assert_user_error(cli("probe", "make-data", "--out", recall_dir / "x", "--task", "copy"), "recall only")
 
 
+def test_make_data_density_flags(ws: Workspace, cli: Callable[..., Result], tmp_path: Path) -> None:  # noqa: F811
+    """--list-share 1: every training document is a list of facts and questions; the spec records the flags."""
+    out = tmp_path / "lists"
+    args = ("--docs", "4", "--queries", "2", "--distances", "16", "--list-share", "1", "--event-every", "24")
+    res = cli("probe", "make-data", "--out", out, *args)
+    assert res.code == 0, res.err
+    for doc in (out / "train").glob("*.txt"):
+        events = doc.read_text(encoding="utf-8").split()
+        assert events and all(len(e) == 2 and e[1].isdigit() for e in events), doc
+    spec = json.loads((out / "recall.json").read_text(encoding="utf-8"))
+    assert spec["list_share"] == 1.0 and spec["event_every"] == 24
+    assert_user_error(cli("probe", "make-data", "--out", tmp_path / "bad", "--list-share", "2"), "list_share")
+    assert not (tmp_path / "bad").exists()  # refused before anything is written
+
+
 def test_probe_recall_prints_accuracy_by_distance(
     recall_dir: Path,
     ws: Workspace,  # noqa: F811
