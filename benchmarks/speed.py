@@ -53,6 +53,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -169,6 +170,41 @@ def measure_training(presets: list[str], args: argparse.Namespace) -> dict[str, 
 XT_REFERENCES = ("x-transformers-xl", "x-transformers-window")  # --xtransformers, infer part
 
 
+Step = Callable[[torch.Tensor, Any], tuple[torch.Tensor, Any]]  # (tokens (1, T), state) -> (logits, next state)
+
+
+def time_stream(
+    name: str, step: Step, empty: Any, vocab: int, seq_len: int, args: argparse.Namespace, decode: bool = True
+) -> tuple[dict[str, Any], Any]:
+    """Prompt ingestion tokens/s per prompt length (segments of ``seq_len``, the state carried from ``empty``), then
+    the decode latency after each, lengths round robin; the figures and the state after the longest prompt."""
+    lengths = sorted(args.lengths)
+    gen = torch.Generator().manual_seed(args.seed)
+    states, tokens, ingest = {}, {}, {}
+    for length in lengths:
+        prompt = torch.randint(0, vocab, (1, length), generator=gen)
+        state = empty
+        t0 = time.perf_counter()
+        for start in range(0, length, seq_len):
+            state = step(prompt[:, start : start + seq_len], state)[1]
+        ingest[str(length)] = length / (time.perf_counter() - t0)
+        states[length], tokens[length] = state, prompt[:, -1:]
+        log(f"  {name}: prompt of {length:,} tokens read at {ingest[str(length)]:,.0f} tokens/s")
+    result: dict[str, Any] = {"ingest_tokens_per_s": ingest}
+    if decode:
+        times: dict[int, list[float]] = {length: [] for length in lengths}
+        for _ in range(args.gen_tokens):
+            for length in lengths:
+                t0 = time.perf_counter()
+                logits, states[length] = step(tokens[length], states[length])
+                times[length].append(time.perf_counter() - t0)
+                tokens[length] = logits[:, -1].argmax(-1, keepdim=True)
+        latency = {str(length): statistics.median(t) for length, t in times.items()}
+        log(f"  {name}: decode " + ", ".join(f"{v * 1e3:.2f} ms/token after {k}" for k, v in latency.items()))
+        result |= {"decode_latency_s": latency, "flatness": latency[str(lengths[-1])] / latency[str(lengths[0])]}
+    return result, states[lengths[-1]]
+
+
 @torch.no_grad()
 def measure_xtransformers_inference(name: str, args: argparse.Namespace) -> dict[str, Any]:
     """The inference references at ``xl-small``'s size: x-transformers' XL recurrence (prompt read in segments with
@@ -178,37 +214,14 @@ def measure_xtransformers_inference(name: str, args: argparse.Namespace) -> dict
     torch.manual_seed(args.seed)
     recurrent = name == "x-transformers-xl"
     model = xtransformers_model(cfg, recurrent).eval()
-    seq_len, lengths = cfg.train.seq_len, sorted(args.lengths)
-    gen = torch.Generator().manual_seed(args.seed)
-    mems, tokens, ingest = {}, {}, {}
-    for length in lengths:
-        prompt = torch.randint(0, cfg.model.vocab_size, (1, length), generator=gen)
-        mem = None
-        t0 = time.perf_counter()
-        for start in range(0, length, seq_len):
-            if recurrent:
-                _, mem = model(prompt[:, start : start + seq_len], mems=mem, return_mems=True)
-            else:
-                model(prompt[:, start : start + seq_len])
-        ingest[str(length)] = length / (time.perf_counter() - t0)
-        mems[length], tokens[length] = mem, prompt[:, -1:]
-        log(f"  {name}: prompt of {length:,} tokens read at {ingest[str(length)]:,.0f} tokens/s")
-    result: dict[str, Any] = {"ingest_tokens_per_s": ingest, "parameters": sum(p.numel() for p in model.parameters())}
+
+    def step(tokens: torch.Tensor, mems: Any) -> tuple[torch.Tensor, Any]:
+        return model(tokens, mems=mems, return_mems=True) if recurrent else (model(tokens), None)
+
+    result, mems = time_stream(name, step, None, cfg.model.vocab_size, cfg.train.seq_len, args, decode=recurrent)
+    result["parameters"] = sum(p.numel() for p in model.parameters())
     if recurrent:
-        times: dict[int, list[float]] = {length: [] for length in lengths}
-        for _ in range(args.gen_tokens):
-            for length in lengths:
-                t0 = time.perf_counter()
-                logits, mems[length] = model(tokens[length], mems=mems[length], return_mems=True)
-                times[length].append(time.perf_counter() - t0)
-                tokens[length] = logits[:, -1].argmax(-1, keepdim=True)
-        latency = {str(length): statistics.median(t) for length, t in times.items()}
-        log(f"  {name}: decode " + ", ".join(f"{v * 1e3:.2f} ms/token after {k}" for k, v in latency.items()))
-        result |= {
-            "decode_latency_s": latency,
-            "flatness": latency[str(lengths[-1])] / latency[str(lengths[0])],
-            "state_bytes": sum(m.numel() * m.element_size() for m in mems[lengths[-1]]),
-        }
+        result["state_bytes"] = sum(m.numel() * m.element_size() for m in mems)
     return result
 
 
@@ -218,33 +231,16 @@ def measure_inference(preset: str, args: argparse.Namespace) -> dict[str, Any]:
     cfg = preset_config(preset, args)
     torch.manual_seed(args.seed)
     model = build_model(cfg.model).eval()
-    seq_len, lengths = cfg.train.seq_len, sorted(args.lengths)
-    gen = torch.Generator().manual_seed(args.seed)
-    states, tokens, ingest = {}, {}, {}
-    for length in lengths:
-        prompt = torch.randint(0, cfg.model.vocab_size, (1, length), generator=gen)
-        state = model.init_state(1)
-        t0 = time.perf_counter()
-        for start in range(0, length, seq_len):
-            state = model(prompt[:, start : start + seq_len], state).state
-        ingest[str(length)] = length / (time.perf_counter() - t0)
-        states[length], tokens[length] = state, prompt[:, -1:]
-        log(f"  {preset}: prompt of {length:,} tokens read at {ingest[str(length)]:,.0f} tokens/s")
-    times: dict[int, list[float]] = {length: [] for length in lengths}
-    for _ in range(args.gen_tokens):
-        for length in lengths:
-            t0 = time.perf_counter()
-            out = model(tokens[length], states[length])
-            times[length].append(time.perf_counter() - t0)
-            states[length], tokens[length] = out.state, out.logits[:, -1].argmax(-1, keepdim=True)
-    latency = {str(length): statistics.median(t) for length, t in times.items()}
-    log(f"  {preset}: decode " + ", ".join(f"{v * 1e3:.2f} ms/token after {k}" for k, v in latency.items()))
-    return {
-        "ingest_tokens_per_s": ingest,
-        "decode_latency_s": latency,
-        "flatness": latency[str(lengths[-1])] / latency[str(lengths[0])],
-        "state_bytes": states[lengths[-1]].nbytes(),
-        "state_bytes_empty": model.init_state(1).nbytes(),
+
+    def step(tokens: torch.Tensor, state: Any) -> tuple[torch.Tensor, Any]:
+        out = model(tokens, state)
+        return out.logits, out.state
+
+    empty = model.init_state(1)
+    result, state = time_stream(preset, step, empty, cfg.model.vocab_size, cfg.train.seq_len, args)
+    return result | {
+        "state_bytes": state.nbytes(),
+        "state_bytes_empty": empty.nbytes(),
         "parameters": model.num_parameters(),
     }
 

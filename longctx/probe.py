@@ -83,7 +83,7 @@ class ProbeOptions:
     )
 
     def __post_init__(self) -> None:
-        check_options({name: getattr(self, name) for name, _, _ in self.RULES}, self.RULES)
+        check_options(vars(self), self.RULES)
 
 
 def read_rows(model: LongContextLM, rows: np.ndarray, opts: ProbeOptions) -> tuple[np.ndarray, np.ndarray]:

@@ -76,7 +76,7 @@ class SamplingOptions:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = list(self.stop)
-        check_options({name: getattr(self, name) for name, _, _ in self.RULES}, self.RULES)
+        check_options(vars(self), self.RULES)
         for s in self.stop:
             if not isinstance(s, str) or not s:
                 raise ConfigError(f"--stop must be a non-empty string, got {s!r}")

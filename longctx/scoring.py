@@ -78,7 +78,7 @@ class EvalOptions:
     )
 
     def __post_init__(self) -> None:
-        check_options({name: getattr(self, name) for name, _, _ in self.RULES}, self.RULES)
+        check_options(vars(self), self.RULES)
         if self.mode == "sliding" and not self.stride < self.window:
             raise ConfigError(
                 f"--stride must be below --window ({self.window}) so that every scored token has context, "
