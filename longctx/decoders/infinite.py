@@ -85,7 +85,7 @@ from longctx.layers.continuous import (
     histogram_quantiles,
 )
 from longctx.layers.mlp import init_linear
-from longctx.layers.relative import RelativeProjections, position_scores, sinusoid_table
+from longctx.layers.relative import RelativeProjections, sinusoid_table
 
 
 @dataclass(frozen=True)
@@ -254,7 +254,7 @@ class InfiniteAttention(RelativeProjections):
         out_k, out_v, out_x = out if out is not None else (None, None, None)
         keys = join(cache_k, k, 2, out_k)  # (B, H, C + T, Dh)
         values = join(cache_v, val, 2, out_v)
-        pos = position_scores(q + v.to(q.dtype).view(H, 1, Dh), self.r_net.weight, table)  # (B, H, T, W)
+        pos = self.position_term(q + v.to(q.dtype).view(H, 1, Dh), table)  # (B, H, T, W)
         block = BLOCK if h.device.type == "cpu" else max(T, 1)
         cache_grad = cache_k.requires_grad or cache_v.requires_grad
         y = band_attention(

@@ -54,7 +54,7 @@ from longctx.decoders.base import Decoder, DecoderOutput, State
 from longctx.layers.adaptive_span import AdaptiveSpan, DynamicSpan, round_up, span_reach
 from longctx.layers.attention import BLOCK, band_attention
 from longctx.layers.block import PreNormBlock
-from longctx.layers.relative import RelativeProjections, position_scores, sinusoid_table
+from longctx.layers.relative import RelativeProjections, sinusoid_table
 
 WINDOW_MULTIPLE = 8  # a trimmed compute window is rounded up to this (fewer distinct shapes, aligned matmuls)
 
@@ -122,7 +122,7 @@ class XLAttention(RelativeProjections):
         values = torch.cat([cache_v.to(val.dtype), val], dim=2)
         ctx_k, ctx_v = _last_slots(keys, W - 1 + T), _last_slots(values, W - 1 + T)  # (B, H, W - 1 + T, Dh)
 
-        pos = position_scores(q + v.to(q.dtype).view(H, 1, Dh), self.r_net.weight, window.table)  # (B, H, T, W)
+        pos = self.position_term(q + v.to(q.dtype).view(H, 1, Dh), window.table)  # (B, H, T, W)
         scale, spans = 1.0 / math.sqrt(Dh), None
         if isinstance(self.span, AdaptiveSpan):  # the soft span mask log m joins the position term
             pos = torch.add(self.span.log_mask(window.distances), pos.float(), alpha=scale)  # (B, H, T, W)

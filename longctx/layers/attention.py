@@ -265,7 +265,34 @@ def band_attention(
     """
     if q.shape[2] == 0:
         return q.new_zeros(q.shape)
+    if q.shape[2] == 1 and not torch.is_grad_enabled():  # one token of decoding: the same operations, less overhead
+        return _attend_one(q, keys, values, bias, mask, key_mask, bias_scale)
     return _BandAttention.apply(q, keys, values, bias, mask, key_mask, bias_scale, block, grad_start)
+
+
+def _attend_one(
+    q: Tensor,
+    keys: Tensor,
+    values: Tensor,
+    bias: Tensor | None,
+    mask: Tensor | None,
+    key_mask: Tensor | None,
+    bias_scale: float,
+) -> Tensor:
+    """:func:`band_attention` of a single query (T = 1, so its window is every key and the band is the whole score
+    row) without the autograd function and the block loop: the same products in the same order, so the same bits.
+    q (B, H, 1, Dh), keys/values (B, H, W, Dh) -> (B, H, 1, Dh)."""
+    dtype, scale = q.dtype, 1.0 / math.sqrt(q.shape[-1])
+    wide = torch.promote_types(dtype, torch.float32)
+    with torch.autocast(q.device.type, enabled=False):
+        s = torch.matmul((q * scale).to(wide), keys.to(dtype).to(wide).transpose(-1, -2))  # (B, H, 1, W)
+        if bias is not None:
+            s.add_(bias, alpha=bias_scale)
+        if mask is not None:
+            s.add_(mask)
+        if key_mask is not None:
+            s.masked_fill_(key_mask[:, None, None, :], float("-inf"))
+        return torch.matmul(torch.softmax(s, dim=-1).to(dtype), values.to(dtype))
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -7,31 +7,59 @@ from typing import Any
 import torch
 from torch import Tensor
 
+SLACK = 64  # entries of room a new inference buffer keeps past its end: that many single-token steps write in place
+
 
 def grown_buffers(state: Any, fields: dict[str, int], extra: int) -> dict[str, Tensor] | None:
-    """Inference only: per field of ``state`` (name -> its sequence dim), an empty buffer ``extra`` entries longer.
+    """Inference only: per field of ``state`` (name -> its sequence dim), a buffer ``extra`` entries longer.
 
     Each layer writes ``[cache ; segment]`` into its slice of the buffer (:func:`join`) and the next state's field is
-    a view of the buffer's newest entries: one copy of the cache per call instead of two (the concatenation, then
-    the stack over layers), which is most of a single token's decoding time. None while autograd records: a layer
-    would then write into a tensor whose other slices are saved for the backward pass.
+    a view of the buffer's newest entries (:func:`next_cache`). Where the field is the newest view of a buffer with
+    room after it (the previous call made it and nothing has been written after it since), the buffer is that room:
+    the cache is already in place and only the ``extra`` new entries are written, so a single-token step copies no
+    cache. Otherwise a new buffer is made with :data:`SLACK` entries of room and the cache is copied into it once.
+    No state is ever changed: writes go after the end of every view of the buffer, and a state read twice (two
+    continuations of one prompt) gets a new buffer the second time. None while autograd records: a layer would then
+    write into a tensor whose other slices are saved for the backward pass.
     """
     if torch.is_grad_enabled():
         return None
-    out = {}
-    for name, dim in fields.items():
-        t = getattr(state, name)
-        shape = list(t.shape)
-        shape[dim] += extra
-        out[name] = t.new_empty(shape)
-    return out
+    return {name: _room_after(getattr(state, name), dim, extra) for name, dim in fields.items()}
+
+
+def _room_after(t: Tensor, dim: int, extra: int) -> Tensor:
+    """A view of ``t``'s shape but ``extra`` entries longer along ``dim`` whose first entries are ``t``'s memory when
+    ``t`` is the newest view of its buffer and the buffer has room; else the head of a new (uninitialised) buffer.
+
+    The buffer's layout is kept on its storage, ``(dim, strides, end of the entries written so far, capacity)``."""
+    keep = t.shape[dim]
+    shape = list(t.shape)
+    shape[dim] = keep + extra
+    storage = t.untyped_storage()
+    layout = getattr(storage, "_longctx_room", None)
+    if layout is not None:
+        room_dim, strides, written, capacity = layout
+        start, rem = divmod(t.storage_offset(), strides[dim])
+        if (room_dim, strides, rem) == (dim, t.stride(), 0) and start + keep == written and written + extra <= capacity:
+            storage._longctx_room = (dim, strides, written + extra, capacity)
+            return t.as_strided(shape, strides, t.storage_offset())
+    full = list(t.shape)
+    full[dim] = keep + max(extra, SLACK)
+    buf = t.new_empty(full)
+    buf.untyped_storage()._longctx_room = (dim, buf.stride(), keep + extra, full[dim])
+    return buf.narrow(dim, 0, keep + extra)
 
 
 def join(cache: Tensor, new: Tensor, dim: int, out: Tensor | None = None) -> Tensor:
-    """``[cache ; new]`` along ``dim`` in ``new``'s dtype; also written into ``out`` (in its dtype) when given."""
+    """``[cache ; new]`` along ``dim`` in ``new``'s dtype; also written into ``out`` (in its dtype) when given. Where
+    ``cache`` already is the head of ``out`` (:func:`grown_buffers` found room after it), only ``new`` is written."""
     if out is None:
         return torch.cat([cache.to(new.dtype), new], dim=dim)
-    return torch.cat([cache, new], dim=dim, out=out).to(new.dtype)  # no copy when the dtypes agree
+    n = cache.shape[dim]
+    if cache.data_ptr() != out.data_ptr() or cache.stride() != out.stride():
+        out.narrow(dim, 0, n).copy_(cache)
+    out.narrow(dim, n, new.shape[dim]).copy_(new)
+    return out.to(new.dtype)  # no copy when the dtypes agree
 
 
 def next_cache(

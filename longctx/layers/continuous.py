@@ -241,7 +241,20 @@ class ContinuousMemory(nn.Module):
         :class:`_GridExpectation`: the same values as :func:`expected_basis`, about half the time with its gradient.
         """
         G = self.n_basis // self.n_widths
-        return _GridExpectation.apply(mu, sigma_sq, self.centres[:G].to(mu.dtype), self.widths[::G].to(mu.dtype))
+        centres, widths = self.centres[:G].to(mu.dtype), self.widths[::G].to(mu.dtype)
+        if not torch.is_grad_enabled():  # inference: the forward alone, without the autograd function's overhead
+            return _grid_expectation(mu, sigma_sq, centres, widths)[0].flatten(-2)
+        return _GridExpectation.apply(mu, sigma_sq, centres, widths)
+
+
+def _grid_expectation(mu: Tensor, sigma_sq: Tensor, centres: Tensor, widths: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The forward of :class:`_GridExpectation`: r (..., S, G) and the ``diff`` (..., G) and ``var`` (..., S) that its
+    backward needs."""
+    var = widths**2 + sigma_sq[..., None]  # (..., S)
+    diff = mu[..., None] - centres  # (..., G) with G = N / S
+    r = torch.exp(diff.square()[..., None, :] * (-0.5 / var)[..., :, None])  # (..., S, G)
+    r.mul_(torch.rsqrt(2 * math.pi * var)[..., :, None])
+    return r, diff, var
 
 
 class _GridExpectation(torch.autograd.Function):
@@ -257,10 +270,7 @@ class _GridExpectation(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, mu: Tensor, sigma_sq: Tensor, centres: Tensor, widths: Tensor) -> Tensor:  # type: ignore[override]
-        var = widths**2 + sigma_sq[..., None]  # (..., S)
-        diff = mu[..., None] - centres  # (..., G) with G = N / S
-        r = torch.exp(diff.square()[..., None, :] * (-0.5 / var)[..., :, None])  # (..., S, G)
-        r.mul_(torch.rsqrt(2 * math.pi * var)[..., :, None])
+        r, diff, var = _grid_expectation(mu, sigma_sq, centres, widths)
         ctx.save_for_backward(r, diff, var)
         return r.flatten(-2)  # (..., N)
 
@@ -290,6 +300,11 @@ def _project_coefficients_first(n_queries: int, n_basis: int, d_model: int, n_he
     )
 
 
+def _inference(module: nn.Module) -> bool:
+    """No autograd, and weights that track versions (not made in inference mode): per-version results may be kept."""
+    return not torch.is_grad_enabled() and not any(p.is_inference() for p in module.parameters())
+
+
 class ContinuousAttention(nn.Module):
     """Gaussian continuous attention of per-head queries over a memory's coefficients (one layer's parameters).
 
@@ -305,6 +320,39 @@ class ContinuousAttention(nn.Module):
         self.value = nn.Linear(d_model, d_model, bias=False)
         self.mu = nn.Linear(n_basis, 1, bias=False)
         self.sigma = nn.Linear(n_basis, 1, bias=False)
+        self._version: tuple[tuple[object, ...], Tensor, Tensor, Tensor] | None = None  # inference, see _read
+
+    def _read(self, coeffs: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """What a version of the memory gives every query, without autograd: the directions ``W_K^T B^T w`` (B, H,
+        Dh, 2) float32 of :meth:`density` and the values ``V = B W_V`` (B, H, N, Dh) in ``dtype``.
+
+        Between two refits every token reads the same coefficients (the state's tensor itself: states are never
+        changed in place), so one token of decoding needs neither again; they are kept with the coefficients they
+        come from (held, so that their memory cannot be reused while the key names it) and made again when the
+        coefficients, the weights (their versions) or the dtype change.
+        """
+        weights = (self.key.weight, self.value.weight, self.mu.weight, self.sigma.weight)
+        key = (coeffs.data_ptr(), coeffs.shape, coeffs.stride(), coeffs.dtype, dtype)
+        key += tuple((w.data_ptr(), w._version) for w in weights)
+        if self._version is None or self._version[0] != key:
+            with torch.autocast(coeffs.device.type, enabled=False):
+                directions = self._directions(coeffs)
+                values = self._values(coeffs.to(dtype), self.value.weight.to(dtype))
+            self._version = (key, coeffs, directions, values)
+        return self._version[2], self._version[3]
+
+    def _directions(self, coeffs: Tensor) -> Tensor:
+        """(B, N, D) -> ``W_K,h^T B^T w`` for w = w_mu, w_sigma: (B, H, Dh, 2) float32."""
+        B = coeffs.shape[0]
+        weight = torch.cat([self.mu.weight, self.sigma.weight]).float()  # (2, N): w_mu, w_sigma
+        summary = torch.matmul(weight, coeffs.float())  # (B, 2, D): B^T w for both
+        directions = F.linear(summary, self.key.weight.float()).view(B, 2, self.n_head, self.head_dim)
+        return directions.permute(0, 2, 3, 1)  # (B, H, Dh, 2)
+
+    def _values(self, coeffs: Tensor, weight: Tensor) -> Tensor:
+        """V = B W_V per head: coeffs (B, N, D), W_V (D, D) -> (B, H, N, Dh)."""
+        B, N, _ = coeffs.shape
+        return F.linear(coeffs, weight).view(B, N, self.n_head, self.head_dim).transpose(1, 2)
 
     def density(self, q: Tensor, coeffs: Tensor) -> tuple[Tensor, Tensor]:
         """mu = sigmoid(w_mu . s), sigma^2 = max(softplus(w_sigma . s), min_var) with s = q K^T / sqrt(Dh), K = B W_K.
@@ -315,12 +363,10 @@ class ContinuousAttention(nn.Module):
         as the paper's order (up to rounding), at Q Dh instead of Q N Dh + N D^2 multiply-adds per head. Float32 also
         under autocast: mu is a position with a resolution of ~1 / N, and sigma^2 reaches 1e-6.
         """
-        B, H, Q, Dh = q.shape
+        Dh = q.shape[-1]
         with torch.autocast(q.device.type, enabled=False):
-            weight = torch.cat([self.mu.weight, self.sigma.weight]).float()  # (2, N): w_mu, w_sigma
-            summary = torch.matmul(weight, coeffs.float())  # (B, 2, D): B^T w for both
-            directions = F.linear(summary, self.key.weight.float()).view(B, 2, H, Dh)  # W_K^T B^T w per head
-            logits = torch.matmul(q.float(), directions.permute(0, 2, 3, 1)) / math.sqrt(Dh)  # (B, H, Q, 2)
+            directions = self._read(coeffs, q.dtype)[0] if _inference(self) else self._directions(coeffs)
+            logits = torch.matmul(q.float(), directions) / math.sqrt(Dh)  # (B, H, Q, 2)
             mu_logit, sigma_logit = logits.unbind(-1)
             return torch.sigmoid(mu_logit), F.softplus(sigma_logit).clamp_min(self.min_var)
 
@@ -329,10 +375,11 @@ class ContinuousAttention(nn.Module):
         B, H, Q, N = r.shape
         D = coeffs.shape[-1]
         Dh = D // H
+        if _inference(self):  # the values of this version, kept between calls
+            return torch.matmul(r.to(dtype), self._read(coeffs, dtype)[1])  # (B, H, Q, Dh)
         r, coeffs = r.to(dtype), coeffs.to(dtype)
         if _project_coefficients_first(Q, N, D, H):
-            values = self.value(coeffs).view(B, N, H, Dh).transpose(1, 2)  # (B, H, N, Dh)
-            return torch.matmul(r, values)  # (B, H, Q, Dh)
+            return torch.matmul(r, self._values(coeffs, self.value.weight.to(dtype)))  # (B, H, Q, Dh)
         mixed = torch.matmul(r.reshape(B, H * Q, N), coeffs).view(B, H, Q, D)  # r^T B per head and query
         weight = self.value.weight.to(dtype).view(H, Dh, D)
         return torch.matmul(mixed, weight.transpose(-1, -2))  # (B, H, Q, Dh)

@@ -78,3 +78,22 @@ class RelativeProjections(nn.Module):
         init_linear(self.out_proj, cfg.init_std / math.sqrt(2 * cfg.n_layer))
         self.pos_bias_u = nn.Parameter(torch.randn(cfg.d_model) * cfg.init_std) if own_bias else None
         self.pos_bias_v = nn.Parameter(torch.randn(cfg.d_model) * cfg.init_std) if own_bias else None
+        self._projected: tuple[tuple[object, ...], Tensor, Tensor] | None = None  # inference: (key, table, W_R R)
+
+    def position_term(self, q_pos: Tensor, table: Tensor) -> Tensor:
+        """:func:`position_scores` with this layer's ``W_R``: q_pos (B, H, T, Dh), table (W, D) -> (B, H, T, W).
+
+        Without autograd (evaluation, generation) the projected table ``W_R R`` (H, Dh, W) depends on the weights only,
+        so it is kept for the next call and each call is one product with the queries; it is made again when ``W_R``
+        changes (an optimiser step or a load bumps its version), the table or the dtype differ. The table is held
+        with it, so its memory cannot be reused by another tensor while the key names it.
+        """
+        weight = self.r_net.weight
+        if torch.is_grad_enabled() or weight.is_inference():
+            return position_scores(q_pos, weight, table)
+        key = (weight._version, weight.data_ptr(), table.data_ptr(), table.shape, table.stride(), q_pos.dtype)
+        if self._projected is None or self._projected[0] != key:
+            W, D = table.shape
+            rel = F.linear(table.to(q_pos.dtype), weight.to(q_pos.dtype)).view(W, self.n_head, self.head_dim)
+            self._projected = (key, table, rel.permute(1, 2, 0).contiguous())  # (H, Dh, W)
+        return torch.matmul(q_pos, self._projected[2])  # (B, H, T, W)

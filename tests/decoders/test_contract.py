@@ -189,6 +189,54 @@ def test_forward_never_mutates_its_input_state(tiny_model: LongContextLM, tiny_m
         _close(again.logits, first.logits, EXACT_ATOL)
 
 
+def test_continuations_of_one_state_are_independent(tiny_model: LongContextLM, tiny_memory_length: int) -> None:
+    """Inference may write a step's new cache entries in place after the state's own (no copy of the cache per token):
+    two continuations of one state, stepped token by token in turn, must each get what a copy of the state gives."""
+    model, mem = tiny_model, tiny_memory_length
+    tokens = _tokens(model, 2, mem + 2)
+    steps = mem + 3  # past the cache length: the entries written in place replace the oldest ones
+    a, b = _tokens(model, 2, steps, seed=1), _tokens(model, 2, steps, seed=2)
+    with torch.no_grad():
+        warm = model(tokens, model.init_state(2)).state
+        before = _snapshot(warm)
+        copy = type(warm).from_tensors({k: v.clone() for k, v in warm.to_tensors().items()})
+        expected_a, _ = _run(model, a, copy, [1] * steps)
+        expected_b, _ = _run(model, b, copy, [1] * steps)
+        state_a = state_b = warm
+        got_a, got_b = [], []
+        for t in range(steps):  # in turn: each step of one continuation follows a step of the other
+            out_a = model(a[:, t : t + 1], state_a)
+            out_b = model(b[:, t : t + 1], state_b)
+            state_a, state_b = out_a.state, out_b.state
+            got_a.append(out_a.logits)
+            got_b.append(out_b.logits)
+        _close(torch.cat(got_a, dim=1), expected_a, EXACT_ATOL)
+        _close(torch.cat(got_b, dim=1), expected_b, EXACT_ATOL)
+        _assert_same_tensors(_snapshot(warm), before)
+
+
+def test_inference_follows_weights_changed_in_place(tiny_model: LongContextLM, tiny_memory_length: int) -> None:
+    """Decoders may keep tables made from the weights between inference calls (e.g. projected position tables); a
+    change of the weights in place (what an optimiser step or ``load_state_dict`` does) must show in the next call,
+    in segments and token by token, as in a model built from the changed weights."""
+    model, mem = tiny_model, tiny_memory_length
+    tokens = _tokens(model, 2, 2 * mem + 4)
+    head, tail = tokens[:, : mem + 2], tokens[:, mem + 2 :]
+    sizes = [3, 1, 1, tail.shape[1] - 5]
+    with torch.no_grad():
+        state = model(head, model.init_state(2)).state
+        before, _ = _run(model, tail, state, sizes)  # the tables of the old weights are made here
+        model(tail[:, :1], state)  # ... and last for what the state's own memory gives (the first call below)
+        for p in model.parameters():
+            p.mul_(1.25)
+        after, _ = _run(model, tail, state, sizes)
+        fresh = LongContextLM(model.cfg).to(model.device).eval()
+        fresh.load_state_dict(model.state_dict())
+        expected, _ = _run(fresh, tail, state, sizes)
+    _close(after, expected, EXACT_ATOL)
+    assert (after - before).abs().amax() > CHANGED
+
+
 def test_inference_and_recording_paths_agree(tiny_model: LongContextLM, tiny_memory_length: int) -> None:
     """With autograd off, decoders may write their caches into shared buffers (the next state a view of them); with
     autograd on they concatenate. Both must give the same logits and carry the same memory, segment after segment."""

@@ -157,3 +157,23 @@ def test_kernel_equals_the_reference_under_bf16_autocast(kernel, device):
     # at most ~0.013 in all; 2e-2 covers it, and a mask one key off still moves the outputs by more (checked)
     torch.testing.assert_close(out.double(), ref, atol=2e-2, rtol=0)
     assert (_reference(q, keys, values, pattern, window - 1) - ref).abs().max() > 0.1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_query_without_autograd_gives_the_kernels_bits(dtype):
+    """A single query with autograd off (one token of decoding) skips the autograd function and the block loop; it must
+    run the same products in the same order, so the output is bitwise the kernel's, with a bias, a mask and empty
+    cache slots."""
+    torch.manual_seed(0)
+    B, H, W, Dh = 2, 3, 12, 8
+    q = torch.randn(B, H, 1, Dh, dtype=dtype)
+    keys, values = torch.randn(B, H, W, Dh, dtype=dtype), torch.randn(B, H, W, Dh, dtype=dtype)
+    bias = torch.randn(B, H, 1, W)
+    mask = torch.zeros(B, 1, 1, W).masked_fill_(torch.arange(W) < 3, float("-inf"))
+    key_mask = torch.zeros(B, W, dtype=torch.bool)
+    key_mask[0, :5] = True  # row 0: five empty cache slots
+    with torch.no_grad():
+        fast = band_attention(q, keys, values, bias, 4, mask=mask, bias_scale=0.5, key_mask=key_mask)
+    with torch.enable_grad():
+        kernel = band_attention(q, keys, values, bias, 4, mask=mask, bias_scale=0.5, key_mask=key_mask)
+    assert fast.dtype == dtype and torch.equal(fast, kernel.detach())

@@ -318,3 +318,14 @@ def test_grid_expectation_backward_passes_gradcheck() -> None:
     mu = torch.tensor([0.1, 0.5, 1.2], dtype=torch.float64, requires_grad=True)
     sigma_sq = torch.tensor([1e-4, 0.01, 0.3], dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(memory.expectation, (mu, sigma_sq))
+
+
+def test_grid_expectation_without_autograd_is_the_functions_forward() -> None:
+    """With autograd off the expectation skips the autograd function: the same values, bit for bit."""
+    memory = ContinuousMemory(32, [0.01, 0.05], 1.0, 0.75, 32, 16)
+    mu, sigma_sq = torch.rand(2, 3, 5), torch.rand(2, 3, 5) * 0.01 + 1e-4
+    with torch.no_grad():
+        fast = memory.expectation(mu, sigma_sq)
+    with torch.enable_grad():
+        slow = memory.expectation(mu.requires_grad_(), sigma_sq)
+    assert slow.requires_grad and torch.equal(fast, slow.detach())
