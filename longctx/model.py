@@ -146,7 +146,11 @@ def with_previous_token(inner: type[State]) -> type[State]:
 @contextlib.contextmanager
 def inference(model: nn.Module, precision: str = "fp32") -> Iterator[None]:
     """Eval mode, no autograd and, for ``precision="bf16"``, bf16 autocast on the model's device; the model's training
-    flag is restored afterwards, also when the block raises (Ctrl-C in a long evaluation)."""
+    flag is restored afterwards, also when the block raises (Ctrl-C in a long evaluation).
+
+    fp32 runs in ``torch.inference_mode``. bf16 runs in ``torch.no_grad`` instead: autocast keeps its bf16 copy of
+    each weight for the whole block only outside inference mode, where it casts every weight again in every call
+    (measured: one token of decoding 1.2x to 1.5x slower, one thread)."""
     if precision not in ("fp32", "bf16"):
         raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
     device = getattr(model, "device", None) or next(model.parameters()).device
@@ -154,7 +158,7 @@ def inference(model: nn.Module, precision: str = "fp32") -> Iterator[None]:
     was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode(), autocast:
+        with torch.no_grad() if precision == "bf16" else torch.inference_mode(), autocast:
             yield
     finally:
         model.train(was_training)

@@ -35,7 +35,7 @@ from longctx.config import ModelConfig, TransformerConfig
 from longctx.data import Document, discover
 from longctx.decoders import State
 from longctx.errors import ConfigError, DataError
-from longctx.model import LMOutput, LongContextLM, build_model
+from longctx.model import LMOutput, LongContextLM, build_model, inference
 from longctx.scoring import EvalOptions, evaluate_documents, format_report, write_per_position_csv
 from longctx.tokenizer import Tokenizer
 
@@ -396,3 +396,20 @@ def test_memory_does_not_grow(tok: Tokenizer, tmp_path: Path, monkeypatch: pytes
         peaks.append(peak)
     assert peaks[1] < 8 * chunk * 8, f"traced peak {peaks[1]:,} bytes for a 4 MB file"
     assert peaks[1] < peaks[0] + chunk, f"traced peak grew from {peaks[0]:,} to {peaks[1]:,} bytes"
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_inference_context_casts_each_weight_once(precision: str) -> None:
+    """``inference``: eval mode and no autograd inside, the training flag back afterwards; under bf16 autocast each
+    weight is cast once for the whole block (autocast's cache), not again in every call: 3 casts (input, weight,
+    bias) in the first call of a Linear, 1 (the input) in each later one."""
+    layer = nn.Linear(8, 8).train()
+    x = torch.randn(4, 8)
+    with inference(layer, precision):
+        assert not layer.training and not torch.is_grad_enabled()
+        with torch.profiler.profile() as prof:
+            outs = [layer(x) for _ in range(3)]
+    assert layer.training
+    casts = sum(e.count for e in prof.key_averages() if e.key == "aten::_to_copy")
+    assert casts == (3 + 1 + 1 if precision == "bf16" else 0)
+    assert all(o.dtype == (torch.bfloat16 if precision == "bf16" else torch.float32) for o in outs)
