@@ -37,7 +37,7 @@ def _room_after(t: Tensor, dim: int, extra: int) -> Tensor:
     shape[dim] = keep + extra
     storage = t.untyped_storage()
     layout = getattr(storage, "_longctx_room", None)
-    if layout is not None:
+    if layout is not None and (torch.is_inference_mode_enabled() or not t.is_inference()):  # else not writable here
         room_dim, strides, written, capacity = layout
         start, rem = divmod(t.storage_offset(), strides[dim])
         if (room_dim, strides, rem) == (dim, t.stride(), 0) and start + keep == written and written + extra <= capacity:

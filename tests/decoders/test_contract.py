@@ -215,6 +215,23 @@ def test_continuations_of_one_state_are_independent(tiny_model: LongContextLM, t
         _assert_same_tensors(_snapshot(warm), before)
 
 
+def test_a_state_made_in_inference_mode_continues_under_no_grad(
+    tiny_model: LongContextLM, tiny_memory_length: int
+) -> None:
+    """bf16 inference runs under ``no_grad``, fp32 under ``inference_mode``: a state made in one (its tensors
+    inference tensors, which may only be written in inference mode) continues token by token in the other."""
+    model, mem = tiny_model, tiny_memory_length
+    tokens = _tokens(model, 2, mem + 6)
+    with torch.inference_mode():
+        state = model(tokens[:, :mem], model.init_state(2)).state
+        state = model(tokens[:, mem : mem + 1], state).state  # the newest view of a buffer with room after it
+    with torch.no_grad():
+        got, _ = _run(model, tokens[:, mem + 1 :], state, [1] * 5)
+    with torch.inference_mode():
+        expected, _ = _run(model, tokens[:, mem + 1 :], state, [1] * 5)
+    _close(got, expected, EXACT_ATOL)
+
+
 def test_inference_follows_weights_changed_in_place(tiny_model: LongContextLM, tiny_memory_length: int) -> None:
     """Decoders may keep tables made from the weights between inference calls (e.g. projected position tables); a
     change of the weights in place (what an optimiser step or ``load_state_dict`` does) must show in the next call,
