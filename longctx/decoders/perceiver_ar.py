@@ -73,6 +73,7 @@ from longctx.decoders.base import Decoder, DecoderOutput, State
 from longctx.layers import RotaryEmbedding, init_linear
 from longctx.layers.attention import WindowAttention, WindowPattern, rotary_tables
 from longctx.layers.block import PreNormBlock
+from longctx.layers.cache import grown_buffers, next_cache
 
 
 @dataclass(frozen=True)
@@ -186,25 +187,39 @@ class PerceiverARDecoder(Decoder[PerceiverARState]):
         cross_mask = WindowPattern.of(T, self.context, state.length)
         latent_mask = WindowPattern.of(T, self.latents, state.length.clamp(max=Ms))
 
+        # inference: the layers write [cache ; segment] into buffers the next state views (layers/cache.py)
+        fields = {"cross_keys": 2, "cross_values": 2} | ({"latent_keys": 3, "latent_values": 3} if self.blocks else {})
+        bufs = grown_buffers(state, fields, T)
+
         # cross-attention: the latent of each position over the inputs of its context window
-        x, keys, values = self.cross(x, state.cross_keys, state.cross_values, cos, sin, cross_mask)
-        cross_keys = keys[:, :, keys.shape[2] - Mc :].to(state.cross_keys.dtype)  # (B, H, Mc, Dh)
-        cross_values = values[:, :, values.shape[2] - Mc :].to(state.cross_values.dtype)
+        out = None if bufs is None else (bufs["cross_keys"], bufs["cross_values"])
+        x, keys, values = self.cross(x, state.cross_keys, state.cross_values, cos, sin, cross_mask, out)
+        if bufs is None:  # (B, H, Mc, Dh)
+            cross_keys = keys[:, :, keys.shape[2] - Mc :].to(state.cross_keys.dtype)
+            cross_values = values[:, :, values.shape[2] - Mc :].to(state.cross_values.dtype)
+        else:  # the newest entries of the buffers (keys and values above may be compute-dtype copies of them)
+            cross_keys = bufs["cross_keys"].narrow(2, T, Mc)
+            cross_values = bufs["cross_values"].narrow(2, T, Mc)
 
         # latent self-attention layers
         new_keys, new_values = [], []
         for layer, block in enumerate(self.blocks):
+            out = None if bufs is None else (bufs["latent_keys"][:, layer], bufs["latent_values"][:, layer])
             x, keys, values = block(
-                x, state.latent_keys[:, layer], state.latent_values[:, layer], cos, sin, latent_mask
+                x, state.latent_keys[:, layer], state.latent_values[:, layer], cos, sin, latent_mask, out
             )
-            new_keys.append(keys[:, :, keys.shape[2] - Ms :].to(state.latent_keys.dtype))  # (B, H, Ms, Dh)
-            new_values.append(values[:, :, values.shape[2] - Ms :].to(state.latent_values.dtype))
+            new_keys.append(keys[:, :, keys.shape[2] - Ms :])  # (B, H, Ms, Dh)
+            new_values.append(values[:, :, values.shape[2] - Ms :])
 
+        latent_keys, latent_values = state.latent_keys.clone(), state.latent_values.clone()  # no latent layers
+        if self.blocks:  # (B, L - 1, H, Ms, Dh)
+            latent_keys = next_cache(new_keys, bufs, "latent_keys", 3, Ms, state.latent_keys.dtype)
+            latent_values = next_cache(new_values, bufs, "latent_values", 3, Ms, state.latent_values.dtype)
         next_state = PerceiverARState(
             cross_keys=cross_keys,
             cross_values=cross_values,
-            latent_keys=torch.stack(new_keys, dim=1) if new_keys else state.latent_keys.clone(),  # (B, L-1, H, Ms, Dh)
-            latent_values=torch.stack(new_values, dim=1) if new_values else state.latent_values.clone(),
+            latent_keys=latent_keys,
+            latent_values=latent_values,
             length=torch.clamp(state.length + T, max=Mc),
             position=state.position + T,
         )
