@@ -326,8 +326,9 @@ def iter_sample(
 
     Yields each piece of text once it is final (never a split UTF-8 character, never (a possible start of) a stop
     string); returns the :class:`SampleResult`. Reproducible: the draws come from a generator seeded with ``opts.seed
-    + sample_index`` on the model's device. Eval mode and inference mode hold during each step only, never between
-    two pieces, so that the caller's code in between runs as it would without this iterator.
+    + sample_index`` on the model's device. Eval mode and no autograd (:func:`longctx.model.inference`) hold during
+    each step only, never between two pieces, so that the caller's code in between runs as it would without this
+    iterator.
     """
     _check_precision(precision)
     t0 = time.perf_counter()

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import torch
 from torch import Tensor
 
-SLACK = 64  # entries of room a new inference buffer keeps past its end: that many single-token steps write in place
+ROOM_MIN = 16  # entries of room a new inference buffer keeps past its end, at least ...
+ROOM_SHARE = 8  # ... and at least 1 / ROOM_SHARE of the cache: single-token steps then copy the cache once per room
+_claim = threading.Lock()  # the check and the claim of a buffer's room are one step, also with several threads
 
 
 def grown_buffers(state: Any, fields: dict[str, int], extra: int) -> dict[str, Tensor] | None:
@@ -17,10 +20,12 @@ def grown_buffers(state: Any, fields: dict[str, int], extra: int) -> dict[str, T
     a view of the buffer's newest entries (:func:`next_cache`). Where the field is the newest view of a buffer with
     room after it (the previous call made it and nothing has been written after it since), the buffer is that room:
     the cache is already in place and only the ``extra`` new entries are written, so a single-token step copies no
-    cache. Otherwise a new buffer is made with :data:`SLACK` entries of room and the cache is copied into it once.
-    No state is ever changed: writes go after the end of every view of the buffer, and a state read twice (two
-    continuations of one prompt) gets a new buffer the second time. None while autograd records: a layer would then
-    write into a tensor whose other slices are saved for the backward pass.
+    cache. Otherwise a new buffer is made with room for ``max(ROOM_MIN, cache / ROOM_SHARE)`` more entries and the
+    cache is copied into it once. No state is ever changed: writes go after the end of every view of the buffer, and
+    a state read twice (two continuations of one prompt) gets a new buffer the second time. A state's fields are
+    views of the size ``nbytes()`` reports; the buffer behind them holds up to that room more (an eighth of the
+    cache for the presets). None while autograd records: a layer would then write into a tensor whose other slices
+    are saved for the backward pass.
     """
     if torch.is_grad_enabled():
         return None
@@ -31,20 +36,24 @@ def _room_after(t: Tensor, dim: int, extra: int) -> Tensor:
     """A view of ``t``'s shape but ``extra`` entries longer along ``dim`` whose first entries are ``t``'s memory when
     ``t`` is the newest view of its buffer and the buffer has room; else the head of a new (uninitialised) buffer.
 
-    The buffer's layout is kept on its storage, ``(dim, strides, end of the entries written so far, capacity)``."""
+    The buffer's layout is kept on its storage, ``(dim, strides, end of the entries written so far, capacity)``.
+    An inference tensor (made in inference mode) is written in place only in inference mode, as PyTorch allows."""
     keep = t.shape[dim]
     shape = list(t.shape)
     shape[dim] = keep + extra
     storage = t.untyped_storage()
-    layout = getattr(storage, "_longctx_room", None)
-    if layout is not None and (torch.is_inference_mode_enabled() or not t.is_inference()):  # else not writable here
-        room_dim, strides, written, capacity = layout
-        start, rem = divmod(t.storage_offset(), strides[dim])
-        if (room_dim, strides, rem) == (dim, t.stride(), 0) and start + keep == written and written + extra <= capacity:
-            storage._longctx_room = (dim, strides, written + extra, capacity)
-            return t.as_strided(shape, strides, t.storage_offset())
+    if torch.is_inference_mode_enabled() or not t.is_inference():
+        with _claim:
+            layout = getattr(storage, "_longctx_room", None)
+            if layout is not None:
+                room_dim, strides, written, capacity = layout
+                start, rem = divmod(t.storage_offset(), strides[dim])
+                newest = (room_dim, strides, rem, start + keep) == (dim, t.stride(), 0, written)
+                if newest and written + extra <= capacity:
+                    storage._longctx_room = (dim, strides, written + extra, capacity)
+                    return t.as_strided(shape, strides, t.storage_offset())
     full = list(t.shape)
-    full[dim] = keep + max(extra, SLACK)
+    full[dim] = keep + max(extra, ROOM_MIN, keep // ROOM_SHARE)
     buf = t.new_empty(full)
     buf.untyped_storage()._longctx_room = (dim, buf.stride(), keep + extra, full[dim])
     return buf.narrow(dim, 0, keep + extra)

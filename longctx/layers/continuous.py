@@ -43,6 +43,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from longctx.layers.kept import KeepsTables
+
 _LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
 
 
@@ -300,12 +302,7 @@ def _project_coefficients_first(n_queries: int, n_basis: int, d_model: int, n_he
     )
 
 
-def _inference(module: nn.Module) -> bool:
-    """No autograd, and weights that track versions (not made in inference mode): per-version results may be kept."""
-    return not torch.is_grad_enabled() and not any(p.is_inference() for p in module.parameters())
-
-
-class ContinuousAttention(nn.Module):
+class ContinuousAttention(KeepsTables):
     """Gaussian continuous attention of per-head queries over a memory's coefficients (one layer's parameters).
 
     Parameters: ``key``/``value`` = W_K, W_V (D -> D, no bias), ``mu``/``sigma`` = w_mu, w_sigma (N -> 1, no bias,
@@ -320,26 +317,22 @@ class ContinuousAttention(nn.Module):
         self.value = nn.Linear(d_model, d_model, bias=False)
         self.mu = nn.Linear(n_basis, 1, bias=False)
         self.sigma = nn.Linear(n_basis, 1, bias=False)
-        self._version: tuple[tuple[object, ...], Tensor, Tensor, Tensor] | None = None  # inference, see _read
 
     def _read(self, coeffs: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """What a version of the memory gives every query, without autograd: the directions ``W_K^T B^T w`` (B, H,
         Dh, 2) float32 of :meth:`density` and the values ``V = B W_V`` (B, H, N, Dh) in ``dtype``.
 
-        Between two refits every token reads the same coefficients (the state's tensor itself: states are never
-        changed in place), so one token of decoding needs neither again; they are kept with the coefficients they
-        come from (held, so that their memory cannot be reused while the key names it) and made again when the
-        coefficients, the weights (their versions) or the dtype change.
+        Between two refits every token reads the same coefficients (the state's tensor itself), so one token of
+        decoding needs neither again: they are kept (:class:`~longctx.layers.kept.KeepsTables`) until the
+        coefficients, the weights or the dtype change.
         """
-        weights = (self.key.weight, self.value.weight, self.mu.weight, self.sigma.weight)
-        key = (coeffs.data_ptr(), coeffs.shape, coeffs.stride(), coeffs.dtype, dtype)
-        key += tuple((w.data_ptr(), w._version) for w in weights)
-        if self._version is None or self._version[0] != key:
+
+        def make() -> tuple[Tensor, Tensor]:
             with torch.autocast(coeffs.device.type, enabled=False):
-                directions = self._directions(coeffs)
-                values = self._values(coeffs.to(dtype), self.value.weight.to(dtype))
-            self._version = (key, coeffs, directions, values)
-        return self._version[2], self._version[3]
+                return self._directions(coeffs), self._values(coeffs.to(dtype), self.value.weight.to(dtype))
+
+        weights = [self.key.weight, self.value.weight, self.mu.weight, self.sigma.weight]
+        return self.kept(f"memory_version_{dtype}", weights, [coeffs], make)
 
     def _directions(self, coeffs: Tensor) -> Tensor:
         """(B, N, D) -> ``W_K,h^T B^T w`` for w = w_mu, w_sigma: (B, H, Dh, 2) float32."""
@@ -365,18 +358,18 @@ class ContinuousAttention(nn.Module):
         """
         Dh = q.shape[-1]
         with torch.autocast(q.device.type, enabled=False):
-            directions = self._read(coeffs, q.dtype)[0] if _inference(self) else self._directions(coeffs)
+            directions = self._directions(coeffs) if torch.is_grad_enabled() else self._read(coeffs, q.dtype)[0]
             logits = torch.matmul(q.float(), directions) / math.sqrt(Dh)  # (B, H, Q, 2)
             mu_logit, sigma_logit = logits.unbind(-1)
             return torch.sigmoid(mu_logit), F.softplus(sigma_logit).clamp_min(self.min_var)
 
     def context(self, r: Tensor, coeffs: Tensor, dtype: torch.dtype) -> Tensor:
         """c = V^T r with V = B W_V: r (B, H, Q, N), coeffs (B, N, D) -> (B, H, Q, Dh) in ``dtype``."""
+        if not torch.is_grad_enabled():  # the values of this version, kept between calls
+            return torch.matmul(r.to(dtype), self._read(coeffs, dtype)[1])  # (B, H, Q, Dh)
         B, H, Q, N = r.shape
         D = coeffs.shape[-1]
         Dh = D // H
-        if _inference(self):  # the values of this version, kept between calls
-            return torch.matmul(r.to(dtype), self._read(coeffs, dtype)[1])  # (B, H, Q, Dh)
         r, coeffs = r.to(dtype), coeffs.to(dtype)
         if _project_coefficients_first(Q, N, D, H):
             return torch.matmul(r, self._values(coeffs, self.value.weight.to(dtype)))  # (B, H, Q, Dh)

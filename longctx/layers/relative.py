@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from longctx.config import ModelConfig
+from longctx.layers.kept import KeepsTables
 from longctx.layers.mlp import init_linear
 
 
@@ -47,8 +48,8 @@ def position_scores(q_pos: Tensor, weight: Tensor, table: Tensor) -> Tensor:
 
     Two exact ways to order the products; the cheaper one is taken. Projecting the table first (``W_R R``: W D^2
     multiply-adds, then B T W D) wins for training segments; projecting the queries through ``W_R^T`` first
-    (B T D^2, then B T H W D) wins for a few queries, e.g. token-by-token generation, where it avoids an
-    O(W D^2) projection per token.
+    (B T D^2, then B T H W D) wins for a few queries with autograd on. (Without autograd the layers keep the
+    projected table between calls: :meth:`RelativeProjections.position_term`.)
     """
     B, H, T, Dh = q_pos.shape
     W, D = table.shape
@@ -61,7 +62,7 @@ def position_scores(q_pos: Tensor, weight: Tensor, table: Tensor) -> Tensor:
     return torch.matmul(q_proj, table.t())  # (B, H, T, W)
 
 
-class RelativeProjections(nn.Module):
+class RelativeProjections(KeepsTables):
     """The parameters of Transformer-XL attention (Dai et al. 2019, §3.3): Q/K/V, ``W_R`` for the sinusoidal
     positions, the output projection, and the biases ``u``, ``v`` when a layer owns them (``own_bias``; otherwise
     the decoder shares one pair across layers). GPT-2 initialisation, output scaled by 1/sqrt(2 n_layer)."""
@@ -78,22 +79,21 @@ class RelativeProjections(nn.Module):
         init_linear(self.out_proj, cfg.init_std / math.sqrt(2 * cfg.n_layer))
         self.pos_bias_u = nn.Parameter(torch.randn(cfg.d_model) * cfg.init_std) if own_bias else None
         self.pos_bias_v = nn.Parameter(torch.randn(cfg.d_model) * cfg.init_std) if own_bias else None
-        self._projected: tuple[tuple[object, ...], Tensor, Tensor] | None = None  # inference: (key, table, W_R R)
 
     def position_term(self, q_pos: Tensor, table: Tensor) -> Tensor:
         """:func:`position_scores` with this layer's ``W_R``: q_pos (B, H, T, Dh), table (W, D) -> (B, H, T, W).
 
-        Without autograd (evaluation, generation) the projected table ``W_R R`` (H, Dh, W) depends on the weights only,
-        so it is kept for the next call and each call is one product with the queries; it is made again when ``W_R``
-        changes (an optimiser step or a load bumps its version), the table or the dtype differ. The table is held
-        with it, so its memory cannot be reused by another tensor while the key names it.
+        Without autograd (evaluation, generation) the projected table ``W_R R`` (H, Dh, W) depends on the weights only:
+        it is kept for the next call (:class:`~longctx.layers.kept.KeepsTables`) and each call is one product with
+        the queries, also for a single token.
         """
         weight = self.r_net.weight
-        if torch.is_grad_enabled() or weight.is_inference():
+        if torch.is_grad_enabled():
             return position_scores(q_pos, weight, table)
-        key = (weight._version, weight.data_ptr(), table.data_ptr(), table.shape, table.stride(), q_pos.dtype)
-        if self._projected is None or self._projected[0] != key:
-            W, D = table.shape
-            rel = F.linear(table.to(q_pos.dtype), weight.to(q_pos.dtype)).view(W, self.n_head, self.head_dim)
-            self._projected = (key, table, rel.permute(1, 2, 0).contiguous())  # (H, Dh, W)
-        return torch.matmul(q_pos, self._projected[2])  # (B, H, T, W)
+
+        def project() -> Tensor:
+            rel = F.linear(table.to(q_pos.dtype), weight.to(q_pos.dtype))  # (W, H * Dh)
+            return rel.view(-1, self.n_head, self.head_dim).permute(1, 2, 0).contiguous()  # (H, Dh, W)
+
+        rel = self.kept(f"position_table_{q_pos.dtype}", [weight], [table], project)
+        return torch.matmul(q_pos, rel)  # (B, H, T, W)
