@@ -318,21 +318,24 @@ class ContinuousAttention(KeepsTables):
         self.mu = nn.Linear(n_basis, 1, bias=False)
         self.sigma = nn.Linear(n_basis, 1, bias=False)
 
-    def _read(self, coeffs: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """What a version of the memory gives every query, without autograd: the directions ``W_K^T B^T w`` (B, H,
-        Dh, 2) float32 of :meth:`density` and the values ``V = B W_V`` (B, H, N, Dh) in ``dtype``.
+    def _kept_directions(self, coeffs: Tensor) -> Tensor:
+        """:meth:`_directions` of a version of the memory, kept between inference calls: between two refits every
+        token reads the same coefficients (the state's tensor itself), so one token of decoding needs them once."""
+        weights = [self.key.weight, self.mu.weight, self.sigma.weight]
+        return self.kept("directions", weights, [coeffs], lambda: self._directions(coeffs))
 
-        Between two refits every token reads the same coefficients (the state's tensor itself), so one token of
-        decoding needs neither again: they are kept (:class:`~longctx.layers.kept.KeepsTables`) until the
-        coefficients, the weights or the dtype change.
-        """
+    def _kept_context(self, r: Tensor, coeffs: Tensor, dtype: torch.dtype) -> Tensor:
+        """:meth:`context` without autograd: with the values ``V = B W_V`` of this version kept (N D^2 once per
+        version) once a second call reads it, else the cheaper order for this call alone."""
 
-        def make() -> tuple[Tensor, Tensor]:
+        def values() -> Tensor:
             with torch.autocast(coeffs.device.type, enabled=False):
-                return self._directions(coeffs), self._values(coeffs.to(dtype), self.value.weight.to(dtype))
+                return self._values(coeffs.to(dtype), self.value.weight.to(dtype))  # (B, H, N, Dh)
 
-        weights = [self.key.weight, self.value.weight, self.mu.weight, self.sigma.weight]
-        return self.kept(f"memory_version_{dtype}", weights, [coeffs], make)
+        kept = self.kept(f"values_{dtype}", [self.value.weight], [coeffs], values, direct=lambda: None)
+        if kept is None:
+            return self._context(r, coeffs, dtype)
+        return torch.matmul(r.to(dtype), kept)  # (B, H, Q, Dh)
 
     def _directions(self, coeffs: Tensor) -> Tensor:
         """(B, N, D) -> ``W_K,h^T B^T w`` for w = w_mu, w_sigma: (B, H, Dh, 2) float32."""
@@ -358,15 +361,19 @@ class ContinuousAttention(KeepsTables):
         """
         Dh = q.shape[-1]
         with torch.autocast(q.device.type, enabled=False):
-            directions = self._directions(coeffs) if torch.is_grad_enabled() else self._read(coeffs, q.dtype)[0]
+            directions = self._directions(coeffs) if torch.is_grad_enabled() else self._kept_directions(coeffs)
             logits = torch.matmul(q.float(), directions) / math.sqrt(Dh)  # (B, H, Q, 2)
             mu_logit, sigma_logit = logits.unbind(-1)
             return torch.sigmoid(mu_logit), F.softplus(sigma_logit).clamp_min(self.min_var)
 
     def context(self, r: Tensor, coeffs: Tensor, dtype: torch.dtype) -> Tensor:
         """c = V^T r with V = B W_V: r (B, H, Q, N), coeffs (B, N, D) -> (B, H, Q, Dh) in ``dtype``."""
-        if not torch.is_grad_enabled():  # the values of this version, kept between calls
-            return torch.matmul(r.to(dtype), self._read(coeffs, dtype)[1])  # (B, H, Q, Dh)
+        if torch.is_grad_enabled():
+            return self._context(r, coeffs, dtype)
+        return self._kept_context(r, coeffs, dtype)
+
+    def _context(self, r: Tensor, coeffs: Tensor, dtype: torch.dtype) -> Tensor:
+        """:meth:`context` for this call alone, in the cheaper order of the products."""
         B, H, Q, N = r.shape
         D = coeffs.shape[-1]
         Dh = D // H

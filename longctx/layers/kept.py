@@ -8,7 +8,9 @@ its time remaking them. :class:`KeepsTables` keeps them while autograd is off.
 
 A table is kept with a key of the tensors it comes from (address, shape, strides, dtype, device, and for weights the
 version counter that every in-place change bumps: optimiser steps, ``load_state_dict``) and with those tensors
-themselves, so that their memory cannot be reused by another tensor while the key names it. What the key cannot see
+themselves, so that their memory cannot be reused by another tensor while the key names it; a few keys are kept per
+table (streams taking turns on one model), and a table that may be read only once is made only when its key comes
+back (until then the call computes its result directly, the cheaper way for one call). What the key cannot see
 is a change through ``.data``, which PyTorch does not version; the package never changes weights that way, and the
 tables are dropped whenever the module goes back to training mode or moves (``.to``), so a weight changed in
 training is never read through an old table. The memory tensors (state fields) are values: never changed in place.
@@ -16,15 +18,19 @@ training is never read through an old table. The memory tensors (state fields) a
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
+KEEP = 4  # tables kept per name and module (several streams taking turns on one model each find theirs)
+_lock = threading.RLock()
+
 
 class _Kept(NamedTuple):
-    key: tuple[Any, ...]
     held: tuple[Tensor, ...]  # the tensors the key names
     value: Any
 
@@ -41,19 +47,44 @@ class KeepsTables(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self._kept: dict[str, _Kept] = {}
+        self._kept: dict[str, OrderedDict[tuple[Any, ...], _Kept | None]] = {}
 
-    def kept(self, name: str, weights: Sequence[Tensor], inputs: Sequence[Tensor], make: Callable[[], Any]) -> Any:
-        """``make()``, or the value it gave last time for the same ``weights`` (versioned) and ``inputs``. While
-        autograd records, or for weights made in inference mode (which keep no version), always ``make()``."""
+    def kept(
+        self,
+        name: str,
+        weights: Sequence[Tensor],
+        inputs: Sequence[Tensor],
+        make: Callable[[], Any],
+        direct: Callable[[], Any] | None = None,
+    ) -> Any:
+        """``make()``, or what it gave last time for the same ``weights`` (versioned) and ``inputs`` (up to
+        :data:`KEEP` of them per name, the least recently used dropped first).
+
+        With ``direct`` (the same result computed for this call alone, cheaper than ``make()`` when it is not
+        reused), the first call for a key returns ``direct()`` and only notes the key; the second makes and keeps the
+        table. A table that is read once (an evaluation segment, whose memory changes every call) then costs nothing
+        more than before. While autograd records, or for weights made in inference mode (which keep no version),
+        nothing is kept.
+        """
         if torch.is_grad_enabled() or any(w.is_inference() for w in weights):
-            return make()
+            return make() if direct is None else direct()
         key = _key(weights, inputs)
-        entry = self._kept.get(name)
-        if entry is None or entry.key != key:
-            entry = _Kept(key, tuple(t.detach() for t in (*weights, *inputs)), make())
-            self._kept[name] = entry
-        return entry.value
+        with _lock:  # several threads may share a model: the tables and their order change under the lock
+            tables = self._kept.setdefault(name, OrderedDict())
+            entry = tables.get(key)
+            first = entry is None and direct is not None and key not in tables
+            if first:
+                tables[key] = None  # noted only: a noted key that comes back for other tensors just makes early
+                value = direct()
+            else:
+                if entry is None:
+                    entry = _Kept(tuple(t.detach() for t in (*weights, *inputs)), make())
+                    tables[key] = entry
+                value = entry.value
+            tables.move_to_end(key)
+            while len(tables) > KEEP:
+                tables.popitem(last=False)
+        return value
 
     def train(self, mode: bool = True) -> KeepsTables:
         if mode:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from longctx.layers.kept import KeepsTables
+from longctx.layers.kept import KEEP, KeepsTables
 
 
 class _Layer(KeepsTables):
@@ -60,3 +60,34 @@ def test_never_kept_while_autograd_records_or_for_inference_weights() -> None:
         made_here.table(x)
         made_here.table(x)
     assert made_here.made == 2
+
+
+def test_direct_first_then_kept_and_a_few_keys_at_a_time() -> None:
+    """With ``direct``, a key's first call computes directly and the second makes the table; up to KEEP keys (streams
+    taking turns) stay kept, the least recently used is dropped first."""
+    layer = _Layer()
+    calls = {"make": 0, "direct": 0}
+
+    def read(x: torch.Tensor) -> torch.Tensor:
+        def make() -> torch.Tensor:
+            calls["make"] += 1
+            return layer.proj(x)
+
+        def direct() -> torch.Tensor:
+            calls["direct"] += 1
+            return layer.proj(x)
+
+        return layer.kept("table", [layer.proj.weight], [x], make, direct)
+
+    streams = [torch.randn(2, 3) for _ in range(KEEP + 1)]
+    with torch.no_grad():
+        for x in streams[:KEEP]:
+            read(x)
+        assert calls == {"make": 0, "direct": KEEP}
+        for _ in range(3):  # KEEP streams taking turns: each made once, then read from the table
+            for x in streams[:KEEP]:
+                assert torch.allclose(read(x), layer.proj(x))
+        assert calls == {"make": KEEP, "direct": KEEP}
+        read(streams[KEEP])  # a new key (noted) pushes out the least recently used one
+        read(streams[0])
+        assert calls == {"make": KEEP, "direct": KEEP + 2}
