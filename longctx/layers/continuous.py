@@ -319,10 +319,12 @@ class ContinuousAttention(KeepsTables):
         self.sigma = nn.Linear(n_basis, 1, bias=False)
 
     def _kept_directions(self, coeffs: Tensor) -> Tensor:
-        """:meth:`_directions` of a version of the memory, kept between inference calls: between two refits every
-        token reads the same coefficients (the state's tensor itself), so one token of decoding needs them once."""
+        """:meth:`_directions` of a version of the memory, kept between inference calls once a second call reads it:
+        between two refits every token reads the same coefficients (the state's tensor itself), so one token of
+        decoding needs them once; an evaluation segment, whose versions are new in every call, keeps nothing."""
         weights = [self.key.weight, self.mu.weight, self.sigma.weight]
-        return self.kept("directions", weights, [coeffs], lambda: self._directions(coeffs))
+        make = lambda: self._directions(coeffs)  # noqa: E731
+        return self.kept("directions", weights, [coeffs], make, direct=make)
 
     def _kept_context(self, r: Tensor, coeffs: Tensor, dtype: torch.dtype) -> Tensor:
         """:meth:`context` without autograd: with the values ``V = B W_V`` of this version kept (N D^2 once per
