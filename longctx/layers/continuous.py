@@ -327,16 +327,15 @@ class ContinuousAttention(KeepsTables):
         return self.kept("directions", weights, [coeffs], make, direct=make)
 
     def _kept_context(self, r: Tensor, coeffs: Tensor, dtype: torch.dtype) -> Tensor:
-        """:meth:`context` without autograd: with the values ``V = B W_V`` of this version kept (N D^2 once per
-        version) once a second call reads it, else the cheaper order for this call alone."""
+        """:meth:`context` without autograd, always as ``r V`` with the values ``V = B W_V`` of this version (N D^2
+        multiply-adds), kept once a second call reads the version. Made or kept, the same products in the same
+        order: a result never depends on what an earlier call left behind."""
 
         def values() -> Tensor:
             with torch.autocast(coeffs.device.type, enabled=False):
                 return self._values(coeffs.to(dtype), self.value.weight.to(dtype))  # (B, H, N, Dh)
 
-        kept = self.kept(f"values_{dtype}", [self.value.weight], [coeffs], values, direct=lambda: None)
-        if kept is None:
-            return self._context(r, coeffs, dtype)
+        kept = self.kept(f"values_{dtype}", [self.value.weight], [coeffs], values, direct=values)
         return torch.matmul(r.to(dtype), kept)  # (B, H, Q, Dh)
 
     def _directions(self, coeffs: Tensor) -> Tensor:
