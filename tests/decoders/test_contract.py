@@ -232,6 +232,19 @@ def test_a_state_made_in_inference_mode_continues_under_no_grad(
     _close(got, expected, EXACT_ATOL)
 
 
+def test_repeated_calls_give_the_same_bits(tiny_model: LongContextLM, tiny_memory_length: int) -> None:
+    """Inference may keep tables between calls (the first call makes a table for itself, a later one keeps it): the
+    same call on the same state gives bitwise the same logits whether a table was made or kept."""
+    model, mem = tiny_model, tiny_memory_length
+    tokens = _tokens(model, 2, mem + 3)
+    with torch.no_grad():
+        state = model(tokens[:, :mem], model.init_state(2)).state
+        for sizes in ([1], [3]):
+            segment = tokens[:, mem : mem + sizes[0]]
+            first, second, third = (model(segment, state).logits for _ in range(3))
+            assert torch.equal(first, second) and torch.equal(first, third)
+
+
 def test_inference_follows_weights_changed_in_place(tiny_model: LongContextLM, tiny_memory_length: int) -> None:
     """Decoders may keep tables made from the weights between inference calls (e.g. projected position tables); a
     change of the weights in place (what an optimiser step or ``load_state_dict`` does) must show in the next call,
