@@ -208,8 +208,9 @@ class PerceiverARDecoder(Decoder[PerceiverARState]):
             x, keys, values = block(
                 x, state.latent_keys[:, layer], state.latent_values[:, layer], cos, sin, latent_mask, out
             )
-            new_keys.append(keys[:, :, keys.shape[2] - Ms :])  # (B, H, Ms, Dh)
-            new_values.append(values[:, :, values.shape[2] - Ms :])
+            if bufs is None:  # recording autograd: keep the newest Ms of each layer, stacked below
+                new_keys.append(keys[:, :, keys.shape[2] - Ms :])  # (B, H, Ms, Dh)
+                new_values.append(values[:, :, values.shape[2] - Ms :])
 
         latent_keys, latent_values = state.latent_keys.clone(), state.latent_values.clone()  # no latent layers
         if self.blocks:  # (B, L - 1, H, Ms, Dh)

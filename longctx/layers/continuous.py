@@ -323,8 +323,7 @@ class ContinuousAttention(KeepsTables):
         between two refits every token reads the same coefficients (the state's tensor itself), so one token of
         decoding needs them once; an evaluation segment, whose versions are new in every call, keeps nothing."""
         weights = [self.key.weight, self.mu.weight, self.sigma.weight]
-        make = lambda: self._directions(coeffs)  # noqa: E731
-        return self.kept("directions", weights, [coeffs], make, direct=make)
+        return self.kept("directions", weights, [coeffs], lambda: self._directions(coeffs), on_return=True)
 
     def _kept_context(self, r: Tensor, coeffs: Tensor, dtype: torch.dtype) -> Tensor:
         """:meth:`context` without autograd, always as ``r V`` with the values ``V = B W_V`` of this version (N D^2
@@ -335,7 +334,7 @@ class ContinuousAttention(KeepsTables):
             with torch.autocast(coeffs.device.type, enabled=False):
                 return self._values(coeffs.to(dtype), self.value.weight.to(dtype))  # (B, H, N, Dh)
 
-        kept = self.kept(f"values_{dtype}", [self.value.weight], [coeffs], values, direct=values)
+        kept = self.kept(f"values_{dtype}", [self.value.weight], [coeffs], values, on_return=True)
         return torch.matmul(r.to(dtype), kept)  # (B, H, Q, Dh)
 
     def _directions(self, coeffs: Tensor) -> Tensor:

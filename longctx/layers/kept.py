@@ -9,8 +9,9 @@ its time remaking them. :class:`KeepsTables` keeps them while autograd is off.
 A table is kept with a key of the tensors it comes from (address, shape, strides, dtype, device, and for weights the
 version counter that every in-place change bumps: optimiser steps, ``load_state_dict``) and with those tensors
 themselves, so that their memory cannot be reused by another tensor while the key names it; a few keys are kept per
-table (streams taking turns on one model), and a table that may be read only once is made only when its key comes
-back (until then the call computes its result directly, the cheaper way for one call). What the key cannot see
+table (streams taking turns on one model), and a table that may be read only once is kept only when its key comes
+back. Made or kept, a table is the same computation, so no result depends on what an earlier call left. What the
+key cannot see
 is a change through ``.data``, which PyTorch does not version; the package never changes weights that way, and the
 tables are dropped whenever the module goes back to training mode or moves (``.to``), so a weight changed in
 training is never read through an old table. The memory tensors (state fields) are values: never changed in place.
@@ -55,27 +56,25 @@ class KeepsTables(nn.Module):
         weights: Sequence[Tensor],
         inputs: Sequence[Tensor],
         make: Callable[[], Any],
-        direct: Callable[[], Any] | None = None,
+        on_return: bool = False,
     ) -> Any:
         """``make()``, or what it gave last time for the same ``weights`` (versioned) and ``inputs`` (up to
         :data:`KEEP` of them per name, the least recently used dropped first).
 
-        With ``direct`` (the same result computed for this call alone, cheaper than ``make()`` when it is not
-        reused), the first call for a key returns ``direct()`` and only notes the key; the second makes and keeps the
-        table. A table that is read once (an evaluation segment, whose memory changes every call) then costs nothing
-        more than before. While autograd records, or for weights made in inference mode (which keep no version),
-        nothing is kept.
+        With ``on_return`` a table is kept only when its key comes back: the first call makes it for itself and
+        notes the key. A table that is read once (an evaluation segment, whose memory changes every call) then holds
+        no memory. While autograd records, or for weights made in inference mode (which keep no version), nothing is
+        kept.
         """
         if torch.is_grad_enabled() or any(w.is_inference() for w in weights):
-            return make() if direct is None else direct()
+            return make()
         key = _key(weights, inputs)
         with _lock:  # several threads may share a model: the tables and their order change under the lock
             tables = self._kept.setdefault(name, OrderedDict())
             entry = tables.get(key)
-            first = entry is None and direct is not None and key not in tables
-            if first:
-                tables[key] = None  # noted only: a noted key that comes back for other tensors just makes early
-                value = direct()
+            if entry is None and on_return and key not in tables:
+                tables[key] = None  # noted only: a noted key that comes back for other tensors just keeps early
+                value = make()
             else:
                 if entry is None:
                     entry = _Kept(tuple(t.detach() for t in (*weights, *inputs)), make())

@@ -62,32 +62,27 @@ def test_never_kept_while_autograd_records_or_for_inference_weights() -> None:
     assert made_here.made == 2
 
 
-def test_direct_first_then_kept_and_a_few_keys_at_a_time() -> None:
-    """With ``direct``, a key's first call computes directly and the second makes the table; up to KEEP keys (streams
-    taking turns) stay kept, the least recently used is dropped first."""
+def test_kept_when_a_key_returns_and_a_few_keys_at_a_time() -> None:
+    """With ``on_return``, a key's first call makes the table for itself only and the second makes and keeps it; up to
+    KEEP keys (streams taking turns) stay kept, the least recently used is dropped first."""
     layer = _Layer()
-    calls = {"make": 0, "direct": 0}
 
     def read(x: torch.Tensor) -> torch.Tensor:
         def make() -> torch.Tensor:
-            calls["make"] += 1
+            layer.made += 1
             return layer.proj(x)
 
-        def direct() -> torch.Tensor:
-            calls["direct"] += 1
-            return layer.proj(x)
-
-        return layer.kept("table", [layer.proj.weight], [x], make, direct)
+        return layer.kept("table", [layer.proj.weight], [x], make, on_return=True)
 
     streams = [torch.randn(2, 3) for _ in range(KEEP + 1)]
     with torch.no_grad():
         for x in streams[:KEEP]:
             read(x)
-        assert calls == {"make": 0, "direct": KEEP}
-        for _ in range(3):  # KEEP streams taking turns: each made once, then read from the table
+        assert layer.made == KEEP  # made for the call alone, nothing kept
+        for _ in range(3):  # KEEP streams taking turns: each made and kept once more, then read from the table
             for x in streams[:KEEP]:
                 assert torch.allclose(read(x), layer.proj(x))
-        assert calls == {"make": KEEP, "direct": KEEP}
+        assert layer.made == 2 * KEEP
         read(streams[KEEP])  # a new key (noted) pushes out the least recently used one
         read(streams[0])
-        assert calls == {"make": KEEP, "direct": KEEP + 2}
+        assert layer.made == 2 * KEEP + 2
