@@ -225,7 +225,8 @@ class ModelConfig:
     separator_id: int = -1  # the document separator's token id; set from the tokenizer when training; -1 = none
     reset_at_separator: bool = True  # no information crosses a separator: the memory starts empty at each one
     # sliding-window attention of transformer and perceiver_ar: "banded" (blocks of queries, float32 softmax),
-    # "sdpa" (F.scaled_dot_product_attention, one boolean mask), "auto" = banded on the CPU, sdpa elsewhere
+    # "sdpa" (F.scaled_dot_product_attention, one boolean mask), "auto" = banded on the CPU for windows under 2,048,
+    # sdpa for longer ones and elsewhere
     attention_kernel: AttentionKernel = "auto"
     # a learned embedding of the previous token added to each token's input (Olsson et al. 2022's "smeared" keys at
     # the input; RWKV's token shift): every layer sees the token before without first learning a previous-token head;

@@ -126,6 +126,7 @@ class _Refit:
 @dataclass(frozen=True)
 class _Schedule:
     valid: Tensor  # (B, 1, T, W) float32: 0 where the key at that distance is in the query's exact window, else -inf
+    floors: list[int]  # (T,) per query, its first key in [cache ; segment] that any row's window holds
     groups: list[_Group | None] = field(default_factory=list)  # per version k = 0..K (None: no query reads it)
     refits: list[_Refit] = field(default_factory=list)  # per boundary k -> k + 1, k = 0..K - 1
 
@@ -142,8 +143,10 @@ def make_schedule(positions: list[int], T: int, mem_len: int, block: int, device
     that reads the new version (lazily: its graph then holds the refit, so the gate gets a gradient).
     """
     W = mem_len + block
-    pos = torch.tensor(positions, dtype=torch.int64, device=device)[:, None] + torch.arange(T, device=device)  # (B, T)
+    pos = torch.tensor(positions, dtype=torch.int64)[:, None] + torch.arange(T)  # (B, T), on the CPU
     reach = pos - torch.clamp(block * torch.div(pos - mem_len, block, rounding_mode="floor"), min=0)  # p - b(p)
+    floors = (torch.arange(T) + W - 1 - reach).amin(0).tolist()  # query t's oldest key sits at t + W - 1 - reach
+    reach = reach.to(device)
     distances = torch.arange(W - 1, -1, -1, device=device)  # (W,) band order
     valid = torch.zeros(pos.shape + (W,), device=device).masked_fill_(distances > reach[..., None], float("-inf"))
     bases = [_boundary(p - 1, mem_len, block) for p in positions]  # the state's version (0 for a fresh row)
@@ -153,7 +156,7 @@ def make_schedule(positions: list[int], T: int, mem_len: int, block: int, device
         starts.append([0] + [base + k * block + mem_len - p for k in range(1, n_new + 1)])  # with b(p') = base + k L
     groups = _groups(bases, starts, T, device)
     refits = [_refit(positions, bases, starts, k, T, mem_len, block, device) for k in range(len(groups) - 1)]
-    return _Schedule(valid[:, None], groups, refits)
+    return _Schedule(valid[:, None], floors, groups, refits)
 
 
 def _groups(bases: list[int], starts: list[list[int]], T: int, device: torch.device) -> list[_Group | None]:
@@ -266,6 +269,7 @@ class InfiniteAttention(RelativeProjections):
             grad_start=0 if cache_grad else cache_k.shape[2],
             mask=sched.valid,
             bias_scale=1.0 / math.sqrt(Dh),
+            floors=sched.floors,
         )  # (B, H, T, Dh)
         inputs = join(cache_x, h, 1, out_x)  # (B, C + 1 + T, D)
         ltm = self.long_term(q, inputs, coeffs, mass, sched, memory)

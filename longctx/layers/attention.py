@@ -18,13 +18,20 @@ gradients of q, k, v run in the input precision; the backward is written out (no
 :class:`WindowAttention` (``transformer`` and ``perceiver_ar``) is rotary attention over such a window. Which kernel
 it runs is an argument (``model.attention_kernel``, :func:`resolve_kernel`): ``banded`` (the band kernel) or
 ``sdpa`` (``F.scaled_dot_product_attention`` with the full boolean window mask, the fused kernels of a GPU); ``auto``
-picks ``banded`` on the CPU and ``sdpa`` elsewhere. Both run on any device, so both are tested on the CPU.
+picks ``banded`` on the CPU for windows shorter than :data:`LONG_WINDOW` and ``sdpa`` elsewhere. Both run on any
+device, so both are tested on the CPU.
+
+Without autograd (evaluation, reading a prompt) the band kernel hands each block of queries to PyTorch's fused
+attention (:func:`_attend_fused`) with the band's bias and mask as an additive mask, and a single query (a token of
+decoding) takes a short path with the kernel's own products (:func:`_attend_one`). ``floors`` let a caller whose
+windows shrink (the ∞-former at its refit boundaries) leave out keys that no query of a block can see.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -39,14 +46,21 @@ from longctx.layers.mlp import init_linear
 BLOCK = 64  # queries per block of band_attention on the CPU (32-96 measured about equally fast, window 256)
 ALIGN = 16  # a block's key range is widened to a multiple of this where it can be (masked keys; faster matmuls)
 
+# ``auto`` takes ``sdpa`` on the CPU too from this window on: 1.04x (fp32) and 1.43x (bf16) the banded kernel's
+# training tokens/s for perceiver-ar-long (window 8,192), 1.0x to 1.1x in inference; at window 256 the banded kernel
+# trains at 1.0x to 1.08x the speed of sdpa (it computes no gradient for the keys of the cache); perceiver-ar-small
+# (cross-attention window 1,024) trains and reads at the same speed with the threshold at 1,024 or 2,048
+LONG_WINDOW = 2048
+
 Kernel = Literal["banded", "sdpa"]
 
 
-def resolve_kernel(kernel: str, device: torch.device) -> Kernel:
-    """The kernel that ``model.attention_kernel`` selects on ``device``: ``auto`` is ``banded`` on the CPU and
-    ``sdpa`` elsewhere; ``banded`` and ``sdpa`` are taken as they are."""
+def resolve_kernel(kernel: str, device: torch.device, window: int = 0) -> Kernel:
+    """The kernel that ``model.attention_kernel`` selects on ``device`` for a sliding ``window``: ``auto`` is
+    ``banded`` on the CPU for windows shorter than :data:`LONG_WINDOW` and ``sdpa`` elsewhere; ``banded`` and ``sdpa``
+    are taken as they are."""
     if kernel == "auto":
-        return "banded" if device.type == "cpu" else "sdpa"
+        return "banded" if device.type == "cpu" and window < LONG_WINDOW else "sdpa"
     if kernel not in ("banded", "sdpa"):
         raise ValueError(f"unknown attention kernel {kernel!r}: expected auto, banded or sdpa")
     return kernel  # type: ignore[return-value]
@@ -114,11 +128,20 @@ def additive_mask(allowed: Tensor, dtype: torch.dtype = torch.float32) -> Tensor
 # band attention: the sliding-window kernel
 
 
-def _key_start(q0: int, q1: int, W: int) -> int:
-    """The first key a block of queries ``q0:q1`` is scored against: ``q0``, moved back (over keys outside every window
-    of the block, masked) so that the block's ``q1 + W - 1 - start`` keys are a multiple of :data:`ALIGN` where the
-    sequence allows: float32 matmuls on aligned shapes are measurably faster."""
-    return max(0, q0 - (-(q1 - q0 + W - 1) % ALIGN))
+def _key_start(q0: int, q1: int, W: int, floor: int = 0) -> int:
+    """The first key a block of queries ``q0:q1`` is scored against: ``q0`` (the first key of the block's first
+    window), or ``floor`` when it is later (the caller guarantees no query of the block sees a key before it), moved
+    back (over keys that are masked anyway) so that the block's ``q1 + W - 1 - start`` keys are a multiple of
+    :data:`ALIGN` where the sequence allows: float32 matmuls on aligned shapes are measurably faster."""
+    start = max(q0, floor)
+    return max(0, start - (-(q1 + W - 1 - start) % ALIGN))
+
+
+def _block_floor(floors: Sequence[int] | None, q0: int, q1: int) -> int:
+    """The latest first key a block of queries ``q0:q1`` can be scored from, given the per-query ``floors`` (0 without
+    them): row ``r`` of a block's band starts ``r`` score columns in, so the keys before the block's start plus ``r``
+    must be hidden from query ``q0 + r`` (:func:`_outside_band` hides them)."""
+    return 0 if floors is None else min(f - r for r, f in enumerate(floors[q0:q1]))
 
 
 def _band_view(scores: Tensor, W: int, offset: int = 0) -> Tensor:
@@ -132,14 +155,24 @@ def _band_view(scores: Tensor, W: int, offset: int = 0) -> Tensor:
     return scores.as_strided((*lead, n, W), (*strides[:-2], K + 1, 1), scores.storage_offset() + offset)
 
 
+def _block_band(scores: Tensor, W: int, offset: int) -> tuple[Tensor, int]:
+    """The part of a block's band that was scored, and its first band column: with ``offset >= 0`` the whole band
+    (:func:`_band_view`), column 0; with ``offset < 0`` (keys before a floor left out) the band columns from
+    ``-offset`` on, which start at score column ``r`` in row ``r``."""
+    if offset >= 0:
+        return _band_view(scores, W, offset), 0
+    return _band_view(scores, W + offset, 0), -offset
+
+
 @functools.lru_cache(maxsize=64)
 def _outside_band(n: int, W: int, device: torch.device, offset: int = 0) -> Tensor:
     """Boolean (n, offset + n + W - 1): true where key ``c`` is outside the window of query ``r`` (c < offset + r or
-    c > offset + r + W - 1). A constant of its arguments, kept for the next call (every layer and call of a stream
-    asks for the same few)."""
+    c > offset + r + W - 1), and with ``offset < 0`` (keys before a floor left out) also before the part of the band
+    that was scored (c < r, :func:`_block_band`). A constant of its arguments, kept for the next call (every layer and
+    call of a stream asks for the same few)."""
     c = torch.arange(offset + n + W - 1, device=device)[None, :]
-    r = torch.arange(n, device=device)[:, None] + offset
-    return (c < r) | (c > r + W - 1)
+    r = torch.arange(n, device=device)[:, None]
+    return (c < r + max(offset, 0)) | (c > r + offset + W - 1)
 
 
 class _BandAttention(torch.autograd.Function):
@@ -165,6 +198,7 @@ class _BandAttention(torch.autograd.Function):
         bias_scale: float,
         block: int,  # type: ignore[override]
         grad_start: int,
+        floors: Sequence[int] | None,
     ) -> Tensor:
         T = q.shape[2]
         W = keys.shape[2] - T + 1
@@ -177,14 +211,14 @@ class _BandAttention(torch.autograd.Function):
             for q0 in range(0, T, block):
                 q1 = min(T, q0 + block)
                 n = q1 - q0
-                k0 = _key_start(q0, q1, W)
+                k0 = _key_start(q0, q1, W, _block_floor(floors, q0, q1))
                 qs = q[:, :, q0:q1] * scale  # (B, H, n, Dh)
                 s = torch.matmul(qs.to(wide), keys_w[:, :, k0 : q1 + W - 1].transpose(-1, -2))  # (B, H, n, K)
-                band = _band_view(s, W, q0 - k0)
+                band, w0 = _block_band(s, W, q0 - k0)  # band columns w0.. were scored
                 if bias is not None:
-                    band.add_(bias[:, :, q0:q1], alpha=bias_scale)
+                    band.add_(bias[:, :, q0:q1, w0:], alpha=bias_scale)
                 if mask is not None:
-                    band.add_(mask[:, :, q0:q1])
+                    band.add_(mask[:, :, q0:q1, w0:])
                 hide = _outside_band(n, W, q.device, q0 - k0)
                 if key_mask is not None:
                     hide = hide | key_mask[:, None, None, k0 : q1 + W - 1]
@@ -192,7 +226,7 @@ class _BandAttention(torch.autograd.Function):
                 outs.append(torch.matmul(p.to(dtype), values[:, :, k0 : q1 + W - 1]))  # (B, H, n, Dh)
                 saved += [qs, p]
         ctx.save_for_backward(keys, values, *saved)
-        ctx.block, ctx.W, ctx.scale, ctx.grad_start = block, W, scale, grad_start
+        ctx.block, ctx.W, ctx.scale, ctx.grad_start, ctx.floors = block, W, scale, grad_start, floors
         ctx.bias_scale, ctx.bias_dtype = bias_scale, None if bias is None else bias.dtype
         return torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
 
@@ -216,12 +250,14 @@ class _BandAttention(torch.autograd.Function):
                 q1 = min(T, q0 + block)
                 qs, p = saved[2 * i], saved[2 * i + 1]
                 d_blk = dout[:, :, q0:q1]
-                k0 = _key_start(q0, q1, W)
+                k0 = _key_start(q0, q1, W, _block_floor(ctx.floors, q0, q1))
                 dp = torch.matmul(d_blk.to(wide), values_w[:, :, k0 : q1 + W - 1].transpose(-1, -2))  # (B, H, n, K)
                 ds = torch._softmax_backward_data(dp, p, -1, wide)  # (B, H, n, n + W - 1), 0 outside the band
                 if dbias is not None:
-                    band = _band_view(ds, W, q0 - k0)
-                    dbias[:, :, q0:q1] = band if ctx.bias_scale == 1.0 else band * ctx.bias_scale
+                    band, w0 = _block_band(ds, W, q0 - k0)
+                    if w0:  # keys before the block's floor: no score, no gradient
+                        dbias[:, :, q0:q1, :w0] = 0
+                    dbias[:, :, q0:q1, w0:] = band if ctx.bias_scale == 1.0 else band * ctx.bias_scale
                 ds = ds.to(dtype)
                 if need_q:
                     dqs.append(torch.matmul(ds, keys[:, :, k0 : q1 + W - 1]))
@@ -233,7 +269,7 @@ class _BandAttention(torch.autograd.Function):
                 if dk is not None:
                     dk[:, :, k0 + off : q1 + W - 1] += torch.matmul(ds[..., off:].transpose(-1, -2), qs)
         dq = (torch.cat(dqs, dim=2) if len(dqs) > 1 else dqs[0]).mul_(scale) if need_q else None
-        return dq, dk, dv, dbias, None, None, None, None, None
+        return dq, dk, dv, dbias, None, None, None, None, None, None
 
 
 def band_attention(
@@ -246,6 +282,7 @@ def band_attention(
     mask: Tensor | None = None,
     bias_scale: float = 1.0,
     key_mask: Tensor | None = None,
+    floors: Sequence[int] | None = None,
 ) -> Tensor:
     """Softmax attention of each query over its own window of keys, plus an additive band bias.
 
@@ -261,13 +298,61 @@ def band_attention(
     keys it can reach (matmuls beat gathers), adds the bias and the mask on the band (a strided view: no skew copy)
     and applies the softmax in float32 (also under bf16 autocast; the products with the values run in the input
     precision). ``grad_start``: key rows before it get no gradient (pass ``W - 1`` when the earlier keys are a
-    detached cache).
+    detached cache). ``floors`` (T ints, optional): query ``t`` sees no key before index ``floors[t]`` in any row (the
+    caller's ``mask`` hides them); a block then scores only the keys from its lowest floor on (the ∞-former, whose
+    window shrinks back to ``mem_len`` at each refit boundary, leaves out about a quarter of the scores this way).
     """
     if q.shape[2] == 0:
         return q.new_zeros(q.shape)
-    if q.shape[2] == 1 and not torch.is_grad_enabled():  # one token of decoding: the same operations, less overhead
-        return _attend_one(q, keys, values, bias, mask, key_mask, bias_scale)
-    return _BandAttention.apply(q, keys, values, bias, mask, key_mask, bias_scale, block, grad_start)
+    if not torch.is_grad_enabled():
+        if q.shape[2] == 1:  # one token of decoding: the same operations as the kernel, less overhead
+            k0 = _key_start(0, 1, keys.shape[2], _block_floor(floors, 0, 1))
+            return _attend_one(q, keys, values, bias, mask, key_mask, bias_scale, k0)
+        return _attend_fused(q, keys, values, bias, mask, key_mask, bias_scale, block, floors)
+    return _BandAttention.apply(q, keys, values, bias, mask, key_mask, bias_scale, block, grad_start, floors)
+
+
+def _attend_fused(
+    q: Tensor,
+    keys: Tensor,
+    values: Tensor,
+    bias: Tensor | None,
+    mask: Tensor | None,
+    key_mask: Tensor | None,
+    bias_scale: float,
+    block: int,
+    floors: Sequence[int] | None,
+) -> Tensor:
+    """:func:`band_attention` without autograd (evaluation, prompts): per block of queries, the same keys as the
+    kernel, with the band's bias and mask written into an additive mask that is ``-inf`` off the band, and PyTorch's
+    fused attention (``F.scaled_dot_product_attention``: scores, softmax and values in one pass, without the float32
+    score matrix; bf16 inputs use the CPU's bf16 matrix units). The mask is in the inputs' dtype, so under bf16 the
+    bias is rounded to bf16 before it is added (the kernel adds it to float32 scores)."""
+    B, H, T, _ = q.shape
+    W = keys.shape[2] - T + 1
+    dtype = q.dtype
+    keys, values = keys.to(dtype), values.to(dtype)
+    heads = 1 if bias is None and (mask is None or mask.shape[1] == 1) else H  # the additive mask's head dimension
+    outs = []
+    with torch.autocast(q.device.type, enabled=False):
+        for q0 in range(0, T, block):
+            q1 = min(T, q0 + block)
+            k0 = _key_start(q0, q1, W, _block_floor(floors, q0, q1))
+            add = torch.full((B, heads, q1 - q0, q1 + W - 1 - k0), float("-inf"), dtype=dtype, device=q.device)
+            band, w0 = _block_band(add, W, q0 - k0)  # band columns w0.. exist; the rest stays -inf
+            if bias is not None and mask is not None:
+                torch.add(mask[:, :, q0:q1, w0:], bias[:, :, q0:q1, w0:], alpha=bias_scale, out=band)
+            elif bias is not None:
+                torch.mul(bias[:, :, q0:q1, w0:], bias_scale, out=band)
+            elif mask is not None:
+                band.copy_(mask[:, :, q0:q1, w0:])
+            else:
+                band.zero_()
+            if key_mask is not None:
+                add.masked_fill_(key_mask[:, None, None, k0 : q1 + W - 1], float("-inf"))
+            k, v = keys[:, :, k0 : q1 + W - 1], values[:, :, k0 : q1 + W - 1]
+            outs.append(F.scaled_dot_product_attention(q[:, :, q0:q1], k, v, attn_mask=add))  # (B, H, n, Dh)
+    return torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
 
 
 def _attend_one(
@@ -278,20 +363,22 @@ def _attend_one(
     mask: Tensor | None,
     key_mask: Tensor | None,
     bias_scale: float,
+    k0: int = 0,
 ) -> Tensor:
     """:func:`band_attention` of a single query (T = 1, so its window is every key and the band is the whole score
-    row) without the autograd function and the block loop: the same products in the same order, so the same bits.
-    q (B, H, 1, Dh), keys/values (B, H, W, Dh) -> (B, H, 1, Dh)."""
+    row) without the autograd function and the block loop: the same products in the same order over the same keys
+    (from ``k0``, the kernel's start), so the same bits. q (B, H, 1, Dh), keys/values (B, H, W, Dh) -> (B, H, 1, Dh)."""
     dtype, scale = q.dtype, 1.0 / math.sqrt(q.shape[-1])
     wide = torch.promote_types(dtype, torch.float32)
+    keys, values = keys[:, :, k0:], values[:, :, k0:]
     with torch.autocast(q.device.type, enabled=False):
-        s = torch.matmul((q * scale).to(wide), keys.to(dtype).to(wide).transpose(-1, -2))  # (B, H, 1, W)
+        s = torch.matmul((q * scale).to(wide), keys.to(dtype).to(wide).transpose(-1, -2))  # (B, H, 1, W - k0)
         if bias is not None:
-            s.add_(bias, alpha=bias_scale)
+            s.add_(bias[..., k0:], alpha=bias_scale)
         if mask is not None:
-            s.add_(mask)
+            s.add_(mask[..., k0:])
         if key_mask is not None:
-            s.masked_fill_(key_mask[:, None, None, :], float("-inf"))
+            s.masked_fill_(key_mask[:, None, None, k0:], float("-inf"))
         return torch.matmul(torch.softmax(s, dim=-1).to(dtype), values.to(dtype))
 
 
@@ -376,7 +463,7 @@ class WindowAttention(nn.Module):
         keys, values = join(cache_k, k, 2, out_k), join(cache_v, v, 2, out_v)  # (B, H, W - 1 + T, Dh)
         cache_grad = cache_k.requires_grad or cache_v.requires_grad
         y = window_attention(
-            resolve_kernel(self.kernel, x.device),
+            resolve_kernel(self.kernel, x.device, pattern.window),
             q,
             keys,
             values,

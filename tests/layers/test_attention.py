@@ -10,12 +10,14 @@ import pytest
 import torch
 
 from longctx.layers.attention import (
+    LONG_WINDOW,
     WindowPattern,
     band_attention,
     resolve_kernel,
     window_attention,
     window_mask,
 )
+from longctx.layers.attention import _block_floor, _key_start
 
 
 def dense(q, keys, values, mask):
@@ -115,6 +117,9 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]  # cuda: the path
 
 def test_auto_is_banded_on_the_cpu_and_sdpa_elsewhere():
     assert resolve_kernel("auto", torch.device("cpu")) == "banded"
+    assert resolve_kernel("auto", torch.device("cpu"), LONG_WINDOW - 1) == "banded"
+    assert resolve_kernel("auto", torch.device("cpu"), LONG_WINDOW) == "sdpa"
+    assert resolve_kernel("banded", torch.device("cpu"), LONG_WINDOW) == "banded"
     assert resolve_kernel("auto", torch.device("cuda")) == "sdpa"
     assert resolve_kernel("sdpa", torch.device("cpu")) == "sdpa"
     assert resolve_kernel("banded", torch.device("cuda")) == "banded"
@@ -177,3 +182,86 @@ def test_one_query_without_autograd_gives_the_kernels_bits(dtype):
     with torch.enable_grad():
         kernel = band_attention(q, keys, values, bias, 4, mask=mask, bias_scale=0.5, key_mask=key_mask)
     assert fast.dtype == dtype and torch.equal(fast, kernel.detach())
+
+
+def _floored_inputs(B: int, H: int, T: int, W: int, Dh: int, seed: int = 0):
+    """Random inputs whose ``mask`` hides, per row and query, the keys older than a random reach, and the per-query
+    floors (first key any row may see) that follow from it."""
+    g = torch.Generator().manual_seed(seed)
+    q, keys, values = (torch.randn(B, H, n, Dh, generator=g, dtype=torch.float64) for n in (T, W - 1 + T, W - 1 + T))
+    bias = torch.randn(B, H, T, W, generator=g, dtype=torch.float64)
+    reach = torch.randint(0, W // 2, (B, T), generator=g)  # query t sees the keys at distances 0 .. reach
+    distances = torch.arange(W - 1, -1, -1)
+    mask = torch.zeros(B, 1, T, W, dtype=torch.float64).masked_fill_(distances > reach[:, None, :, None], -math.inf)
+    floors = (torch.arange(T) + W - 1 - reach).amin(0).tolist()
+    return q, keys, values, bias, mask, floors
+
+
+@pytest.mark.parametrize("block", [1, 3, 4, 30])
+def test_floors_leave_out_only_keys_the_mask_hides(block):
+    """With ``floors`` a block scores only the keys from its lowest floor on: outputs and the gradients of q, keys,
+    values and bias equal those of the full kernel (float64: the left-out scores are exact zeros of the softmax, so
+    only summation order differs), the bias gradient is zero before the floors, and floors that claim a visible key is
+    hidden change the result (the test can fail)."""
+    B, H, T, W, Dh = 2, 2, 30, 40, 4
+    q, keys, values, bias, mask, floors = _floored_inputs(B, H, T, W, Dh)
+    starts = [_key_start(q0, min(T, q0 + block), W, _block_floor(floors, q0, q0 + block)) for q0 in range(0, T, block)]
+    assert all(k0 > q0 for k0, q0 in zip(starts, range(0, T, block)))  # every block leaves keys out
+    weights = torch.randn(B, H, T, Dh, dtype=torch.float64)
+
+    def run(floors):
+        inputs = [t.clone().requires_grad_() for t in (q, keys, values, bias)]
+        out = band_attention(*inputs, block, mask=mask, bias_scale=0.7, floors=floors)
+        return out, torch.autograd.grad((out * weights).sum(), inputs)
+
+    full, full_grads = run(None)
+    cut, cut_grads = run(floors)
+    torch.testing.assert_close(cut, full, atol=1e-12, rtol=0)
+    for a, b in zip(cut_grads, full_grads, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+    wrong = [f + 2 for f in floors]  # two visible keys left out of some windows
+    assert (run(wrong)[0] - full).abs().max() > 1e-3
+
+
+def test_one_query_with_a_floor_gives_the_kernels_bits():
+    """Decoding with a floor scores the same keys as the kernel does (from the kernel's aligned start): same bits."""
+    B, H, W, Dh = 2, 3, 40, 8
+    q, keys, values, bias, mask, floors = _floored_inputs(B, H, 1, W, Dh, seed=1)
+    q, keys, values, bias, mask = (t.float() for t in (q, keys, values, bias, mask))
+    assert floors[0] > 0
+    with torch.no_grad():
+        fast = band_attention(q, keys, values, bias, 4, mask=mask, bias_scale=0.5, floors=floors)
+    with torch.enable_grad():
+        kernel = band_attention(q, keys, values, bias, 4, mask=mask, bias_scale=0.5, floors=floors)
+        full = band_attention(q, keys, values, bias, 4, mask=mask, bias_scale=0.5)
+    assert torch.equal(fast, kernel.detach())
+    torch.testing.assert_close(fast, full.detach(), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_without_autograd_the_fused_path_gives_the_kernels_outputs(with_bias, dtype):
+    """Without autograd (evaluation, prompts) several queries go through PyTorch's fused attention with the band's bias
+    and mask written into an additive mask: the kernel's outputs, with floors, empty cache slots and blocks that leave
+    keys out. float32: 1e-6 (summation order only); bf16: the mask and the bias are rounded to bf16 before they are
+    added (relative 2^-9 of a score of a few units) and the probabilities and outputs round as in the kernel's
+    bf16 test, 2e-2 in all; a window one key too short moves the outputs by more (checked)."""
+    B, H, T, W, Dh = 2, 3, 30, 40, 8
+    q, keys, values, bias, mask, floors = (t.float() if torch.is_tensor(t) else t for t in _floored_inputs(B, H, T, W, Dh))
+    key_mask = torch.zeros(B, W - 1 + T, dtype=torch.bool)
+    key_mask[1, :30] = True  # row 1: thirty empty cache slots
+    if not with_bias:
+        bias = None
+    args = dict(mask=mask, bias_scale=0.5, key_mask=key_mask, floors=floors)
+    kernel = band_attention(q, keys, values, bias, 8, **args).detach()
+    q, keys, values = q.to(dtype), keys.to(dtype), values.to(dtype)
+    with torch.no_grad():
+        fused = band_attention(q, keys, values, None if bias is None else bias.to(dtype), 8, **args)
+    assert fused.dtype == dtype and fused.shape == kernel.shape
+    tolerance = 1e-6 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(fused.float(), kernel, atol=tolerance, rtol=0)
+    shorter = mask.clone()
+    shorter[..., -2] = -math.inf  # every query loses the key just before it
+    with torch.no_grad():
+        moved = band_attention(q, keys, values, None if bias is None else bias.to(dtype), 8, **(args | {"mask": shorter}))
+    assert (moved.float() - kernel).abs().max() > 0.1

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from longctx.layers.cache import ROOM_MIN, grown_buffers, join, next_cache
+from longctx.layers.cache import ROOM_CALLS, ROOM_MIN, grown_buffers, join, next_cache
 from longctx.model import LongContextLM
 
 
@@ -46,6 +46,21 @@ def test_single_steps_write_in_place_and_change_no_state() -> None:
         full = _step(states[-1], _entries(1, C + ROOM_MIN))  # the room is spent: a new buffer
         assert full.keys.untyped_storage().data_ptr() not in storages
         assert torch.equal(full.keys, _entries(C, ROOM_MIN + 1))
+
+
+def test_segments_write_in_place_for_several_calls() -> None:
+    """Reading in segments (evaluation, prompts): a new buffer has room for ROOM_CALLS segments like the one that made
+    it, so the cache is copied once per ROOM_CALLS calls, and every state still holds its own window."""
+    C, T = 40, 6  # room: ROOM_CALLS * T = 24 entries, more than ROOM_MIN and C / 8
+    with torch.no_grad():
+        states = [_State(_entries(C))]
+        for call in range(ROOM_CALLS + 1):
+            states.append(_step(states[-1], _entries(T, C + call * T)))
+        storages = [s.keys.untyped_storage().data_ptr() for s in states[1:]]
+        assert len(set(storages[:ROOM_CALLS])) == 1  # calls 2 .. ROOM_CALLS wrote after the first one's entries
+        assert storages[ROOM_CALLS] != storages[0]  # the room is spent: a new buffer
+        for call, s in enumerate(states):
+            assert torch.equal(s.keys, _entries(C, call * T))
 
 
 def test_a_state_continued_twice_gets_a_new_buffer() -> None:
