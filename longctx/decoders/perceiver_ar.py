@@ -16,7 +16,8 @@ one cross-attention plus 5 latent self-attention layers, exactly the parameters 
 cross-attention has the same q, k, v, output and MLP shapes); its extra cost is the longer window, ``C`` keys per
 query instead of ``N``. In this form the cross-attention is a causal attention of the latents over a window of C
 inputs and each latent layer a causal attention over a window of N latents, so both reuse the sliding-window pieces
-of :mod:`longctx.decoders.transformer` (:class:`WindowAttention`, banded CPU kernel).
+of :mod:`longctx.decoders.transformer` (:class:`WindowAttention`: on the CPU the banded kernel for the latent layers
+and PyTorch's fused attention for a cross-attention window of 2,048 or more).
 
 Positions: rotary (RoPE, Su et al. 2021) on a fraction of each head, as the official code (``fraction_to_rotate``,
 0.5 in its configs). In the rotate-half layout of :mod:`longctx.layers.attention` channel i pairs with

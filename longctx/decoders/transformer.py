@@ -6,7 +6,9 @@ segments. The state is what the next segment needs and nothing more: the rotated
 ``window - 1`` tokens of every layer. It is the memory every other decoder is compared with.
 
 Speed: on the CPU the attention is the band kernel (:func:`~longctx.layers.attention.band_attention`), which scores
-each block of queries against only the keys their windows reach instead of a dense ``T x (M + T)`` kernel.
+each block of queries against only the keys their windows reach instead of a dense ``T x (M + T)`` kernel (without
+autograd, each block through PyTorch's fused attention); windows of 2,048 and more take PyTorch's fused attention
+whole (``model.attention_kernel``).
 
 Block (pre-norm, GPT-2 style)::
 

@@ -14,6 +14,8 @@ strided view (:func:`_band_view`: row ``r`` starts ``r + 1`` elements further th
 per-distance bias (the relative positions of ``xl`` and ``infinite``) and a validity mask are added. Scores and
 softmax are float32 also under bf16 autocast (as PyTorch's own CPU kernels do); the products with the values and the
 gradients of q, k, v run in the input precision; the backward is written out (no zero-filled slice gradients).
+Without autograd the blocks go through PyTorch's fused attention instead (below), where under bf16 the bias and the
+mask are rounded to bf16 before they are added.
 
 :class:`WindowAttention` (``transformer`` and ``perceiver_ar``) is rotary attention over such a window. Which kernel
 it runs is an argument (``model.attention_kernel``, :func:`resolve_kernel`): ``banded`` (the band kernel) or
@@ -299,8 +301,10 @@ def band_attention(
     and applies the softmax in float32 (also under bf16 autocast; the products with the values run in the input
     precision). ``grad_start``: key rows before it get no gradient (pass ``W - 1`` when the earlier keys are a
     detached cache). ``floors`` (T ints, optional): query ``t`` sees no key before index ``floors[t]`` in any row (the
-    caller's ``mask`` hides them); a block then scores only the keys from its lowest floor on (the ∞-former, whose
-    window shrinks back to ``mem_len`` at each refit boundary, leaves out about a quarter of the scores this way).
+    caller's ``mask`` hides them); a block ``q0:q1`` then starts its keys at ``min_r(floors[q0 + r] - r)`` (row ``r``
+    of a block's band starts ``r`` keys later), rounded down to an aligned key count, where that is after its first
+    window: the ∞-former, whose window shrinks back to ``mem_len`` at each refit boundary, leaves out about a sixth of
+    its scores this way.
     """
     if q.shape[2] == 0:
         return q.new_zeros(q.shape)
@@ -340,14 +344,15 @@ def _attend_fused(
             k0 = _key_start(q0, q1, W, _block_floor(floors, q0, q1))
             add = torch.full((B, heads, q1 - q0, q1 + W - 1 - k0), float("-inf"), dtype=dtype, device=q.device)
             band, w0 = _block_band(add, W, q0 - k0)  # band columns w0.. exist; the rest stays -inf
-            if bias is not None and mask is not None:
-                torch.add(mask[:, :, q0:q1, w0:], bias[:, :, q0:q1, w0:], alpha=bias_scale, out=band)
-            elif bias is not None:
-                torch.mul(bias[:, :, q0:q1, w0:], bias_scale, out=band)
-            elif mask is not None:
-                band.copy_(mask[:, :, q0:q1, w0:])
+            parts = [t[:, :, q0:q1, w0:] for t in (bias, mask) if t is not None]
+            if len(parts) == 2 and torch.broadcast_shapes(*(t.shape for t in parts)) == band.shape:
+                torch.add(parts[1], parts[0], alpha=bias_scale, out=band)  # one pass
             else:
                 band.zero_()
+                if bias is not None:
+                    band.add_(bias[:, :, q0:q1, w0:], alpha=bias_scale)
+                if mask is not None:
+                    band.add_(mask[:, :, q0:q1, w0:])
             if key_mask is not None:
                 add.masked_fill_(key_mask[:, None, None, k0 : q1 + W - 1], float("-inf"))
             k, v = keys[:, :, k0 : q1 + W - 1], values[:, :, k0 : q1 + W - 1]

@@ -10,7 +10,8 @@ from torch import Tensor
 
 ROOM_MIN = 16  # entries of room a new inference buffer keeps past its end, at least ...
 ROOM_SHARE = 8  # ... and at least 1 / ROOM_SHARE of the cache: single-token steps then copy the cache once per room
-ROOM_CALLS = 4  # ... and room for this many calls like the one that made it, up to this many times the cache
+ROOM_CALLS = 4  # ... and room for this many calls like the one that made it, ...
+ROOM_CACHES = 2  # ... but no more than this many times the cache
 _claim = threading.Lock()  # the check and the claim of a buffer's room are one step, also with several threads
 
 
@@ -21,14 +22,14 @@ def grown_buffers(state: Any, fields: dict[str, int], extra: int) -> dict[str, T
     a view of the buffer's newest entries (:func:`next_cache`). Where the field is the newest view of a buffer with
     room after it (the previous call made it and nothing has been written after it since), the buffer is that room:
     the cache is already in place and only the ``extra`` new entries are written, so a single-token step copies no
-    cache. Otherwise a new buffer is made with room for ``max(ROOM_MIN, cache / ROOM_SHARE, min(ROOM_CALLS * extra,
-    ROOM_CALLS * cache))`` more entries and the cache is copied into it once: decoding copies the cache once per
-    eighth of it, reading a prompt or a file in segments once per four segments. No state is ever changed: writes go
-    after the end of every view of the buffer, and a state read twice (two continuations of one prompt) gets a new
-    buffer the second time. A state's fields are views of the size ``nbytes()`` reports; the buffer behind them holds
-    up to that room more (an eighth of the cache when decoding, four segments when reading; never more than four
-    times the cache). None while autograd records: a layer would then write into a tensor whose other slices are
-    saved for the backward pass.
+    cache. Otherwise a new buffer is made with room for ``max(extra, ROOM_MIN, cache / ROOM_SHARE, min(ROOM_CALLS *
+    extra, ROOM_CACHES * cache))`` entries after the cache, which is copied into it once: decoding copies the cache
+    once per eighth of it, reading a prompt or a file in segments once per two to four segments. No state is ever
+    changed: writes go after the end of every view of the buffer, and a state read twice (two continuations of one
+    prompt) gets a new buffer the second time. A state's fields are views of the size ``nbytes()`` reports; the
+    buffer behind them holds that room more: at most twice the cache, or one call's entries where a call is longer
+    (at least 16 entries). None while autograd records: a layer would then write into a tensor whose other slices
+    are saved for the backward pass.
     """
     if torch.is_grad_enabled():
         return None
@@ -56,7 +57,7 @@ def _room_after(t: Tensor, dim: int, extra: int) -> Tensor:
                     storage._longctx_room = (dim, strides, written + extra, capacity)
                     return t.as_strided(shape, strides, t.storage_offset())
     full = list(t.shape)
-    full[dim] = keep + max(extra, ROOM_MIN, keep // ROOM_SHARE, min(ROOM_CALLS * extra, ROOM_CALLS * keep))
+    full[dim] = keep + max(extra, ROOM_MIN, keep // ROOM_SHARE, min(ROOM_CALLS * extra, ROOM_CACHES * keep))
     buf = t.new_empty(full)
     buf.untyped_storage()._longctx_room = (dim, buf.stride(), keep + extra, full[dim])
     return buf.narrow(dim, 0, keep + extra)

@@ -212,8 +212,11 @@ class ContinuousMemory(nn.Module):
             "sample_basis": sample_basis,
             "contract": fit_update[:n_samples].T @ sample_basis,  # (N, N)
         }
-        for name, value in constants.items():
-            self.register_buffer(name, value.to(torch.float32), persistent=False)
+        for name, value in constants.items():  # float32 subnormals zeroed, as in evaluate_basis
+            value = value.to(torch.float32)
+            self.register_buffer(
+                name, value.masked_fill_(value.abs() < torch.finfo(value.dtype).tiny, 0.0), persistent=False
+            )
 
     def fit(self, x: Tensor) -> Tensor:
         """Coefficients (B, N, D) of a first block x (B, L, D) placed alone on [0, 1]; float32 (or float64)."""

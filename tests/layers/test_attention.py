@@ -12,12 +12,13 @@ import torch
 from longctx.layers.attention import (
     LONG_WINDOW,
     WindowPattern,
+    _block_floor,
+    _key_start,
     band_attention,
     resolve_kernel,
     window_attention,
     window_mask,
 )
-from longctx.layers.attention import _block_floor, _key_start
 
 
 def dense(q, keys, values, mask):
@@ -197,12 +198,13 @@ def _floored_inputs(B: int, H: int, T: int, W: int, Dh: int, seed: int = 0):
     return q, keys, values, bias, mask, floors
 
 
+@pytest.mark.parametrize("grad_start", [0, 39])
 @pytest.mark.parametrize("block", [1, 3, 4, 30])
-def test_floors_leave_out_only_keys_the_mask_hides(block):
-    """With ``floors`` a block scores only the keys from its lowest floor on: outputs and the gradients of q, keys,
-    values and bias equal those of the full kernel (float64: the left-out scores are exact zeros of the softmax, so
-    only summation order differs), the bias gradient is zero before the floors, and floors that claim a visible key is
-    hidden change the result (the test can fail)."""
+def test_floors_leave_out_only_keys_the_mask_hides(block, grad_start):
+    """With ``floors`` a block scores only the keys from ``min_r(floors[q0 + r] - r)`` on: outputs and the gradients of
+    q, keys, values and bias equal those of the full kernel (float64: the left-out scores are exact zeros of the
+    softmax, so only summation order differs), also when the cache's keys get no gradient (``grad_start = W - 1``, as
+    in training), and floors that claim a visible key is hidden change the result (the test can fail)."""
     B, H, T, W, Dh = 2, 2, 30, 40, 4
     q, keys, values, bias, mask, floors = _floored_inputs(B, H, T, W, Dh)
     starts = [_key_start(q0, min(T, q0 + block), W, _block_floor(floors, q0, q0 + block)) for q0 in range(0, T, block)]
@@ -211,7 +213,7 @@ def test_floors_leave_out_only_keys_the_mask_hides(block):
 
     def run(floors):
         inputs = [t.clone().requires_grad_() for t in (q, keys, values, bias)]
-        out = band_attention(*inputs, block, mask=mask, bias_scale=0.7, floors=floors)
+        out = band_attention(*inputs, block, grad_start, mask=mask, bias_scale=0.7, floors=floors)
         return out, torch.autograd.grad((out * weights).sum(), inputs)
 
     full, full_grads = run(None)
@@ -238,30 +240,55 @@ def test_one_query_with_a_floor_gives_the_kernels_bits():
     torch.testing.assert_close(fast, full.detach(), atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("parts", ["bias and mask", "mask", "bias"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_without_autograd_the_fused_path_gives_the_kernels_outputs(with_bias, dtype):
+def test_without_autograd_the_fused_path_gives_the_kernels_outputs(parts, dtype, device):
     """Without autograd (evaluation, prompts) several queries go through PyTorch's fused attention with the band's bias
     and mask written into an additive mask: the kernel's outputs, with floors, empty cache slots and blocks that leave
     keys out. float32: 1e-6 (summation order only); bf16: the mask and the bias are rounded to bf16 before they are
     added (relative 2^-9 of a score of a few units) and the probabilities and outputs round as in the kernel's
-    bf16 test, 2e-2 in all; a window one key too short moves the outputs by more (checked)."""
+    bf16 test, 2e-2 in all. A change that the kernel sees (a window one key shorter; without a mask, the bias taken
+    away) moves the fused outputs by more (checked)."""
     B, H, T, W, Dh = 2, 3, 30, 40, 8
-    q, keys, values, bias, mask, floors = (t.float() if torch.is_tensor(t) else t for t in _floored_inputs(B, H, T, W, Dh))
-    key_mask = torch.zeros(B, W - 1 + T, dtype=torch.bool)
+    inputs = _floored_inputs(B, H, T, W, Dh)
+    q, keys, values, bias, mask = (t.float().to(device) for t in inputs[:5])
+    key_mask = torch.zeros(B, W - 1 + T, dtype=torch.bool, device=device)
     key_mask[1, :30] = True  # row 1: thirty empty cache slots
-    if not with_bias:
+    args = dict(mask=mask, bias_scale=0.5, key_mask=key_mask, floors=inputs[5])
+    if parts == "mask":
         bias = None
-    args = dict(mask=mask, bias_scale=0.5, key_mask=key_mask, floors=floors)
+    if parts == "bias":  # no mask: every key of every window is seen, so no floors either
+        args |= {"mask": None, "floors": None}
+
+    def fused(**changed):
+        low = None if bias is None else bias.to(dtype)
+        with torch.no_grad():
+            return band_attention(q.to(dtype), keys.to(dtype), values.to(dtype), low, 8, **(args | changed))
+
     kernel = band_attention(q, keys, values, bias, 8, **args).detach()
-    q, keys, values = q.to(dtype), keys.to(dtype), values.to(dtype)
-    with torch.no_grad():
-        fused = band_attention(q, keys, values, None if bias is None else bias.to(dtype), 8, **args)
-    assert fused.dtype == dtype and fused.shape == kernel.shape
-    tolerance = 1e-6 if dtype == torch.float32 else 2e-2
-    torch.testing.assert_close(fused.float(), kernel, atol=tolerance, rtol=0)
-    shorter = mask.clone()
-    shorter[..., -2] = -math.inf  # every query loses the key just before it
-    with torch.no_grad():
-        moved = band_attention(q, keys, values, None if bias is None else bias.to(dtype), 8, **(args | {"mask": shorter}))
+    out = fused()
+    assert out.dtype == dtype and out.shape == kernel.shape
+    torch.testing.assert_close(out.float(), kernel, atol=1e-6 if dtype == torch.float32 else 2e-2, rtol=0)
+    if parts == "bias":
+        moved = fused(bias_scale=0.0)
+    else:
+        shorter = mask.clone()
+        shorter[..., -2] = -math.inf  # every query loses the key just before it
+        moved = fused(mask=shorter)
     assert (moved.float() - kernel).abs().max() > 0.1
+
+
+def test_fused_path_with_a_long_empty_cache():
+    """A row whose first several hundred keys are all empty cache slots (a fresh stream in a long window): the fused
+    path gives the kernel's outputs, no NaN from a chunk of keys that is masked whole."""
+    B, H, T, W, Dh = 2, 2, 8, 1200, 8
+    g = torch.Generator().manual_seed(3)
+    q, keys, values = (torch.randn(B, H, n, Dh, generator=g) for n in (T, W - 1 + T, W - 1 + T))
+    key_mask = torch.zeros(B, W - 1 + T, dtype=torch.bool)
+    key_mask[1, : W - 5] = True  # row 1: only the 4 newest cache slots are real
+    kernel = band_attention(q, keys, values, None, 4, key_mask=key_mask).detach()
+    with torch.no_grad():
+        fused = band_attention(q, keys, values, None, 4, key_mask=key_mask)
+    assert not fused.isnan().any()
+    torch.testing.assert_close(fused, kernel, atol=1e-6, rtol=0)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from longctx.layers.cache import ROOM_CALLS, ROOM_MIN, grown_buffers, join, next_cache
+from longctx.layers.cache import ROOM_CACHES, ROOM_CALLS, ROOM_MIN, grown_buffers, join, next_cache
 from longctx.model import LongContextLM
 
 
@@ -61,6 +61,16 @@ def test_segments_write_in_place_for_several_calls() -> None:
         assert storages[ROOM_CALLS] != storages[0]  # the room is spent: a new buffer
         for call, s in enumerate(states):
             assert torch.equal(s.keys, _entries(C, call * T))
+
+
+def test_the_room_for_segments_is_at_most_twice_the_cache() -> None:
+    """Segments as long as the cache or longer: the room stays within ROOM_CACHES caches (or one call's entries)."""
+    C = 40
+    for T in (30, 200):
+        with torch.no_grad():
+            state = _step(_State(_entries(C)), _entries(T, C))
+        entries = state.keys.untyped_storage().nbytes() // (state.keys.element_size() * 2 * 3 * 4)  # (2, 3, n, 4)
+        assert entries == C + max(T, ROOM_CACHES * C)
 
 
 def test_a_state_continued_twice_gets_a_new_buffer() -> None:
