@@ -48,7 +48,7 @@ from longctx.layers.mlp import init_linear
 BLOCK = 64  # queries per block of band_attention on the CPU (32-96 measured about equally fast, window 256)
 ALIGN = 16  # a block's key range is widened to a multiple of this where it can be (masked keys; faster matmuls)
 
-# ``auto`` takes ``sdpa`` on the CPU too from this window on: 1.04x (fp32) and 1.43x (bf16) the banded kernel's
+# ``auto`` takes ``sdpa`` on the CPU too from this window on: 1.04x (fp32) and 1.44x (bf16) the banded kernel's
 # training tokens/s for perceiver-ar-long (window 8,192), 1.0x to 1.1x in inference; at window 256 the banded kernel
 # trains at 1.0x to 1.08x the speed of sdpa (it computes no gradient for the keys of the cache); perceiver-ar-small
 # (cross-attention window 1,024) trains and reads at the same speed with the threshold at 1,024 or 2,048
