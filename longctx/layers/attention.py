@@ -336,6 +336,8 @@ def _attend_fused(
     W = keys.shape[2] - T + 1
     dtype = q.dtype
     keys, values = keys.to(dtype), values.to(dtype)
+    if mask is not None:  # once per call: adding a float32 mask into a bf16 band would convert every block's bias
+        mask = mask.to(dtype)
     heads = 1 if bias is None and (mask is None or mask.shape[1] == 1) else H  # the additive mask's head dimension
     outs = []
     with torch.autocast(q.device.type, enabled=False):
