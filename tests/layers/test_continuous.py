@@ -21,6 +21,7 @@ from longctx.layers.continuous import (
     bin_mass,
     block_positions,
     evaluate_basis,
+    exp_normal,
     expected_basis,
     fit_matrix,
     gaussian_kl,
@@ -329,3 +330,35 @@ def test_grid_expectation_without_autograd_is_the_functions_forward() -> None:
     with torch.enable_grad():
         slow = memory.expectation(mu.requires_grad_(), sigma_sq)
     assert slow.requires_grad and torch.equal(fast, slow.detach())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_exp_normal_is_exp_down_to_the_normal_range_and_zero_below(dtype: torch.dtype) -> None:
+    """The same bits as ``torch.exp`` where the result is normal and clear of the smallest normal number by e^0.5,
+    exactly 0 where it is below that (never a subnormal), and exp's own limits at both ends (0 at -inf, inf at inf)."""
+    tiny = torch.finfo(dtype).tiny
+    floor = math.log(tiny) + 0.5
+    x = torch.cat(
+        [torch.linspace(2 * floor, 50.0, 20001, dtype=dtype), torch.tensor([-math.inf, math.inf], dtype=dtype)]
+    )
+    got, want = exp_normal(x), torch.exp(x)
+    kept = x >= floor
+    assert torch.equal(got[kept], want[kept])
+    assert (got[~kept] == 0).all() and (~kept).sum() > 5000  # half the grid lies below the floor
+    assert not ((got > 0) & (got < tiny)).any()
+    assert got[-2] == 0 and got[-1] == math.inf
+
+
+def test_float32_basis_holds_no_subnormals() -> None:
+    """Far from their centres the basis functions fall below float32's normal range: those entries are 0, the others
+    equal the float64 values within float32 rounding."""
+    memory = ContinuousMemory(64, [0.01, 0.05], 1.0, 0.75, 32, 16)
+    t = torch.rand(4, 50)
+    psi = evaluate_basis(t, memory.centres, memory.widths)  # (4, 50, 64)
+    wide = evaluate_basis(t.double(), memory.centres.double(), memory.widths.double())
+    tiny = torch.finfo(torch.float32).tiny
+    assert not ((psi > 0) & (psi < tiny)).any() and (psi == 0).float().mean() > 0.3
+    assert ((wide > 0) & (wide < tiny)).any()  # in float64 these are positive: there was something to zero
+    # float32 rounding of the argument (up to 87 in size: ~5e-6 absolute) moves exp by ~1e-5 relative; the zeroed
+    # entries were below e^floor / min(width) < 1e-35
+    torch.testing.assert_close(psi.double(), wide, rtol=5e-5, atol=1e-35)
