@@ -13,17 +13,20 @@ What it measures, for each preset of ``--presets`` (default: every bundled prese
   every preset again under ``torch.compile`` (``PRESET+compile``, in the same rounds), with ``warmup_s`` (the
   untimed steps, compilation included) and ``speed_vs_eager``.
 * ``infer`` (a fresh process per preset): prompt ingestion tokens/s (a batch-1 prompt read in segments of
-  ``train.seq_len`` with the state carried: eval's carry mode) and the per-token decode latency (one token in,
-  logits out, state carried) after prompts of ``--prompt-lengths`` tokens (default 1k, 10k, 100k), the lengths
-  taking turns token by token; ``flatness`` = latency after the longest prompt / after the shortest (1.0 = flat).
-  ``--xtransformers`` adds x-transformers at ``xl-small``'s size: its XL recurrence (memory carried, decode
-  included) and its memoryless window of ``train.seq_len`` tokens (each segment read alone; ingestion only).
+  ``read_segment(train.seq_len)`` tokens with the state carried, as ``generate`` and ``eval`` read) and the per-token
+  decode latency (one token in, logits out, state carried) after prompts of ``--prompt-lengths`` tokens (default 1k,
+  10k, 100k), the lengths taking turns token by token; ``flatness`` = latency after the longest prompt / after the
+  shortest (1.0 = flat). ``--xtransformers`` adds x-transformers at ``xl-small``'s size: its XL recurrence (memory
+  carried, decode included) and its memoryless window of ``train.seq_len`` tokens (each segment read alone; ingestion
+  only). Their segments stay at ``train.seq_len``: for them the segment length is part of the model (what a token
+  can see).
 * ``rss`` (a fresh process per preset, input size and eval precision): ``longctx eval``'s code path
-  (``evaluate_documents``, carry mode, byte tokenizer, a freshly initialised model, ``--eval-precision`` fp32 by
-  default) over one file of ``--rss-sizes`` megabytes made by concatenating the bundled corpus; the process's peak
-  RSS (the report's ``peak_rss_bytes``: ``VmHWM`` on Linux, not ``ru_maxrss``, which counts the parent's size at the
-  fork), the eval tokens/s and wall time. ``rss_growth`` = peak RSS of the largest input / of the smallest (1.0 =
-  flat). With ``--rss-sizes 1`` (a million byte tokens) the wall time is the million-token evaluation.
+  (``evaluate_documents``, carry mode with eval's default segments, byte tokenizer, a freshly initialised model,
+  ``--eval-precision`` fp32 by default) over one file of ``--rss-sizes`` megabytes made by concatenating the bundled
+  corpus; the process's peak RSS (the report's ``peak_rss_bytes``: ``VmHWM`` on Linux, not ``ru_maxrss``, which
+  counts the parent's size at the fork), the eval tokens/s and wall time. ``rss_growth`` = peak RSS of the largest
+  input / of the smallest (1.0 = flat). With ``--rss-sizes 1`` (a million byte tokens) the wall time is the
+  million-token evaluation.
 
 Speeds of a shared machine are noisy: compare presets as ratios from one run and repeat. The report records the
 load average before and after; a load above the core count means other work shared the cores.
@@ -61,7 +64,7 @@ import torch
 
 from longctx.config import Config, list_presets, load_config, overrides_for, parse_set_args
 from longctx.errors import LongctxError
-from longctx.model import build_model
+from longctx.model import build_model, read_segment
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402  (machine facts, matmul peak, the model-FLOP formula, interleaved training steps)
@@ -237,8 +240,10 @@ def measure_inference(preset: str, args: argparse.Namespace) -> dict[str, Any]:
         return out.logits, out.state
 
     empty = model.init_state(1)
-    result, state = time_stream(preset, step, empty, cfg.model.vocab_size, cfg.train.seq_len, args)
+    seq_len = read_segment(cfg.train.seq_len)  # generate's default segment for a prompt
+    result, state = time_stream(preset, step, empty, cfg.model.vocab_size, seq_len, args)
     return result | {
+        "seq_len": seq_len,
         "state_bytes": state.nbytes(),
         "state_bytes_empty": empty.nbytes(),
         "parameters": model.num_parameters(),
@@ -280,7 +285,8 @@ def measure_eval_rss(preset: str, path: Path, precision: str, args: argparse.Nam
     cfg = preset_config(preset, args)
     torch.manual_seed(args.seed)
     model = build_model(cfg.model).eval()
-    opts = EvalOptions(mode="carry", seq_len=cfg.train.seq_len, precision=precision)  # type: ignore[arg-type]
+    seq_len = read_segment(cfg.train.seq_len)  # eval's default segment
+    opts = EvalOptions(mode="carry", seq_len=seq_len, precision=precision)  # type: ignore[arg-type]
     start = time.perf_counter()
     result = evaluate_documents(model, Tokenizer.byte_level(), discover([str(path)]), opts)
     wall = time.perf_counter() - start
@@ -291,6 +297,7 @@ def measure_eval_rss(preset: str, path: Path, precision: str, args: argparse.Nam
     )
     return {
         "precision": precision,
+        "seq_len": seq_len,
         "wall_s": wall,
         "bytes": path.stat().st_size,
         "tokens": result["tokens"],

@@ -23,7 +23,7 @@ from typing import Any
 from longctx.checkpoint import load_checkpoint
 from longctx.data import Document, discover
 from longctx.errors import ConfigError
-from longctx.model import LongContextLM
+from longctx.model import LongContextLM, read_segment
 from longctx.sampling import RECENT_TOKENS, SamplingOptions, iter_sample, read_prompt
 from longctx.scoring import EvalOptions, evaluate_documents
 from longctx.tokenizer import Tokenizer
@@ -81,7 +81,12 @@ def stream(
     net, tok, trained_len = _load(model, tokenizer, device)
     chunks = (ids for ids, _ in tok.iter_encode(io.BytesIO(prompt.encode("utf-8")), where="prompt"))
     read = read_prompt(
-        net, tok, chunks, seq_len or trained_len, precision=precision, keep_recent=max(RECENT_TOKENS, repeat_last_n)
+        net,
+        tok,
+        chunks,
+        seq_len or read_segment(trained_len),
+        precision=precision,
+        keep_recent=max(RECENT_TOKENS, repeat_last_n),
     )
     yield from iter_sample(net, tok, read, opts, precision=precision)
 
@@ -120,7 +125,7 @@ def evaluate(
     win = window or seq_len or trained_len
     opts = EvalOptions(
         mode=mode,
-        seq_len=seq_len or trained_len,
+        seq_len=seq_len or read_segment(trained_len),
         window=win,
         stride=stride or max(1, win // 2),
         max_tokens=max_tokens,

@@ -320,7 +320,9 @@ def eval_(
     ),
     model: Path = typer.Option(None, "--model", "-m", help="Checkpoint folder. Default: newest under runs/."),
     mode: str = typer.Option("carry", "--mode", help="carry (memory carried through each file) or sliding."),
-    seq_len: int = typer.Option(None, "--seq-len", help="carry: tokens per forward call. Default: training seq_len."),
+    seq_len: int = typer.Option(
+        None, "--seq-len", help="carry: tokens per forward call (speed only). Default: training seq_len, at least 1024."
+    ),
     window: int = typer.Option(None, "--window", "--ctx-size", "-c", help="sliding: tokens per window."),
     stride: int = typer.Option(None, "--stride", help="sliding: step between windows (default window/2)."),
     max_tokens: int = typer.Option(0, "--max-tokens", help="Stop after this many tokens (0 = all)."),
@@ -334,6 +336,7 @@ def eval_(
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """Evaluate loss, perplexity and bits per byte on files of any length, in bounded memory."""
+    from longctx.model import read_segment
     from longctx.scoring import EvalOptions, evaluate_documents, format_report, write_per_position_csv
 
     setup_logging(quiet)
@@ -351,7 +354,7 @@ def eval_(
     win = window or config.train.seq_len
     opts = EvalOptions(
         mode=mode,
-        seq_len=seq_len or config.train.seq_len,
+        seq_len=seq_len or read_segment(config.train.seq_len),
         window=win,
         stride=stride or max(1, win // 2),
         max_tokens=max_tokens,
@@ -429,7 +432,9 @@ def generate(
     ignore_eos: bool = typer.Option(False, "--ignore-eos", help="Keep going after the end-of-document token."),
     save_state: Path = typer.Option(None, "--save-state", help="Save the memory after the prompt (safetensors)."),
     load_state: Path = typer.Option(None, "--load-state", help="Start from a memory saved with --save-state."),
-    seq_len: int = typer.Option(None, "--seq-len", help="Prompt tokens per forward call."),
+    seq_len: int = typer.Option(
+        None, "--seq-len", help="Prompt tokens per forward call (speed only). Default: training seq_len, at least 1024."
+    ),
     precision: str = typer.Option("fp32", "--precision", help="fp32 or bf16."),
     device: str = typer.Option("auto", "--device"),
     threads: int = typer.Option(0, "--threads", min=0),
@@ -440,6 +445,7 @@ def generate(
 
     from longctx.checkpoint import load_state as read_state
     from longctx.checkpoint import save_state as write_state
+    from longctx.model import read_segment
     from longctx.sampling import READ_RULES, RECENT_TOKENS, SamplingOptions, read_prompt
 
     setup_logging(quiet)
@@ -465,7 +471,7 @@ def generate(
         net,
         tokenizer,
         chunks,
-        seq_len or config.train.seq_len,
+        seq_len or read_segment(config.train.seq_len),
         start=start,
         precision=precision,
         keep_recent=max(RECENT_TOKENS, repeat_last_n),

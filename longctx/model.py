@@ -143,6 +143,23 @@ def with_previous_token(inner: type[State]) -> type[State]:
     return cls
 
 
+READ_SEGMENT = 1024  # default tokens per forward call when one stream is read without autograd (eval, prompts)
+
+
+def read_segment(train_seq_len: int) -> int:
+    """The default segment length for reading one stream (``eval`` in carry mode, ``generate``'s prompt): the
+    training ``seq_len``, but at least :data:`READ_SEGMENT` tokens.
+
+    The results do not depend on it (the decoders are chunking-invariant, within float rounding), only the speed: each
+    forward call has a fixed cost (Python, the caches' bookkeeping, the products' setup) and larger calls run the
+    matrix products at a better rate. Measured on 2 cores with the presets: 1024-token calls read 1.17x to 1.8x as
+    many tokens per second as 256-token calls in bf16 (1.0x to 1.3x in fp32), depending on the decoder; 2048 gains
+    little more. A batch of streams (``longctx probe`` reads 16 side by side) has wide calls already and keeps the
+    training ``seq_len``.
+    """
+    return max(train_seq_len, READ_SEGMENT)
+
+
 @contextlib.contextmanager
 def inference(model: nn.Module, precision: str = "fp32") -> Iterator[None]:
     """Eval mode, no autograd and, for ``precision="bf16"``, bf16 autocast on the model's device; the model's training

@@ -43,7 +43,7 @@ from tqdm import tqdm
 from longctx.data import Document, iter_document_tokens
 from longctx.decoders import State
 from longctx.errors import CheckpointError, ConfigError, DataError, LongctxError
-from longctx.model import LongContextLM, inference
+from longctx.model import READ_SEGMENT, LongContextLM, inference
 from longctx.tokenizer import Tokenizer
 from longctx.validate import PRECISIONS, Rule, check_options, int_at_least, one_of
 
@@ -58,7 +58,7 @@ class EvalOptions:
     """How to read the documents; checked on construction (a bad value raises :class:`ConfigError`)."""
 
     mode: Literal["carry", "sliding"] = "carry"
-    seq_len: int = 256  # carry: input tokens per forward call; the memory is carried across segments
+    seq_len: int = READ_SEGMENT  # carry: input tokens per forward call (speed only); the memory is carried across
     window: int = 256  # sliding: tokens per window (fresh state per window)
     stride: int = 128  # sliding: how far the window moves; only the tokens it adds are scored
     max_tokens: int = 0  # stop after this many scored tokens in total (0 = no limit)

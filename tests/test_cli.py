@@ -37,6 +37,7 @@ from longctx.checkpoint import find_checkpoints, load_checkpoint
 from longctx.cli import main
 from longctx.data import bundled_documents
 from longctx.decoders import DECODERS
+from longctx.model import READ_SEGMENT
 
 # The tiny model of tests/test_train.py: 1 layer, width 32, about 17 k parameters; 3 steps take well under a second.
 # The command-line tests run the transformer baseline (the fastest decoder); the default preset has its own tests.
@@ -678,8 +679,22 @@ def test_eval_prints_a_human_report(cli: Callable[..., Result], ws: Workspace) -
     res = cli("eval", "--ppl", ws.eval_file, "--model", ws.ckpt)
     assert res.code == 0, res.err
     assert "Final estimate: PPL" in res.out
-    assert str(ws.eval_file) in res.out and "mode=carry seq_len=16" in res.out
+    assert str(ws.eval_file) in res.out and f"mode=carry seq_len={READ_SEGMENT}" in res.out  # trained at 16
     assert "Traceback" not in res.err
+
+
+def test_eval_default_segments_give_the_training_length_result(
+    cli: Callable[..., Result], ws: Workspace, eval_json: dict
+) -> None:
+    """Carry mode reads in segments of at least READ_SEGMENT tokens by default (speed only): the scores equal those
+    read in segments of the training length (16 here), within the float32 rounding that the chunking-invariance
+    contract allows (logits within 1e-4; the mean loss over 1,200 tokens moves far less)."""
+    assert eval_json["seq_len"] == READ_SEGMENT
+    res = cli("eval", ws.eval_file, "--model", ws.ckpt, "--seq-len", "16", "--json")
+    assert res.code == 0, res.err
+    short = json.loads(res.out)
+    assert short["seq_len"] == 16 and short["tokens"] == eval_json["tokens"]
+    assert short["loss"] == pytest.approx(eval_json["loss"], abs=1e-5)
 
 
 def test_eval_json_output_file_and_per_position_csv(cli: Callable[..., Result], ws: Workspace, tmp_path: Path) -> None:
