@@ -43,7 +43,7 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from longctx.errors import ConfigError, DataError
-from longctx.model import LongContextLM, inference
+from longctx.model import LongContextLM, cache_dtype, inference
 from longctx.tokenizer import Tokenizer
 from longctx.validate import PRECISIONS, Rule, check_options, int_at_least, one_of
 
@@ -99,7 +99,7 @@ def read_rows(model: LongContextLM, rows: np.ndarray, opts: ProbeOptions) -> tup
 def _read_rows(model: LongContextLM, rows: np.ndarray, opts: ProbeOptions) -> tuple[np.ndarray, np.ndarray]:
     tokens = torch.from_numpy(np.ascontiguousarray(rows)).to(model.device)  # (B, N)
     B, N = tokens.shape
-    state = model.init_state(B)
+    state = model.init_state(B, cache_dtype=cache_dtype(opts.precision))
     nll = np.empty((B, N - 1), dtype=np.float64)
     argmax = np.empty((B, N - 1), dtype=np.int64)
     for a in range(0, N - 1, opts.seq_len):

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import functools
 import itertools
 import logging
 import math
@@ -43,7 +44,7 @@ from tqdm import tqdm
 from longctx.data import Document, iter_document_tokens
 from longctx.decoders import State
 from longctx.errors import CheckpointError, ConfigError, DataError, LongctxError
-from longctx.model import READ_SEGMENT, LongContextLM, inference
+from longctx.model import READ_SEGMENT, LongContextLM, cache_dtype, inference
 from longctx.tokenizer import Tokenizer
 from longctx.validate import PRECISIONS, Rule, check_options, int_at_least, one_of
 
@@ -280,7 +281,8 @@ class _Evaluator:
         chunks = _stream_chunks(doc, self.tokenizer, tally)
         with contextlib.closing(chunks):
             buffer = _StreamBuffer(chunks)
-            state = self.model.init_state(1)
+            empty = functools.partial(self.model.init_state, 1, cache_dtype=cache_dtype(self.opts.precision))
+            state = empty()
             for begin, end, score_from in _windows(self.opts):
                 if self.remaining is not None:
                     end = min(end, score_from + self.remaining)
@@ -289,7 +291,7 @@ class _Evaluator:
                 if end <= score_from:
                     break
                 fresh = self.opts.mode == "sliding"
-                nll, state = self._nll(window, end - score_from, self.model.init_state(1) if fresh else state)
+                nll, state = self._nll(window, end - score_from, empty() if fresh else state)
                 self._record(tally, nll, window[score_from - begin :], score_from)
                 if self.budget_spent():
                     tally.truncated = True

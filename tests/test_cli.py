@@ -816,6 +816,29 @@ def test_generate_greedy_is_deterministic_and_reads_stdin(
     assert generate(cli, ws, "--prompt", "", *greedy, model=sharp_ckpt).out != first.out  # the prompt does matter
 
 
+def test_generate_reads_the_prompt_in_read_segments(
+    cli: Callable[..., Result], ws: Workspace, sharp_ckpt: Path, monkeypatch
+) -> None:
+    """By default the prompt is read in segments of at least READ_SEGMENT tokens (one call for these 100 tokens; the
+    model trained on 16), and the sampled text is the same as with the training length's segments."""
+    import longctx.model as model_module
+
+    widths: list[int] = []
+    real = model_module.LongContextLM.forward
+
+    def recording(self, tokens, *args, **kwargs):
+        widths.append(tokens.shape[1])
+        return real(self, tokens, *args, **kwargs)
+
+    monkeypatch.setattr(model_module.LongContextLM, "forward", recording)
+    greedy = ("--prompt-file", ws.prompt_file, "-n", "20", "--temperature", "0")
+    default = generate(cli, ws, *greedy, model=sharp_ckpt)
+    assert max(widths) == 100  # the separator and 99 prompt tokens; the last one is read with the first sample
+    widths.clear()
+    short = generate(cli, ws, *greedy, "--seq-len", "16", model=sharp_ckpt)
+    assert max(widths) == 16 and short.out == default.out
+
+
 def test_saved_state_continues_like_reading_the_prompt(
     cli: Callable[..., Result], ws: Workspace, sharp_ckpt: Path, tmp_path: Path
 ) -> None:

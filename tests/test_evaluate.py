@@ -173,6 +173,28 @@ def test_bf16_close_to_fp32(model: LongContextLM, tok: Tokenizer, tmp_path: Path
     assert bf16["loss"] == pytest.approx(fp32["loss"], rel=0.05)
 
 
+@pytest.mark.parametrize("mode", ["carry", "sliding"])
+def test_bf16_eval_reads_with_bf16_caches(
+    model: LongContextLM, tok: Tokenizer, tmp_path: Path, monkeypatch, mode: str
+) -> None:
+    """Under bf16 the evaluator's states hold their attention caches in bf16 from the start (no float32 cache to cast
+    in every call), fresh windows of sliding mode too; fp32 keeps float32 caches."""
+    seen: list[torch.dtype] = []
+    real = LongContextLM.forward
+
+    def recording(self, tokens, state, *args, **kwargs):
+        seen.append(state.keys.dtype)
+        return real(self, tokens, state, *args, **kwargs)
+
+    monkeypatch.setattr(LongContextLM, "forward", recording)
+    doc = _doc(tmp_path, "a.txt", TEXT)
+    for precision, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        seen.clear()
+        opts = EvalOptions(mode=mode, seq_len=32, window=16, stride=8, precision=precision)
+        evaluate_documents(model, tok, [doc], opts)
+        assert len(seen) > 2 and set(seen) == {dtype}
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # sliding mode
 
@@ -354,7 +376,9 @@ class BigramLM(nn.Module):
     def device(self) -> torch.device:
         return self.table.weight.device
 
-    def init_state(self, batch_size: int, device: torch.device | str | None = None) -> CountState:
+    def init_state(
+        self, batch_size: int, device: torch.device | str | None = None, cache_dtype: torch.dtype | None = None
+    ) -> CountState:  # no caches: cache_dtype changes nothing
         return CountState(position=torch.zeros(batch_size, dtype=torch.int64, device=device or self.device))
 
     def forward(self, tokens: Tensor, state: CountState, targets: Tensor | None = None) -> LMOutput:

@@ -78,7 +78,9 @@ class WindowCopier(nn.Module):
     def device(self) -> torch.device:
         return self.dummy.device
 
-    def init_state(self, batch_size: int, device: torch.device | str | None = None) -> HistoryState:
+    def init_state(
+        self, batch_size: int, device: torch.device | str | None = None, cache_dtype: torch.dtype | None = None
+    ) -> HistoryState:  # no caches: cache_dtype changes nothing
         return HistoryState(tokens=torch.full((batch_size, self.window), -1, dtype=torch.int64))
 
     def forward(self, tokens: Tensor, state: HistoryState, targets: Tensor | None = None) -> LMOutput:

@@ -122,6 +122,12 @@ class Decoder(nn.Module, abc.ABC, Generic[StateT]):
     # ----------------------------------------------------------------------------------------------------------------
     # facts about the decoder, from its configuration alone: benchmarks and tests read them here, nowhere else
 
+    PROJECTED: ClassVar[tuple[str, ...]] = ()
+    """State fields that hold the attention's keys and values as its linear maps (and rotations) give them. Under bf16
+    autocast those are bf16 values already, so a reader in bf16 may hold these fields in bf16
+    (``LongContextLM.init_state(cache_dtype=...)``): the same results, without casting every cache in every call.
+    Sums, pools, summaries and the LTM's inputs and coefficients are not listed: they need float32."""
+
     TINY: ClassVar[dict[str, Any]] = {}
     """The decoder's part of the tiny test configuration: model-level overrides, nested as in a preset's ``[model]``
     table, on top of 2 layers of width 32 (the contract tests' models)."""

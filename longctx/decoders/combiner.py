@@ -451,6 +451,7 @@ class CombinerDecoder(Decoder[CombinerState]):
         return DecoderOutput(hidden=x, state=next_state, aux_loss=x.new_zeros(()), stats={})
 
     # facts (see Decoder)
+    PROJECTED = ("keys", "values")
     TINY = {"combiner": {"segment": 4, "max_summaries": 3}}  # every contract stream drops old summaries
 
     @classmethod

@@ -469,6 +469,7 @@ class InfiniteDecoder(Decoder[InfiniteState]):
         return info
 
     # facts (see Decoder)
+    PROJECTED = ("keys", "values")
     # refits every 4 tokens from position 8 on: several LTM versions within every contract stream (and segment)
     TINY = {
         "infinite": {

@@ -228,6 +228,7 @@ class PerceiverARDecoder(Decoder[PerceiverARState]):
         return DecoderOutput(hidden=x, state=next_state, aux_loss=x.new_zeros(()), stats={})
 
     # facts (see Decoder)
+    PROJECTED = ("cross_keys", "cross_values", "latent_keys", "latent_values")
     # 1 cross-attention (context 8) + 2 latent layers (latents 4); half of each head's channels rotated
     TINY = {"n_layer": 3, "perceiver_ar": {"context": 8, "latents": 4, "rotary_fraction": 0.5}}
 

@@ -88,6 +88,7 @@ class TransformerDecoder(Decoder[TransformerState]):
         return DecoderOutput(hidden=x, state=next_state, aux_loss=x.new_zeros(()), stats={})
 
     # facts (see Decoder)
+    PROJECTED = ("keys", "values")
     TINY = {"transformer": {"window": 8}}
 
     @classmethod

@@ -305,6 +305,7 @@ class XLDecoder(Decoder[XLState]):
         return out
 
     # facts (see Decoder)
+    PROJECTED = ("keys", "values")
     TINY = {"xl": {"mem_len": 8}}  # fixed span; the contract cases add adaptive and dynamic spans
 
     @classmethod

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from longctx.decoders import State
-from longctx.model import LMOutput, LongContextLM
+from longctx.model import LMOutput, LongContextLM, inference
 
 ATOL = 1e-4  # different call patterns: fp32 accumulation-order differences are ~1e-6 here (see module docstring)
 EXACT_ATOL = 1e-6  # same inputs, same shapes: at most last-bit differences
@@ -230,6 +230,25 @@ def test_a_state_made_in_inference_mode_continues_under_no_grad(
     with torch.inference_mode():
         expected, _ = _run(model, tokens[:, mem + 1 :], state, [1] * 5)
     _close(got, expected, EXACT_ATOL)
+
+
+def test_bf16_caches_read_like_float32_caches(tiny_model: LongContextLM, tiny_memory_length: int) -> None:
+    """Under bf16 autocast the keys and values a decoder caches are bf16 values already: a state whose ``PROJECTED``
+    fields are bf16 (``init_state(cache_dtype=...)``, how ``eval --precision bf16`` reads) gives bitwise the same
+    logits as float32 caches, in segments and token by token, and its caches stay bf16 while the other fields keep
+    float32 (sums, summaries and coefficients need it)."""
+    model, mem = tiny_model, tiny_memory_length
+    tokens = _tokens(model, 2, 3 * mem + 8)
+    sizes = _random_partition(3 * mem + 8, mem, seed=3)
+    with inference(model, "bf16"):
+        expected, wide = _run(model, tokens, model.init_state(2), sizes)
+        got, narrow = _run(model, tokens, model.init_state(2, cache_dtype=torch.bfloat16), sizes)
+    assert torch.equal(got, expected)
+    for name, t in narrow.tensors().items():
+        if t.is_floating_point():
+            want = torch.bfloat16 if name in model.decoder.PROJECTED else wide.tensors()[name].dtype
+            assert t.dtype == want, name
+    assert all(wide.tensors()[name].dtype == torch.float32 for name in model.decoder.PROJECTED)
 
 
 def test_repeated_calls_give_the_same_bits(tiny_model: LongContextLM, tiny_memory_length: int) -> None:
