@@ -168,9 +168,9 @@ def read_segment(train_seq_len: int) -> int:
 
 def cache_dtype(precision: str) -> torch.dtype | None:
     """The attention caches' dtype for reading at ``precision`` (:meth:`LongContextLM.init_state`): bf16 under bf16
-    autocast, where the keys and values are bf16 already (the same results; measured at 1,024-token segments on 2
-    cores: 1.02x to 1.13x the tokens/s of float32 caches, which every call casts whole); None (the model's dtype)
-    otherwise. For states that are never saved: a state file holds the model's dtype."""
+    autocast, where the keys and values are bf16 already (the same results; measured with the presets at 1,024-token
+    segments, one thread: 1.02x to 1.13x the tokens/s of float32 caches, which every call casts whole); None (the
+    model's dtype) otherwise. For states that are never saved: a state file holds the model's dtype."""
     return torch.bfloat16 if precision == "bf16" else None
 
 
