@@ -59,7 +59,7 @@ class EvalOptions:
     """How to read the documents; checked on construction (a bad value raises :class:`ConfigError`)."""
 
     mode: Literal["carry", "sliding"] = "carry"
-    seq_len: int = READ_SEGMENT  # carry: input tokens per forward call (speed only); the memory is carried across
+    seq_len: int = READ_SEGMENT  # carry: input tokens per forward call (speed only: the memory is carried across)
     window: int = 256  # sliding: tokens per window (fresh state per window)
     stride: int = 128  # sliding: how far the window moves; only the tokens it adds are scored
     max_tokens: int = 0  # stop after this many scored tokens in total (0 = no limit)
