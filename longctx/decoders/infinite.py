@@ -80,7 +80,7 @@ from longctx.layers.cache import grown_buffers, join, next_cache
 from longctx.layers.continuous import (
     ContinuousAttention,
     ContinuousMemory,
-    bin_mass,
+    attended_mass,
     gaussian_kl,
     histogram_quantiles,
 )
@@ -303,8 +303,9 @@ class InfiniteAttention(RelativeProjections):
                 count += group.count * H
                 if self.inf.sticky:
                     with torch.no_grad():  # the histogram steers sampling only: no gradient
-                        hist = bin_mass(mu, sigma_sq.sqrt(), self.inf.sticky_bins)  # (B, H, n, bins)
-                        mass = mass + torch.where(mask[..., None], hist, 0.0).sum((1, 2)).to(mass.dtype)
+                        full = group.count == B * (group.t1 - group.t0)
+                        hist = attended_mass(mu, sigma_sq.sqrt(), self.inf.sticky_bins, None if full else mask)
+                        mass = mass + hist.to(mass.dtype)  # (B, bins)
             if k < len(sched.refits):
                 coeffs, mass = self.refit(coeffs, mass, inputs, sched.refits[k], memory)
         kl, mu_mean, sigma_mean = (stats / max(count, 1)).unbind(0)

@@ -17,6 +17,7 @@ from longctx.layers.continuous import (
     ContinuousAttention,
     ContinuousMemory,
     _project_coefficients_first,
+    attended_mass,
     basis_grid,
     bin_mass,
     block_positions,
@@ -275,6 +276,24 @@ def test_bin_mass_is_the_gaussian_mass_in_each_bin() -> None:
     torch.testing.assert_close(mass.sum(-1), normal.cdf(torch.tensor(1.0)) - normal.cdf(torch.tensor(0.0)))
     edges = torch.linspace(0, 1, 17, dtype=torch.float64)
     torch.testing.assert_close(mass[0, 5], normal.cdf(edges[6])[0] - normal.cdf(edges[5])[0])
+
+
+def test_attended_mass_is_the_masked_sum_of_bin_masses() -> None:
+    g = torch.Generator().manual_seed(0)
+    B, H, Q, D = 2, 3, 200, 32
+    mu = torch.rand(B, H, Q, generator=g) * 1.4 - 0.2  # some centres outside [0, 1]
+    sigma = torch.rand(B, H, Q, generator=g) * 0.2 + 1e-3  # down to the narrowest (min_var = 1e-6)
+    mask = torch.rand(B, 1, Q, generator=g) < 0.7
+    reference = torch.where(mask[..., None], bin_mass(mu.double(), sigma.double(), D), 0.0).sum((1, 2))  # (B, D)
+    # float32: every query's masses are erf differences accurate to a few ulps of 1, so the sum of the H Q terms is
+    # within H Q eps of the float64 masses
+    tolerance = H * Q * torch.finfo(torch.float32).eps
+    torch.testing.assert_close(attended_mass(mu, sigma, D, mask).double(), reference, atol=tolerance, rtol=0)
+    every = bin_mass(mu.double(), sigma.double(), D).sum((1, 2))
+    torch.testing.assert_close(attended_mass(mu, sigma, D).double(), every, atol=tolerance, rtol=0)
+    assert (attended_mass(mu, sigma, D, mask) >= 0).all()
+    # float64 in, float64 out, to float64 rounding
+    torch.testing.assert_close(attended_mass(mu.double(), sigma.double(), D, mask), reference, atol=1e-12, rtol=0)
 
 
 def test_histogram_quantiles() -> None:
