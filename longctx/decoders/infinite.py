@@ -24,10 +24,11 @@ parameters applied in the refit (the gate) still get a gradient.
 A block leaves the exact window when its first reader arrives, so the pending blocks need no storage of their own:
 the cache holds, per layer, the keys and values of the last ``C = m + L - 1`` tokens (the exact window) and the LTM
 inputs of the last ``C + 1 = m + L`` tokens (the oldest block token is needed by the call of its first reader). A
-training segment crosses several boundaries; per layer the versions are computed in order (version k + 1 needs
-version k and, with sticky memories, the attention of version k's queries) and each group of queries is processed
-with one batched attention over the version it sees. Rows of a batch may sit at different positions (after a
-reset): every row has its own boundaries, a group is the union of the rows' queries with a mask.
+segment may cross several boundaries. Per layer, the blocks of all its refits are gated and regressed at once; the
+versions are then computed in order (version k + 1 needs version k and, with sticky memories, the attention of
+version k's queries). Uniform memories then attend all groups of queries at once, each query over its own version;
+sticky memories attend each group before the refit that follows it. Rows of a batch may sit at different positions
+(after a reset): every row has its own boundaries, a group is the union of the rows' queries with a mask.
 
 The LTM input of a token is the normalised layer input (the text the short-term keys and values are projected from);
 the LTM query is the short-term query ``q`` (before the position biases), as in the official code. Old coefficients
@@ -121,6 +122,7 @@ class _Refit:
     slots: Tensor  # (B, ltm_block) int64: indices of the block in [cache ; segment]
     any_first: bool
     any_update: bool
+    every_row: bool  # every row crosses it (no row keeps its version)
 
 
 @dataclass(frozen=True)
@@ -129,6 +131,7 @@ class _Schedule:
     floors: list[int]  # (T,) per query, its first key in [cache ; segment] that any row's window holds
     groups: list[_Group | None] = field(default_factory=list)  # per version k = 0..K (None: no query reads it)
     refits: list[_Refit] = field(default_factory=list)  # per boundary k -> k + 1, k = 0..K - 1
+    version: Tensor | None = None  # (B, T) int64: the version k each query reads; -1 where its LTM is empty
 
 
 def _boundary(p: int, mem_len: int, block: int) -> int:
@@ -154,14 +157,17 @@ def make_schedule(positions: list[int], T: int, mem_len: int, block: int, device
     for p, base in zip(positions, bases, strict=True):
         n_new = max(0, (T - 1 + p - mem_len - base) // block)  # boundaries in [p, p + T): version k starts at p'
         starts.append([0] + [base + k * block + mem_len - p for k in range(1, n_new + 1)])  # with b(p') = base + k L
-    groups = _groups(bases, starts, T, device)
+    version = torch.full((len(positions), T), -1, dtype=torch.int64)  # (B, T)
+    groups = _groups(bases, starts, version, device)
     refits = [_refit(positions, bases, starts, k, T, mem_len, block, device) for k in range(len(groups) - 1)]
-    return _Schedule(valid[:, None], floors, groups, refits)
+    return _Schedule(valid[:, None], floors, groups, refits, version.to(device))
 
 
-def _groups(bases: list[int], starts: list[list[int]], T: int, device: torch.device) -> list[_Group | None]:
-    """Per version k, the queries of every row that read it (None where no query of any row does)."""
+def _groups(bases: list[int], starts: list[list[int]], version: Tensor, device: torch.device) -> list[_Group | None]:
+    """Per version k, the queries of every row that read it (None where no query of any row does); writes k into
+    ``version`` (B, T) at those queries."""
     groups: list[_Group | None] = []
+    T = version.shape[1]
     for k in range(max(len(row) for row in starts)):
         mask = torch.zeros(len(bases), T, dtype=torch.bool)  # (B, T)
         for i, (base, row) in enumerate(zip(bases, starts, strict=True)):
@@ -171,6 +177,7 @@ def _groups(bases: list[int], starts: list[list[int]], T: int, device: torch.dev
         if hit.numel() == 0:
             groups.append(None)
             continue
+        version.masked_fill_(mask, k)
         t0, t1 = int(hit[0]), int(hit[-1]) + 1
         groups.append(_Group(t0, t1, mask[:, t0:t1].to(device), int(mask.sum())))
     return groups
@@ -202,6 +209,7 @@ def _refit(
         index,
         any(first),
         any(r and not f for r, f in zip(rows, first, strict=True)),
+        all(rows),
     )
 
 
@@ -284,32 +292,75 @@ class InfiniteAttention(RelativeProjections):
     def long_term(
         self, q: Tensor, inputs: Tensor, coeffs: Tensor, mass: Tensor, sched: _Schedule, memory: ContinuousMemory
     ) -> _LTMOut:
-        """Continuous attention of every query group over its LTM version, with the refits in between."""
+        """Continuous attention of every query group over its LTM version, with the refits in between.
+
+        The blocks of all refits of the call are gated and regressed at once (one convolution, one product), so a
+        refit's own work is the contraction of the version before it. Uniform memories know every version before any
+        query reads one: all groups are then attended at once (one density product, one expectation). Sticky memories
+        sample the old signal where the queries of the version before attended, so each group is attended before the
+        refit that follows it.
+        """
         B, H, T, Dh = q.shape
-        context = q.new_zeros(B, H, T, Dh)
+        terms = self._block_terms(inputs, sched.refits, memory)
+        versions = [coeffs]
+        pieces: list[tuple[_Group, Tensor]] = []
         stats = q.new_zeros(3, dtype=torch.float32)  # sums of kl, mu, sigma over (query, head) pairs (training)
-        count = 0
-        for k, group in enumerate(sched.groups):
+        if not self.inf.sticky:
+            for k, refit in enumerate(sched.refits):
+                versions.append(self._next_version(versions[k], refit, k, terms, memory, None))
+            read = [k for k, group in enumerate(sched.groups) if group is not None]
+            if read:
+                stats = stats + self._attend(q, read, versions, sched, memory, pieces)[0]
+        for k, group in enumerate(sched.groups if self.inf.sticky else []):
             if group is not None:
-                ctx, mu, sigma_sq = self.ltm(q[:, :, group.t0 : group.t1], coeffs, memory)  # (B, H, n, Dh), (B, H, n)
-                mask = group.mask[:, None]  # (B, 1, n)
-                if group.count == B * T:  # every query of every row reads this version (e.g. single tokens)
-                    context = ctx
-                else:
-                    index = torch.arange(group.t0, group.t1, device=q.device)
-                    context = context.index_add(2, index, torch.where(mask[..., None], ctx, 0.0))
-                if self.training:
-                    stats = stats + self._masked_sums(mu, sigma_sq, mask)
-                count += group.count * H
-                if self.inf.sticky:
-                    with torch.no_grad():  # the histogram steers sampling only: no gradient
-                        full = group.count == B * (group.t1 - group.t0)
-                        hist = attended_mass(mu, sigma_sq.sqrt(), self.inf.sticky_bins, None if full else mask)
-                        mass = mass + hist.to(mass.dtype)  # (B, bins)
+                sums, mu, sigma_sq = self._attend(q, [k], versions, sched, memory, pieces)
+                stats = stats + sums
+                with torch.no_grad():  # the histogram steers sampling only: no gradient
+                    mask = None if group.count == B * (group.t1 - group.t0) else group.mask[:, None]  # (B, 1, n)
+                    hist = attended_mass(mu, sigma_sq.sqrt(), self.inf.sticky_bins, mask)
+                    mass = mass + hist.to(mass.dtype)  # (B, bins)
             if k < len(sched.refits):
-                coeffs, mass = self.refit(coeffs, mass, inputs, sched.refits[k], memory)
+                refit = sched.refits[k]
+                samples = histogram_quantiles(mass, memory.n_samples) if refit.any_update else None  # (B, M)
+                versions.append(self._next_version(versions[k], refit, k, terms, memory, samples))
+                empty = torch.zeros_like(mass)
+                mass = empty if refit.every_row else torch.where(refit.rows[:, None], empty, mass)
+        count = H * sum(group.count for group, _ in pieces)
         kl, mu_mean, sigma_mean = (stats / max(count, 1)).unbind(0)
-        return _LTMOut(context, coeffs, mass, kl, mu_mean.detach(), sigma_mean.detach(), count)
+        context = _assemble(pieces, q.new_zeros(B, H, T, Dh) if not pieces else None, T)
+        return _LTMOut(context, versions[-1], mass, kl, mu_mean.detach(), sigma_mean.detach(), count)
+
+    def _attend(
+        self,
+        q: Tensor,
+        read: list[int],
+        versions: list[Tensor],
+        sched: _Schedule,
+        memory: ContinuousMemory,
+        pieces: list[tuple[_Group, Tensor]],
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Continuous attention of the groups of the versions ``read`` (each with its version), over the union range
+        ``t0:t1`` of their queries. Appends (group, context (B, H, n_k, Dh)) per group to ``pieces``; returns the
+        training sums (3,) and mu, sigma^2 (B, H, t1 - t0) float32."""
+        groups = [sched.groups[k] for k in read]
+        t0, t1 = min(g.t0 for g in groups if g is not None), max(g.t1 for g in groups if g is not None)
+        qs = q[:, :, t0:t1]
+        if len(read) == 1:
+            mu, sigma_sq = self.ltm.density(qs, versions[read[0]])  # (B, H, n) x 2
+        else:
+            assert sched.version is not None
+            mu, sigma_sq = self.ltm.density(qs, versions, sched.version[:, t0:t1])
+        with torch.autocast(q.device.type, enabled=False):
+            r = memory.expectation(mu, sigma_sq)  # (B, H, n, N) float32
+        for k, group in zip(read, groups, strict=True):
+            assert group is not None
+            pieces.append((group, self.ltm.context(r[:, :, group.t0 - t0 : group.t1 - t0], versions[k], q.dtype)))
+        sums = q.new_zeros(3, dtype=torch.float32)
+        if self.training:  # the queries of these groups: one group's mask, or every query with a version
+            assert sched.version is not None and groups[0] is not None
+            mask = groups[0].mask if len(read) == 1 else sched.version[:, t0:t1] >= 0  # (B, n)
+            sums = self._masked_sums(mu, sigma_sq, mask[:, None])
+        return sums, mu, sigma_sq
 
     def _masked_sums(self, mu: Tensor, sigma_sq: Tensor, mask: Tensor) -> Tensor:
         """Sums of KL, mu and sigma over the masked (query, head) pairs: (B, H, n) x 2, mask (B, 1, n) -> (3,)."""
@@ -326,28 +377,80 @@ class InfiniteAttention(RelativeProjections):
         )
 
     def gated(self, block: Tensor) -> Tensor:
-        """The official input gate ``X * sigmoid(Conv1d_k3(X))`` over a completed block (B, L, D), zero-padded at its
-        two ends (identity without the gate). A centred kernel is causal here: every token of the block is older
+        """The official input gate ``X * sigmoid(Conv1d_k3(X))`` over completed blocks (..., L, D), each zero-padded at
+        its two ends (identity without the gate). A centred kernel is causal here: every token of a block is older
         than the queries that read the version fitted on it, and the block is cut by absolute positions."""
         if self.gate is None:
             return block
-        return block * torch.sigmoid(self.gate(block.transpose(1, 2))).transpose(1, 2)
+        flat = block.reshape(-1, *block.shape[-2:])  # (blocks, L, D)
+        gated = flat * torch.sigmoid(self.gate(flat.transpose(1, 2))).transpose(1, 2)
+        return gated.view(block.shape)
 
-    def refit(
-        self, coeffs: Tensor, mass: Tensor, inputs: Tensor, refit: _Refit, memory: ContinuousMemory
-    ) -> tuple[Tensor, Tensor]:
-        """The next LTM version in the rows that cross a boundary; their sticky histograms start again."""
-        D = inputs.shape[-1]
-        block = self.gated(inputs.gather(1, refit.slots[..., None].expand(-1, -1, D)))  # (B, L, D): left the STM
+    def _block_terms(self, inputs: Tensor, refits: list[_Refit], memory: ContinuousMemory) -> dict[str, Tensor]:
+        """The regression terms of the blocks that leave the window in this call, all refits at once: gated in one
+        convolution, ``fit_block^T X`` (a first version) and ``fit_new^T X`` (an update) each one product; (B, K, N, D)
+        float32 by name ("first", "update"), for the refits that need them."""
+        if not refits:
+            return {}
+        B, D, L = inputs.shape[0], inputs.shape[-1], refits[0].slots.shape[1]
+        slots = torch.cat([refit.slots for refit in refits], 1)  # (B, K L): the K blocks in [cache ; segment]
+        blocks = self.gated(inputs.gather(1, slots[..., None].expand(-1, -1, D)).view(B, len(refits), L, D))
+        terms = {}
+        if any(refit.any_first for refit in refits):
+            terms["first"] = memory.fit(blocks)
+        if any(refit.any_update for refit in refits):
+            terms["update"] = memory.appended(blocks)
+        return terms
+
+    def _next_version(
+        self,
+        coeffs: Tensor,
+        refit: _Refit,
+        k: int,
+        terms: dict[str, Tensor],
+        memory: ContinuousMemory,
+        samples: Tensor | None,
+    ) -> Tensor:
+        """Version k + 1 from version k (B, N, D) in the rows that cross boundary k; ``samples`` (B, M): where the
+        sticky update samples the old signal (None: uniformly)."""
         new = coeffs
         if refit.any_update:
-            samples = histogram_quantiles(mass, memory.n_samples) if self.inf.sticky else None  # (B, M)
-            new = memory.update(coeffs, block, samples).to(coeffs.dtype)
+            new = (memory.contracted(coeffs, samples) + terms["update"][:, k]).to(coeffs.dtype)
         if refit.any_first:
-            new = torch.where(refit.first[:, None, None], memory.fit(block).to(coeffs.dtype), new)
-        coeffs = torch.where(refit.rows[:, None, None], new, coeffs)  # (B, N, D)
-        mass = torch.where(refit.rows[:, None], torch.zeros_like(mass), mass)
-        return coeffs, mass
+            new = torch.where(refit.first[:, None, None], terms["first"][:, k].to(coeffs.dtype), new)
+        return new if refit.every_row else torch.where(refit.rows[:, None, None], new, coeffs)
+
+
+def _assemble(pieces: list[tuple[_Group, Tensor]], empty: Tensor | None, T: int) -> Tensor:
+    """The context (B, H, T, Dh) from each group's (B, H, n_k, Dh), 0 for the queries of no group; ``empty``: the
+    context where there are no pieces.
+
+    Where every row reads a group's version at each of its queries (one stream, or rows in step) the groups are
+    disjoint ranges and the context is their concatenation; otherwise each group's masked rows are added in."""
+    if not pieces:
+        assert empty is not None
+        return empty
+    ctx0 = pieces[0][1]
+    B, H, _, Dh = ctx0.shape
+
+    def zeros(n: int) -> Tensor:
+        return ctx0.new_zeros(B, H, n, Dh)
+
+    if all(group.count == B * (group.t1 - group.t0) for group, _ in pieces):
+        parts, at = [], 0
+        for group, ctx in sorted(pieces, key=lambda piece: piece[0].t0):
+            if group.t0 > at:
+                parts.append(zeros(group.t0 - at))
+            parts.append(ctx)
+            at = group.t1
+        if at < T:
+            parts.append(zeros(T - at))
+        return parts[0] if len(parts) == 1 else torch.cat(parts, 2)
+    context = zeros(T)
+    for group, ctx in pieces:
+        index = torch.arange(group.t0, group.t1, device=ctx.device)
+        context = context.index_add(2, index, torch.where(group.mask[:, None, :, None], ctx, 0.0))
+    return context
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -262,17 +262,29 @@ class ContinuousMemory(nn.Module):
 
         ``samples`` (B, M): where to sample the old signal (sticky memories); None = the uniform ``k / M``. The old
         coefficients are detached: the new coefficients depend on the parameters through ``x`` only. Computed in
-        float32 (float64 for float64 inputs), also under autocast.
+        float32 (float64 for float64 inputs), also under autocast. The sum of :meth:`contracted` and :meth:`appended`,
+        which a caller with several blocks at hand uses apart (all blocks' terms in one product).
         """
+        return self.contracted(coeffs, samples) + self.appended(x)
+
+    def appended(self, x: Tensor) -> Tensor:
+        """The new block's part of an update: ``fit_new^T x`` for blocks x (..., L, D) -> (..., N, D) float32 (or
+        float64)."""
         wide = torch.promote_types(x.dtype, torch.float32)
         with torch.autocast(x.device.type, enabled=False):
+            return torch.matmul(self.fit_new.T.to(wide), x.to(wide))
+
+    def contracted(self, coeffs: Tensor, samples: Tensor | None = None) -> Tensor:
+        """The old signal's part of an update: ``coeffs`` (B, N, D) detached, sampled at ``samples`` (B, M) (None: the
+        uniform ``k / M``) and fitted in [0, tau] -> (B, N, D) float32 (or float64)."""
+        wide = torch.promote_types(coeffs.dtype, torch.float32)
+        with torch.autocast(coeffs.device.type, enabled=False):
             old = coeffs.detach().to(wide)
-            new_part = torch.matmul(self.fit_new.T.to(wide), x.to(wide))  # (B, N, D)
             if samples is None:
-                return torch.matmul(self.contract.to(wide), old) + new_part  # (N, N) @ (B, N, D)
+                return torch.matmul(self.contract.to(wide), old)  # (N, N) @ (B, N, D)
             psi = evaluate_basis(samples.to(wide), self.centres, self.widths)  # (B, M, N)
             old_values = torch.matmul(psi, old)  # (B, M, D): the old signal at the samples
-            return torch.matmul(self.fit_old.T.to(wide), old_values) + new_part
+            return torch.matmul(self.fit_old.T.to(wide), old_values)
 
     def signal(self, coeffs: Tensor, t: Tensor) -> Tensor:
         """The signal X(t) = B^T psi(t): coeffs (B, N, D), t (B, P) or (P,) -> (B, P, D)."""
@@ -392,7 +404,9 @@ class ContinuousAttention(KeepsTables):
         B, N, _ = coeffs.shape
         return F.linear(coeffs, weight).view(B, N, self.n_head, self.head_dim).transpose(1, 2)
 
-    def density(self, q: Tensor, coeffs: Tensor) -> tuple[Tensor, Tensor]:
+    def density(
+        self, q: Tensor, coeffs: Tensor | Sequence[Tensor], version: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
         """mu = sigmoid(w_mu . s), sigma^2 = max(softplus(w_sigma . s), min_var) with s = q K^T / sqrt(Dh), K = B W_K.
 
         q (B, H, Q, Dh), coeffs (B, N, D) -> 2 x (B, H, Q) float32. The scores s (B, H, Q, N) are never formed:
@@ -400,11 +414,22 @@ class ContinuousAttention(KeepsTables):
         summary of the coefficients per version instead of an N-wide score row per query. Same values and gradients
         as the paper's order (up to rounding), at Q Dh instead of Q N Dh + N D^2 multiply-adds per head. Float32 also
         under autocast: mu is a position with a resolution of ~1 / N, and sigma^2 reaches 1e-6.
+
+        Several versions at once: ``coeffs`` a sequence of G versions (B, N, D) and ``version`` (B, Q) int64 the one
+        each query reads (a negative index reads version 0, for queries the caller leaves out). The logits of every
+        query against every version are one (B, H, Q, Dh) x (Dh, 2G) product, of which each query keeps its own.
         """
-        Dh = q.shape[-1]
+        versions = [coeffs] if isinstance(coeffs, Tensor) else list(coeffs)
+        B, H, Q, Dh = q.shape
         with torch.autocast(q.device.type, enabled=False):
-            directions = self._directions(coeffs) if torch.is_grad_enabled() else self._kept_directions(coeffs)
-            logits = torch.matmul(q.float(), directions) / math.sqrt(Dh)  # (B, H, Q, 2)
+            keep = not torch.is_grad_enabled()
+            directions = [self._kept_directions(c) if keep else self._directions(c) for c in versions]
+            directions = directions[0] if len(directions) == 1 else torch.cat(directions, -1)  # (B, H, Dh, 2G)
+            logits = torch.matmul(q.float(), directions) / math.sqrt(Dh)  # (B, H, Q, 2G)
+            if len(versions) > 1:
+                assert version is not None, "several versions need the version of each query"
+                index = version.clamp_min(0)[:, None, :, None, None].expand(B, H, Q, 1, 2)
+                logits = logits.view(B, H, Q, len(versions), 2).gather(3, index).squeeze(3)  # (B, H, Q, 2)
             mu_logit, sigma_logit = logits.unbind(-1)
             return torch.sigmoid(mu_logit), F.softplus(sigma_logit).clamp_min(self.min_var)
 

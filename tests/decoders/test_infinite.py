@@ -354,6 +354,34 @@ def test_kl_regulariser_and_stats(make_tiny_model) -> None:
     assert evaluated.aux_loss.item() == 0.0 and evaluated.stats == {}
 
 
+@pytest.mark.parametrize("sticky", [False, True])
+def test_stats_of_rows_at_different_positions_pool_the_rows(make_tiny_model, sticky: bool) -> None:
+    """Rows at different positions read different LTM versions at a query: the layer's mean mu and sigma over a batch
+    are the count-weighted means of the rows' own (each query counted once, against its own version)."""
+    model = make_tiny_model("infinite", infinite={**TINY, "sticky": sticky}).train()
+    tokens = _tokens(model, 2, 24)
+    prefixes = (1, 8)  # row 0 reads positions 1..10 (the first 4 with an empty LTM), row 1 positions 8..17
+    states = []
+    for row, start in enumerate(prefixes):
+        with torch.no_grad():
+            states.append(model(tokens[row : row + 1, :start], model.init_state(1)).state)
+    T, inf = 10, model.cfg.infinite
+
+    def segment(row: int) -> Tensor:
+        return tokens[row : row + 1, prefixes[row] : prefixes[row] + T]
+
+    with torch.no_grad():
+        rows = [model(segment(row), states[row]) for row in range(2)]
+        batch = model(torch.cat([segment(0), segment(1)]), InfiniteState.concat(states))
+    counts = [
+        sum(g.count for g in make_schedule([p], T, inf.mem_len, inf.ltm_block, "cpu").groups if g) for p in prefixes
+    ]
+    assert all(counts) and counts[0] != counts[1]
+    for name, value in batch.stats.items():
+        pooled = sum(c * out.stats[name] for c, out in zip(counts, rows, strict=True)) / sum(counts)
+        assert value == pytest.approx(pooled, rel=1e-5), name
+
+
 def test_no_nan_for_extreme_sigma(make_tiny_model) -> None:
     model = make_tiny_model("infinite", infinite=TINY).train()
     tokens = _tokens(model, 2, 20)

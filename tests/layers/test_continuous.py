@@ -241,6 +241,25 @@ def test_continuous_attention_matches_the_formulas(queries: int) -> None:
     torch.testing.assert_close(context, r @ values, atol=1e-5, rtol=1e-5)
 
 
+def test_density_of_several_versions_is_each_querys_own() -> None:
+    torch.manual_seed(0)
+    B, H, Dh, N, Q = 2, 2, 4, 16, 7
+    attn = ContinuousAttention(H * Dh, H, N, min_var=1e-6)
+    versions = [torch.randn(B, N, H * Dh, requires_grad=True) for _ in range(3)]
+    q = torch.randn(B, H, Q, Dh)
+    version = torch.tensor([[0, 0, 1, 1, 2, 2, 2], [-1, 1, 1, 2, 2, 0, 0]])  # -1: left out (reads version 0)
+    mu, sigma_sq = attn.density(q, versions, version)
+    for k, coeffs in enumerate(versions):
+        own_mu, own_sigma_sq = attn.density(q, coeffs)
+        reads = (version.clamp_min(0) == k)[:, None].expand(B, H, Q)
+        torch.testing.assert_close(mu[reads], own_mu[reads], atol=1e-6, rtol=0)
+        torch.testing.assert_close(sigma_sq[reads], own_sigma_sq[reads], atol=1e-6, rtol=0)
+    grads = torch.autograd.grad(mu[0, :, 2].sum() + sigma_sq[0, :, 2].sum(), versions)  # query 2 of row 0 reads 1
+    assert grads[0].abs().sum() == 0 and grads[1][0].abs().sum() > 0 and grads[2].abs().sum() == 0
+    with pytest.raises(AssertionError):
+        attn.density(q, versions)  # several versions need the version of each query
+
+
 def test_gradients_are_finite_and_no_nan_for_extreme_sigma() -> None:
     """Scores pushed so far that sigma^2 hits its clamp (1e-6) or is huge (~1e6) still give finite values/grads."""
     torch.manual_seed(0)
