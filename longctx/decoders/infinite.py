@@ -310,11 +310,12 @@ class InfiniteAttention(RelativeProjections):
                 versions.append(self._next_version(versions[k], refit, k, terms, memory, None))
             read = [k for k, group in enumerate(sched.groups) if group is not None]
             if read:
-                stats = stats + self._attend(q, read, versions, sched, memory, pieces)[0]
+                sums = self._attend(q, read, versions, sched, memory, pieces)[0]
+                stats = stats if sums is None else stats + sums
         for k, group in enumerate(sched.groups if self.inf.sticky else []):
             if group is not None:
                 sums, mu, sigma_sq = self._attend(q, [k], versions, sched, memory, pieces)
-                stats = stats + sums
+                stats = stats if sums is None else stats + sums
                 with torch.no_grad():  # the histogram steers sampling only: no gradient
                     mask = None if group.count == B * (group.t1 - group.t0) else group.mask[:, None]  # (B, 1, n)
                     hist = attended_mass(mu, sigma_sq.sqrt(), self.inf.sticky_bins, mask)
@@ -338,10 +339,10 @@ class InfiniteAttention(RelativeProjections):
         sched: _Schedule,
         memory: ContinuousMemory,
         pieces: list[tuple[_Group, Tensor]],
-    ) -> tuple[Tensor, Tensor, Tensor]:
+    ) -> tuple[Tensor | None, Tensor, Tensor]:
         """Continuous attention of the groups of the versions ``read`` (each with its version), over the union range
         ``t0:t1`` of their queries. Appends (group, context (B, H, n_k, Dh)) per group to ``pieces``; returns the
-        training sums (3,) and mu, sigma^2 (B, H, t1 - t0) float32."""
+        sums (3,) of :meth:`_masked_sums` (training mode; else None) and mu, sigma^2 (B, H, t1 - t0) float32."""
         groups = [sched.groups[k] for k in read]
         t0, t1 = min(g.t0 for g in groups if g is not None), max(g.t1 for g in groups if g is not None)
         qs = q[:, :, t0:t1]
@@ -355,12 +356,11 @@ class InfiniteAttention(RelativeProjections):
         for k, group in zip(read, groups, strict=True):
             assert group is not None
             pieces.append((group, self.ltm.context(r[:, :, group.t0 - t0 : group.t1 - t0], versions[k], q.dtype)))
-        sums = q.new_zeros(3, dtype=torch.float32)
-        if self.training:  # the queries of these groups: one group's mask, or every query with a version
-            assert sched.version is not None and groups[0] is not None
-            mask = groups[0].mask if len(read) == 1 else sched.version[:, t0:t1] >= 0  # (B, n)
-            sums = self._masked_sums(mu, sigma_sq, mask[:, None])
-        return sums, mu, sigma_sq
+        if not self.training:
+            return None, mu, sigma_sq
+        assert sched.version is not None and groups[0] is not None  # the queries of these groups:
+        mask = groups[0].mask if len(read) == 1 else sched.version[:, t0:t1] >= 0  # one group's, or all with a version
+        return self._masked_sums(mu, sigma_sq, mask[:, None]), mu, sigma_sq
 
     def _masked_sums(self, mu: Tensor, sigma_sq: Tensor, mask: Tensor) -> Tensor:
         """Sums of KL, mu and sigma over the masked (query, head) pairs: (B, H, n) x 2, mask (B, 1, n) -> (3,)."""

@@ -299,7 +299,7 @@ class XLDecoder(Decoder[XLState]):
             out["cache_slots_per_layer"] = self.state_slots(trim=True)
         elif self.span_mode == "dynamic":  # the span of each head for a zero input: S sigmoid(b)
             out["spans_at_zero_input"] = [
-                [round(float(z), 2) for z in self.mem_len * torch.sigmoid(b.mix.span.proj.bias)]  # type: ignore
+                [round(float(z), 2) for z in self.mem_len * torch.sigmoid(b.mix.span.proj.bias.detach())]  # type: ignore
                 for b in self.blocks
             ]
         return out

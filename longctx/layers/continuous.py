@@ -178,9 +178,12 @@ def attended_mass(mu: Tensor, sigma: Tensor, n_bins: int, mask: Tensor | None = 
     scale = torch.reciprocal(sigma * math.sqrt(2.0))  # (B, H, Q)
     erf = torch.addcmul((-mu * scale)[..., None], edges, scale[..., None]).erf_()  # (B, H, Q, D + 1)
     per_query = (erf[..., 1:] - erf[..., :-1]).view(B, H * Q, n_bins)  # twice each query's mass in each bin
-    weights = mu.new_ones(B, 1, Q) if mask is None else mask.to(mu.dtype)  # (B, 1, Q)
-    total = torch.matmul(weights.expand(B, H, Q).reshape(B, 1, H * Q), per_query)  # (B, 1, D)
-    return (0.5 * total[:, 0]).clamp_min(0.0)
+    if mask is None:
+        total = per_query.sum(1)  # (B, D)
+    else:
+        weights = mask.to(mu.dtype).expand(B, H, Q).reshape(B, 1, H * Q)
+        total = torch.matmul(weights, per_query)[:, 0]  # (B, D)
+    return (0.5 * total).clamp_min(0.0)
 
 
 def histogram_quantiles(mass: Tensor, n_samples: int) -> Tensor:
