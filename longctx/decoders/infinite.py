@@ -123,6 +123,7 @@ class _Refit:
     any_first: bool
     any_update: bool
     every_row: bool  # every row crosses it (no row keeps its version)
+    in_cache: bool  # every row's block lies in the input cache (not in the segment)
 
 
 @dataclass(frozen=True)
@@ -210,6 +211,7 @@ def _refit(
         any(first),
         any(r and not f for r, f in zip(rows, first, strict=True)),
         all(rows),
+        all(slot + block <= C for slot in slots),
     )
 
 
@@ -280,7 +282,7 @@ class InfiniteAttention(RelativeProjections):
             floors=sched.floors,
         )  # (B, H, T, Dh)
         inputs = join(cache_x, h, 1, out_x)  # (B, C + 1 + T, D)
-        ltm = self.long_term(q, inputs, coeffs, mass, sched, memory)
+        ltm = self.long_term(q, inputs, coeffs, mass, sched, memory, cache_x.requires_grad)
         if self.ltm_proj is None:  # "shared": V^T r joins the heads' outputs before the output projection
             y = (y + ltm.context.to(y.dtype)).transpose(1, 2).reshape(B, T, D)
             return self.dropout(self.out_proj(y)), (keys, values, inputs), ltm
@@ -290,7 +292,14 @@ class InfiniteAttention(RelativeProjections):
         return self.dropout(out), (keys, values, inputs), ltm
 
     def long_term(
-        self, q: Tensor, inputs: Tensor, coeffs: Tensor, mass: Tensor, sched: _Schedule, memory: ContinuousMemory
+        self,
+        q: Tensor,
+        inputs: Tensor,
+        coeffs: Tensor,
+        mass: Tensor,
+        sched: _Schedule,
+        memory: ContinuousMemory,
+        cache_grad: bool = False,
     ) -> _LTMOut:
         """Continuous attention of every query group over its LTM version, with the refits in between.
 
@@ -301,7 +310,7 @@ class InfiniteAttention(RelativeProjections):
         refit that follows it.
         """
         B, H, T, Dh = q.shape
-        terms = self._block_terms(inputs, sched.refits, memory)
+        terms = self._block_terms(inputs, T, cache_grad, sched.refits, memory)
         versions = [coeffs]
         pieces: list[tuple[_Group, Tensor]] = []
         stats = q.new_zeros(3, dtype=torch.float32)  # sums of kl, mu, sigma over (query, head) pairs (training)
@@ -386,12 +395,19 @@ class InfiniteAttention(RelativeProjections):
         gated = flat * torch.sigmoid(self.gate(flat.transpose(1, 2))).transpose(1, 2)
         return gated.view(block.shape)
 
-    def _block_terms(self, inputs: Tensor, refits: list[_Refit], memory: ContinuousMemory) -> dict[str, Tensor]:
+    def _block_terms(
+        self, inputs: Tensor, T: int, cache_grad: bool, refits: list[_Refit], memory: ContinuousMemory
+    ) -> dict[str, Tensor]:
         """The regression terms of the blocks that leave the window in this call, all refits at once: gated in one
         convolution, ``fit_block^T X`` (a first version) and ``fit_new^T X`` (an update) each one product; (B, K, N, D)
-        float32 by name ("first", "update"), for the refits that need them."""
+        float32 by name ("first", "update"), for the refits that need them. ``inputs`` (B, C + 1 + T, D) is ``[cache ;
+        segment]``; where every block lies in a cache without gradient (training with ``mem_len = ltm_block =
+        seq_len``: each block is the previous segment's), the blocks are read from the cache alone, so that the
+        backward pass does not make the gate's input gradient, which no parameter would receive."""
         if not refits:
             return {}
+        if not cache_grad and all(refit.in_cache for refit in refits):
+            inputs = inputs[:, : inputs.shape[1] - T].detach()
         B, D, L = inputs.shape[0], inputs.shape[-1], refits[0].slots.shape[1]
         slots = torch.cat([refit.slots for refit in refits], 1)  # (B, K L): the K blocks in [cache ; segment]
         blocks = self.gated(inputs.gather(1, slots[..., None].expand(-1, -1, D)).view(B, len(refits), L, D))
