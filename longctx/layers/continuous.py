@@ -285,24 +285,9 @@ class ContinuousMemory(nn.Module):
             old = coeffs.detach().to(wide)
             if samples is None:
                 return torch.matmul(self.contract.to(wide), old)  # (N, N) @ (B, N, D)
-            psi = self.basis_at(samples.to(wide))  # (B, M, N)
+            psi = evaluate_basis(samples.to(wide), self.centres, self.widths)  # (B, M, N)
             old_values = torch.matmul(psi, old)  # (B, M, D): the old signal at the samples
             return torch.matmul(self.fit_old.T.to(wide), old_values)
-
-    def basis_at(self, t: Tensor) -> Tensor:
-        """psi(t) of this memory's basis at positions ``t`` (...,) -> (..., N), in the dtype of ``t``: the values of
-        :func:`evaluate_basis` (up to rounding), with the grid's structure (|S| widths x N / |S| centres, width-major).
-
-        ``psi_sc(t) = exp((t - c)^2 a_s + b_s)`` with ``a_s = -1 / (2 w_s^2)`` and ``b_s = -log(w_s sqrt(2 pi))``: the
-        squared distances once per centre, then one fused multiply-add and one exp per basis function (the sticky
-        update samples the signal here at every refit). Values under the smallest normal number are 0, as there.
-        """
-        G = self.n_basis // self.n_widths
-        centres, widths = self.centres[:G].to(t.dtype), self.widths[::G].to(t.dtype)  # (G,), (S,)
-        square = (t[..., None] - centres).square_()  # (..., G)
-        scale = (-0.5 / widths.square())[:, None]  # (S, 1)
-        shift = (-torch.log(widths) - _LOG_SQRT_2PI)[:, None]  # (S, 1)
-        return exp_normal(torch.addcmul(shift, square[..., None, :], scale)).flatten(-2)  # (..., S, G) -> (..., N)
 
     def signal(self, coeffs: Tensor, t: Tensor) -> Tensor:
         """The signal X(t) = B^T psi(t): coeffs (B, N, D), t (B, P) or (P,) -> (B, P, D)."""

@@ -297,20 +297,6 @@ def test_bin_mass_is_the_gaussian_mass_in_each_bin() -> None:
     torch.testing.assert_close(mass[0, 5], normal.cdf(edges[6])[0] - normal.cdf(edges[5])[0])
 
 
-def test_basis_at_is_evaluate_basis() -> None:
-    memory = ContinuousMemory(256, [0.01, 0.05], 1.0, 0.75, 256, 256)
-    t = torch.rand(3, 256, generator=torch.Generator().manual_seed(0)) * 1.2 - 0.1
-    exact = evaluate_basis(t.double(), memory.centres.double(), memory.widths.double())
-    fast, plain = memory.basis_at(t), evaluate_basis(t, memory.centres, memory.widths)
-    # the same exp of an argument rounded differently: float32 rounds an argument of up to |log tiny| ~ 87 to about
-    # 87 eps ~ 1e-5 relative; values that the floor sets to 0 are under 1e-36 (evaluate_basis applies it before the
-    # division by the narrowest width, 0.01)
-    torch.testing.assert_close(fast.double(), exact, rtol=2e-5, atol=1e-35)
-    torch.testing.assert_close(plain.double(), exact, rtol=2e-5, atol=1e-35)
-    assert (fast[fast != 0].abs() >= torch.finfo(torch.float32).tiny).all()  # never a subnormal
-    torch.testing.assert_close(memory.basis_at(t.double()), exact, rtol=1e-12, atol=1e-300)
-
-
 def test_attended_mass_is_the_masked_sum_of_bin_masses() -> None:
     g = torch.Generator().manual_seed(0)
     B, H, Q, D = 2, 3, 200, 32
