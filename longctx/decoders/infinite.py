@@ -66,6 +66,7 @@ Block (pre-norm, as the other decoders; "shared" output form)::
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -140,8 +141,38 @@ def _boundary(p: int, mem_len: int, block: int) -> int:
     return max(0, block * ((p - mem_len) // block))
 
 
-def make_schedule(positions: list[int], T: int, mem_len: int, block: int, device: torch.device) -> _Schedule:
+SCHEDULES_KEPT = 1024  # small calls' schedules kept (decoding cycles through ltm_block of them per stream)
+KEPT_QUERIES = 16  # calls of at most this many queries (rows x tokens) keep their schedules
+
+
+def make_schedule(positions: list[int], T: int, mem_len: int, block: int, device: torch.device | str) -> _Schedule:
     """The windows, query groups and refits of a segment of T tokens for rows starting at ``positions``.
+
+    The schedule depends on a position only through its place in the refit cycle once the row's LTM holds a version
+    after the first (``p >= mem_len + 2 block``): such positions are replaced by the one of the same phase in the
+    cycle after that (:func:`_periodic`), and the schedules of small calls (single tokens of decoding) are kept, so
+    a token of decoding does not build its windows and groups again (they are never changed in place).
+    """
+    if len(positions) * T <= KEPT_QUERIES:
+        canonical = tuple(_periodic(p, mem_len, block) for p in positions)
+        return _kept_schedule(canonical, T, mem_len, block, torch.device(device))
+    return _make_schedule(positions, T, mem_len, block, torch.device(device))
+
+
+def _periodic(p: int, mem_len: int, block: int) -> int:
+    """The position of the same phase as ``p`` in the refit cycle, for positions past the second version."""
+    start = mem_len + 2 * block
+    return p if p < start else start + (p - mem_len) % block
+
+
+@functools.lru_cache(maxsize=SCHEDULES_KEPT)
+def _kept_schedule(positions: tuple[int, ...], T: int, mem_len: int, block: int, device: torch.device) -> _Schedule:
+    with torch.inference_mode(False):  # plain tensors, which a later training call may also save for its backward
+        return _make_schedule(list(positions), T, mem_len, block, device)
+
+
+def _make_schedule(positions: list[int], T: int, mem_len: int, block: int, device: torch.device) -> _Schedule:
+    """:func:`make_schedule`, built.
 
     A row's state holds the version of its last token read, b(p - 1) / L; a refit runs in the call of the first query
     that reads the new version (lazily: its graph then holds the refit, so the gate gets a gradient).
@@ -226,9 +257,8 @@ class _LTMOut:
     context: Tensor  # (B, H, T, Dh)
     coeffs: Tensor  # (B, N, D) the version for the next position
     mass: Tensor  # (B, bins)
-    kl: Tensor  # () mean KL over the layer's (query, head) pairs that read a non-empty LTM (training mode only)
-    mu: Tensor  # () mean mu (detached; training mode only)
-    sigma: Tensor  # () mean sigma (detached; training mode only)
+    means: Tensor | None  # (3,) mean KL, mu, sigma (the last two detached) over the layer's (query, head) pairs that
+    # read a non-empty LTM; training mode only (None otherwise)
     count: int  # number of such queries (all rows)
 
 
@@ -313,18 +343,17 @@ class InfiniteAttention(RelativeProjections):
         terms = self._block_terms(inputs, T, cache_grad, sched.refits, memory)
         versions = [coeffs]
         pieces: list[tuple[_Group, Tensor]] = []
-        stats = q.new_zeros(3, dtype=torch.float32)  # sums of kl, mu, sigma over (query, head) pairs (training)
+        sums: list[Tensor] = []  # training: sums of kl, mu, sigma over (query, head) pairs, per attended call
         if not self.inf.sticky:
             for k, refit in enumerate(sched.refits):
                 versions.append(self._next_version(versions[k], refit, k, terms, memory, None))
             read = [k for k, group in enumerate(sched.groups) if group is not None]
             if read:
-                sums = self._attend(q, read, versions, sched, memory, pieces)[0]
-                stats = stats if sums is None else stats + sums
+                sums += self._attend(q, read, versions, sched, memory, pieces)[0]
         for k, group in enumerate(sched.groups if self.inf.sticky else []):
             if group is not None:
-                sums, mu, sigma_sq = self._attend(q, [k], versions, sched, memory, pieces)
-                stats = stats if sums is None else stats + sums
+                found, mu, sigma_sq = self._attend(q, [k], versions, sched, memory, pieces)
+                sums += found
                 with torch.no_grad():  # the histogram steers sampling only: no gradient
                     mask = None if group.count == B * (group.t1 - group.t0) else group.mask[:, None]  # (B, 1, n)
                     hist = attended_mass(mu, sigma_sq.sqrt(), self.inf.sticky_bins, mask)
@@ -336,9 +365,9 @@ class InfiniteAttention(RelativeProjections):
                 empty = torch.zeros_like(mass)
                 mass = empty if refit.every_row else torch.where(refit.rows[:, None], empty, mass)
         count = H * sum(group.count for group, _ in pieces)
-        kl, mu_mean, sigma_mean = (stats / max(count, 1)).unbind(0)
+        means = torch.stack(sums).sum(0) / max(count, 1) if sums else None
         context = _assemble(pieces, q.new_zeros(B, H, T, Dh) if not pieces else None, T)
-        return _LTMOut(context, versions[-1], mass, kl, mu_mean.detach(), sigma_mean.detach(), count)
+        return _LTMOut(context, versions[-1], mass, means, count)
 
     def _attend(
         self,
@@ -348,10 +377,11 @@ class InfiniteAttention(RelativeProjections):
         sched: _Schedule,
         memory: ContinuousMemory,
         pieces: list[tuple[_Group, Tensor]],
-    ) -> tuple[Tensor | None, Tensor, Tensor]:
+    ) -> tuple[list[Tensor], Tensor, Tensor]:
         """Continuous attention of the groups of the versions ``read`` (each with its version), over the union range
         ``t0:t1`` of their queries. Appends (group, context (B, H, n_k, Dh)) per group to ``pieces``; returns the
-        sums (3,) of :meth:`_masked_sums` (training mode; else None) and mu, sigma^2 (B, H, t1 - t0) float32."""
+        sums (3,) of :meth:`_masked_sums` in a list (training mode; else an empty list) and mu, sigma^2 (B, H, t1 - t0)
+        float32."""
         groups = [sched.groups[k] for k in read]
         t0, t1 = min(g.t0 for g in groups if g is not None), max(g.t1 for g in groups if g is not None)
         qs = q[:, :, t0:t1]
@@ -366,10 +396,10 @@ class InfiniteAttention(RelativeProjections):
             assert group is not None
             pieces.append((group, self.ltm.context(r[:, :, group.t0 - t0 : group.t1 - t0], versions[k], q.dtype)))
         if not self.training:
-            return None, mu, sigma_sq
+            return [], mu, sigma_sq
         assert sched.version is not None and groups[0] is not None  # the queries of these groups:
         mask = groups[0].mask if len(read) == 1 else sched.version[:, t0:t1] >= 0  # one group's, or all with a version
-        return self._masked_sums(mu, sigma_sq, mask[:, None]), mu, sigma_sq
+        return [self._masked_sums(mu, sigma_sq, mask[:, None])], mu, sigma_sq
 
     def _masked_sums(self, mu: Tensor, sigma_sq: Tensor, mask: Tensor) -> Tensor:
         """Sums of KL, mu and sigma over the masked (query, head) pairs: (B, H, n) x 2, mask (B, 1, n) -> (3,)."""
@@ -555,9 +585,12 @@ class InfiniteDecoder(Decoder[InfiniteState]):
         aux = x.new_zeros((), dtype=torch.float32)
         if not self.training or not any(ltm.count for ltm in ltms):
             return aux, {}
+        parts = [ltm.means for ltm in ltms if ltm.means is not None]
+        assert len(parts) == len(ltms)  # every layer reads the same schedule
+        means = torch.stack(parts)  # (layers, 3)
         if self.inf.kl_weight > 0:
-            aux = aux + self.inf.kl_weight * torch.stack([ltm.kl for ltm in ltms]).sum()
-        values = torch.stack([torch.stack([ltm.mu, ltm.sigma]) for ltm in ltms]).tolist()  # one device sync
+            aux = aux + self.inf.kl_weight * means[:, 0].sum()
+        values = means[:, 1:].detach().tolist()  # one device sync
         stats = {}
         for layer, (mu, sigma) in enumerate(values):
             stats[f"ltm/layer{layer}_mu"], stats[f"ltm/layer{layer}_sigma"] = float(mu), float(sigma)

@@ -217,7 +217,8 @@ class ContinuousMemory(nn.Module):
     Buffers (non-persistent, float32, built in float64): basis ``centres``/``widths`` (N,), ``fit_block`` (L, N) for
     the first block alone, ``fit_old`` (M, N) and ``fit_new`` (L, N) for an update (the two row blocks of the
     official ``G_inf``), ``sample_basis`` (M, N) = psi(k / M), and ``contract`` (N, N) = ``fit_old^T psi(k / M)``: the
-    whole non-sticky contraction as one matrix, so an update costs N^2 D + L N D instead of (2 M + L) N D.
+    whole non-sticky contraction as one matrix, so an update costs N^2 D + L N D instead of (2 M + L) N D; and the
+    grid's ``grid_centres`` (N / |S|,) and ``grid_widths`` (|S|,) for :meth:`expectation`.
     """
 
     def __init__(
@@ -247,6 +248,8 @@ class ContinuousMemory(nn.Module):
             "fit_new": fit_update[n_samples:],
             "sample_basis": sample_basis,
             "contract": fit_update[:n_samples].T @ sample_basis,  # (N, N)
+            "grid_centres": centres[: n_basis // self.n_widths],  # (G,): the centres of one width
+            "grid_widths": sigmas[:: n_basis // self.n_widths],  # (S,): the widths
         }
         for name, value in constants.items():  # float32 subnormals zeroed, as in evaluate_basis
             value = value.to(torch.float32)
@@ -299,28 +302,30 @@ class ContinuousMemory(nn.Module):
         Uses the grid structure (|S| widths x N / |S| centres, width-major) and a hand-written backward, see
         :class:`_GridExpectation`: the same values as :func:`expected_basis`, about half the time with its gradient.
         """
-        G = self.n_basis // self.n_widths
-        centres, widths = self.centres[:G].to(mu.dtype), self.widths[::G].to(mu.dtype)
+        centres, widths_sq = self.grid_centres.to(mu.dtype), self.grid_widths.to(mu.dtype).square()
         if not torch.is_grad_enabled():  # inference: the forward alone, without the autograd function's overhead
-            return _grid_expectation(mu, sigma_sq, centres, widths)[0].flatten(-2)
-        return _GridExpectation.apply(mu, sigma_sq, centres, widths)
+            return _grid_expectation(mu, sigma_sq, centres, widths_sq)[0].flatten(-2)
+        return _GridExpectation.apply(mu, sigma_sq, centres, widths_sq)
 
 
-def _grid_expectation(mu: Tensor, sigma_sq: Tensor, centres: Tensor, widths: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def _grid_expectation(
+    mu: Tensor, sigma_sq: Tensor, centres: Tensor, widths_sq: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
     """The forward of :class:`_GridExpectation`: r (..., S, G) and the ``diff`` (..., G) and ``var`` (..., S) that its
-    backward needs."""
-    var = widths**2 + sigma_sq[..., None]  # (..., S)
+    backward needs. ``centres`` (G,) and ``widths_sq`` (S,): the grid's centres and squared widths."""
+    var = sigma_sq[..., None] + widths_sq  # (..., S)
     diff = mu[..., None] - centres  # (..., G) with G = N / S
-    r = torch.exp(diff.square()[..., None, :] * (-0.5 / var)[..., :, None])  # (..., S, G)
-    r.mul_(torch.rsqrt(2 * math.pi * var)[..., :, None])
-    return r, diff, var
+    scale = torch.reciprocal(var).mul_(-0.5)  # (..., S): -1 / (2 v)
+    shift = torch.log(var * (2 * math.pi)).mul_(-0.5)  # (..., S): -log sqrt(2 pi v)
+    r = torch.addcmul(shift[..., :, None], diff.square()[..., None, :], scale[..., :, None])  # (..., S, G)
+    return r.exp_(), diff, var
 
 
 class _GridExpectation(torch.autograd.Function):
     """r = E_{N(mu, sigma^2)}[psi] for a grid basis, with an analytic backward.
 
-    With ``d_c = mu - c`` and ``v_s = w_s^2 + sigma^2`` (|S| values per query), ``r_sc = exp(-d_c^2 / (2 v_s)) /
-    sqrt(2 pi v_s)``: one outer product, one exp and one scaling over (..., S, G), the centres innermost. Backward
+    With ``d_c = mu - c`` and ``v_s = w_s^2 + sigma^2`` (|S| values per query), ``r_sc = exp(-d_c^2 / (2 v_s) - log
+    sqrt(2 pi v_s))``: one fused multiply-add and one exp over (..., S, G), the centres innermost. Backward
     with ``gr = grad * r``: ``dmu = -sum_s (sum_c gr_sc d_c) / v_s`` and ``dsigma^2 = sum_s (sum_c gr_sc d_c^2) /
     (2 v_s^2) - (sum_c gr_sc) / (2 v_s)``: three reductions over the contiguous centre axis (the last one as a
     matrix-vector product). Autograd through the broadcasting closed form instead spends most of its time in
@@ -328,8 +333,8 @@ class _GridExpectation(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, mu: Tensor, sigma_sq: Tensor, centres: Tensor, widths: Tensor) -> Tensor:  # type: ignore[override]
-        r, diff, var = _grid_expectation(mu, sigma_sq, centres, widths)
+    def forward(ctx, mu: Tensor, sigma_sq: Tensor, centres: Tensor, widths_sq: Tensor) -> Tensor:  # type: ignore[override]
+        r, diff, var = _grid_expectation(mu, sigma_sq, centres, widths_sq)
         ctx.save_for_backward(r, diff, var)
         return r.flatten(-2)  # (..., N)
 
@@ -395,12 +400,13 @@ class ContinuousAttention(KeepsTables):
         return torch.matmul(r.to(dtype), kept)  # (B, H, Q, Dh)
 
     def _directions(self, coeffs: Tensor) -> Tensor:
-        """(B, N, D) -> ``W_K,h^T B^T w`` for w = w_mu, w_sigma: (B, H, Dh, 2) float32."""
+        """(B, N, D) -> ``W_K,h^T B^T w / sqrt(Dh)`` for w = w_mu, w_sigma: (B, H, Dh, 2) float32 (the scores' scale
+        taken into the directions, so that a query's two logits are its dot products with them)."""
         B = coeffs.shape[0]
         weight = torch.cat([self.mu.weight, self.sigma.weight]).float()  # (2, N): w_mu, w_sigma
         summary = torch.matmul(weight, coeffs.float())  # (B, 2, D): B^T w for both
         directions = F.linear(summary, self.key.weight.float()).view(B, 2, self.n_head, self.head_dim)
-        return directions.permute(0, 2, 3, 1)  # (B, H, Dh, 2)
+        return directions.permute(0, 2, 3, 1).div(math.sqrt(self.head_dim))  # (B, H, Dh, 2)
 
     def _values(self, coeffs: Tensor, weight: Tensor) -> Tensor:
         """V = B W_V per head: coeffs (B, N, D), W_V (D, D) -> (B, H, N, Dh)."""
@@ -428,7 +434,7 @@ class ContinuousAttention(KeepsTables):
             keep = not torch.is_grad_enabled()
             directions = [self._kept_directions(c) if keep else self._directions(c) for c in versions]
             directions = directions[0] if len(directions) == 1 else torch.cat(directions, -1)  # (B, H, Dh, 2G)
-            logits = torch.matmul(q.float(), directions) / math.sqrt(Dh)  # (B, H, Q, 2G)
+            logits = torch.matmul(q.float(), directions)  # (B, H, Q, 2G)
             if len(versions) > 1:
                 assert version is not None, "several versions need the version of each query"
                 index = version.clamp_min(0)[:, None, :, None, None].expand(B, H, Q, 1, 2)

@@ -299,6 +299,54 @@ def test_schedule_windows_groups_and_refits() -> None:
     assert torch.equal(again.valid, sched.valid) and len(again.groups) == len(sched.groups)
 
 
+def _same_schedule(a: Any, b: Any) -> bool:
+    def group(g: Any) -> Any:
+        return None if g is None else (g.t0, g.t1, g.count, g.mask.tolist())
+
+    def refit(r: Any) -> Any:
+        flags = (r.any_first, r.any_update, r.every_row, r.in_cache)
+        return (r.rows.tolist(), r.first.tolist(), r.slots.tolist(), flags)
+
+    return (
+        torch.equal(a.valid, b.valid)
+        and a.floors == b.floors
+        and torch.equal(a.version, b.version)
+        and [group(g) for g in a.groups] == [group(g) for g in b.groups]
+        and [refit(r) for r in a.refits] == [refit(r) for r in b.refits]
+    )
+
+
+def test_schedule_is_periodic_after_the_second_version() -> None:
+    """Small calls keep their schedules by the position's phase in the refit cycle: from mem_len + 2 ltm_block on,
+    a position and the one a cycle later have the same schedule, in every part."""
+    cpu = torch.device("cpu")
+    for mem_len, block in ((3, 2), (4, 4), (2, 5)):
+        start = mem_len + 2 * block
+        for T in (1, 2, 7):
+            for p in range(start, start + 2 * block):
+                for other in (0, 5, start + 1):  # a second row elsewhere: fresh, early, periodic
+                    here = make_schedule([p, other], T, mem_len, block, cpu)
+                    for cycles in (1, 3):
+                        later = make_schedule([p + cycles * block, other], T, mem_len, block, cpu)
+                        assert _same_schedule(here, later), (mem_len, block, T, p, other, cycles)
+
+
+def test_kept_schedules_serve_training_after_inference(make_tiny_model) -> None:
+    """A schedule kept by a call in inference mode is made of plain tensors: a training call of the same shape (which
+    saves them for its backward) can use it."""
+    model = make_tiny_model("infinite", infinite=TINY)
+    tokens = _tokens(model, 1, 40)
+    with torch.inference_mode():
+        state = model.init_state(1)
+        for t in range(20):
+            state = model(tokens[:, t : t + 1], state).state
+    state = InfiniteState.from_tensors({k: v.clone() for k, v in state.to_tensors().items()})  # plain tensors
+    model.train()
+    out = model(tokens[:, 20:21], state, tokens[:, 21:22])
+    grads = torch.autograd.grad(out.loss, [p for p in model.parameters() if p.requires_grad], allow_unused=True)
+    assert any(g is not None and g.abs().sum() > 0 for g in grads)
+
+
 def test_sticky_quantiles_are_deterministic(make_tiny_model) -> None:
     model = make_tiny_model("infinite", infinite={**TINY, "sticky": True})
     tokens = _tokens(model, 2, 24)
